@@ -27,6 +27,7 @@ class ModelSettings(BaseSettings):
     tflite_threads: int = Field(default=1, ge=1, le=64)
     onnx_threads: int = Field(default=1, ge=1, le=64)
     tflite_backend: str = Field(
-        default="auto", pattern="^(auto|tflite-runtime|litert)$",
+        default="auto",
+        pattern="^(auto|tflite-runtime|litert)$",
         description="Which TFLite interpreter to use; auto prefers tflite-runtime.",
     )

@@ -16,12 +16,17 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from iotoffload.model.cuts import Op, OpGraph, select_cuts, single_tensor_cuts  # noqa: E402
+from iotoffload.model.cuts import Op, OpGraph, select_cuts, single_tensor_cuts
 
 _HEAVY = {
-    "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose",
+    "Conv1D",
+    "Conv2D",
+    "Conv3D",
+    "DepthwiseConv2D",
+    "SeparableConv2D",
+    "Conv2DTranspose",
     "Dense",
 }
 
@@ -71,17 +76,34 @@ def keras_op_graph(model: Any) -> tuple[OpGraph, dict[str, Any]]:
 
 
 def _seed_weights(model: Any, seed: int) -> None:
-    """Make seeded weights non-trivial: randomise batch-norm statistics too."""
+    """Make seeded weights non-trivial: randomise batch-norm statistics too.
+
+    Plain random weights make a deep network's output nearly independent of its input (the
+    signal fades layer by layer and biases dominate), which would let a broken split pass
+    verification. So each batch-norm layer, in order, gets statistics measured on random
+    inputs (perturbed), a random scale and a small random shift: every layer keeps a live,
+    input-dependent signal.
+    """
+    import keras
+
     rng = np.random.default_rng(seed)
+    x = rng.uniform(-1.0, 1.0, (4, *model.inputs[0].shape[1:])).astype(np.float32)
     for layer in model.layers:
-        if type(layer).__name__ == "BatchNormalization":
-            gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights([
-                rng.uniform(0.5, 1.5, gamma.shape).astype(np.float32),
-                rng.normal(0.0, 0.1, beta.shape).astype(np.float32),
-                rng.normal(0.0, 0.1, mean.shape).astype(np.float32),
-                rng.uniform(0.5, 1.5, var.shape).astype(np.float32),
-            ])
+        if type(layer).__name__ != "BatchNormalization":
+            continue
+        probe = keras.Model(model.inputs, layer.input)
+        h = np.asarray(probe(x, training=False), dtype=np.float64)
+        axes = tuple(range(h.ndim - 1))
+        mean, var = h.mean(axis=axes), h.var(axis=axes) + 1e-3
+        shape = mean.shape
+        layer.set_weights(
+            [
+                rng.uniform(0.5, 1.5, shape).astype(np.float32),
+                rng.normal(0.0, 0.2, shape).astype(np.float32),
+                (mean + rng.normal(0.0, 0.1, shape) * np.sqrt(var)).astype(np.float32),
+                (var * rng.uniform(0.8, 1.25, shape)).astype(np.float32),
+            ]
+        )
 
 
 def build_model(spec: dict[str, Any]) -> tuple[Any, str, str | None]:
@@ -101,11 +123,14 @@ def build_model(spec: dict[str, Any]) -> tuple[Any, str, str | None]:
         except Exception as e:  # Keras raises a bare Exception for a failed download
             if weights == "imagenet":
                 raise SystemExit(f"ImageNet weights are not obtainable here: {e}") from e
-            emit("warning", message=(
-                f"ImageNet weights could not be loaded ({str(e).splitlines()[0][:200]}); "
-                f"falling back to SEEDED RANDOM weights (seed {seed}): predictions are "
-                "meaningless. Use --weights PATH.h5 for real weights."
-            ))
+            emit(
+                "warning",
+                message=(
+                    f"ImageNet weights could not be loaded ({str(e).splitlines()[0][:200]}); "
+                    f"falling back to SEEDED RANDOM weights (seed {seed}): predictions are "
+                    "meaningless. Use --weights PATH.h5 for real weights."
+                ),
+            )
             weights = "seeded"
     if weights == "seeded":
         keras.utils.set_random_seed(seed)
@@ -122,6 +147,17 @@ def build_model(spec: dict[str, Any]) -> tuple[Any, str, str | None]:
     return m, "file", f"{path.name} sha256:{digest}"
 
 
+def _rename_io(proto: Any, in_name: str, out_name: str) -> None:
+    """Name the block's boundary tensors after the Keras layers that produce them."""
+    g = proto.graph
+    old = {g.input[0].name: in_name, g.output[0].name: out_name}
+    for node in g.node:
+        node.input[:] = [old.get(n, n) for n in node.input]
+        node.output[:] = [old.get(n, n) for n in node.output]
+    g.input[0].name = in_name
+    g.output[0].name = out_name
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     out = Path(spec["out_dir"])
@@ -133,20 +169,32 @@ def main(argv: list[str]) -> int:
     graph, tensors = keras_op_graph(model)
     cuts = select_cuts(graph, single_tensor_cuts(graph), spec.get("policy", "narrow"))
     bounds = [model.inputs[0], *(tensors[c.tensor] for c in cuts), model.outputs[0]]
-    emit("plan", blocks=len(bounds) - 1, weights=weights, weights_detail=detail,
-         cut_layers=[tensors[c.tensor]._keras_history[0].name for c in cuts])
+    emit(
+        "plan",
+        blocks=len(bounds) - 1,
+        weights=weights,
+        weights_detail=detail,
+        cut_layers=[tensors[c.tensor]._keras_history[0].name for c in cuts],
+    )
 
-    def to_onnx(m: Any, in_shape: tuple[int, ...]) -> bytes:
+    def to_onnx(m: Any, in_shape: tuple[int, ...], in_name: str, out_name: str) -> bytes:
         sig = (tf.TensorSpec(in_shape, tf.float32, name="input"),)
         fn = tf.function(lambda x: m(x, training=False))
         proto, _ = tf2onnx.convert.from_function(fn, input_signature=sig, opset=17)
+        _rename_io(proto, in_name, out_name)
         return bytes(proto.SerializeToString())
+
+    def layer_of(t: Any) -> str:
+        return "input" if t is model.inputs[0] else str(t._keras_history[0].name)
 
     for i in range(len(bounds) - 1):
         sub = keras.Model(bounds[i], bounds[i + 1])
         tfl = tf.lite.TFLiteConverter.from_keras_model(sub).convert()
         (out / f"b{i:02d}.tflite").write_bytes(tfl)
-        (out / f"b{i:02d}.onnx").write_bytes(to_onnx(sub, tuple(bounds[i].shape)))
+        onnx_bytes = to_onnx(
+            sub, tuple(bounds[i].shape), layer_of(bounds[i]), layer_of(bounds[i + 1])
+        )
+        (out / f"b{i:02d}.onnx").write_bytes(onnx_bytes)
         emit("block", index=i, layer=bounds[i + 1]._keras_history[0].name)
 
     rng = np.random.default_rng(spec.get("seed", 0) + 1)
@@ -157,8 +205,12 @@ def main(argv: list[str]) -> int:
     if whole:
         wdir = Path(whole)
         wdir.mkdir(parents=True, exist_ok=True)
-        (wdir / "model.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-        (wdir / "model.onnx").write_bytes(to_onnx(model, (1, *spec["input_shape"])))
+        (wdir / "model.tflite").write_bytes(
+            tf.lite.TFLiteConverter.from_keras_model(model).convert()
+        )
+        (wdir / "model.onnx").write_bytes(
+            to_onnx(model, (1, *spec["input_shape"]), "input", layer_of(model.outputs[0]))
+        )
         emit("whole", dir=str(wdir))
     emit("done")
     return 0

@@ -87,19 +87,31 @@ def _finalize(
         tfl, onx = f"b{i:02d}.tflite", f"b{i:02d}.onnx"
         inp, out = _onnx_io_spec(staging / onx, "input"), _onnx_io_spec(staging / onx, "output")
         flops, params = flops_and_params(onnx.load(str(staging / onx)))
-        blocks.append(BlockSpec(
-            index=i, tflite=tfl, onnx=onx,
-            tflite_sha256=sha256_file(staging / tfl), onnx_sha256=sha256_file(staging / onx),
-            input=inp, output=out, output_bytes=out.nbytes, param_bytes=params,
-            onnx_bytes=(staging / onx).stat().st_size, flops=flops,
-        ))
+        blocks.append(
+            BlockSpec(
+                index=i,
+                tflite=tfl,
+                onnx=onx,
+                tflite_sha256=sha256_file(staging / tfl),
+                onnx_sha256=sha256_file(staging / onx),
+                input=inp,
+                output=out,
+                output_bytes=out.nbytes,
+                param_bytes=params,
+                onnx_bytes=(staging / onx).stat().st_size,
+                flops=flops,
+            )
+        )
     manifest = Manifest(
         name=name,
         model_id=compute_model_id([b.onnx_sha256 for b in blocks]),
-        weights=weights, weights_detail=weights_detail, source=source,
-        input=InputSpec(shape=blocks[0].input.shape, dtype=blocks[0].input.dtype,
-                        layout=layout),  # type: ignore[arg-type]
-        preprocessing=preprocessing, labels=labels, blocks=blocks,
+        weights=weights,
+        weights_detail=weights_detail,
+        source=source,
+        input=InputSpec(shape=blocks[0].input.shape, dtype=blocks[0].input.dtype, layout=layout),  # type: ignore[arg-type]
+        preprocessing=preprocessing,
+        labels=labels,
+        blocks=blocks,
     )
     (staging / MANIFEST_NAME).write_text(manifest.to_json())
     progress.info(f"verifying {num_blocks + 1} split points against the {reference_note}")
@@ -139,16 +151,29 @@ def prepare_catalog(
     staging = _staging(dest, force)
     try:
         spec = {
-            "source": entry.source, "input_shape": list(entry.input_shape), "weights": weights,
-            "seed": seed, "policy": policy, "out_dir": str(staging),
+            "source": entry.source,
+            "input_shape": list(entry.input_shape),
+            "weights": weights,
+            "seed": seed,
+            "policy": policy,
+            "out_dir": str(staging),
             "export_whole": str(export_whole) if export_whole else None,
         }
         info = _run_worker(spec, progress)
         return _finalize(
-            staging, dest, num_blocks=info["blocks"], name=entry.name,
-            weights=info["weights"], weights_detail=info.get("weights_detail"),
-            source=entry.source, layout="NHWC", preprocessing=entry.preprocessing, labels=None,
-            reference_note="whole Keras model", tolerance=tolerance, progress=progress,
+            staging,
+            dest,
+            num_blocks=info["blocks"],
+            name=entry.name,
+            weights=info["weights"],
+            weights_detail=info.get("weights_detail"),
+            source=entry.source,
+            layout="NHWC",
+            preprocessing=entry.preprocessing,
+            labels=None,
+            reference_note="whole Keras model",
+            tolerance=tolerance,
+            progress=progress,
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -160,7 +185,10 @@ def _run_worker(spec: dict[str, Any], progress: Progress) -> dict[str, Any]:
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "iotoffload.model._keras_worker", json.dumps(spec)],
-            stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=env,
         )
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -213,10 +241,19 @@ def prepare_pair(
     try:
         n = write_pair_blocks(pc, staging, progress)
         return _finalize(
-            staging, dest, num_blocks=n, name=name, weights="user", weights_detail=None,
-            source=f"pair:{Path(tflite_path).name}+{Path(onnx_path).name}", layout="NHWC",
-            preprocessing=preprocessing, labels=labels, reference_note="whole TFLite model",
-            tolerance=tolerance, progress=progress,
+            staging,
+            dest,
+            num_blocks=n,
+            name=name,
+            weights="user",
+            weights_detail=None,
+            source=f"pair:{Path(tflite_path).name}+{Path(onnx_path).name}",
+            layout="NHWC",
+            preprocessing=preprocessing,
+            labels=labels,
+            reference_note="whole TFLite model",
+            tolerance=tolerance,
+            progress=progress,
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -29,7 +29,8 @@ class ModelCache:
         if not self.root.is_dir():
             return []
         return sorted(
-            p.name for p in self.root.iterdir()
+            p.name
+            for p in self.root.iterdir()
             if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
         )
 

@@ -27,7 +27,5 @@ class MissingDependencyError(ModelError):
     """An optional dependency (an extra) is needed for this operation."""
 
     def __init__(self, what: str, extra: str) -> None:
-        super().__init__(
-            f"{what} needs the '{extra}' extra: pip install 'iotoffload[{extra}]'"
-        )
+        super().__init__(f"{what} needs the '{extra}' extra: pip install 'iotoffload[{extra}]'")
         self.extra = extra

@@ -24,7 +24,12 @@ DType = Literal["float32", "float16", "int8", "uint8", "int32", "int64"]
 Weights = Literal["imagenet", "seeded", "file", "user"]
 
 _DTYPE_SIZES: dict[str, int] = {
-    "float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8,
+    "float32": 4,
+    "float16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "int32": 4,
+    "int64": 8,
 }
 
 
@@ -122,7 +127,8 @@ class Manifest(_Strict):
             if b.output_bytes != b.output.nbytes:
                 raise ValueError(f"block {i}: output_bytes {b.output_bytes} != output tensor size")
             if i and (self.blocks[i - 1].output.shape, self.blocks[i - 1].output.dtype) != (
-                b.input.shape, b.input.dtype
+                b.input.shape,
+                b.input.dtype,
             ):
                 raise ValueError(
                     f"block {i} input {b.input.shape} does not match block {i - 1} output "

@@ -10,8 +10,15 @@ from iotoffload.model.cuts import Op, OpGraph
 from iotoffload.model.errors import CutError, MissingDependencyError
 
 _HEAVY = {
-    "Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "ConvInteger", "QLinearConv",
-    "QLinearMatMul", "MatMulInteger",
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "Einsum",
+    "ConvInteger",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
 }
 
 
@@ -152,7 +159,9 @@ def extract_block(
         ext_shape = [shape[p] for p in output_perm]
         g.node.append(helper.make_node("Transpose", [output_name], [ext], perm=list(output_perm)))
         del g.output[:]
-        g.output.append(helper.make_tensor_value_info(ext, vo.type.tensor_type.elem_type, ext_shape))
+        g.output.append(
+            helper.make_tensor_value_info(ext, vo.type.tensor_type.elem_type, ext_shape)
+        )
     return sub
 
 
@@ -195,7 +204,7 @@ def flops_and_params(model: Any) -> tuple[int, int]:
             for at in n.attribute:
                 if at.type == onnx.AttributeProto.TENSOR:
                     t = at.t
-                    params += math.prod(t.dims) * helper.tensor_dtype_to_np_dtype(
-                        t.data_type
-                    ).itemsize
+                    params += (
+                        math.prod(t.dims) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                    )
     return int(flops), int(params)

@@ -93,7 +93,8 @@ def _run_onnx(model: Any, feed: dict[str, Array], outputs: list[str]) -> list[Ar
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(
-        with_outputs(model, outputs).SerializeToString(), opts,
+        with_outputs(model, outputs).SerializeToString(),
+        opts,
         providers=["CPUExecutionProvider"],
     )
     return [np.asarray(v) for v in sess.run(outputs, feed)]
@@ -137,11 +138,15 @@ def plan_pair_cut(
     out_name = om.graph.output[0].name
     o_in_shape = next(
         tuple(d.dim_value or 1 for d in i.type.tensor_type.shape.dim)
-        for i in om.graph.input if i.name == in_name
+        for i in om.graph.input
+        if i.name == in_name
     )
     in_perm = next(
-        (p for p in _perms(len(in_shape))
-         if tuple(in_shape[i] for i in np.argsort(p)) == o_in_shape),
+        (
+            p
+            for p in _perms(len(in_shape))
+            if tuple(in_shape[i] for i in np.argsort(p)) == o_in_shape
+        ),
         None,
     )
     if in_perm is None:
@@ -164,7 +169,7 @@ def plan_pair_cut(
     bounds = [Boundary(in_idx, in_name, tuple(in_perm), tuple(in_shape))]
     pos = 0
     dropped = 0
-    for c, tv in zip(tcuts, t_vals[:-1]):
+    for c, tv in zip(tcuts, t_vals[:-1], strict=True):
         for j in range(pos, len(candidates)):
             p = match_perm(o_vals[j], tv)
             if p is not None:
@@ -192,9 +197,13 @@ def write_pair_blocks(pc: PairCut, out_dir: Path, progress: Progress) -> int:
         (out_dir / f"b{i:02d}.tflite").write_bytes(tflite_bytes(sub_t))
         inv_in = tuple(int(v) for v in np.argsort(a.perm))
         sub_o = extract_block(
-            pc.onnx_model, a.onnx_name, b.onnx_name,
-            input_perm=inv_in, output_perm=b.perm,
-            input_alias=f"b{i}_in", output_alias=f"b{i}_out",
+            pc.onnx_model,
+            a.onnx_name,
+            b.onnx_name,
+            input_perm=inv_in,
+            output_perm=b.perm,
+            input_alias=f"b{i}_in",
+            output_alias=f"b{i}_out",
         )
         (out_dir / f"b{i:02d}.onnx").write_bytes(sub_o.SerializeToString())
         progress.advance(f"block {i}")

@@ -15,8 +15,13 @@ from iotoffload.model.cuts import Op, OpGraph
 from iotoffload.model.errors import CutError, MissingDependencyError
 
 _HEAVY = {
-    "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL",
-    "CONV_3D", "CONV_3D_TRANSPOSE",
+    "CONV_2D",
+    "DEPTHWISE_CONV_2D",
+    "FULLY_CONNECTED",
+    "TRANSPOSE_CONV",
+    "BATCH_MATMUL",
+    "CONV_3D",
+    "CONV_3D_TRANSPOSE",
 }
 
 

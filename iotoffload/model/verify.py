@@ -42,9 +42,7 @@ class SplitReport:
         return max(self.errors)
 
 
-def split_errors(
-    tfl: TFLiteExecutor, ort: OnnxExecutor, x: Array, reference: Array
-) -> SplitReport:
+def split_errors(tfl: TFLiteExecutor, ort: OnnxExecutor, x: Array, reference: Array) -> SplitReport:
     n = tfl.num_blocks
     prefixes = [x]
     for i in range(n):  # TFLite outputs after 0..N blocks, computed once

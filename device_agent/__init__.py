@@ -1,0 +1,1 @@
+"""The device side: session with an edge, uploader, query loop, handoff."""

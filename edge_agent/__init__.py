@@ -1,0 +1,1 @@
+"""The edge side: model store, executor pool, sessions, load reporting."""

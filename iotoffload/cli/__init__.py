@@ -1,0 +1,29 @@
+"""The ``iotoffload`` command: model tools (and, as they land, broker, demo and bench)."""
+
+from __future__ import annotations
+
+import typer
+
+from iotoffload import __version__
+from iotoffload.cli.model_cmd import app as model_app
+
+app = typer.Typer(
+    help="iotoffload: run DNNs on IoT devices with the help of nearby edge servers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(model_app, name="model")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    print(__version__)
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

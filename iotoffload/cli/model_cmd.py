@@ -1,0 +1,314 @@
+"""``iotoffload model …``: prepare, list, show, verify and run model packages."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from iotoffload.cli._console import console, rich_progress, user_errors
+from iotoffload.config import ModelSettings
+from iotoffload.model.build import prepare_catalog, prepare_pair
+from iotoffload.model.cache import ModelCache
+from iotoffload.model.catalog import CATALOG
+from iotoffload.model.errors import ModelError
+from iotoffload.model.package import ModelPackage
+from iotoffload.model.preprocess import load_input, top_k
+from iotoffload.model.verify import DEFAULT_TOLERANCE, verify_package
+from iotoffload.runtime.onnx import OnnxExecutor
+from iotoffload.runtime.tflite import TFLiteExecutor
+
+app = typer.Typer(
+    help="Prepare, inspect and run model packages.", no_args_is_help=True, add_completion=False
+)
+
+CacheOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="Package cache (default ~/.cache/iotoffload/models, or $IOTOFFLOAD_CACHE_DIR).",
+    ),
+]
+
+
+def _cache(cache_dir: Path | None) -> ModelCache:
+    return ModelCache(cache_dir) if cache_dir else ModelCache.from_settings()
+
+
+def _blocks_table(pkg: ModelPackage, title: str) -> Table:
+    t = Table(title=title)
+    for col in ("block", "output shape", "output KiB", "params KiB", "ONNX KiB", "MFLOPs"):
+        t.add_column(col, justify="right")
+    for b in pkg.blocks:
+        t.add_row(
+            str(b.index),
+            "×".join(map(str, b.output.shape)),
+            f"{b.output_bytes / 1024:.1f}",
+            f"{b.param_bytes / 1024:.1f}",
+            f"{b.onnx_bytes / 1024:.1f}",
+            f"{b.flops / 1e6:.1f}",
+        )
+    t.add_section()
+    t.add_row(
+        "total",
+        "",
+        "",
+        f"{sum(b.param_bytes for b in pkg.blocks) / 1024:.1f}",
+        f"{sum(b.onnx_bytes for b in pkg.blocks) / 1024:.1f}",
+        f"{sum(b.flops for b in pkg.blocks) / 1e6:.1f}",
+    )
+    return t
+
+
+def _describe(pkg: ModelPackage) -> None:
+    m = pkg.manifest
+    weights = m.weights + (f" ({m.weights_detail})" if m.weights_detail else "")
+    if m.weights == "seeded":
+        weights = f"[bold yellow]{weights}: random weights, predictions are meaningless[/]"
+    console.print(f"[bold]{m.name}[/]  model_id {m.model_id[:16]}…  source {m.source}")
+    console.print(f"input {m.input.dtype}{list(m.input.shape)} {m.input.layout}; weights {weights}")
+    if m.verification:
+        v = m.verification
+        console.print(
+            f"verified: worst split k={v.worst_split} differs from the {v.reference} by "
+            f"{v.max_rel_error:.2e} relative (tolerance {v.tolerance:g})"
+        )
+
+
+@app.command()
+@user_errors
+def prepare(
+    name: Annotated[
+        str | None, typer.Argument(help="Catalog model to build, e.g. mobilenet.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the package here instead of the cache.")
+    ] = None,
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="auto (ImageNet if obtainable, else seeded, said loudly) | imagenet (insist) | "
+            "seeded | PATH.h5"
+        ),
+    ] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for seeded weights.")] = 0,
+    tflite: Annotated[Path | None, typer.Option(help="A user's whole model as .tflite …")] = None,
+    onnx: Annotated[Path | None, typer.Option(help="… and the same model as .onnx.")] = None,
+    package_name: Annotated[
+        str | None, typer.Option("--name", help="Name for --tflite/--onnx.")
+    ] = None,
+    cuts: Annotated[
+        str,
+        typer.Option(
+            help="narrow: cut where the boundary tensor is a local minimum (block outputs) | "
+            "all: every single-tensor cut point"
+        ),
+    ] = "narrow",
+    force: Annotated[bool, typer.Option(help="Rebuild an existing package.")] = False,
+    tolerance: Annotated[
+        float, typer.Option(help="Max relative error of any split.")
+    ] = DEFAULT_TOLERANCE,
+    export_whole: Annotated[
+        Path | None,
+        typer.Option(
+            hidden=True, help="Also write the whole model as model.tflite + model.onnx here."
+        ),
+    ] = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Build a model package: a catalog model (needs the 'convert' extra) or a user's
+    whole-model .tflite + .onnx pair (cut without TensorFlow; needs the 'cut' extra)."""
+    if cuts not in ("narrow", "all"):
+        raise ModelError("--cuts must be 'narrow' or 'all'")
+    cache = _cache(cache_dir)
+    t0 = time.perf_counter()
+    with rich_progress() as progress:
+        if tflite or onnx:
+            if not (tflite and onnx and package_name):
+                raise ModelError("cutting your own model needs --tflite, --onnx and --name")
+            if name:
+                raise ModelError("give either a catalog NAME or --tflite/--onnx, not both")
+            pkg = prepare_pair(
+                tflite,
+                onnx,
+                package_name,
+                out or cache.path(package_name),
+                policy=cuts,  # type: ignore[arg-type]
+                force=force,
+                tolerance=tolerance,
+                progress=progress,
+            )
+        else:
+            if not name:
+                raise ModelError(
+                    "name a catalog model (" + ", ".join(CATALOG) + ") or give "
+                    "--tflite/--onnx/--name"
+                )
+            entry = CATALOG.get(name)
+            if entry is None:
+                raise ModelError(f"{name!r} is not in the catalog ({', '.join(CATALOG)})")
+            pkg = prepare_catalog(
+                entry,
+                out or cache.path(name),
+                weights=weights,
+                seed=seed,
+                policy=cuts,  # type: ignore[arg-type]
+                export_whole=export_whole,
+                force=force,
+                tolerance=tolerance,
+                progress=progress,
+            )
+    console.print(_blocks_table(pkg, f"{pkg.name}: {pkg.num_blocks} blocks"))
+    _describe(pkg)
+    console.print(f"prepared in {time.perf_counter() - t0:.1f} s → {pkg.root}")
+
+
+@app.command("list")
+@user_errors
+def list_(
+    available: Annotated[bool, typer.Option(help="List what the catalog can prepare.")] = False,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """List prepared packages in the cache (or the catalog with --available)."""
+    cache = _cache(cache_dir)
+    if available:
+        t = Table(title="catalog")
+        for col in ("name", "description", "weights", "prepared"):
+            t.add_column(col)
+        have = set(cache.names())
+        for e in CATALOG.values():
+            t.add_row(e.name, e.description, e.weights_note, "yes" if e.name in have else "no")
+        console.print(t)
+        return
+    names = cache.names()
+    if not names:
+        console.print(f"no packages in {cache.root}; try: iotoffload model prepare mobilenet")
+        return
+    t = Table(title=f"model packages in {cache.root}")
+    for col in ("name", "blocks", "weights", "model_id", "MB", "verified"):
+        t.add_column(col)
+    for n in names:
+        try:
+            pkg = cache.load(n, check_digests=False)
+        except ModelError as e:
+            t.add_row(n, "-", "-", "-", "-", f"[red]broken: {str(e)[:60]}[/]")
+            continue
+        size = sum(f.stat().st_size for f in pkg.root.iterdir() if f.is_file()) / 1e6
+        v = pkg.manifest.verification
+        t.add_row(
+            n,
+            str(pkg.num_blocks),
+            pkg.manifest.weights,
+            pkg.manifest.model_id[:12],
+            f"{size:.1f}",
+            f"{v.max_rel_error:.1e}" if v else "no",
+        )
+    console.print(t)
+
+
+@app.command()
+@user_errors
+def show(
+    name: Annotated[str, typer.Argument(help="Package name (in the cache) or directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest.")] = False,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Show a package's blocks (checks every block file's digest)."""
+    pkg = _cache(cache_dir).resolve(name, build=False)
+    if as_json:
+        print(pkg.manifest.to_json(), end="")
+        return
+    console.print(_blocks_table(pkg, f"{pkg.name}: {pkg.num_blocks} blocks ({pkg.root})"))
+    _describe(pkg)
+
+
+@app.command()
+@user_errors
+def verify(
+    name: Annotated[str, typer.Argument(help="Package name or directory.")],
+    tolerance: Annotated[float, typer.Option()] = DEFAULT_TOLERANCE,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Re-check digests and every split point against the package's reference output."""
+    pkg = _cache(cache_dir).resolve(name, build=False)
+    v = verify_package(pkg, tolerance=tolerance)
+    console.print(
+        f"[green]ok[/]: {pkg.num_blocks + 1} splits, worst k={v.worst_split} at "
+        f"{v.max_rel_error:.2e} relative (tolerance {tolerance:g})"
+    )
+
+
+@app.command()
+@user_errors
+def run(
+    name: Annotated[str, typer.Argument(help="Package name (built on first use) or directory.")],
+    split: Annotated[
+        int | None,
+        typer.Option(
+            help="Blocks [0,K) on TFLite (device), [K,N) on ONNX Runtime (edge); default N/2."
+        ),
+    ] = None,
+    input: Annotated[
+        str, typer.Option("--input", help="synthetic | an image file | a .npy tensor")
+    ] = "synthetic",
+    repeat: Annotated[int, typer.Option(min=1, max=1000, help="Runs; times are medians.")] = 5,
+    threads: Annotated[int, typer.Option(min=1, max=64, help="Threads per runtime.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Run one query locally through the mixed chain: top-5 and per-block times."""
+    settings = ModelSettings()
+    with rich_progress() as progress:
+        pkg = _cache(cache_dir).resolve(name, progress=progress)
+    n = pkg.num_blocks
+    k = n // 2 if split is None else split
+    if not 0 <= k <= n:
+        raise ModelError(f"--split must be within 0..{n}")
+    x = load_input(input, pkg.manifest)
+    tfl = TFLiteExecutor.from_package(pkg, threads=threads, backend=settings.tflite_backend)
+    ort = OnnxExecutor.from_package(pkg, threads=threads)
+    runs: list[list[float]] = []
+    y = x
+    for _ in range(repeat):
+        mid, t_front = tfl.run_timed(0, k, x)
+        y, t_rear = ort.run_timed(k, n, mid)
+        runs.append(t_front + t_rear)
+    med = np.median(np.asarray(runs), axis=0) * 1e3 if n else np.zeros(0)
+    top = top_k(y, pkg.manifest.labels)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "model": pkg.name,
+                    "split": k,
+                    "input": input,
+                    "weights": pkg.manifest.weights,
+                    "top5": [{"class": c, "label": lab, "score": s} for c, lab, s in top],
+                    "block_ms": [round(float(v), 4) for v in med],
+                    "total_ms": round(float(med.sum()), 4),
+                    "tflite_backend": tfl.backend,
+                }
+            )
+        )
+        return
+    t = Table(
+        title=f"{pkg.name}: split k={k} (TFLite/{tfl.backend} [0,{k}), ONNX Runtime [{k},{n}))"
+    )
+    t.add_column("block", justify="right")
+    t.add_column("runtime")
+    t.add_column("ms (median)", justify="right")
+    for i, v in enumerate(med):
+        t.add_row(str(i), "TFLite" if i < k else "ORT", f"{v:.3f}")
+    t.add_section()
+    t.add_row("total", "", f"{med.sum():.3f}")
+    console.print(t)
+    if pkg.manifest.weights == "seeded":
+        console.print("[bold yellow]seeded random weights: these classes mean nothing[/]")
+    for rank, (c, lab, s) in enumerate(top, 1):
+        suffix = f"  (class {c})" if pkg.manifest.labels else ""
+        console.print(f"{rank}. {lab:<30} {s:.4f}{suffix}")

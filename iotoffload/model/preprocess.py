@@ -1,0 +1,84 @@
+"""Turning user inputs (images, .npy files, 'synthetic') into a model's input tensor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from iotoffload.model.errors import ModelError
+from iotoffload.model.manifest import Manifest, Preprocessing
+from iotoffload.runtime.base import Array
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def preprocess_image(path: Path, prep: Preprocessing, layout: str = "NHWC") -> Array:
+    """Center-crop, resize and normalise an image file into a (1, H, W, 3) float32 tensor."""
+    from PIL import Image, UnidentifiedImageError
+
+    resample = {
+        "bilinear": Image.Resampling.BILINEAR,
+        "bicubic": Image.Resampling.BICUBIC,
+        "nearest": Image.Resampling.NEAREST,
+    }[prep.resample]
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ModelError(f"{path}: not a readable image: {e}") from e
+    w, h = img.size
+    side = min(w, h) * prep.crop_fraction
+    left, top = (w - side) / 2, (h - side) / 2
+    img = img.resize(
+        (prep.size[1], prep.size[0]), resample, box=(left, top, left + side, top + side)
+    )
+    x = (np.asarray(img, dtype=np.float32) - np.asarray(prep.mean, np.float32)) / np.asarray(
+        prep.std, np.float32
+    )
+    x = x[None]
+    if layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def synthetic_input(manifest: Manifest, seed: int = 0) -> Array:
+    """A reproducible random input in the normalised range ([-1, 1])."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1.0, 1.0, manifest.input.shape).astype(manifest.input.dtype)
+
+
+def load_input(ref: str, manifest: Manifest, seed: int = 0) -> Array:
+    """``synthetic``, a ``.npy`` file of the exact input shape, or an image file."""
+    if ref == "synthetic":
+        return synthetic_input(manifest, seed)
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        raise ModelError(f"input {ref!r}: no such file (or use 'synthetic')")
+    if path.suffix.lower() == ".npy":
+        try:
+            x = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise ModelError(f"{path}: not a plain .npy array: {e}") from e
+        if tuple(x.shape) != manifest.input.shape:
+            raise ModelError(
+                f"{path}: shape {list(x.shape)}, the model takes {list(manifest.input.shape)}"
+            )
+        return np.ascontiguousarray(x.astype(manifest.input.dtype, copy=False))
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        if manifest.preprocessing is None:
+            raise ModelError(
+                f"model {manifest.name} records no image preprocessing; give a .npy input"
+            )
+        return preprocess_image(path, manifest.preprocessing, manifest.input.layout)
+    raise ModelError(f"{path}: unsupported input type (an image, a .npy file or 'synthetic')")
+
+
+def top_k(scores: Array, labels: list[str] | None, k: int = 5) -> list[tuple[int, str, float]]:
+    """(class index, label, score) of the k highest scores."""
+    flat = np.asarray(scores, dtype=np.float64).reshape(-1)
+    idx = np.argsort(-flat)[:k]
+    return [
+        (int(i), labels[i] if labels and i < len(labels) else f"class {int(i)}", float(flat[i]))
+        for i in idx
+    ]

@@ -1,0 +1,52 @@
+"""Shared fixtures. Built model packages are made once per session (or reused from
+$IOTOFFLOAD_TEST_MODELS, a developer's convenience: CI always builds them fresh)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from iotoffload.model import CATALOG, ModelPackage, PackageError, prepare_catalog
+
+# Every network-facing piece binds to loopback in tests: set once here so no test can forget.
+os.environ["IOTOFFLOAD_INTERFACE"] = "127.0.0.1"
+
+KERAS_MOBILENET_CUTS = [
+    "expanded_conv_project_BN", "block_1_project_BN", "block_2_add", "block_3_project_BN",
+    "block_4_add", "block_5_add", "block_6_project_BN", "block_7_add", "block_8_add",
+    "block_9_add", "block_10_project_BN", "block_11_add", "block_12_add", "block_13_project_BN",
+    "block_14_add", "block_15_add", "block_16_project_BN", "predictions",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    env = os.environ.get("IOTOFFLOAD_TEST_MODELS")
+    if env:
+        p = Path(env)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def mobilenet(models_dir: Path) -> ModelPackage:
+    """The catalog mobilenet (seeded weights) plus its whole-model pair in ``whole/``."""
+    dest, whole = models_dir / "mobilenet", models_dir / "whole"
+    try:
+        pkg = ModelPackage.load(dest)
+        if (whole / "model.tflite").is_file() and (whole / "model.onnx").is_file():
+            return pkg
+    except PackageError:
+        pass
+    return prepare_catalog(
+        CATALOG["mobilenet"], dest, weights="seeded", export_whole=whole, force=True
+    )
+
+
+@pytest.fixture(scope="session")
+def whole_pair(mobilenet: ModelPackage) -> tuple[Path, Path]:
+    whole = mobilenet.root.parent / "whole"
+    return whole / "model.tflite", whole / "model.onnx"
