@@ -257,7 +257,15 @@ def run(
         str, typer.Option("--input", help="synthetic | an image file | a .npy tensor")
     ] = "synthetic",
     repeat: Annotated[int, typer.Option(min=1, max=1000, help="Runs; times are medians.")] = 5,
-    threads: Annotated[int, typer.Option(min=1, max=64, help="Threads per runtime.")] = 1,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Threads per runtime (default: IOTOFFLOAD_TFLITE_THREADS / "
+            "IOTOFFLOAD_ONNX_THREADS, else 1).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     cache_dir: CacheOpt = None,
 ) -> None:
@@ -270,8 +278,10 @@ def run(
     if not 0 <= k <= n:
         raise ModelError(f"--split must be within 0..{n}")
     x = load_input(input, pkg.manifest)
-    tfl = TFLiteExecutor.from_package(pkg, threads=threads, backend=settings.tflite_backend)
-    ort = OnnxExecutor.from_package(pkg, threads=threads)
+    tfl = TFLiteExecutor.from_package(
+        pkg, threads=threads or settings.tflite_threads, backend=settings.tflite_backend
+    )
+    ort = OnnxExecutor.from_package(pkg, threads=threads or settings.onnx_threads)
     runs: list[list[float]] = []
     y = x
     for _ in range(repeat):

@@ -1,0 +1,31 @@
+# Two entry points (see README): `make demo` and `make test`. Each sets up .venv itself.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dev
+
+.PHONY: demo test lint venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The main job: build (once, cached) the mobilenet package and run a split query locally.
+demo: $(STAMP)
+	@$(BIN)/iotoffload model show mobilenet >/dev/null 2>&1 || $(BIN)/iotoffload model prepare mobilenet
+	$(BIN)/iotoffload model run mobilenet --split 9 --input synthetic
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
