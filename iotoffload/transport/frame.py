@@ -1,0 +1,212 @@
+"""The wire frame: a short binary prefix, a JSON header validated by pydantic, raw body bytes.
+
+    magic  b"IOTO"         4 bytes
+    version                1 byte   (FRAME_VERSION)
+    header length          4 bytes  big-endian, at most MAX_HEADER_BYTES
+    header                 UTF-8 JSON, one of the Header models (discriminated by "type")
+    body                   the rest: tensor bytes (dtype/shape in the header) or a chunk
+
+Decoding trusts nothing: every length is checked against the payload and the caps before any
+allocation, and a tensor body is a zero-copy view of the payload.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from iotoffload.model.manifest import DType, TensorSpec, dtype_size
+from iotoffload.runtime.base import Array
+
+MAGIC = b"IOTO"
+FRAME_VERSION = 1
+_PREFIX = struct.Struct(">4sBI")
+MAX_HEADER_BYTES = 64 * 1024
+MAX_BODY_BYTES = 64 * 1024 * 1024
+_SHA = r"^[0-9a-f]{64}$"
+_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class FrameError(ValueError):
+    """A payload that is not a valid frame; ``code`` is sent back in the error frame."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+
+class _H(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WireTensor(_H):
+    dtype: DType
+    shape: tuple[Annotated[int, Field(ge=1, le=1 << 20)], ...] = Field(min_length=1, max_length=8)
+
+    @property
+    def nbytes(self) -> int:
+        n = dtype_size(self.dtype)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class BlockInfo(_H):
+    """What an edge needs to know of one block to store and run it."""
+
+    onnx_sha256: str = Field(pattern=_SHA)
+    onnx_bytes: int = Field(ge=1)
+    input: TensorSpec
+    output: TensorSpec
+
+
+class Announce(_H):
+    """Device → edge: the chain of a model (so the edge can run ranges of it)."""
+
+    type: Literal["announce"] = "announce"
+    device: str = Field(pattern=_ID)
+    model_id: str = Field(pattern=_SHA)
+    name: str = ""
+    blocks: list[BlockInfo] = Field(min_length=1, max_length=1024)
+
+
+class Inventory(_H):
+    """Edge → device: which blocks of a model are stored and loaded, and partial uploads."""
+
+    type: Literal["inventory"] = "inventory"
+    model_id: str = Field(pattern=_SHA)
+    known: bool  # the edge has the model's chain (an Announce)
+    stored: list[int] = []
+    loaded: list[int] = []
+    partial: dict[int, list[int]] = {}  # block -> chunk indices still missing
+
+
+class UploadChunk(_H):
+    type: Literal["upload_chunk"] = "upload_chunk"
+    device: str = Field(pattern=_ID)
+    model_id: str = Field(pattern=_SHA)
+    block: int = Field(ge=0)
+    block_sha256: str = Field(pattern=_SHA)
+    block_bytes: int = Field(ge=1)
+    chunk: int = Field(ge=0)
+    chunks: int = Field(ge=1, le=1 << 16)
+    chunk_size: int = Field(ge=1)
+
+
+class UploadAck(_H):
+    type: Literal["upload_ack"] = "upload_ack"
+    model_id: str = Field(pattern=_SHA)
+    block: int
+    chunk: int
+    block_done: bool  # every chunk arrived and the block passed its digest and screening
+    loaded: bool  # a session for the block exists
+
+
+class Query(_H):
+    type: Literal["query"] = "query"
+    request_id: str = Field(min_length=1, max_length=128)
+    device: str = Field(pattern=_ID)
+    model_id: str = Field(pattern=_SHA)
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+    deadline_ms: float = Field(gt=0, le=600_000)
+    tensor: WireTensor
+
+
+class Result(_H):
+    type: Literal["result"] = "result"
+    request_id: str
+    tensor: WireTensor
+    queue_ms: float
+    exec_ms: float
+    block_ms: list[float] = []
+
+
+class Error(_H):
+    type: Literal["error"] = "error"
+    request_id: str | None = None
+    code: str
+    message: str
+
+
+class Hello(_H):
+    """Device → edge: ask for the inventory of a model (answered with Inventory)."""
+
+    type: Literal["hello"] = "hello"
+    device: str = Field(pattern=_ID)
+    model_id: str = Field(pattern=_SHA)
+
+
+Header = Annotated[
+    Announce | Inventory | UploadChunk | UploadAck | Query | Result | Error | Hello,
+    Field(discriminator="type"),
+]
+_HEADER: TypeAdapter[Any] = TypeAdapter(Header)
+
+
+def encode(header: _H, body: bytes | bytearray | memoryview | Array = b"") -> bytes:
+    if isinstance(body, np.ndarray):
+        body = np.ascontiguousarray(body).data
+    hb = header.model_dump_json().encode()
+    if len(hb) > MAX_HEADER_BYTES:
+        raise FrameError("header_too_large", f"header of {len(hb)} bytes")
+    return b"".join((_PREFIX.pack(MAGIC, FRAME_VERSION, len(hb)), hb, body))
+
+
+def encode_tensor_frame(header_cls: type[Query] | type[Result], x: Array, **fields: Any) -> bytes:
+    tensor = WireTensor(dtype=str(x.dtype), shape=tuple(x.shape))  # type: ignore[arg-type]
+    return encode(header_cls(tensor=tensor, **fields), x)
+
+
+def decode(
+    payload: bytes | bytearray | memoryview, *, max_body: int = MAX_BODY_BYTES
+) -> tuple[Any, memoryview]:
+    """(header model, body view). Raises FrameError with a code for anything malformed."""
+    mv = memoryview(payload)
+    if len(mv) < _PREFIX.size:
+        raise FrameError("malformed", f"frame of {len(mv)} bytes is shorter than its prefix")
+    magic, version, hlen = _PREFIX.unpack_from(mv)
+    if magic != MAGIC:
+        raise FrameError("malformed", "not an iotoffload frame (bad magic)")
+    if version != FRAME_VERSION:
+        raise FrameError(
+            "unsupported_version", f"frame version {version}; this agent speaks {FRAME_VERSION}"
+        )
+    if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(mv):
+        raise FrameError("malformed", f"header length {hlen} exceeds the frame or the cap")
+    raw = bytes(mv[_PREFIX.size : _PREFIX.size + hlen])
+    body = mv[_PREFIX.size + hlen :]
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FrameError("malformed", f"header is not JSON: {e}") from e
+    rid = obj.get("request_id") if isinstance(obj, dict) else None
+    rid = rid if isinstance(rid, str) and len(rid) <= 128 else None
+    try:
+        header = _HEADER.validate_python(obj)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise FrameError("invalid_header", f"{where}: {first['msg']}", rid) from e
+    if len(body) > max_body:
+        raise FrameError("too_large", f"body of {len(body)} bytes exceeds {max_body}", rid)
+    tensor = getattr(header, "tensor", None)
+    if tensor is not None and tensor.nbytes != len(body):
+        raise FrameError(
+            "size_mismatch",
+            f"tensor {tensor.dtype}{list(tensor.shape)} needs {tensor.nbytes} bytes, "
+            f"body has {len(body)}",
+            rid,
+        )
+    return header, body
+
+
+def tensor_of(header: Query | Result, body: memoryview) -> Array:
+    """The body as an array: a read-only, zero-copy view of the payload."""
+    t = header.tensor
+    return np.frombuffer(body, dtype=np.dtype(t.dtype)).reshape(t.shape)

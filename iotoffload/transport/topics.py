@@ -1,0 +1,43 @@
+"""The MQTT topic tree (prefix configurable, default ``iotoffload/v1``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "iotoffload/v1"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_id(kind: str, value: str) -> str:
+    """Ids become topic levels: no wildcards, separators or empty levels."""
+    if not _ID.match(value):
+        raise ValueError(f"{kind} id {value!r} must match {_ID.pattern}")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str = DEFAULT_PREFIX
+
+    def edge_status(self, edge: str) -> str:
+        return f"{self.prefix}/edges/{edge}/status"
+
+    def edge_status_all(self) -> str:
+        return f"{self.prefix}/edges/+/status"
+
+    def edge_upload(self, edge: str) -> str:
+        return f"{self.prefix}/edges/{edge}/upload"
+
+    def edge_query(self, edge: str) -> str:
+        return f"{self.prefix}/edges/{edge}/query"
+
+    def edge_control(self, edge: str) -> str:
+        """hello / announce: small control frames."""
+        return f"{self.prefix}/edges/{edge}/control"
+
+    def device_inbox(self, device: str) -> str:
+        return f"{self.prefix}/devices/{device}/inbox"
+
+    def device_results(self, device: str) -> str:
+        return f"{self.prefix}/devices/{device}/results"
