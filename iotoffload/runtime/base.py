@@ -66,6 +66,11 @@ class BlockExecutor(ABC, Generic[H]):
     def blocks(self) -> list[BlockFile]:
         return list(self._blocks)
 
+    @property
+    def loaded(self) -> list[int]:
+        """Blocks whose session exists."""
+        return sorted(self._handles)
+
     def check_range(self, start: int, end: int) -> None:
         if not (0 <= start <= end <= self.num_blocks):
             raise BlockRangeError(

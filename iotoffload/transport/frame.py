@@ -13,6 +13,7 @@ allocation, and a tensor body is a zero-copy view of the payload.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from typing import Annotated, Any, Literal
 
@@ -29,15 +30,19 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 1024 * 1024
 _SHA = r"^[0-9a-f]{64}$"
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_ID_RE = re.compile(_ID)
 
 
 class FrameError(ValueError):
     """A payload that is not a valid frame; ``code`` is sent back in the error frame."""
 
-    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, request_id: str | None = None, device: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.request_id = request_id
+        self.device = device  # who to answer, when the header named a valid device id
 
 
 class _H(BaseModel):
@@ -187,14 +192,16 @@ def decode(
         raise FrameError("malformed", f"header is not JSON: {e}") from e
     rid = obj.get("request_id") if isinstance(obj, dict) else None
     rid = rid if isinstance(rid, str) and len(rid) <= 128 else None
+    dev = obj.get("device") if isinstance(obj, dict) else None
+    dev = dev if isinstance(dev, str) and _ID_RE.match(dev) else None
     try:
         header = _HEADER.validate_python(obj)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise FrameError("invalid_header", f"{where}: {first['msg']}", rid) from e
+        raise FrameError("invalid_header", f"{where}: {first['msg']}", rid, dev) from e
     if len(body) > max_body:
-        raise FrameError("too_large", f"body of {len(body)} bytes exceeds {max_body}", rid)
+        raise FrameError("too_large", f"body of {len(body)} bytes exceeds {max_body}", rid, dev)
     tensor = getattr(header, "tensor", None)
     if tensor is not None and tensor.nbytes != len(body):
         raise FrameError(
@@ -202,6 +209,7 @@ def decode(
             f"tensor {tensor.dtype}{list(tensor.shape)} needs {tensor.nbytes} bytes, "
             f"body has {len(body)}",
             rid,
+            dev,
         )
     return header, body
 

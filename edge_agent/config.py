@@ -1,0 +1,46 @@
+"""Edge agent configuration: ``configs/edge.toml``, ``IOTOFFLOAD_EDGE_*`` and CLI flags."""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from iotoffload.transport.topics import DEFAULT_PREFIX
+
+
+def _default_store() -> Path:
+    return Path.home() / ".local" / "share" / "iotoffload" / "edge-store"
+
+
+class EdgeConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IOTOFFLOAD_EDGE_", extra="forbid")
+
+    id: str = Field(default_factory=lambda: f"edge-{socket.gethostname()}"[:64],
+                    pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # fmt: skip
+    broker: str | None = Field(
+        default=None, description="mqtt://HOST:PORT; none starts the embedded broker"
+    )
+    embedded_broker_port: int = 1883
+    interface: str = Field(default="127.0.0.1", description="address to bind/advertise on")
+    advertise: bool = True
+    store: Path = Field(default_factory=_default_store)
+    prefix: str = DEFAULT_PREFIX
+    protocol: int = Field(default=5, description="MQTT protocol: 5 or 311")
+    threads: int = Field(default=1, ge=1, le=64, description="ONNX Runtime intra-op threads")
+    workers: int = Field(default=1, ge=1, le=16, description="queries executed in parallel")
+    max_block_bytes: int = 64 * 1024 * 1024
+    status_interval: float = Field(default=2.0, gt=0)
+
+    @classmethod
+    def load(cls, path: Path | None, **overrides: Any) -> EdgeConfig:
+        data: dict[str, Any] = {}
+        if path is not None:
+            with Path(path).open("rb") as f:
+                data = tomllib.load(f).get("edge", {})
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)

@@ -1,0 +1,129 @@
+"""A small wrapper over paho-mqtt: URL parsing, MQTT 5 or 3.1.1, a Last Will, handlers per
+topic filter, and a network thread that reconnects by itself.
+
+Handlers run on paho's network thread: they must be quick (hand heavy work to a queue).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger(__name__)
+Handler = Callable[[str, bytes], None]
+
+
+class BrokerUnavailableError(ConnectionError):
+    pass
+
+
+@dataclass(frozen=True)
+class BrokerURL:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerURL:
+        u = urlparse(url if "://" in url else f"mqtt://{url}")
+        if u.scheme not in ("mqtt", "tcp") or not u.hostname:
+            raise ValueError(f"broker URL {url!r}: expected mqtt://HOST:PORT")
+        return cls(u.hostname, u.port or 1883)
+
+    def __str__(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+
+class MqttLink:
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        protocol: int = 5,
+        will: tuple[str, bytes, bool] | None = None,
+        keepalive: int = 15,
+    ) -> None:
+        if protocol not in (5, 311):
+            raise ValueError("protocol must be 5 or 311")
+        self.url = BrokerURL.parse(url)
+        self.protocol = protocol
+        self._handlers: list[tuple[str, int, Handler]] = []
+        self._connected = threading.Event()
+        self._keepalive = keepalive
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if protocol == 5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if protocol == 5 else True,
+        )
+        self.client.max_inflight_messages_set(64)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(0.2, 2)  # type: ignore[arg-type]
+        if will:
+            self.client.will_set(will[0], will[1], qos=1, retain=will[2])
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def connect(self, timeout: float = 10.0) -> None:
+        try:
+            self.client.connect(self.url.host, self.url.port, keepalive=self._keepalive)
+        except OSError as e:
+            raise BrokerUnavailableError(f"cannot reach the broker at {self.url}: {e}") from e
+        self.client.loop_start()
+        if not self._connected.wait(timeout):
+            self.close()
+            raise BrokerUnavailableError(f"no CONNACK from {self.url} within {timeout:g} s")
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def subscribe(self, topic: str, handler: Handler, qos: int = 1) -> None:
+        self._handlers.append((topic, qos, handler))
+        if self.connected:
+            self.client.subscribe(topic, qos)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> Any:
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def close(self) -> None:
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+            self._connected.clear()
+
+    # paho callbacks (network thread) -------------------------------------------------------
+    def _on_connect(
+        self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        if rc.is_failure:
+            log.warning("broker %s refused the connection: %s", self.url, rc)
+            return
+        for topic, qos, _ in self._handlers:  # (re)subscribe after every (re)connect
+            client.subscribe(topic, qos)
+        self._connected.set()
+
+    def _on_disconnect(self, *_a: Any) -> None:
+        self._connected.clear()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        for pattern, _, handler in self._handlers:
+            if mqtt.topic_matches_sub(pattern, msg.topic):
+                try:
+                    handler(msg.topic, bytes(msg.payload))
+                except Exception:  # a handler bug must not kill the network thread
+                    log.exception("handler for %s failed", msg.topic)
