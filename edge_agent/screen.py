@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 STANDARD_DOMAINS = {"", "ai.onnx"}
+# Exporters (tf2onnx) declare the ONNX-ML opset even when no node uses it: allowed as an
+# import, while every node must still be in the default domain.
+IMPORTABLE_DOMAINS = STANDARD_DOMAINS | {"ai.onnx.ml"}
 
 
 class ScreenError(ValueError):
@@ -60,7 +63,7 @@ def screen_onnx(data: bytes, limits: ScreenLimits | None = None) -> Any:
         model = onnx.load_model_from_string(data)
     except Exception as e:
         raise ScreenError(f"not an ONNX model: {e}") from e
-    bad = [o.domain for o in model.opset_import if o.domain not in STANDARD_DOMAINS]
+    bad = [o.domain for o in model.opset_import if o.domain not in IMPORTABLE_DOMAINS]
     if bad:
         raise ScreenError(f"non-standard operator domains are not allowed: {bad}")
     if len(model.functions):
