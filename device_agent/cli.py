@@ -1,27 +1,149 @@
-"""``device-agent``: offload a model's queries to a nearby edge.
+"""``device-agent``: run a model's queries on this device with the help of a nearby edge.
 
-Until the MQTT transport lands the agent can only print its help; ``iotoffload model run``
-runs the same mixed TFLite/ONNX chain locally.
+The device runs blocks [0, K) with TFLite, sends the boundary tensor to the edge, which runs
+[K, N) with ONNX Runtime. While the model uploads (in the background, in chunks) queries the
+edge cannot serve yet run locally; a query whose answer misses its deadline finishes locally.
+Every query gets exactly one answer.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
 
-from iotoffload.cli._console import fail
+from device_agent.agent import DeviceAgent
+from device_agent.config import DeviceConfig
+from device_agent.session import NoEdgeError, SessionSummary, find_edge, iter_inputs, run_session
+from iotoffload.cli._console import console, err_console, rich_progress
+from iotoffload.model.cache import ModelCache
+from iotoffload.model.errors import ModelError
+from iotoffload.transport.mqtt import BrokerUnavailableError
 
-app = typer.Typer(add_completion=False, help=__doc__)
+app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+
+
+def summary_table(s: SessionSummary, title: str = "session summary") -> Table:
+    d = s.as_dict()
+    t = Table(title=title)
+    for col in ("queries", "offloaded", "local", "mean ms", "p95 ms", "uploaded MB", "upload s",
+                "first offloaded"):  # fmt: skip
+        t.add_column(col, justify="right")
+    t.add_row(
+        str(d["queries"]), str(d["offloaded"]), str(d["local"]), f"{d['mean_ms']:.2f}",
+        f"{d['p95_ms']:.2f}", f"{d['bytes_uploaded'] / 1e6:.2f}",
+        "-" if d["upload_s"] is None else f"{d['upload_s']:.2f}",
+        "-" if d["first_offloaded_query"] is None else f"#{d['first_offloaded_query']}",
+    )  # fmt: skip
+    return t
 
 
 @app.command()
-def run(
-    model: str = typer.Option("mobilenet", help="Model package name or directory."),
+def main_command(
+    model: Annotated[
+        str | None,
+        typer.Option(help="Package name (built on first use) or directory. [default: mobilenet]"),
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML file with a \\[device] table.")] = None,
+    broker: Annotated[str | None, typer.Option(help="mqtt://HOST:PORT (skips zeroconf).")] = None,
+    edge: Annotated[str | None, typer.Option(help="Edge id, or auto.")] = None,
+    interface: Annotated[
+        str | None, typer.Option(help="Address zeroconf browses on. Default: 127.0.0.1.")
+    ] = None,
+    input: Annotated[
+        str,
+        typer.Option("--input", help="synthetic | an image or .npy file | a folder of them"),
+    ] = "synthetic",
+    count: Annotated[int, typer.Option(min=1, max=100000, help="Queries to run.")] = 10,
+    interval: Annotated[float, typer.Option(min=0, help="Seconds between queries.")] = 0.0,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="K: TFLite runs blocks [0,K), the edge [K,N). 'auto' is a placeholder rule until "
+            "the planner lands: cut at the smallest boundary tensor."
+        ),
+    ] = None,
+    deadline_ms: Annotated[
+        float | None,
+        typer.Option(
+            help="Per-query deadline; default about twice the local time of the rear part."
+        ),
+    ] = None,
+    protocol: Annotated[int | None, typer.Option(help="MQTT 5 or 311.")] = None,
+    device_id: Annotated[str | None, typer.Option("--id", help="Device id.")] = None,
+    wait_upload: Annotated[bool, typer.Option(help="Finish the upload before querying.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per query.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
-    """Offload queries of MODEL to an edge (not available yet: needs the MQTT transport)."""
-    fail(
-        "offloading over MQTT is not implemented in this version; run the mixed chain "
-        f"locally with: iotoffload model run {model}"
+    """Run MODEL's queries on this device with the help of a nearby edge.
+
+    The device runs blocks [0, K) with TFLite and sends the boundary tensor; the edge runs
+    [K, N) with ONNX Runtime. While the model uploads (in the background, in chunks) queries
+    the edge cannot serve yet run locally; a query whose answer misses its deadline finishes
+    locally. Every query gets exactly one answer. Without --broker the edge is found by
+    zeroconf on --interface; with --broker and --edge auto, by the edges' retained status.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
+    try:
+        cfg = DeviceConfig.load(config, model=model, broker=broker, edge=edge,
+                                interface=interface, split=split, deadline_ms=deadline_ms,
+                                protocol=protocol, id=device_id)  # fmt: skip
+        with rich_progress() as progress:
+            pkg = ModelCache.from_settings().resolve(cfg.model, progress=progress)
+        url, edge_id = find_edge(cfg)
+        agent = DeviceAgent(
+            pkg, url, edge_id, device_id=cfg.id, protocol=cfg.protocol, prefix=cfg.prefix,
+            split=None if cfg.split == "auto" else int(cfg.split), chunk_size=cfg.chunk_bytes,
+            deadline_ms=cfg.deadline_ms, tflite_threads=cfg.tflite_threads,
+        )  # fmt: skip
+        inv = agent.connect()
+    except (ModelError, NoEdgeError, BrokerUnavailableError, ValueError) as e:
+        err_console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from e
+    if inv is None:
+        err_console.print(f"[yellow]edge {edge_id} does not answer: running locally[/]")
+    missing = sum(b.onnx_bytes for b in pkg.blocks if b.index not in (inv.stored if inv else []))
+    err_console.print(
+        f"device {agent.device_id} → edge {edge_id} at {url}; split {agent.split}/"
+        f"{pkg.num_blocks}; {missing / 1e6:.1f} MB to upload"
     )
+    bar = Progress(TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   console=err_console, transient=False, disable=as_json)  # fmt: skip
+    task = bar.add_task("upload", total=missing)
+
+    def on_query(rec: dict[str, object]) -> None:
+        if as_json:
+            print(json.dumps(rec), flush=True)
+        else:
+            where = "edge " if rec["offloaded"] else "local"
+            bar.console.print(
+                f"#{rec['query']:<4} {rec['top1']!s:<24} {rec['latency_ms']:>8.2f} ms  "
+                f"{where} split {rec['split']}  ({rec['reason']})"
+            )
+
+    try:
+        with bar:
+            summary = run_session(
+                agent, iter_inputs(input, pkg, count), interval=interval, on_query=on_query,
+                on_upload=lambda _b, n: bar.advance(task, n), wait_upload=wait_upload,
+            )  # fmt: skip
+    except ModelError as e:
+        err_console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from e
+    finally:
+        agent.close()
+    if as_json:
+        print(json.dumps(summary.as_dict()), flush=True)
+    else:
+        console.print(summary_table(summary))
+        if pkg.manifest.weights == "seeded":
+            console.print("[yellow]seeded random weights: the labels above mean nothing[/]")
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from edge_agent.config import EdgeConfig
 from edge_agent.screen import screen_onnx
 from edge_agent.store import BlockStore, StoreError
 from iotoffload import __version__
+from iotoffload.discovery import EdgeAdvertiser
 from iotoffload.runtime.base import BlockFile, BlockRangeError, RuntimeInputError
 from iotoffload.runtime.onnx import OnnxExecutor
 from iotoffload.transport.frame import (
@@ -76,6 +77,7 @@ class EdgeAgent:
         self._status_thread: threading.Thread | None = None
         self.link: MqttLink | None = None
         self.broker_url = config.broker or ""
+        self._advertiser: EdgeAdvertiser | None = None
 
     # lifecycle ----------------------------------------------------------------------------
     def start(self, broker_url: str | None = None) -> None:
@@ -98,10 +100,20 @@ class EdgeAgent:
         self._status_thread = threading.Thread(target=self._status_loop, daemon=True)
         self._status_thread.start()
         self.publish_status()
+        if self.config.advertise:
+            self._advertiser = EdgeAdvertiser(cid, self.broker_url, self.config.interface)
+            self._advertiser.register(self.load_factor())
         log.info("edge %s online at %s, store %s", cid, self.broker_url, self.config.store)
+
+    def load_factor(self) -> float:
+        """Coarse load for discovery: queued plus running queries per worker."""
+        return (self._jobs.qsize() + self.stats.in_flight) / self.config.workers
 
     def stop(self) -> None:
         self._stop.set()
+        if self._advertiser:
+            self._advertiser.close()
+            self._advertiser = None
         for _ in self._workers:
             self._jobs.put(None)
         for t in self._workers:
@@ -135,8 +147,13 @@ class EdgeAgent:
             )
 
     def _status_loop(self) -> None:
+        advertised = 0.0
         while not self._stop.wait(self.config.status_interval):
             self.publish_status()
+            load = self.load_factor()
+            if self._advertiser and abs(load - advertised) >= 0.5:  # TXT updates are multicast
+                self._advertiser.update(load)
+                advertised = load
 
     # helpers ------------------------------------------------------------------------------
     def _reply(self, device: str, header: Any, body: bytes = b"") -> None:

@@ -1,26 +1,103 @@
-"""``edge-agent``: serve offloaded DNN blocks to nearby devices.
-
-Until the MQTT transport lands the agent can only print its help.
-"""
+"""``edge-agent``: serve offloaded DNN blocks to nearby devices."""
 
 from __future__ import annotations
 
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from iotoffload.cli._console import fail
+from broker.embedded import EmbeddedBroker
+from edge_agent.agent import EdgeAgent
+from edge_agent.config import EdgeConfig
+from iotoffload.cli._console import console, err_console
+from iotoffload.transport.mqtt import BrokerUnavailableError
 
-app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
-
-
-@app.command()
-def start() -> None:
-    """Start the edge agent (not available yet: needs the MQTT transport)."""
-    fail("the edge agent is not implemented in this version (it needs the MQTT transport)")
+app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True,
+                  pretty_exceptions_enable=False)  # fmt: skip
 
 
 @app.callback()
 def _root() -> None:
-    """Keep ``start`` a sub-command even while it is the only one."""
+    """Serve offloaded DNN blocks to nearby devices."""
+
+
+@app.command()
+def start(
+    config: Annotated[Path | None, typer.Option(help="TOML file with an \\[edge] table.")] = None,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            help="mqtt://HOST:PORT of the broker; without it the embedded broker is started on "
+            "--interface:--port."
+        ),
+    ] = None,
+    edge_id: Annotated[str | None, typer.Option("--id", help="Edge id (a topic level).")] = None,
+    store: Annotated[Path | None, typer.Option(help="Block store directory.")] = None,
+    interface: Annotated[
+        str | None,
+        typer.Option(
+            help="Address to advertise on (and bind the embedded broker to). Default: 127.0.0.1.",
+        ),
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Embedded broker port. Default: 1883.")] = None,
+    no_advertise: Annotated[
+        bool, typer.Option("--no-advertise", help="Do not register with zeroconf.")
+    ] = False,
+    protocol: Annotated[int | None, typer.Option(help="MQTT 5 or 311.")] = None,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads per query.")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Start the edge agent and serve until Ctrl-C (or SIGTERM)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    try:
+        cfg = EdgeConfig.load(
+            config, broker=broker, id=edge_id, store=store, interface=interface,
+            embedded_broker_port=port, advertise=False if no_advertise else None,
+            protocol=protocol, threads=threads,
+        )  # fmt: skip
+    except (ValueError, OSError) as e:
+        err_console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from e
+    embedded = None
+    url = cfg.broker
+    if url is None:
+        embedded = EmbeddedBroker(cfg.interface, cfg.embedded_broker_port)
+        try:
+            embedded.start()
+        except RuntimeError as e:
+            err_console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from e
+        url = embedded.url
+        cfg = cfg.model_copy(update={"protocol": 311})  # amqtt speaks MQTT 3.1.1
+    agent = EdgeAgent(cfg)
+    try:
+        agent.start(url)
+    except BrokerUnavailableError as e:
+        err_console.print(f"[bold red]error:[/] {e}")
+        if embedded:
+            embedded.stop()
+        raise typer.Exit(2) from e
+    console.print(
+        f"edge [bold]{cfg.id}[/] serving on {url} (MQTT {cfg.protocol}"
+        f"{', embedded broker' if embedded else ''}); store {cfg.store}; "
+        f"{'advertised on ' + cfg.interface if cfg.advertise else 'not advertised'}"
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    console.print("shutting down: publishing offline, unregistering")
+    agent.stop()
+    if embedded:
+        embedded.stop()
+    s = agent.stats
+    console.print(f"served {s.queries} queries, stored {s.blocks_stored} blocks, {s.errors} errors")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,37 +57,60 @@ class MqttLink:
             raise ValueError("protocol must be 5 or 311")
         self.url = BrokerURL.parse(url)
         self.protocol = protocol
+        self._client_id = client_id
+        self._will = will
         self._handlers: list[tuple[str, int, Handler]] = []
         self._connected = threading.Event()
+        self._refused = threading.Event()
+        self._refusal = ""
         self._keepalive = keepalive
-        self.client = mqtt.Client(
+        self.client = self._make_client()
+
+    def _make_client(self) -> mqtt.Client:
+        c = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=MQTTProtocolVersion.MQTTv5 if protocol == 5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if protocol == 5 else True,
+            client_id=self._client_id,
+            protocol=MQTTProtocolVersion.MQTTv5
+            if self.protocol == 5
+            else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if self.protocol == 5 else True,
         )
-        self.client.max_inflight_messages_set(64)
-        self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(0.2, 2)  # type: ignore[arg-type]
-        if will:
-            self.client.will_set(will[0], will[1], qos=1, retain=will[2])
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
+        c.max_inflight_messages_set(64)
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(0.2, 2)  # type: ignore[arg-type]
+        if self._will:
+            c.will_set(self._will[0], self._will[1], qos=1, retain=self._will[2])
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        return c
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
     def connect(self, timeout: float = 10.0) -> None:
+        """Connect; an MQTT 5 client falls back to 3.1.1 when the broker speaks only that."""
+        self._refused.clear()
         try:
             self.client.connect(self.url.host, self.url.port, keepalive=self._keepalive)
         except OSError as e:
             raise BrokerUnavailableError(f"cannot reach the broker at {self.url}: {e}") from e
         self.client.loop_start()
-        if not self._connected.wait(timeout):
-            self.close()
-            raise BrokerUnavailableError(f"no CONNACK from {self.url} within {timeout:g} s")
+        deadline = time.monotonic() + timeout
+        while not self._connected.is_set() and time.monotonic() < deadline:
+            if self._refused.wait(0.05):
+                break
+        if self._connected.is_set():
+            return
+        self.close()
+        if self._refused.is_set() and "protocol" in self._refusal.lower() and self.protocol == 5:
+            log.info("broker %s speaks no MQTT 5: using 3.1.1", self.url)
+            self.protocol = 311
+            self.client = self._make_client()
+            return self.connect(max(0.5, deadline - time.monotonic()))
+        why = f"refused: {self._refusal}" if self._refused.is_set() else "no CONNACK"
+        raise BrokerUnavailableError(f"broker {self.url} {why} (within {timeout:g} s)")
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -111,7 +135,9 @@ class MqttLink:
         self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
     ) -> None:
         if rc.is_failure:
-            log.warning("broker %s refused the connection: %s", self.url, rc)
+            self._refusal = str(rc)
+            self._refused.set()
+            log.info("broker %s refused the connection: %s", self.url, rc)
             return
         for topic, qos, _ in self._handlers:  # (re)subscribe after every (re)connect
             client.subscribe(topic, qos)

@@ -1,0 +1,166 @@
+"""One device session end to end: find the edge, upload in the background, run queries,
+report each and a summary. Shared by ``device-agent`` and ``iotoffload demo``."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agent.agent import DeviceAgent, QueryOutcome
+from device_agent.config import DeviceConfig
+from iotoffload.discovery import browse_edges
+from iotoffload.model.errors import ModelError
+from iotoffload.model.package import ModelPackage
+from iotoffload.model.preprocess import IMAGE_SUFFIXES, load_input, top_k
+from iotoffload.runtime.base import Array
+from iotoffload.transport.mqtt import MqttLink
+
+
+class NoEdgeError(RuntimeError):
+    pass
+
+
+def find_edge(cfg: DeviceConfig) -> tuple[str, str]:
+    """(broker URL, edge id): as configured, from retained status, or by zeroconf."""
+    if cfg.broker and cfg.edge != "auto":
+        return cfg.broker, cfg.edge
+    if cfg.broker:
+        online = edges_from_status(cfg.broker, cfg.prefix, cfg.protocol)
+        if not online:
+            raise NoEdgeError(f"no edge reports itself online on {cfg.broker}")
+        return cfg.broker, online[0]
+    found = browse_edges(cfg.interface, cfg.discovery_timeout, want=1)
+    if cfg.edge != "auto":
+        found = [r for r in found if r.id == cfg.edge]
+    if not found:
+        raise NoEdgeError(
+            f"no edge found by zeroconf on {cfg.interface} within {cfg.discovery_timeout:g} s; "
+            "start one (edge-agent start) or give --broker and --edge"
+        )
+    return found[0].broker, found[0].id
+
+
+def edges_from_status(broker: str, prefix: str, protocol: int, wait: float = 1.0) -> list[str]:
+    """Edge ids whose retained status says online, least loaded first."""
+    seen: dict[str, float] = {}
+    link = MqttLink(broker, f"probe-{time.monotonic_ns() % 10**9}", protocol=protocol)
+
+    def on_status(_t: str, payload: bytes) -> None:
+        try:
+            s = json.loads(payload)
+        except ValueError:
+            return
+        if isinstance(s, dict) and s.get("state") == "online" and isinstance(s.get("edge"), str):
+            seen[s["edge"]] = float(s.get("load", {}).get("queue", 0))
+
+    link.subscribe(f"{prefix}/edges/+/status", on_status)
+    link.connect()
+    time.sleep(wait)  # retained messages arrive right after subscribing
+    link.close()
+    return sorted(seen, key=lambda e: (seen[e], e))
+
+
+def iter_inputs(ref: str, pkg: ModelPackage, count: int) -> Iterator[tuple[str, Array]]:
+    """``count`` inputs: synthetic (a new seed each), one file, or the images of a folder."""
+    path = Path(ref).expanduser()
+    if ref != "synthetic" and path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES | {".npy"})
+        if not files:
+            raise ModelError(f"{path}: no images or .npy files in this folder")
+        for i in range(count):
+            f = files[i % len(files)]
+            yield f.name, load_input(str(f), pkg.manifest)
+        return
+    x = None if ref == "synthetic" else load_input(ref, pkg.manifest)
+    for i in range(count):
+        yield (ref, x) if x is not None else (f"synthetic#{i}", load_input(ref, pkg.manifest, i))
+
+
+@dataclass
+class SessionSummary:
+    queries: int = 0
+    offloaded: int = 0
+    local: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    bytes_uploaded: int = 0
+    upload_s: float | None = None
+    first_offloaded: int | None = None
+    upload_errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies_ms or [0.0])
+        return {
+            "summary": True, "queries": self.queries, "offloaded": self.offloaded,
+            "local": self.local, "mean_ms": round(float(lat.mean()), 3),
+            "p95_ms": round(float(np.percentile(lat, 95)), 3),
+            "bytes_uploaded": self.bytes_uploaded,
+            "upload_s": None if self.upload_s is None else round(self.upload_s, 3),
+            "first_offloaded_query": self.first_offloaded, "upload_errors": self.upload_errors,
+        }  # fmt: skip
+
+
+def outcome_record(o: QueryOutcome, pkg: ModelPackage, name: str, edge: str) -> dict[str, Any]:
+    top = top_k(o.output, pkg.manifest.labels)
+    return {
+        "query": o.index, "input": name, "top1": top[0][1], "top1_class": top[0][0],
+        "top5": [{"class": c, "label": lab, "score": round(s, 6)} for c, lab, s in top],
+        "latency_ms": round(o.latency_ms, 3), "split": o.split, "offloaded": o.offloaded,
+        "where": "edge" if o.offloaded else "local", "reason": o.reason, "edge": edge,
+        "front_ms": round(o.front_ms, 3),
+        "edge_queue_ms": None if o.edge_queue_ms is None else round(o.edge_queue_ms, 3),
+        "edge_exec_ms": None if o.edge_exec_ms is None else round(o.edge_exec_ms, 3),
+    }  # fmt: skip
+
+
+def run_session(
+    agent: DeviceAgent,
+    inputs: Iterator[tuple[str, Array]],
+    *,
+    interval: float = 0.0,
+    on_query: Callable[[dict[str, Any]], None] | None = None,
+    on_upload: Callable[[int, int], None] | None = None,
+    wait_upload: bool = False,
+) -> SessionSummary:
+    """Upload in the background while queries run; each query's record goes to ``on_query``
+    and to the device's results topic (for other apps)."""
+    summary = SessionSummary()
+    t_up = time.perf_counter()
+    done = threading.Event()
+
+    def upload() -> None:
+        agent.upload(on_upload)
+        summary.upload_s = time.perf_counter() - t_up
+        done.set()
+
+    threading.Thread(target=upload, name="uploader", daemon=True).start()
+    if wait_upload:
+        done.wait()
+    results_topic = agent.topics.device_results(agent.device_id)
+    for i, (name, x) in enumerate(inputs):
+        out = agent.query(x, index=i)
+        rec = outcome_record(out, agent.pkg, name, agent.edge_id)
+        summary.queries += 1
+        summary.latencies_ms.append(out.latency_ms)
+        if out.offloaded:
+            summary.offloaded += 1
+            if summary.first_offloaded is None:
+                summary.first_offloaded = i
+        else:
+            summary.local += 1
+        if agent.link.connected:
+            agent.link.publish(results_topic, json.dumps(rec), qos=0)
+        if on_query:
+            on_query(rec)
+        if interval:
+            time.sleep(interval)
+    done.wait(0 if not wait_upload else None)
+    summary.bytes_uploaded = agent.bytes_uploaded
+    summary.upload_errors = list(agent.upload_errors)
+    return summary
