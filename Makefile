@@ -14,10 +14,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# The main job: build (once, cached) the mobilenet package and run a split query locally.
+# The main job: the all-in-one demo on loopback (embedded broker, edge, device, zeroconf).
 demo: $(STAMP)
-	@$(BIN)/iotoffload model show mobilenet >/dev/null 2>&1 || $(BIN)/iotoffload model prepare mobilenet
-	$(BIN)/iotoffload model run mobilenet --split 9 --input synthetic
+	$(BIN)/iotoffload demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

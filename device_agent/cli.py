@@ -32,8 +32,7 @@ app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=F
 def summary_table(s: SessionSummary, title: str = "session summary") -> Table:
     d = s.as_dict()
     t = Table(title=title)
-    for col in ("queries", "offloaded", "local", "mean ms", "p95 ms", "uploaded MB", "upload s",
-                "first offloaded"):  # fmt: skip
+    for col in ("queries", "edge", "local", "mean ms", "p95 ms", "up MB", "up s", "1st edge"):
         t.add_column(col, justify="right")
     t.add_row(
         str(d["queries"]), str(d["offloaded"]), str(d["local"]), f"{d['mean_ms']:.2f}",

@@ -127,9 +127,11 @@ def run_session(
     on_query: Callable[[dict[str, Any]], None] | None = None,
     on_upload: Callable[[int, int], None] | None = None,
     wait_upload: bool = False,
+    finish_upload: float = 0.0,
 ) -> SessionSummary:
     """Upload in the background while queries run; each query's record goes to ``on_query``
-    and to the device's results topic (for other apps)."""
+    and to the device's results topic (for other apps). ``finish_upload``: seconds to let a
+    still-running upload end after the last query."""
     summary = SessionSummary()
     t_up = time.perf_counter()
     done = threading.Event()
@@ -160,7 +162,7 @@ def run_session(
             on_query(rec)
         if interval:
             time.sleep(interval)
-    done.wait(0 if not wait_upload else None)
+    done.wait(finish_upload)  # optionally let the upload end, to report its duration
     summary.bytes_uploaded = agent.bytes_uploaded
     summary.upload_errors = list(agent.upload_errors)
     return summary

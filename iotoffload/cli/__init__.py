@@ -6,6 +6,7 @@ import typer
 
 from iotoffload import __version__
 from iotoffload.cli.model_cmd import app as model_app
+from iotoffload.cli.run_cmd import broker, demo
 
 app = typer.Typer(
     help="iotoffload: run DNNs on IoT devices with the help of nearby edge servers.",
@@ -14,6 +15,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(model_app, name="model")
+app.command()(broker)
+app.command()(demo)
 
 
 @app.command()

@@ -1,0 +1,101 @@
+"""``iotoffload broker`` and ``iotoffload demo``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from iotoffload.cli._console import console, err_console, rich_progress, user_errors
+from iotoffload.model.cache import ModelCache
+
+
+@user_errors
+def broker(
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 1883,
+) -> None:
+    """Run the embedded MQTT broker (amqtt, MQTT 3.1.1) until Ctrl-C.
+
+    For production use mosquitto with configs/mosquitto.conf (MQTT 5 and 3.1.1)."""
+    from broker.embedded import EmbeddedBroker
+
+    b = EmbeddedBroker(host, port).start()
+    console.print(f"embedded broker listening on {b.url} (MQTT 3.1.1); Ctrl-C stops it")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    b.stop()
+
+
+@user_errors
+def demo(
+    model: Annotated[str, typer.Option(help="Package name (built on first use).")] = "mobilenet",
+    count: Annotated[int, typer.Option(min=1, max=10000, help="Queries.")] = 20,
+    interval: Annotated[float, typer.Option(min=0, help="Seconds between queries.")] = 0.05,
+    split: Annotated[str, typer.Option(help="K or auto (placeholder rule).")] = "auto",
+    input: Annotated[
+        str,
+        typer.Option("--input", help="synthetic | image/.npy file | folder"),
+    ] = "synthetic",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of tables.")] = False,
+) -> None:
+    """All in one on loopback: embedded broker, an edge agent, and a device agent that finds
+    the edge by zeroconf (127.0.0.1), uploads the model while offloading queries, then prints
+    a summary."""
+    from broker.embedded import EmbeddedBroker
+    from device_agent.agent import DeviceAgent
+    from device_agent.cli import summary_table
+    from device_agent.config import DeviceConfig
+    from device_agent.session import find_edge, iter_inputs, run_session
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.config import EdgeConfig
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    with rich_progress() as progress:
+        pkg = ModelCache.from_settings().resolve(model, progress=progress)
+    store = Path(tempfile.mkdtemp(prefix="iotoffload-demo-store-"))
+    with EmbeddedBroker("127.0.0.1") as b:
+        edge = EdgeAgent(EdgeConfig(id="demo-edge", broker=b.url, store=store,
+                                    interface="127.0.0.1", protocol=311))  # fmt: skip
+        edge.start()
+        try:
+            cfg = DeviceConfig(interface="127.0.0.1", split=split, protocol=311)
+            url, edge_id = find_edge(cfg)
+            err_console.print(f"discovered edge {edge_id} at {url} over zeroconf on 127.0.0.1")
+            dev = DeviceAgent(pkg, url, edge_id, device_id="demo-device", protocol=311,
+                              split=None if split == "auto" else int(split))  # fmt: skip
+            dev.connect()
+
+            def on_query(rec: dict[str, object]) -> None:
+                if as_json:
+                    print(json.dumps(rec), flush=True)
+                else:
+                    where = "edge " if rec["offloaded"] else "local"
+                    console.print(
+                        f"#{rec['query']:<3} {rec['latency_ms']:>8.2f} ms {where} "
+                        f"split {rec['split']:<2} {rec['top1']!s:<14} ({rec['reason']})"
+                    )
+
+            s = run_session(dev, iter_inputs(input, pkg, count), interval=interval,
+                            on_query=on_query, finish_upload=120.0)  # fmt: skip
+            dev.close()
+        finally:
+            edge.stop()
+            shutil.rmtree(store, ignore_errors=True)
+    if as_json:
+        print(json.dumps(s.as_dict()))
+    else:
+        console.print(summary_table(s, f"demo: {pkg.name}, {pkg.num_blocks} blocks, split "
+                                       f"{dev.split}, embedded broker"))  # fmt: skip
+        if pkg.manifest.weights == "seeded":
+            console.print("[yellow]seeded random weights: labels are meaningless[/]")
