@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import threading
 import time
@@ -98,6 +99,12 @@ class DeviceAgent:
         self._inventory = threading.Event()
         self._block_done: dict[int, threading.Event] = {}
         self._block_failed: dict[int, str] = {}
+        self._resync = threading.Event()  # an inventory arrived after a reconnect
+        self._awaiting_resync = False
+        self._last_hello = 0.0
+        self.edge_online = True
+        self.chunks_sent: dict[int, int] = {}
+        self.resumed_blocks: list[int] = []
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -122,6 +129,8 @@ class DeviceAgent:
     # connection -----------------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> Inventory | None:
         self.link.subscribe(self.topics.device_inbox(self.device_id), self._on_inbox)
+        self.link.subscribe(self.topics.edge_status(self.edge_id), self._on_status)
+        self.link.on_reconnect.append(self._after_reconnect)
         self.link.connect(timeout)
         m = self.pkg.manifest
         announce = Announce(
@@ -181,7 +190,7 @@ class DeviceAgent:
                     missing = self._partial.get(i)
                     ev = self._block_done.setdefault(i, threading.Event())
                 self._send_block(i, data, missing, progress)
-                if ev.wait(block_timeout):
+                if self._wait_block(i, data, ev, block_timeout, progress):
                     with self._lock:
                         failure = self._block_failed.pop(i, None)
                     if failure:  # the edge refused the block: resending cannot help
@@ -195,7 +204,48 @@ class DeviceAgent:
             else:
                 self.upload_errors.append(f"block {i}: not confirmed after {retries} attempts")
 
+    def _wait_block(
+        self,
+        i: int,
+        data: bytes,
+        ev: threading.Event,
+        timeout: float,
+        progress: Callable[[int, int], None] | None,
+    ) -> bool:
+        """Wait for the block's final ack; after a reconnect resend what the edge lacks."""
+        end = time.monotonic() + timeout
+        while not ev.is_set() and time.monotonic() < end:
+            if self._awaiting_resync and time.monotonic() - self._last_hello > 1.0:
+                self._hello()  # the edge may have reconnected after our first hello
+            if self._resync.wait(0.1):
+                self._resync.clear()
+                with self._lock:
+                    stored, missing = i in self._stored, self._partial.get(i)
+                if not stored:
+                    self.resumed_blocks.append(i)
+                    log.info("resuming block %d: %s chunks missing", i,
+                             "all" if missing is None else len(missing))  # fmt: skip
+                    self._send_block(i, data, missing, progress)
+        return ev.is_set()
+
+    def _after_reconnect(self) -> None:
+        self._awaiting_resync = True
+        self._hello()  # the inventory answer sets _resync
+
+    def _on_status(self, _t: str, payload: bytes) -> None:
+        try:
+            state = json.loads(payload).get("state")
+        except (ValueError, AttributeError):
+            return
+        self.edge_online = state == "online"
+        if not self.edge_online:  # release waiting queries at once: they finish locally
+            with self._lock:
+                waiting = list(self._pending.values())
+            for p in waiting:
+                p.event.set()
+
     def _hello(self) -> None:
+        self._last_hello = time.monotonic()
         self._inventory.clear()
         hello = Hello(device=self.device_id, model_id=self.pkg.manifest.model_id)
         self.link.publish(self.topics.edge_control(self.edge_id), encode(hello))
@@ -217,6 +267,7 @@ class DeviceAgent:
                             chunks=chunks, chunk_size=self.chunk_size)  # fmt: skip
             self.link.publish(self.topics.edge_upload(self.edge_id), encode(h, body))
             self.bytes_uploaded += len(body)
+            self.chunks_sent[i] = self.chunks_sent.get(i, 0) + 1
             if progress:
                 progress(i, len(body))
 
@@ -235,6 +286,8 @@ class DeviceAgent:
             return self._done(index, mid, t0, k, False, "split at the end", front_ms)
         if not self.link.connected:
             return self._local(index, mid, t0, k, "broker unreachable", front_ms)
+        if not self.edge_online:
+            return self._local(index, mid, t0, k, "edge offline", front_ms)
         if not self.edge_ready(k, n):
             return self._local(index, mid, t0, k, "blocks not uploaded yet", front_ms)
         rid = f"{self.device_id}-{next(self._ids)}"
@@ -257,7 +310,10 @@ class DeviceAgent:
             out.edge_queue_ms, out.edge_exec_ms = h.queue_ms, h.exec_ms
             out.wire_bytes = len(payload)
             return out
-        reason = f"edge error: {pend.error.code}" if pend.error else "deadline passed"
+        if pend.error:
+            reason = f"edge error: {pend.error.code}"
+        else:
+            reason = "deadline passed" if self.edge_online else "edge went offline"
         return self._local(index, mid, t0, k, reason, front_ms)
 
     def _local(
@@ -286,6 +342,9 @@ class DeviceAgent:
                 for i in h.stored:
                     self._block_done.setdefault(i, threading.Event()).set()
             self._inventory.set()
+            if self._awaiting_resync:
+                self._awaiting_resync = False
+                self._resync.set()
         elif isinstance(h, UploadAck) and h.block_done:
             with self._lock:
                 self._stored.add(h.block)

@@ -92,6 +92,7 @@ class EdgeAgent:
         self.link.subscribe(self.topics.edge_control(cid), self._on_control)
         self.link.subscribe(self.topics.edge_upload(cid), self._on_upload)
         self.link.subscribe(self.topics.edge_query(cid), self._on_query)
+        self.link.on_reconnect.append(self.publish_status)  # a restarted broker lost it
         self.link.connect()
         for i in range(self.config.workers):
             t = threading.Thread(target=self._work, name=f"edge-worker-{i}", daemon=True)

@@ -64,6 +64,8 @@ class MqttLink:
         self._refused = threading.Event()
         self._refusal = ""
         self._keepalive = keepalive
+        self._connects = 0
+        self.on_reconnect: list[Callable[[], None]] = []  # run after every reconnect
         self.client = self._make_client()
 
     def _make_client(self) -> mqtt.Client:
@@ -142,6 +144,13 @@ class MqttLink:
         for topic, qos, _ in self._handlers:  # (re)subscribe after every (re)connect
             client.subscribe(topic, qos)
         self._connected.set()
+        self._connects += 1
+        if self._connects > 1:
+            for cb in self.on_reconnect:
+                try:
+                    cb()
+                except Exception:
+                    log.exception("reconnect hook failed")
 
     def _on_disconnect(self, *_a: Any) -> None:
         self._connected.clear()

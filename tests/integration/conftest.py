@@ -15,29 +15,52 @@ import pytest
 from broker.embedded import EmbeddedBroker, free_port
 
 
-def _mosquitto(tmp: Path) -> Iterator[str]:
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(exe).exists():
-        pytest.skip("mosquitto is not installed (.ci/run installs it)")
-    port = free_port()
-    conf = tmp / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_packet_size 16777216\n"
-        "persistence false\n"
-    )
-    proc = subprocess.Popen([exe, "-c", str(conf)], stderr=subprocess.PIPE)
-    try:
+class Mosquitto:
+    """A mosquitto of our own on a free loopback port; ``restart()`` keeps the port."""
+
+    def __init__(self, workdir: Path) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(exe).exists():
+            pytest.skip("mosquitto is not installed (.ci/run installs it)")
+        self.exe = exe
+        self.port = free_port()
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            "max_packet_size 16777216\npersistence false\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
             except OSError:
                 time.sleep(0.05)
-        yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(5)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> Mosquitto:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
 
 @dataclass(frozen=True)
@@ -53,5 +76,5 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerUnd
         with EmbeddedBroker() as b:
             yield BrokerUnderTest(b.url, int(proto))
     else:
-        for url in _mosquitto(tmp_path):
-            yield BrokerUnderTest(url, int(proto))
+        with Mosquitto(tmp_path) as m:
+            yield BrokerUnderTest(m.url, int(proto))
