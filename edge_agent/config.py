@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from iotoffload.transport.topics import DEFAULT_PREFIX
@@ -35,6 +35,11 @@ class EdgeConfig(BaseSettings):
     workers: int = Field(default=1, ge=1, le=16, description="queries executed in parallel")
     max_block_bytes: int = 64 * 1024 * 1024
     status_interval: float = Field(default=2.0, gt=0)
+
+    @field_validator("store")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return Path(v).expanduser()
 
     @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> EdgeConfig:

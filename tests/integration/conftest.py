@@ -25,10 +25,9 @@ class Mosquitto:
         self.exe = exe
         self.port = free_port()
         self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-            "max_packet_size 16777216\npersistence false\n"
-        )
+        shipped = (Path(__file__).parents[2] / "configs" / "mosquitto.conf").read_text()
+        # the project's shipped config, on a free port of our own
+        self.conf.write_text(shipped.replace("listener 1883 ", f"listener {self.port} "))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

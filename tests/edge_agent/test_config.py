@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from device_agent.config import DeviceConfig
+from edge_agent.config import EdgeConfig
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+def test_shipped_edge_config_loads_and_flags_win() -> None:
+    cfg = EdgeConfig.load(CONFIGS / "edge.toml", id="override", broker=None)
+    assert cfg.id == "override" and cfg.broker is None and cfg.protocol == 5
+    assert "~" not in str(cfg.store) and cfg.store.is_absolute()
+
+
+def test_shipped_device_config_loads() -> None:
+    cfg = DeviceConfig.load(CONFIGS / "device.toml", split="9")
+    assert cfg.model == "mobilenet" and cfg.split == "9" and cfg.chunk_bytes == 262144
+
+
+@pytest.mark.parametrize(("kw", "field"), [({"id": "a/b"}, "id"), ({"threads": 0}, "threads"),
+                                           ({"nope": 1}, "nope")])  # fmt: skip
+def test_bad_edge_settings_name_the_field(kw: dict[str, object], field: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        EdgeConfig(**kw)  # type: ignore[arg-type]
+
+
+def test_bad_device_split() -> None:
+    with pytest.raises(ValidationError, match="split"):
+        DeviceConfig(split="middle")

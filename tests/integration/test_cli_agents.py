@@ -1,0 +1,75 @@
+"""The user-facing commands as a user runs them: real processes, real zeroconf on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.embedded import free_port
+from iotoffload.model import ModelPackage
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+
+
+def _env(pkg: ModelPackage) -> dict[str, str]:
+    return dict(os.environ, IOTOFFLOAD_CACHE_DIR=str(pkg.root.parent))
+
+
+def test_edge_agent_and_device_agent_found_by_zeroconf(
+    mobilenet: ModelPackage, tmp_path: Path
+) -> None:
+    env = _env(mobilenet)
+    port = free_port()
+    edge = subprocess.Popen(
+        [BIN / "edge-agent", "start", "--port", str(port), "--id", "cli-edge",
+         "--store", str(tmp_path / "store"), "--interface", os.environ["IOTOFFLOAD_INTERFACE"]],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1.5)
+        r = subprocess.run(
+            [BIN / "device-agent", "--edge", "cli-edge", "--count", "4", "--json",
+             "--wait-upload", "--split", "10"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+        queries, summary = lines[:-1], lines[-1]
+        assert len(queries) == 4 and summary["summary"] and summary["queries"] == 4
+        for q in queries:
+            assert {"query", "top1", "latency_ms", "split", "offloaded", "edge"} <= q.keys()
+            assert q["split"] == 10 and q["edge"] == "cli-edge"
+        assert all(q["offloaded"] for q in queries)  # the upload finished first
+        assert summary["bytes_uploaded"] == sum(b.onnx_bytes for b in mobilenet.blocks)
+    finally:
+        edge.send_signal(signal.SIGTERM)
+        out, _ = edge.communicate(timeout=20)
+    assert edge.returncode == 0, out
+    assert "shutting down" in out and "served 4 queries" in out
+
+
+def test_device_agent_without_an_edge_says_so(mobilenet: ModelPackage) -> None:
+    env = dict(_env(mobilenet), IOTOFFLOAD_DEVICE_DISCOVERY_TIMEOUT="0.5")
+    r = subprocess.run([BIN / "device-agent", "--edge", "nobody-here", "--count", "1"],
+                       env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2
+    assert "no edge found" in r.stderr
+
+
+def test_demo_runs_end_to_end(mobilenet: ModelPackage) -> None:
+    cmd = [BIN / "iotoffload", "demo", "--count", "6", "--json", "--interval", "0"]
+    r = subprocess.run(cmd, env=_env(mobilenet), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    summary = lines[-1]
+    assert summary["queries"] == 6 and summary["offloaded"] + summary["local"] == 6
+    assert summary["bytes_uploaded"] > 0
+    assert "discovered edge demo-edge" in r.stderr
