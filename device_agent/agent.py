@@ -178,31 +178,53 @@ class DeviceAgent:
         *,
         block_timeout: float = 30.0,
         retries: int = 3,
+        window: int = 2,
     ) -> None:
-        """Send every block the edge lacks, in upload order; resume partial blocks."""
+        """Send every block the edge lacks, in upload order; resume partial blocks.
+
+        Up to ``window`` blocks are in flight: the next block travels while the edge checks,
+        screens and loads the previous one.
+        """
+        outstanding: list[tuple[int, bytes]] = []
         for i in self.upload_order():
             with self._lock:
                 if i in self._stored:
                     continue
+                missing = self._partial.get(i)
+                self._block_done.setdefault(i, threading.Event())
             data = self.pkg.onnx_path(i).read_bytes()
-            for attempt in range(retries):
+            self._send_block(i, data, missing, progress)
+            outstanding.append((i, data))
+            while len(outstanding) >= window:
+                self._confirm_block(*outstanding.pop(0), progress, block_timeout, retries)
+        for i, data in outstanding:
+            self._confirm_block(i, data, progress, block_timeout, retries)
+
+    def _confirm_block(
+        self,
+        i: int,
+        data: bytes,
+        progress: Callable[[int, int], None] | None,
+        block_timeout: float,
+        retries: int,
+    ) -> None:
+        ev = self._block_done[i]
+        for attempt in range(retries):
+            if self._wait_block(i, data, ev, block_timeout, progress):
                 with self._lock:
-                    missing = self._partial.get(i)
-                    ev = self._block_done.setdefault(i, threading.Event())
-                self._send_block(i, data, missing, progress)
-                if self._wait_block(i, data, ev, block_timeout, progress):
-                    with self._lock:
-                        failure = self._block_failed.pop(i, None)
-                    if failure:  # the edge refused the block: resending cannot help
-                        self.upload_errors.append(f"block {i}: {failure}")
-                        ev.clear()
-                    break
-                log.warning("block %d not confirmed (attempt %d); asking the edge", i, attempt + 1)
-                self.link.wait_connected(block_timeout)
-                self._hello()
-                self._inventory.wait(5)
-            else:
-                self.upload_errors.append(f"block {i}: not confirmed after {retries} attempts")
+                    failure = self._block_failed.pop(i, None)
+                if failure:  # the edge refused the block: resending cannot help
+                    self.upload_errors.append(f"block {i}: {failure}")
+                    ev.clear()
+                return
+            log.warning("block %d not confirmed (attempt %d); asking the edge", i, attempt + 1)
+            self.link.wait_connected(block_timeout)
+            self._hello()
+            self._inventory.wait(5)
+            with self._lock:
+                missing = self._partial.get(i)
+            self._send_block(i, data, missing, progress)
+        self.upload_errors.append(f"block {i}: not confirmed after {retries} attempts")
 
     def _wait_block(
         self,
