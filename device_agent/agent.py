@@ -321,7 +321,7 @@ class DeviceAgent:
             Query, mid, request_id=rid, device=self.device_id,
             model_id=self.pkg.manifest.model_id, start=k, end=n, deadline_ms=deadline,
         )  # fmt: skip
-        self.link.publish(self.topics.edge_query(self.edge_id), payload)
+        self.link.publish(self.topics.edge_query(self.edge_id), payload, expiry_s=deadline / 1e3)
         pend.event.wait(deadline / 1e3)
         with self._lock:
             self._pending.pop(rid, None)  # from here on, a late answer is ignored

@@ -168,6 +168,26 @@ def encode_tensor_frame(header_cls: type[Query] | type[Result], x: Array, **fiel
     return encode(header_cls(tensor=tensor, **fields), x)
 
 
+def _ids(obj: object) -> tuple[str | None, str | None]:
+    """(request_id, device) of a header, when present and well-formed."""
+    if not isinstance(obj, dict):
+        return None, None
+    rid, dev = obj.get("request_id"), obj.get("device")
+    return (
+        rid if isinstance(rid, str) and len(rid) <= 128 else None,
+        dev if isinstance(dev, str) and _ID_RE.match(dev) else None,
+    )
+
+
+def _peek_ids(mv: memoryview, hlen: int) -> tuple[str | None, str | None]:
+    if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(mv):
+        return None, None
+    try:
+        return _ids(json.loads(bytes(mv[_PREFIX.size : _PREFIX.size + hlen])))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, None
+
+
 def decode(
     payload: bytes | bytearray | memoryview, *, max_body: int = MAX_BODY_BYTES
 ) -> tuple[Any, memoryview]:
@@ -179,8 +199,12 @@ def decode(
     if magic != MAGIC:
         raise FrameError("malformed", "not an iotoffload frame (bad magic)")
     if version != FRAME_VERSION:
+        rid, dev = _peek_ids(mv, hlen)  # so the sender still gets an error frame
         raise FrameError(
-            "unsupported_version", f"frame version {version}; this agent speaks {FRAME_VERSION}"
+            "unsupported_version",
+            f"frame version {version}; this agent speaks {FRAME_VERSION}",
+            rid,
+            dev,
         )
     if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(mv):
         raise FrameError("malformed", f"header length {hlen} exceeds the frame or the cap")
@@ -190,10 +214,7 @@ def decode(
         obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FrameError("malformed", f"header is not JSON: {e}") from e
-    rid = obj.get("request_id") if isinstance(obj, dict) else None
-    rid = rid if isinstance(rid, str) and len(rid) <= 128 else None
-    dev = obj.get("device") if isinstance(obj, dict) else None
-    dev = dev if isinstance(dev, str) and _ID_RE.match(dev) else None
+    rid, dev = _ids(obj)
     try:
         header = _HEADER.validate_python(obj)
     except ValidationError as e:

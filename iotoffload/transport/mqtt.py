@@ -7,6 +7,7 @@ Handlers run on paho's network thread: they must be quick (hand heavy work to a 
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -124,8 +126,21 @@ class MqttLink:
         if self.connected:
             self.client.subscribe(topic, qos)
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> Any:
-        return self.client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 1,
+        retain: bool = False,
+        expiry_s: float | None = None,
+    ) -> Any:
+        """Publish; ``expiry_s`` sets MQTT 5 message expiry (ignored on 3.1.1), so a broker
+        drops a query nobody could answer in time instead of delivering it late."""
+        props = None
+        if expiry_s is not None and self.protocol == 5:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.MessageExpiryInterval = max(1, math.ceil(expiry_s))
+        return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     def close(self) -> None:
         try:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +18,17 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
 from iotoffload.model import ModelPackage
 from iotoffload.runtime import TFLiteExecutor
-from iotoffload.transport.frame import MAGIC
+from iotoffload.transport.frame import (
+    MAGIC,
+    Error,
+    FrameError,
+    Query,
+    UploadChunk,
+    decode,
+    encode,
+    encode_tensor_frame,
+)
+from iotoffload.transport.mqtt import MqttLink
 from tests.integration.conftest import BrokerUnderTest
 
 pytestmark = pytest.mark.integration
@@ -96,34 +111,85 @@ def test_queries_before_upload_run_locally(
         dev.close()
 
 
+class InboxSpy:
+    """A second subscriber on a device's inbox: collects the error frames the edge sends."""
+
+    def __init__(self, broker: BrokerUnderTest, inbox: str) -> None:
+        self.errors: list[Error] = []
+        self.link = MqttLink(broker.url, f"spy-{time.monotonic_ns()}", protocol=broker.protocol)
+        self.link.subscribe(inbox, self._on)
+        self.link.connect()
+
+    def _on(self, _t: str, payload: bytes) -> None:
+        with contextlib.suppress(FrameError):
+            h, _ = decode(payload)
+            if isinstance(h, Error):
+                self.errors.append(h)
+
+    def wait_codes(self, codes: list[str], timeout: float = 10.0) -> list[str]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and sorted(e.code for e in self.errors) != sorted(codes):
+            time.sleep(0.05)
+        return sorted(e.code for e in self.errors)
+
+
 def test_bad_input_gets_error_frames_and_the_edge_keeps_serving(
     mobilenet: ModelPackage, edge: EdgeAgent, broker: BrokerUnderTest
 ) -> None:
     dev = _device(mobilenet, broker, split=17)
+    spy = InboxSpy(broker, edge.topics.device_inbox(dev.device_id))
     try:
         dev.upload()
-        topics = edge.topics
-        link = dev.link
-        link.publish(topics.edge_query("edge1"), b"garbage")
-        link.publish(topics.edge_query("edge1"), MAGIC + b"\x09\x00\x00\x00\x02{}")
-        before = edge.stats.errors
-        # a block range out of bounds and an unknown model: error frames with request ids
-        from iotoffload.transport.frame import Query, encode_tensor_frame
-
+        t, link, mid = edge.topics, dev.link, mobilenet.manifest.model_id
+        q = t.edge_query("edge1")
+        link.publish(q, b"garbage")  # no device named: logged and dropped
+        # an unknown frame version still names its sender: answered
+        hdr = json.dumps({"type": "query", "request_id": "v9", "device": dev.device_id}).encode()
+        link.publish(q, MAGIC + struct.pack(">BI", 9, len(hdr)) + hdr)
         x = np.zeros((1, 7, 7, 320), np.float32)
-        for start, end, mid in ((17, 19, mobilenet.manifest.model_id), (17, 18, "0" * 64)):
-            link.publish(topics.edge_query("edge1"), encode_tensor_frame(
-                Query, x, request_id=f"bad-{start}-{end}", device=dev.device_id, model_id=mid,
+        for start, end, model in ((17, 19, mid), (17, 18, "0" * 64)):
+            link.publish(q, encode_tensor_frame(
+                Query, x, request_id=f"bad-{start}-{end}", device=dev.device_id, model_id=model,
                 start=start, end=end, deadline_ms=100))  # fmt: skip
-        import time
-
-        t_end = time.monotonic() + 5
-        while edge.stats.errors < before + 2 and time.monotonic() < t_end:
-            time.sleep(0.05)
-        assert edge.stats.error_codes.get("bad_range") == 1
-        assert edge.stats.error_codes.get("unknown_model") == 1
-        assert edge.stats.error_codes.get("malformed", 0) >= 1
+        # a tensor of the wrong shape for block 17
+        link.publish(q, encode_tensor_frame(
+            Query, np.zeros((1, 7, 7, 3), np.float32), request_id="shape", device=dev.device_id,
+            model_id=mid, start=17, end=18, deadline_ms=100))  # fmt: skip
+        # an upload whose bytes do not match the announced digest
+        up = t.edge_upload("edge1")
+        chunk = UploadChunk(device=dev.device_id, model_id=mid, block=0, block_sha256="ab" * 32,
+                            block_bytes=4, chunk=0, chunks=1, chunk_size=4)  # fmt: skip
+        link.publish(up, encode(chunk, b"abcd"))
+        # an ONNX block with a custom operator domain, with a correct digest
+        evil = _custom_domain_block()
+        link.publish(up, encode(chunk.model_copy(update={
+            "block_sha256": hashlib.sha256(evil).hexdigest(), "block_bytes": len(evil),
+            "chunk_size": len(evil)}), evil))  # fmt: skip
+        # a chunk larger than the edge accepts
+        big = chunk.model_copy(update={"block_bytes": 1 << 40, "chunks": 1, "chunk_size": 1 << 40})
+        link.publish(up, encode(big, b"x"))
+        want = ["bad_range", "bad_tensor", "digest_mismatch", "rejected_block", "too_large",
+                "unknown_model", "unsupported_version"]  # fmt: skip
+        assert spy.wait_codes(want) == want
+        by_code = {e.code: e for e in spy.errors}
+        assert by_code["bad_range"].request_id == "bad-17-19"
+        assert by_code["unsupported_version"].request_id == "v9"
+        assert "expects float32[1, 7, 7, 320]" in by_code["bad_tensor"].message
         out = dev.query(np.zeros((1, 224, 224, 3), np.float32))
         assert out.offloaded  # still serving
     finally:
+        spy.link.close()
         dev.close()
+
+
+def _custom_domain_block() -> bytes:
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("Exfiltrate", ["x"], ["y"], domain="com.evil")], "evil",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                            helper.make_opsetid("com.evil", 1)])  # fmt: skip
+    return bytes(m.SerializeToString())
