@@ -288,6 +288,11 @@ class EdgeAgent:
     def _run_query(self, job: _Job) -> None:
         h: Query = job.header
         queue_ms = (time.perf_counter() - job.enqueued) * 1e3
+        if queue_ms > h.deadline_ms:  # the device has finished it locally by now: save the work
+            self._error(h.device, "deadline_expired",
+                        f"waited {queue_ms:.0f} ms in the queue, deadline {h.deadline_ms:g} ms",
+                        h.request_id)  # fmt: skip
+            return
         a = self.store.model(h.model_id)
         ex = self.executor(h.model_id)
         if a is None or ex is None:

@@ -193,3 +193,22 @@ def _custom_domain_block() -> bytes:
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
                                             helper.make_opsetid("com.evil", 1)])  # fmt: skip
     return bytes(m.SerializeToString())
+
+
+def test_a_query_that_expired_in_the_edge_queue_is_not_run(
+    mobilenet: ModelPackage, edge: EdgeAgent, broker: BrokerUnderTest
+) -> None:
+    dev = _device(mobilenet, broker, split=17)
+    spy = InboxSpy(broker, edge.topics.device_inbox(dev.device_id))
+    try:
+        dev.upload()
+        before = edge.stats.queries
+        # a deadline shorter than any queueing: 0.001 ms
+        dev.link.publish(edge.topics.edge_query("edge1"), encode_tensor_frame(
+            Query, np.zeros((1, 7, 7, 320), np.float32), request_id="late", device=dev.device_id,
+            model_id=mobilenet.manifest.model_id, start=17, end=18, deadline_ms=0.001))  # fmt: skip
+        assert spy.wait_codes(["deadline_expired"]) == ["deadline_expired"]
+        assert edge.stats.queries == before
+    finally:
+        spy.link.close()
+        dev.close()
