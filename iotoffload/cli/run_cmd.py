@@ -22,11 +22,21 @@ from iotoffload.model.cache import ModelCache
 def broker(
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 1883,
+    mosquitto: Annotated[
+        bool,
+        typer.Option(
+            help="Run mosquitto (MQTT 5 and 3.1.1, recommended) with the project's settings "
+            "instead of the embedded broker."
+        ),
+    ] = False,
 ) -> None:
-    """Run the embedded MQTT broker (amqtt, MQTT 3.1.1) until Ctrl-C.
-
-    For production use mosquitto with configs/mosquitto.conf (MQTT 5 and 3.1.1)."""
+    """Run an MQTT broker for iotoffload until Ctrl-C: the embedded one (amqtt, MQTT 3.1.1)
+    or, with --mosquitto, mosquitto with the settings of configs/mosquitto.conf."""
     from broker.embedded import EmbeddedBroker
+    from broker.mosquitto import run_mosquitto
+
+    if mosquitto:
+        raise typer.Exit(run_mosquitto(host, port))
 
     b = EmbeddedBroker(host, port).start()
     console.print(f"embedded broker listening on {b.url} (MQTT 3.1.1); Ctrl-C stops it")

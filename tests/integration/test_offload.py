@@ -212,3 +212,13 @@ def test_a_query_that_expired_in_the_edge_queue_is_not_run(
     finally:
         spy.link.close()
         dev.close()
+
+
+def test_edges_are_found_from_their_retained_status(
+    edge: EdgeAgent, broker: BrokerUnderTest
+) -> None:
+    from device_agent.session import edges_from_status
+
+    assert edges_from_status(broker.url, edge.topics.prefix, broker.protocol) == ["edge1"]
+    edge.stop()  # publishes offline (retained): no longer offered
+    assert edges_from_status(broker.url, edge.topics.prefix, broker.protocol) == []

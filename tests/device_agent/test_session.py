@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from device_agent.agent import auto_split
+from device_agent.session import iter_inputs
+from iotoffload.model import ModelError, ModelPackage
+
+
+def test_folder_inputs_cycle_through_images_and_arrays(
+    mobilenet: ModelPackage, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (240, 320, 3), np.uint8)).save(tmp_path / "a.jpg")
+    np.save(tmp_path / "b.npy", np.ones((1, 224, 224, 3), np.float32))
+    (tmp_path / "notes.txt").write_text("ignored")
+    got = list(iter_inputs(str(tmp_path), mobilenet, 5))
+    assert [n for n, _ in got] == ["a.jpg", "b.npy", "a.jpg", "b.npy", "a.jpg"]
+    assert all(x.shape == (1, 224, 224, 3) and x.dtype == np.float32 for _, x in got)
+    assert float(got[0][1].min()) >= -1.0 and float(got[0][1].max()) <= 1.0  # (p-127.5)/127.5
+
+
+def test_synthetic_inputs_differ_and_empty_folder_is_an_error(
+    mobilenet: ModelPackage, tmp_path: Path
+) -> None:
+    a, b = (x for _, x in iter_inputs("synthetic", mobilenet, 2))
+    assert not np.array_equal(a, b)
+    with pytest.raises(ModelError, match="no images"):
+        list(iter_inputs(str(tmp_path), mobilenet, 1))
+
+
+def test_placeholder_split_is_the_smallest_boundary(mobilenet: ModelPackage) -> None:
+    k = auto_split(mobilenet)
+    sizes = [b.output_bytes for b in mobilenet.blocks[:-1]]
+    assert mobilenet.blocks[k - 1].output_bytes == min(sizes)
