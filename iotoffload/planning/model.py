@@ -1,0 +1,120 @@
+"""What planning knows: the chain's profile, the live estimates, device power, and plans."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Where = Literal["device", "edge"]
+Objective = Literal["latency", "energy", "mix"]
+
+
+@dataclass(frozen=True)
+class ChainProfile:
+    """Per-block figures of an N-block chain.
+
+    ``device_ms[i]``/``edge_ms[i]``: block i's time on each side (edge: unloaded baseline);
+    ``boundary_bytes[b]`` for b = 0..N: bytes crossing boundary b (0 = model input, N = output);
+    ``upload_bytes[i]``: what uploading block i costs.
+    """
+
+    device_ms: tuple[float, ...]
+    edge_ms: tuple[float, ...]
+    boundary_bytes: tuple[int, ...]
+    upload_bytes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.device_ms)
+        if not (len(self.edge_ms) == len(self.upload_bytes) == n
+                and len(self.boundary_bytes) == n + 1):  # fmt: skip
+            raise ValueError("profile lengths do not describe one chain")
+
+    @property
+    def n(self) -> int:
+        return len(self.device_ms)
+
+
+@dataclass
+class Estimates:
+    """Live view of the link and the edge (EWMAs, LoADPart's load factor and queue time)."""
+
+    bandwidth_Bps: float = 10e6 / 8  # noqa: N815 - bytes per second
+    rtt_ms: float = 5.0
+    load_factor: float = 1.0  # edge execution time / its unloaded baseline
+    queue_ms: float = 0.0
+    alpha: float = 0.3
+
+    def transfer_ms(self, nbytes: int) -> float:
+        return nbytes / self.bandwidth_Bps * 1e3 + self.rtt_ms / 2
+
+    def observe_rtt(self, ms: float) -> None:
+        self.rtt_ms += self.alpha * (max(ms, 0.01) - self.rtt_ms)
+
+    def observe_transfer(self, nbytes: int, ms: float) -> None:
+        """A transfer of ``nbytes`` took ``ms`` (one way, including rtt/2)."""
+        wire = ms - self.rtt_ms / 2
+        if nbytes >= 16 * 1024 and wire > 0.05:  # small frames say little about bandwidth
+            sample = nbytes / (wire / 1e3)
+            self.bandwidth_Bps += self.alpha * (sample - self.bandwidth_Bps)
+
+    def observe_reply(self, exec_ms: float, baseline_ms: float, queue_ms: float) -> None:
+        if baseline_ms > 0:
+            self.load_factor += self.alpha * (max(exec_ms / baseline_ms, 0.1) - self.load_factor)
+        self.queue_ms += self.alpha * (max(queue_ms, 0.0) - self.queue_ms)
+
+
+@dataclass(frozen=True)
+class Power:
+    """Device power draw (W). Defaults: Raspberry-Pi-4-class board — about 6.4 W under full
+    CPU load, 2.7 W idle, and ~1.5 W extra while the Wi-Fi radio transmits (public RPi 4
+    power measurements); IONN's phone figures were 7.2 / 4.0 / 6.6 W."""
+
+    compute_w: float = 6.4
+    transmit_w: float = 4.2
+    idle_w: float = 2.7
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: int
+    end: int
+    where: Where
+
+
+@dataclass(frozen=True)
+class Plan:
+    segments: tuple[Segment, ...]
+    latency_ms: float = 0.0
+    energy_mj: float = 0.0
+    label: str = ""
+
+    @property
+    def edge_blocks(self) -> set[int]:
+        return {i for s in self.segments if s.where == "edge" for i in range(s.start, s.end)}
+
+    @property
+    def offloads(self) -> bool:
+        return bool(self.edge_blocks)
+
+    @property
+    def split(self) -> int:
+        """Where the device stops (the first edge block), N when fully local."""
+        for s in self.segments:
+            if s.where == "edge":
+                return s.start
+        return self.segments[-1].end if self.segments else 0
+
+    def describe(self) -> str:
+        return " ".join(f"{'D' if s.where == 'device' else 'E'}[{s.start},{s.end})"
+                        for s in self.segments)  # fmt: skip
+
+
+@dataclass
+class PlanningInputs:
+    profile: ChainProfile
+    estimates: Estimates = field(default_factory=Estimates)
+    power: Power = field(default_factory=Power)
+    objective: Objective = "latency"
+    mix_weight: float = 0.5  # mix: weight of latency (ms) against energy (mJ)
+    min_local: int = 0  # privacy: blocks [0, min_local) always run on the device
+    load_aware: bool = True
