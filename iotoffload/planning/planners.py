@@ -92,6 +92,10 @@ class IonnPlanner:
     name = "ionn"
 
     def upload_order(self, p: PlanningInputs) -> list[int]:
+        return _rest(self.path_order(p), p.profile.n)
+
+    def path_order(self, p: PlanningInputs) -> list[int]:
+        """The blocks IONN's successive paths put on the edge, in the order they appear."""
         q = _oblivious(p)
         n = p.profile.n
         order: list[int] = []
@@ -107,7 +111,7 @@ class IonnPlanner:
             path = best_plan(q, frozenset(range(n)), extra_edge_ms=penalty)
             order += [i for i in sorted(path.edge_blocks) if i not in order]
             level += 1
-        return _rest(order, n)
+        return order
 
     def plan(self, p: PlanningInputs, available: set[int] | frozenset[int]) -> Plan:
         return best_plan(_oblivious(p), available)
