@@ -6,6 +6,7 @@ import typer
 
 from iotoffload import __version__
 from iotoffload.cli.model_cmd import app as model_app
+from iotoffload.cli.plan_cmd import plan
 from iotoffload.cli.run_cmd import broker, demo
 
 app = typer.Typer(
@@ -17,6 +18,7 @@ app = typer.Typer(
 app.add_typer(model_app, name="model")
 app.command()(broker)
 app.command()(demo)
+app.command()(plan)
 
 
 @app.command()
