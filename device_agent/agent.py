@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -15,6 +16,16 @@ from typing import Any
 import numpy as np
 
 from iotoffload.model.package import ModelPackage
+from iotoffload.planning import (
+    Estimates,
+    Objective,
+    Plan,
+    PlanningInputs,
+    chain_profile,
+    make_planner,
+    measure_device_ms,
+    single_split_plan,
+)
 from iotoffload.runtime.base import Array
 from iotoffload.runtime.tflite import TFLiteExecutor
 from iotoffload.transport.frame import (
@@ -40,12 +51,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK = 256 * 1024  # well under mosquitto 2.1's 2 MB and EMQX's 1 MB packet caps
 
 
-def auto_split(pkg: ModelPackage) -> int:
-    """Placeholder rule until the planner lands: cut at the smallest boundary tensor."""
-    n = pkg.num_blocks
-    return min(range(1, n), key=lambda k: (pkg.blocks[k - 1].output_bytes, k)) if n > 1 else 0
-
-
 @dataclass
 class QueryOutcome:
     index: int
@@ -58,6 +63,8 @@ class QueryOutcome:
     edge_queue_ms: float | None = None
     edge_exec_ms: float | None = None
     wire_bytes: int = 0
+    plan: str = ""
+    predicted_ms: float = 0.0
 
 
 @dataclass
@@ -81,17 +88,37 @@ class DeviceAgent:
         chunk_size: int = DEFAULT_CHUNK,
         deadline_ms: float | None = None,
         tflite_threads: int = 1,
+        planner: str = "auto",
+        objective: Objective = "latency",
+        min_local: int = 0,
+        edge_speed: float = 1.0,
+        device_ms: list[float] | None = None,
+        estimates: Estimates | None = None,
+        reprofile: bool = False,
     ) -> None:
         self.pkg = pkg
         self.edge_id = check_id("edge", edge_id)
         self.device_id = check_id("device", device_id or f"dev-{uuid.uuid4().hex[:8]}")
         n = pkg.num_blocks
-        self.split = auto_split(pkg) if split is None else split
-        if not 0 <= self.split <= n:
+        if split is not None and not 0 <= split <= n:
             raise ValueError(f"split must be within 0..{n}")
+        if not 0 <= min_local <= n:
+            raise ValueError(f"min_local must be within 0..{n}")
+        self.fixed_split = split  # a fixed split overrides the planner's per-query choice
         self.topics = Topics(prefix)
         self.chunk_size = chunk_size
         self.tfl = TFLiteExecutor.from_package(pkg, threads=tflite_threads)
+        self.planner = make_planner(planner)
+        d = device_ms or measure_device_ms(pkg, self.tfl, reprofile=reprofile)
+        self._edge_base: dict[int, float] = {}  # block -> edge's reported unloaded ms
+        self._edge_speed = edge_speed
+        self.inputs = PlanningInputs(
+            chain_profile(pkg, d, edge_speed=edge_speed),
+            estimates or Estimates(),
+            objective=objective,
+            min_local=min_local,
+        )
+        self.split = split if split is not None else self._predicted_split()
         self.link = MqttLink(broker_url, f"device-{self.device_id}", protocol=protocol)
         self._stored: set[int] = set()
         self._loaded: set[int] = set()
@@ -112,19 +139,36 @@ class DeviceAgent:
         self.upload_errors: list[str] = []
         self.deadline_ms = deadline_ms
         self._upload_thread: threading.Thread | None = None
-        self._local_ms: list[float] | None = None
+        self._sent_at: dict[int, tuple[float, int]] = {}  # block -> (first send, bytes)
+        self._last_query = 0.0
+        self._probe_stop = threading.Event()
 
-    def local_block_ms(self) -> list[float]:
-        """Per-block local (TFLite) time, measured once on a zero input (median of 3)."""
-        if self._local_ms is None:
-            x = np.zeros(self.pkg.manifest.input.shape, self.pkg.manifest.input.dtype)
-            runs = [self.tfl.run_timed(0, self.pkg.num_blocks, x)[1] for _ in range(3)]
-            self._local_ms = [float(v) * 1e3 for v in np.median(np.asarray(runs), axis=0)]
-        return self._local_ms
+    def _predicted_split(self) -> int:
+        """Where the planner would cut with every block on the edge (for display)."""
+        return self.planner.plan(self.inputs, frozenset(range(self.pkg.num_blocks))).split
 
-    def auto_deadline_ms(self, k: int) -> float:
-        """Wait for the edge at most about twice what finishing locally would take."""
-        return max(100.0, 2.0 * sum(self.local_block_ms()[k:]) + 50.0)
+    def auto_deadline_ms(self, start: int, predicted_ms: float = 0.0) -> float:
+        """Wait for the edge about twice what finishing locally from ``start`` would take (or
+        the plan's prediction, whichever is larger)."""
+        local = sum(self.inputs.profile.device_ms[start:])
+        return max(100.0, 2.0 * max(local, predicted_ms) + 50.0)
+
+    def current_plan(self) -> Plan:
+        """The plan for the next query, over the blocks the edge holds now."""
+        with self._lock:
+            avail = frozenset(self._stored)
+        if self.fixed_split is not None:  # missing blocks make it finish locally, saying so
+            return single_split_plan(self.inputs, max(self.fixed_split, self.inputs.min_local))
+        return self.planner.plan(self.inputs, avail)
+
+    def _update_edge_profile(self, block: int, ms: float | None) -> None:
+        if ms is None or ms <= 0:
+            return
+        self._edge_base[block] = ms
+        prof = self.inputs.profile
+        edge = tuple(self._edge_base.get(i, prof.edge_ms[i]) for i in range(prof.n))
+        self.inputs = dataclasses.replace(self.inputs, profile=dataclasses.replace(
+            prof, edge_ms=edge))  # fmt: skip
 
     # connection -----------------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> Inventory | None:
@@ -139,11 +183,30 @@ class DeviceAgent:
                               input=b.input, output=b.output) for b in m.blocks],
         )  # fmt: skip
         self._inventory.clear()
+        t0 = time.perf_counter()
         self.link.publish(self.topics.edge_control(self.edge_id), encode(announce))
         if not self._inventory.wait(timeout):
             log.warning("edge %s did not answer the announce", self.edge_id)
             return None
+        self.inputs.estimates.observe_rtt((time.perf_counter() - t0) * 1e3)
+        threading.Thread(target=self._probe_loop, name="probe", daemon=True).start()
         return self.inventory
+
+    def probe(self, timeout: float = 2.0) -> float | None:
+        """One light RTT probe (hello → inventory); also refreshes the edge's inventory."""
+        t0 = time.perf_counter()
+        self._hello()
+        if not self._inventory.wait(timeout):
+            return None
+        ms = (time.perf_counter() - t0) * 1e3
+        self.inputs.estimates.observe_rtt(ms)
+        return ms
+
+    def _probe_loop(self, interval: float = 5.0) -> None:
+        # Replies keep the estimates fresh while queries flow; probe only when idle.
+        while not self._probe_stop.wait(interval):
+            if time.monotonic() - self._last_query > interval and self.link.connected:
+                self.probe()
 
     @property
     def inventory(self) -> Inventory:
@@ -153,12 +216,16 @@ class DeviceAgent:
                              partial=dict(self._partial))  # fmt: skip
 
     def close(self) -> None:
+        self._probe_stop.set()
         self.link.close()
 
     # upload ---------------------------------------------------------------------------------
     def upload_order(self) -> list[int]:
         n = self.pkg.num_blocks
-        return [*range(self.split, n), *range(0, self.split)]
+        if self.fixed_split is not None:
+            return [*range(self.fixed_split, n), *range(0, self.fixed_split)]
+        order = self.planner.upload_order(self.inputs)
+        return order + [i for i in range(n) if i not in order]  # the rest, later
 
     def start_upload(self, progress: Callable[[int, int], None] | None = None) -> None:
         self._upload_thread = threading.Thread(
@@ -282,6 +349,7 @@ class DeviceAgent:
         b = self.pkg.blocks[i]
         chunks = -(-len(data) // self.chunk_size)
         todo = range(chunks) if missing is None else missing
+        self._sent_at[i] = (time.perf_counter(), len(data))
         for c in todo:
             body = data[c * self.chunk_size : (c + 1) * self.chunk_size]
             h = UploadChunk(device=self.device_id, model_id=self.pkg.manifest.model_id, block=i,
@@ -299,56 +367,84 @@ class DeviceAgent:
             return all(i in self._stored for i in range(start, end))
 
     def query(self, x: Array, index: int = 0, split: int | None = None) -> QueryOutcome:
+        """Run one query by the current plan; an edge segment that fails (deadline, error,
+        edge offline) is finished on the device. Exactly one answer, always."""
         n = self.pkg.num_blocks
-        k = self.split if split is None else split
+        plan = single_split_plan(self.inputs, split) if split is not None else self.current_plan()
         t0 = time.perf_counter()
-        mid, front = self.tfl.run_timed(0, k, x)
-        front_ms = sum(front) * 1e3
-        if k == n:
-            return self._done(index, mid, t0, k, False, "split at the end", front_ms)
+        self._last_query = time.monotonic()
+        y = x
+        front_ms = 0.0
+        offloaded = False
+        reason = "planned local" if not plan.offloads else "edge"
+        info: dict[str, float] = {}
+        for seg in plan.segments:
+            if seg.where == "device":
+                y, times = self.tfl.run_timed(seg.start, seg.end, y)
+                if not offloaded:
+                    front_ms += sum(times) * 1e3
+                continue
+            why = self._why_not_remote(seg.start, seg.end)
+            got = None if why else self._remote(seg.start, seg.end, y, plan.latency_ms, info)
+            if isinstance(got, str) or got is None:
+                reason = why or str(got)
+                y = self.tfl.run(seg.start, n, y)  # finish on the device
+                break
+            y, offloaded = got, True
+        out = QueryOutcome(index, y, (time.perf_counter() - t0) * 1e3, plan.split, offloaded,
+                           reason, front_ms)  # fmt: skip
+        out.plan, out.predicted_ms = plan.describe(), plan.latency_ms
+        out.edge_queue_ms = info.get("queue_ms")
+        out.edge_exec_ms = info.get("exec_ms")
+        out.wire_bytes = int(info.get("wire_bytes", 0))
+        return out
+
+    def _why_not_remote(self, start: int, end: int) -> str:
         if not self.link.connected:
-            return self._local(index, mid, t0, k, "broker unreachable", front_ms)
+            return "broker unreachable"
         if not self.edge_online:
-            return self._local(index, mid, t0, k, "edge offline", front_ms)
-        if not self.edge_ready(k, n):
-            return self._local(index, mid, t0, k, "blocks not uploaded yet", front_ms)
+            return "edge offline"
+        if not self.edge_ready(start, end):
+            return "blocks not uploaded yet"
+        return ""
+
+    def _remote(
+        self, start: int, end: int, x: Array, predicted_ms: float, info: dict[str, float]
+    ) -> Array | str:
+        """Run [start, end) on the edge: the output, or why not."""
         rid = f"{self.device_id}-{next(self._ids)}"
-        deadline = self.deadline_ms or self.auto_deadline_ms(k)
+        deadline = self.deadline_ms or self.auto_deadline_ms(start, predicted_ms)
         pend = _Pending()
         with self._lock:
             self._pending[rid] = pend
         payload = encode_tensor_frame(
-            Query, mid, request_id=rid, device=self.device_id,
-            model_id=self.pkg.manifest.model_id, start=k, end=n, deadline_ms=deadline,
+            Query, x, request_id=rid, device=self.device_id,
+            model_id=self.pkg.manifest.model_id, start=start, end=end, deadline_ms=deadline,
         )  # fmt: skip
+        t_send = time.perf_counter()
         self.link.publish(self.topics.edge_query(self.edge_id), payload, expiry_s=deadline / 1e3)
         pend.event.wait(deadline / 1e3)
+        rt_ms = (time.perf_counter() - t_send) * 1e3
         with self._lock:
             self._pending.pop(rid, None)  # from here on, a late answer is ignored
-        if pend.result is not None:
-            h, body = pend.result
-            y = np.array(tensor_of(h, body))
-            out = self._done(index, y, t0, k, True, "edge", front_ms)
-            out.edge_queue_ms, out.edge_exec_ms = h.queue_ms, h.exec_ms
-            out.wire_bytes = len(payload)
-            return out
-        if pend.error:
-            reason = f"edge error: {pend.error.code}"
-        else:
-            reason = "deadline passed" if self.edge_online else "edge went offline"
-        return self._local(index, mid, t0, k, reason, front_ms)
+        if pend.result is None:
+            if pend.error:
+                return f"edge error: {pend.error.code}"
+            return "deadline passed" if self.edge_online else "edge went offline"
+        h, body = pend.result
+        y = np.array(tensor_of(h, body))
+        info["queue_ms"] = info.get("queue_ms", 0.0) + h.queue_ms
+        info["exec_ms"] = info.get("exec_ms", 0.0) + h.exec_ms
+        info["wire_bytes"] = info.get("wire_bytes", 0.0) + len(payload)
+        self._learn(start, end, len(payload) + y.nbytes, rt_ms, h)
+        return y
 
-    def _local(
-        self, index: int, mid: Array, t0: float, k: int, reason: str, front_ms: float
-    ) -> QueryOutcome:
-        y = self.tfl.run(k, self.pkg.num_blocks, mid)
-        return self._done(index, y, t0, k, False, reason, front_ms)
-
-    @staticmethod
-    def _done(
-        index: int, y: Array, t0: float, k: int, off: bool, reason: str, front_ms: float
-    ) -> QueryOutcome:
-        return QueryOutcome(index, y, (time.perf_counter() - t0) * 1e3, k, off, reason, front_ms)
+    def _learn(self, start: int, end: int, nbytes: int, rt_ms: float, h: Result) -> None:
+        """Keep the estimates fresh from the reply itself (LoADPart): no probe traffic."""
+        est = self.inputs.estimates
+        est.observe_round_trip(nbytes, rt_ms - h.queue_ms - h.exec_ms)
+        base = sum(self.inputs.profile.edge_ms[start:end])
+        est.observe_reply(h.exec_ms, base, h.queue_ms)
 
     # inbox (network thread) -----------------------------------------------------------------
     def _on_inbox(self, _t: str, payload: bytes) -> None:
@@ -363,6 +459,8 @@ class DeviceAgent:
                 self._partial = dict(h.partial)
                 for i in h.stored:
                     self._block_done.setdefault(i, threading.Event()).set()
+            for i, ms in h.block_ms.items():
+                self._update_edge_profile(i, ms)
             self._inventory.set()
             if self._awaiting_resync:
                 self._awaiting_resync = False
@@ -374,6 +472,11 @@ class DeviceAgent:
                     self._loaded.add(h.block)
                 self._partial.pop(h.block, None)
                 self._block_done.setdefault(h.block, threading.Event()).set()
+            self._update_edge_profile(h.block, h.block_ms)
+            sent = self._sent_at.pop(h.block, None)
+            if sent is not None:  # a lower bound: the time includes the edge's checks
+                self.inputs.estimates.observe_transfer(
+                    sent[1], (time.perf_counter() - sent[0]) * 1e3)  # fmt: skip
         elif isinstance(h, Result | Error):
             rid = h.request_id
             with self._lock:

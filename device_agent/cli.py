@@ -64,10 +64,32 @@ def main_command(
     split: Annotated[
         str | None,
         typer.Option(
-            help="K: TFLite runs blocks [0,K), the edge [K,N). 'auto' is a placeholder rule until "
-            "the planner lands: cut at the smallest boundary tensor."
+            help="K: TFLite runs blocks [0,K), the edge [K,N), fixed. Default auto: the planner "
+            "decides per query from measured speeds, bandwidth and the edge's load."
         ),
     ] = None,
+    planner: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (default) | local | edge | neurosurgeon | ionn | efficiency | loadpart"
+        ),
+    ] = None,
+    objective: Annotated[str | None, typer.Option(help="latency (default) | energy | mix")] = None,
+    min_local: Annotated[
+        int | None,
+        typer.Option(
+            help="Privacy: blocks that always run on the device (raw input never leaves it)."
+        ),
+    ] = None,
+    edge_speed: Annotated[
+        float | None,
+        typer.Option(
+            help="Edge speed ÷ device speed until the edge reports its own times. Default 1."
+        ),
+    ] = None,
+    reprofile: Annotated[
+        bool, typer.Option(help="Measure the device's block times again.")
+    ] = False,
     deadline_ms: Annotated[
         float | None,
         typer.Option(
@@ -92,7 +114,9 @@ def main_command(
     try:
         cfg = DeviceConfig.load(config, model=model, broker=broker, edge=edge,
                                 interface=interface, split=split, deadline_ms=deadline_ms,
-                                protocol=protocol, id=device_id)  # fmt: skip
+                                protocol=protocol, id=device_id, planner=planner,
+                                objective=objective, min_local=min_local,
+                                edge_speed=edge_speed)  # fmt: skip
         with rich_progress() as progress:
             pkg = ModelCache.from_settings().resolve(cfg.model, progress=progress)
         url, edge_id = find_edge(cfg)
@@ -100,6 +124,8 @@ def main_command(
             pkg, url, edge_id, device_id=cfg.id, protocol=cfg.protocol, prefix=cfg.prefix,
             split=None if cfg.split == "auto" else int(cfg.split), chunk_size=cfg.chunk_bytes,
             deadline_ms=cfg.deadline_ms, tflite_threads=cfg.tflite_threads,
+            planner=cfg.planner, objective=cfg.objective,  # type: ignore[arg-type]
+            min_local=cfg.min_local, edge_speed=cfg.edge_speed, reprofile=reprofile,
         )  # fmt: skip
         inv = agent.connect()
     except (ModelError, NoEdgeError, BrokerUnavailableError, ValueError) as e:
@@ -107,10 +133,12 @@ def main_command(
         raise typer.Exit(2) from e
     if inv is None:
         err_console.print(f"[yellow]edge {edge_id} does not answer: running locally[/]")
+    fixed = agent.fixed_split
+    how = f"fixed split {fixed}" if fixed is not None else f"planner {agent.planner.name}"
     missing = sum(b.onnx_bytes for b in pkg.blocks if b.index not in (inv.stored if inv else []))
     err_console.print(
-        f"device {agent.device_id} → edge {edge_id} at {url}; split {agent.split}/"
-        f"{pkg.num_blocks}; {missing / 1e6:.1f} MB to upload"
+        f"device {agent.device_id} → edge {edge_id} at {url}; {how}; "
+        f"{missing / 1e6:.1f} MB to upload"
     )
     bar = Progress(TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    console=err_console, transient=False, disable=as_json)  # fmt: skip
@@ -122,8 +150,8 @@ def main_command(
         else:
             where = "edge " if rec["offloaded"] else "local"
             bar.console.print(
-                f"#{rec['query']:<4} {rec['top1']!s:<24} {rec['latency_ms']:>8.2f} ms  "
-                f"{where} split {rec['split']}  ({rec['reason']})"
+                f"#{rec['query']:<4} {rec['top1']!s:<20} {rec['latency_ms']:>8.2f} ms "
+                f"(pred {rec['predicted_ms']:.1f}) {where} {rec['plan']}  ({rec['reason']})"
             )
 
     try:

@@ -24,6 +24,17 @@ class DeviceConfig(BaseSettings):
     prefix: str = DEFAULT_PREFIX
     protocol: int = Field(default=5, description="MQTT protocol: 5 or 311")
     split: str = Field(default="auto", pattern=r"^(auto|\d+)$")
+    planner: str = Field(
+        default="auto",
+        description="auto | local | edge | neurosurgeon | ionn | efficiency | loadpart",
+    )
+    objective: str = Field(default="latency", pattern="^(latency|energy|mix)$")
+    min_local: int = Field(default=0, ge=0, description="blocks that always run on the device")
+    edge_speed: float = Field(
+        default=1.0,
+        gt=0,
+        description="edge ÷ device speed, until the edge reports its own block times",
+    )
     deadline_ms: float | None = Field(default=None, gt=0, description="per-query; auto if unset")
     chunk_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
     tflite_threads: int = Field(default=1, ge=1, le=64)

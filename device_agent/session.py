@@ -111,7 +111,8 @@ def outcome_record(o: QueryOutcome, pkg: ModelPackage, name: str, edge: str) -> 
     return {
         "query": o.index, "input": name, "top1": top[0][1], "top1_class": top[0][0],
         "top5": [{"class": c, "label": lab, "score": round(s, 6)} for c, lab, s in top],
-        "latency_ms": round(o.latency_ms, 3), "split": o.split, "offloaded": o.offloaded,
+        "latency_ms": round(o.latency_ms, 3), "predicted_ms": round(o.predicted_ms, 3),
+        "plan": o.plan, "split": o.split, "offloaded": o.offloaded,
         "where": "edge" if o.offloaded else "local", "reason": o.reason, "edge": edge,
         "front_ms": round(o.front_ms, 3),
         "edge_queue_ms": None if o.edge_queue_ms is None else round(o.edge_queue_ms, 3),

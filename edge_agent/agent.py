@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from edge_agent.config import EdgeConfig
 from edge_agent.screen import screen_onnx
 from edge_agent.store import BlockStore, StoreError
@@ -70,6 +72,7 @@ class EdgeAgent:
         )
         self.stats = EdgeStats()
         self._executors: dict[str, OnnxExecutor] = {}
+        self._block_ms: dict[str, float] = {}  # sha256 -> unloaded time, ms
         self._exec_lock = threading.Lock()
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._workers: list[threading.Thread] = []
@@ -192,9 +195,11 @@ class EdgeAgent:
             missing = self.store.missing_chunks(b.onnx_sha256)
             if missing is not None and i not in stored:
                 partial[i] = missing
+        block_ms = {i: self._block_ms[b.onnx_sha256] for i, b in enumerate(a.blocks)
+                    if b.onnx_sha256 in self._block_ms}  # fmt: skip
         return Inventory(
             model_id=model_id, known=True, stored=stored,
-            loaded=ex.loaded if ex else [], partial=partial,
+            loaded=ex.loaded if ex else [], partial=partial, block_ms=block_ms,
         )  # fmt: skip
 
     # handlers (network thread: quick) -----------------------------------------------------
@@ -277,13 +282,25 @@ class EdgeAgent:
         loaded = False
         ex = self.executor(job.ack.model_id)
         a = self.store.model(job.ack.model_id)
+        ms = None
         if ex is not None and a is not None:
             for i, b in enumerate(a.blocks):
                 if b.onnx_sha256 == job.sha:
                     ex.load(i)
+                    ms = self._profile_block(ex, job.sha, i)
                     loaded = True
-        self._reply(job.device, job.ack.model_copy(update={"loaded": loaded}))
+        self._reply(job.device, job.ack.model_copy(update={"loaded": loaded, "block_ms": ms}))
         self.publish_status()
+
+    def _profile_block(self, ex: OnnxExecutor, sha: str, i: int) -> float:
+        """The block's unloaded time (median of 3 runs on zeros), the base of the load factor
+        devices compute from every reply (LoADPart)."""
+        if sha not in self._block_ms:
+            b = ex.blocks[i]
+            x = np.zeros(b.input.shape, b.input.dtype)
+            times = [ex.run_timed(i, i + 1, x)[1][0] for _ in range(3)]
+            self._block_ms[sha] = float(np.median(times)) * 1e3
+        return self._block_ms[sha]
 
     def _run_query(self, job: _Job) -> None:
         h: Query = job.header

@@ -52,7 +52,14 @@ def demo(
     model: Annotated[str, typer.Option(help="Package name (built on first use).")] = "mobilenet",
     count: Annotated[int, typer.Option(min=1, max=10000, help="Queries.")] = 20,
     interval: Annotated[float, typer.Option(min=0, help="Seconds between queries.")] = 0.05,
-    split: Annotated[str, typer.Option(help="K or auto (placeholder rule).")] = "auto",
+    split: Annotated[
+        str,
+        typer.Option(
+            help="K (fixed split), or auto: the planner decides. The default, 10, shows offloading "
+            "on one machine, where it cannot pay off (the planner would rightly keep queries "
+            "local here)."
+        ),
+    ] = "10",
     input: Annotated[
         str,
         typer.Option("--input", help="synthetic | image/.npy file | folder"),

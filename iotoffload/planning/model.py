@@ -57,6 +57,15 @@ class Estimates:
             sample = nbytes / (wire / 1e3)
             self.bandwidth_Bps += self.alpha * (sample - self.bandwidth_Bps)
 
+    def observe_round_trip(self, nbytes: int, ms: float) -> None:
+        """A request and its reply, ``nbytes`` in all, spent ``ms`` on the way (the edge's
+        queue and execution time already taken out)."""
+        if nbytes < 16 * 1024:
+            self.observe_rtt(ms)  # small frames: the time is the round trip itself
+        elif ms - self.rtt_ms > 0.05:
+            sample = nbytes / ((ms - self.rtt_ms) / 1e3)
+            self.bandwidth_Bps += self.alpha * (sample - self.bandwidth_Bps)
+
     def observe_reply(self, exec_ms: float, baseline_ms: float, queue_ms: float) -> None:
         if baseline_ms > 0:
             self.load_factor += self.alpha * (max(exec_ms / baseline_ms, 0.1) - self.load_factor)

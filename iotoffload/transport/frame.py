@@ -89,6 +89,7 @@ class Inventory(_H):
     stored: list[int] = []
     loaded: list[int] = []
     partial: dict[int, list[int]] = {}  # block -> chunk indices still missing
+    block_ms: dict[int, float] = {}  # the edge's unloaded time of each loaded block (profile)
 
 
 class UploadChunk(_H):
@@ -110,6 +111,7 @@ class UploadAck(_H):
     chunk: int
     block_done: bool  # every chunk arrived and the block passed its digest and screening
     loaded: bool  # a session for the block exists
+    block_ms: float | None = None  # the edge's unloaded time for this block, measured at load
 
 
 class Query(_H):

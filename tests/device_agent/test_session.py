@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from device_agent.agent import auto_split
 from device_agent.session import iter_inputs
 from iotoffload.model import ModelError, ModelPackage
 
@@ -31,9 +30,3 @@ def test_synthetic_inputs_differ_and_empty_folder_is_an_error(
     assert not np.array_equal(a, b)
     with pytest.raises(ModelError, match="no images"):
         list(iter_inputs(str(tmp_path), mobilenet, 1))
-
-
-def test_placeholder_split_is_the_smallest_boundary(mobilenet: ModelPackage) -> None:
-    k = auto_split(mobilenet)
-    sizes = [b.output_bytes for b in mobilenet.blocks[:-1]]
-    assert mobilenet.blocks[k - 1].output_bytes == min(sizes)
