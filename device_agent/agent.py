@@ -430,7 +430,10 @@ class DeviceAgent:
         if pend.result is None:
             if pend.error:
                 return f"edge error: {pend.error.code}"
-            return "deadline passed" if self.edge_online else "edge went offline"
+            if not self.edge_online:
+                return "edge went offline"
+            self.inputs.estimates.observe_timeout(deadline)
+            return "deadline passed"
         h, body = pend.result
         y = np.array(tensor_of(h, body))
         info["queue_ms"] = info.get("queue_ms", 0.0) + h.queue_ms

@@ -66,6 +66,11 @@ class Estimates:
             sample = nbytes / ((ms - self.rtt_ms) / 1e3)
             self.bandwidth_Bps += self.alpha * (sample - self.bandwidth_Bps)
 
+    def observe_timeout(self, deadline_ms: float) -> None:
+        """No answer within the deadline: evidence of load (or a dead link). Raise the
+        queueing estimate toward the deadline so the next plans lean on the device."""
+        self.queue_ms += self.alpha * (max(deadline_ms, 0.0) - self.queue_ms)
+
     def observe_reply(self, exec_ms: float, baseline_ms: float, queue_ms: float) -> None:
         if baseline_ms > 0:
             self.load_factor += self.alpha * (max(exec_ms / baseline_ms, 0.1) - self.load_factor)

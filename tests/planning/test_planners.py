@@ -157,7 +157,7 @@ def test_more_bandwidth_never_makes_the_plan_slower(
         assert fast_plan.latency_ms <= slow_plan.latency_ms + 1e-9, name
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(inputs())
 def test_upload_orders_cover_what_the_final_plan_needs(p: PlanningInputs) -> None:
     n = p.profile.n
@@ -165,11 +165,13 @@ def test_upload_orders_cover_what_the_final_plan_needs(p: PlanningInputs) -> Non
         pl = make_planner(name)
         order = pl.upload_order(p)
         assert sorted(order) == list(range(n)), name  # a permutation: everything, once
-    # IONN's paths alone already hold an optimal final plan (the rest is uploaded after)
+    # IONN's paths alone hold a final plan that is optimal up to the upload penalty left at
+    # its last level (k > 0.999 stops it: (1 - k) <= 0.8**30 of each block's upload time)
     q = dataclasses.replace(p, load_aware=False)
     ionn = IonnPlanner()
     via_paths = best_plan(q, frozenset(ionn.path_order(p))).latency_ms
-    assert via_paths == pytest.approx(best_plan(q, frozenset(range(n))).latency_ms)
+    residual = 0.8**30 * sum(q.estimates.transfer_ms(u) for u in p.profile.upload_bytes)
+    assert via_paths <= best_plan(q, frozenset(range(n))).latency_ms + residual + 1e-9
 
 
 @settings(max_examples=150, deadline=None)

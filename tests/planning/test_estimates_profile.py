@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from iotoffload.model import ModelPackage
+from iotoffload.planning import Estimates, chain_profile, measure_device_ms
+from iotoffload.planning.profile import profile_path
+from iotoffload.runtime import TFLiteExecutor
+
+
+def test_estimates_follow_observations() -> None:
+    e = Estimates(bandwidth_Bps=1e6, rtt_ms=10.0)
+    for _ in range(30):
+        e.observe_rtt(2.0)
+        e.observe_round_trip(1_000_000, 2.0 + 100.0)  # 1 MB in 100 ms of wire time
+        e.observe_reply(exec_ms=30.0, baseline_ms=10.0, queue_ms=50.0)
+    assert e.rtt_ms == pytest.approx(2.0, rel=0.01)
+    assert e.bandwidth_Bps == pytest.approx(10e6, rel=0.02)
+    assert e.load_factor == pytest.approx(3.0, rel=0.01)
+    assert e.queue_ms == pytest.approx(50.0, rel=0.01)
+    before = e.queue_ms
+    e.observe_timeout(500.0)
+    assert e.queue_ms > before
+    small = Estimates(bandwidth_Bps=1e6, rtt_ms=10.0)
+    small.observe_transfer(100, 50.0)  # a tiny frame says nothing about bandwidth
+    assert small.bandwidth_Bps == 1e6
+
+
+def test_device_profile_is_measured_once_and_cached(
+    mobilenet: ModelPackage, tmp_path: Path
+) -> None:
+    tfl = TFLiteExecutor.from_package(mobilenet)
+    cache = tmp_path / "models"
+    ms = measure_device_ms(mobilenet, tfl, runs=2, cache_dir=cache)
+    assert len(ms) == 18 and all(v > 0 for v in ms)
+    path = profile_path(mobilenet, tfl, cache)
+    assert path.is_file()
+    path.write_text(path.read_text().replace(str(ms[0]), "123.0", 1))
+    assert measure_device_ms(mobilenet, tfl, cache_dir=cache)[0] == 123.0  # from the cache
+    assert measure_device_ms(mobilenet, tfl, runs=2, cache_dir=cache, reprofile=True)[0] != 123.0
+
+
+def test_chain_profile_from_the_manifest(mobilenet: ModelPackage) -> None:
+    p = chain_profile(mobilenet, [1.0] * 18, edge_speed=4)
+    assert p.edge_ms == (0.25,) * 18
+    assert p.boundary_bytes[0] == 224 * 224 * 3 * 4 and p.boundary_bytes[18] == 4000
+    assert p.boundary_bytes[7] == 14 * 14 * 64 * 4
+    assert p.upload_bytes == tuple(b.onnx_bytes for b in mobilenet.blocks)
