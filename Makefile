@@ -6,10 +6,11 @@ STAMP  := $(VENV)/.installed-dev
 
 .PHONY: demo test lint venv clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/onnx2tf-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps -r requirements/onnx2tf-nodeps.txt
 	touch $(STAMP)
 
 venv: $(STAMP)

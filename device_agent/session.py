@@ -4,6 +4,7 @@ report each and a summary. Shared by ``device-agent`` and ``iotoffload demo``.""
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from device_agent.config import DeviceConfig
 from iotoffload.discovery import browse_edges
 from iotoffload.model.errors import ModelError
 from iotoffload.model.package import ModelPackage
-from iotoffload.model.preprocess import IMAGE_SUFFIXES, load_input, top_k
+from iotoffload.model.preprocess import IMAGE_SUFFIXES, load_input, sample_photos, top_k
 from iotoffload.runtime.base import Array
 from iotoffload.transport.mqtt import MqttLink
 
@@ -68,7 +69,10 @@ def edges_from_status(broker: str, prefix: str, protocol: int, wait: float = 1.0
 
 
 def iter_inputs(ref: str, pkg: ModelPackage, count: int) -> Iterator[tuple[str, Array]]:
-    """``count`` inputs: synthetic (a new seed each), one file, or the images of a folder."""
+    """``count`` inputs: synthetic (a new seed each), one file, the images of a folder, or
+    ``photos`` (scikit-image's sample photos)."""
+    if ref == "photos":
+        ref = str(sample_photos(Path(tempfile.gettempdir()) / "iotoffload-photos"))
     path = Path(ref).expanduser()
     if ref != "synthetic" and path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES | {".npy"})

@@ -1,6 +1,7 @@
 """Regenerate iotoffload/data/imagenet_labels.txt from a timm wheel (Apache-2.0).
 
-    pip download --no-deps -d /tmp/timm timm && python scripts/make_imagenet_labels.py /tmp/timm/timm-*.whl
+pip download --no-deps -d /tmp/timm timm
+python scripts/make_imagenet_labels.py /tmp/timm/timm-*.whl
 """
 
 from __future__ import annotations

@@ -121,14 +121,25 @@ def prepare(
     ] = None,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """Build a model package: a catalog model (needs the 'convert' extra) or a user's
-    whole-model .tflite + .onnx pair (cut without TensorFlow; needs the 'cut' extra)."""
+    """Build a model package: a catalog model (see `model list --available`), a user's ONNX
+    model (--onnx M.onnx --name N: cut in the graph, each block converted by onnx2tf), or a
+    user's whole-model .tflite + .onnx pair (cut without TensorFlow; the 'cut' extra)."""
     if cuts not in ("narrow", "all"):
         raise ModelError("--cuts must be 'narrow' or 'all'")
     cache = _cache(cache_dir)
     t0 = time.perf_counter()
     with rich_progress() as progress:
-        if tflite or onnx:
+        if onnx and not tflite:
+            if not package_name or name:
+                raise ModelError("an ONNX model needs --name (and no catalog NAME)")
+            from iotoffload.model.onnx_source import prepare_onnx
+
+            pkg = prepare_onnx(
+                onnx, package_name, out or cache.path(package_name),
+                policy=cuts,  # type: ignore[arg-type]
+                force=force, tolerance=tolerance, progress=progress,
+            )  # fmt: skip
+        elif tflite or onnx:
             if not (tflite and onnx and package_name):
                 raise ModelError("cutting your own model needs --tflite, --onnx and --name")
             if name:

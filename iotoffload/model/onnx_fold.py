@@ -19,7 +19,9 @@ def fold_constants(model: Any) -> Any:
 
     g = model.graph
     opsets = {o.domain: o.version for o in model.opset_import}
-    consts: dict[str, np.ndarray[Any, Any]] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    consts: dict[str, np.ndarray[Any, Any]] = {
+        i.name: numpy_helper.to_array(i) for i in g.initializer
+    }
     graph_inputs = {i.name for i in g.input} - set(consts)
     kept = []
     for node in g.node:

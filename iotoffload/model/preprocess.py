@@ -48,6 +48,26 @@ def synthetic_input(manifest: Manifest, seed: int = 0) -> Array:
     return rng.uniform(-1.0, 1.0, manifest.input.shape).astype(manifest.input.dtype)
 
 
+SAMPLE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "cat")
+
+
+def sample_photos(folder: Path) -> Path:
+    """Write scikit-image's sample photos (real pictures that ship with the package) as PNGs
+    into ``folder``: the demo's default inputs."""
+    try:
+        import skimage.data
+    except ImportError as e:
+        raise ModelError("sample photos need scikit-image: pip install 'iotoffload[photos]'") from e
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SAMPLE_PHOTOS:
+        path = folder / f"{name}.png"
+        if not path.is_file():
+            Image.fromarray(getattr(skimage.data, name)()).save(path)
+    return folder
+
+
 def load_input(ref: str, manifest: Manifest, seed: int = 0) -> Array:
     """``synthetic``, a ``.npy`` file of the exact input shape, or an image file."""
     if ref == "synthetic":
@@ -75,8 +95,12 @@ def load_input(ref: str, manifest: Manifest, seed: int = 0) -> Array:
 
 
 def top_k(scores: Array, labels: list[str] | None, k: int = 5) -> list[tuple[int, str, float]]:
-    """(class index, label, score) of the k highest scores."""
+    """(class index, label, probability) of the k highest scores; logits (a model without a
+    softmax head) are turned into probabilities first."""
     flat = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if flat.min() < 0 or abs(flat.sum() - 1.0) > 1e-3:
+        e = np.exp(flat - flat.max())
+        flat = e / e.sum()
     idx = np.argsort(-flat)[:k]
     return [
         (int(i), labels[i] if labels and i < len(labels) else f"class {int(i)}", float(flat[i]))

@@ -65,7 +65,19 @@ def test_device_agent_without_an_edge_says_so(mobilenet: ModelPackage) -> None:
 
 
 def test_demo_runs_end_to_end(mobilenet: ModelPackage) -> None:
-    cmd = [BIN / "iotoffload", "demo", "--count", "6", "--json", "--interval", "0"]
+    cmd = [
+        BIN / "iotoffload",
+        "demo",
+        "--model",
+        "mobilenet",
+        "--input",
+        "synthetic",
+        "--count",
+        "6",
+        "--json",
+        "--interval",
+        "0",
+    ]
     r = subprocess.run(cmd, env=_env(mobilenet), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
