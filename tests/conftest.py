@@ -50,3 +50,13 @@ def mobilenet(models_dir: Path) -> ModelPackage:
 def whole_pair(mobilenet: ModelPackage) -> tuple[Path, Path]:
     whole = mobilenet.root.parent / "whole"
     return whole / "model.tflite", whole / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def efficientnet(models_dir: Path) -> ModelPackage:
+    """efficientnet-lite0 with its real ImageNet weights (PyTorch -> ONNX -> onnx2tf)."""
+    dest = models_dir / "efficientnet-lite0"
+    try:
+        return ModelPackage.load(dest)
+    except PackageError:
+        return prepare_catalog(CATALOG["efficientnet-lite0"], dest, force=True)
