@@ -105,8 +105,13 @@ class EdgeAgent:
         self._status_thread.start()
         self.publish_status()
         if self.config.advertise:
-            self._advertiser = EdgeAdvertiser(cid, self.broker_url, self.config.interface)
-            self._advertiser.register(self.load_factor())
+            advertiser = EdgeAdvertiser(cid, self.broker_url, self.config.interface)
+            try:
+                advertiser.register(self.load_factor())
+            except ValueError:
+                self.stop()
+                raise
+            self._advertiser = advertiser
         log.info("edge %s online at %s, store %s", cid, self.broker_url, self.config.store)
 
     def load_factor(self) -> float:

@@ -78,7 +78,7 @@ def start(
     agent = EdgeAgent(cfg)
     try:
         agent.start(url)
-    except BrokerUnavailableError as e:
+    except (BrokerUnavailableError, ValueError) as e:
         err_console.print(f"[bold red]error:[/] {e}")
         if embedded:
             embedded.stop()

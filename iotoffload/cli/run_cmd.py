@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -68,8 +69,11 @@ def demo(
     ] = "10",
     input: Annotated[
         str,
-        typer.Option("--input", help="synthetic | image/.npy file | folder"),
-    ] = "synthetic",
+        typer.Option(
+            "--input",
+            help="photos (scikit-image's sample photos) | synthetic | image/.npy file | folder",
+        ),
+    ] = "photos",
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of tables.")] = False,
 ) -> None:
     """All in one on loopback: embedded broker, an edge agent, and a device agent that finds
@@ -88,11 +92,12 @@ def demo(
         pkg = ModelCache.from_settings().resolve(model, progress=progress)
     store = Path(tempfile.mkdtemp(prefix="iotoffload-demo-store-"))
     with EmbeddedBroker("127.0.0.1") as b:
-        edge = EdgeAgent(EdgeConfig(id="demo-edge", broker=b.url, store=store,
+        edge_id = f"demo-edge-{os.getpid()}"  # two demos on one network must not collide
+        edge = EdgeAgent(EdgeConfig(id=edge_id, broker=b.url, store=store,
                                     interface="127.0.0.1", protocol=311))  # fmt: skip
         edge.start()
         try:
-            cfg = DeviceConfig(interface="127.0.0.1", split=split, protocol=311)
+            cfg = DeviceConfig(interface="127.0.0.1", split=split, protocol=311, edge=edge_id)
             url, edge_id = find_edge(cfg)
             err_console.print(f"discovered edge {edge_id} at {url} over zeroconf on 127.0.0.1")
             dev = DeviceAgent(pkg, url, edge_id, device_id="demo-device", protocol=311,
@@ -105,8 +110,9 @@ def demo(
                 else:
                     where = "edge " if rec["offloaded"] else "local"
                     console.print(
-                        f"#{rec['query']:<3} {rec['latency_ms']:>8.2f} ms {where} "
-                        f"split {rec['split']:<2} {rec['top1']!s:<14} ({rec['reason']})"
+                        f"#{rec['query']:<3} {rec['input']!s:<14} → {rec['top1']!s:<18} "
+                        f"{rec['latency_ms']:>7.2f} ms {where} split {rec['split']:<2} "
+                        f"({rec['reason']})"
                     )
 
             s = run_session(dev, iter_inputs(input, pkg, count), interval=interval,

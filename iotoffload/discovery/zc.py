@@ -8,7 +8,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+from zeroconf import (
+    NonUniqueNameException,
+    ServiceBrowser,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
 
 from iotoffload.transport.frame import FRAME_VERSION
 from iotoffload.transport.mqtt import BrokerURL
@@ -56,7 +62,15 @@ class EdgeAdvertiser:
     def register(self, load: float = 0.0) -> None:
         self._zc = _zc(self.interface)
         self._info = self._make_info(load)
-        self._zc.register_service(self._info, allow_name_change=False)
+        try:
+            self._zc.register_service(self._info, allow_name_change=False)
+        except NonUniqueNameException as e:
+            self._zc.close()
+            self._zc = None
+            raise ValueError(
+                f"edge id {self.edge_id!r} is already advertised on {self.interface}: "
+                "choose another --id"
+            ) from e
 
     def update(self, load: float) -> None:
         if self._zc and self._info:

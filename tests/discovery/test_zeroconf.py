@@ -30,3 +30,13 @@ def test_advertised_edges_are_found_least_loaded_first() -> None:
 def test_interface_must_be_an_address() -> None:
     with pytest.raises(OSError):
         browse_edges("not-an-address", 0.1)
+
+
+def test_a_taken_edge_id_is_a_clear_error() -> None:
+    a = EdgeAdvertiser("zc-dup", "mqtt://127.0.0.1:1999", IFACE)
+    a.register()
+    try:
+        with pytest.raises(ValueError, match="already advertised"):
+            EdgeAdvertiser("zc-dup", "mqtt://127.0.0.1:2999", IFACE).register()
+    finally:
+        a.close()
