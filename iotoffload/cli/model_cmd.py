@@ -119,6 +119,15 @@ def prepare(
             hidden=True, help="Also write the whole model as model.tflite + model.onnx here."
         ),
     ] = None,
+    torch_ref: Annotated[
+        str | None,
+        typer.Option(
+            "--torch", help="A PyTorch module as package.module:factory (exported to ONNX)."
+        ),
+    ] = None,
+    input_shape: Annotated[
+        str, typer.Option(help="NCHW input shape for --torch, e.g. 1,3,224,224.")
+    ] = "1,3,224,224",
     cache_dir: CacheOpt = None,
 ) -> None:
     """Build a model package: a catalog model (see `model list --available`), a user's ONNX
@@ -129,7 +138,18 @@ def prepare(
     cache = _cache(cache_dir)
     t0 = time.perf_counter()
     with rich_progress() as progress:
-        if onnx and not tflite:
+        if torch_ref:
+            if not package_name or name or onnx or tflite:
+                raise ModelError("a PyTorch module needs --name (and no other source)")
+            from iotoffload.model.build import prepare_torch_module
+
+            shape = tuple(int(v) for v in input_shape.split(","))
+            pkg = prepare_torch_module(
+                torch_ref, package_name, out or cache.path(package_name), input_shape=shape,
+                policy=cuts,  # type: ignore[arg-type]
+                force=force, tolerance=tolerance, progress=progress,
+            )  # fmt: skip
+        elif onnx and not tflite:
             if not package_name or name:
                 raise ModelError("an ONNX model needs --name (and no catalog NAME)")
             from iotoffload.model.onnx_source import prepare_onnx

@@ -30,15 +30,31 @@ def efficientnet_lite0() -> tuple[Any, str]:
 MODELS = {"efficientnet-lite0": efficientnet_lite0}
 
 
+def user_module(ref: str) -> tuple[Any, str]:
+    """``package.module:factory`` — a callable returning a torch.nn.Module (or the class)."""
+    import importlib
+
+    mod_name, _, attr = ref.partition(":")
+    if not attr:
+        raise SystemExit(f"--torch {ref!r}: expected module.path:factory")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"--torch {ref!r}: {e}") from e
+    return factory().eval(), f"torch:{ref}"
+
+
 def main(argv: list[str]) -> int:
     import torch
 
     name, out = argv[0], Path(argv[1])
-    net, detail = MODELS[name]()
-    x = torch.zeros(1, 3, 224, 224)
+    shape = tuple(int(v) for v in argv[2].split(",")) if len(argv) > 2 else (1, 3, 224, 224)
+    net, detail = MODELS[name]() if name in MODELS else user_module(name)
+    x = torch.zeros(*shape)
     torch.onnx.export(net, (x,), str(out), dynamo=False, opset_version=17,
                       input_names=["input"], output_names=["logits"])  # fmt: skip
-    print(json.dumps({"weights": "imagenet", "weights_detail": detail}), flush=True)
+    weights = "imagenet" if name in MODELS else "user"
+    print(json.dumps({"weights": weights, "weights_detail": detail}), flush=True)
     return 0
 
 

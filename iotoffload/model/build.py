@@ -204,20 +204,55 @@ def _prepare_torch(
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / f"{entry.name}.onnx"
         progress.info(f"exporting {entry.name} from PyTorch to ONNX")
-        proc = subprocess.run(
-            [sys.executable, "-m", "iotoffload.model._torch_export", entry.source.split(":")[1],
-             str(onnx_path)], capture_output=True, text=True,
-        )  # fmt: skip
-        if proc.returncode != 0 or not onnx_path.is_file():
-            tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
-            raise BuildError(f"PyTorch export failed (exit {proc.returncode}):\n{tail}")
-        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        info = export_torch(
+            entry.source.split(":", 1)[1], onnx_path, (1, 3, *entry.input_shape[:2])
+        )
         return prepare_onnx(
             onnx_path, entry.name, dest, policy=policy, weights=info["weights"],
             weights_detail=info["weights_detail"], source=entry.source,
             labels=imagenet_labels() if entry.labels else None,
             preprocessing=entry.preprocessing, force=force, tolerance=tolerance,
             progress=progress,
+        )  # fmt: skip
+
+
+def export_torch(ref: str, onnx_path: Path, shape: tuple[int, ...]) -> dict[str, Any]:
+    """Export a catalog model or a user's ``module:factory`` to ONNX in a worker process."""
+    _need(["torch"], "exporting a PyTorch model", "torch")
+    proc = subprocess.run(
+        [sys.executable, "-m", "iotoffload.model._torch_export", ref, str(onnx_path),
+         ",".join(map(str, shape))], capture_output=True, text=True,
+    )  # fmt: skip
+    if proc.returncode != 0 or not onnx_path.is_file():
+        tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
+        raise BuildError(f"PyTorch export failed (exit {proc.returncode}):\n{tail}")
+    info: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return info
+
+
+def prepare_torch_module(
+    ref: str,
+    name: str,
+    dest: Path,
+    *,
+    input_shape: tuple[int, ...],
+    policy: CutPolicy = "narrow",
+    force: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    progress: Progress | None = None,
+) -> ModelPackage:
+    """A user's PyTorch module (``package.module:factory``), through ONNX and onnx2tf."""
+    from iotoffload.model.onnx_source import prepare_onnx
+
+    if dest.exists() and not force:
+        raise BuildError(f"{dest} already exists (use --force to rebuild it)")
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / f"{name}.onnx"
+        info = export_torch(ref, onnx_path, input_shape)
+        return prepare_onnx(
+            onnx_path, name, dest, policy=policy, weights="user",
+            weights_detail=info["weights_detail"], source=f"torch:{ref}", force=force,
+            tolerance=tolerance, progress=progress,
         )  # fmt: skip
 
 

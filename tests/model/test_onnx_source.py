@@ -67,3 +67,27 @@ def test_unreadable_onnx_is_refused(tmp_path: Path) -> None:
     bad.write_bytes(b"nope")
     with pytest.raises(CutError, match=r"bad\.onnx: not a readable ONNX model"):
         prepare_onnx(bad, "bad", tmp_path / "bad")
+
+
+def tiny_factory() -> Tiny:
+    torch.manual_seed(0)
+    return Tiny()
+
+
+def test_prepare_a_pytorch_module_from_the_command_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from iotoffload.cli import app
+
+    r = CliRunner().invoke(app, [
+        "model", "prepare", "--torch", "tests.model.test_onnx_source:tiny_factory",
+        "--input-shape", "1,3,32,32", "--name", "tiny-torch", "--cache-dir", str(tmp_path),
+    ])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    pkg = ModelPackage.load(tmp_path / "tiny-torch")
+    assert pkg.manifest.source == "torch:tests.model.test_onnx_source:tiny_factory"
+    assert pkg.manifest.verification is not None
+    assert pkg.blocks[0].input.shape == (1, 32, 32, 3)
+    r = CliRunner().invoke(app, ["model", "prepare", "--torch", "no.such.module:f", "--name",
+                                 "x", "--cache-dir", str(tmp_path)])  # fmt: skip
+    assert r.exit_code == 2 and "PyTorch export failed" in r.output
