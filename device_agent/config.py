@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from iotoffload.config import settings_from_toml
 from iotoffload.transport.topics import DEFAULT_PREFIX
 
 
@@ -41,9 +41,4 @@ class DeviceConfig(BaseSettings):
 
     @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> DeviceConfig:
-        data: dict[str, Any] = {}
-        if path is not None:
-            with Path(path).open("rb") as f:
-                data = tomllib.load(f).get("device", {})
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
+        return cls(**settings_from_toml(path, "device", overrides))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import socket
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from iotoffload.config import settings_from_toml
 from iotoffload.transport.topics import DEFAULT_PREFIX
 
 
@@ -43,9 +43,4 @@ class EdgeConfig(BaseSettings):
 
     @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> EdgeConfig:
-        data: dict[str, Any] = {}
-        if path is not None:
-            with Path(path).open("rb") as f:
-                data = tomllib.load(f).get("edge", {})
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
+        return cls(**settings_from_toml(path, "edge", overrides))

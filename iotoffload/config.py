@@ -5,7 +5,9 @@ Agent config files (edge.toml, device.toml) build on these models.
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,3 +33,13 @@ class ModelSettings(BaseSettings):
         pattern="^(auto|tflite-runtime|litert)$",
         description="Which TFLite interpreter to use; auto prefers tflite-runtime.",
     )
+
+
+def settings_from_toml(path: Path | None, table: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The ``[table]`` of a TOML file, with the non-None ``overrides`` (flags) on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        with Path(path).open("rb") as f:
+            data = dict(tomllib.load(f).get(table, {}))
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return data

@@ -19,6 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 
 from iotoffload.model.cuts import Op, OpGraph, select_cuts, single_tensor_cuts
+from iotoffload.model.onnx_graph import rename_io
 
 _HEAVY = {
     "Conv1D",
@@ -147,17 +148,6 @@ def build_model(spec: dict[str, Any]) -> tuple[Any, str, str | None]:
     return m, "file", f"{path.name} sha256:{digest}"
 
 
-def _rename_io(proto: Any, in_name: str, out_name: str) -> None:
-    """Name the block's boundary tensors after the Keras layers that produce them."""
-    g = proto.graph
-    old = {g.input[0].name: in_name, g.output[0].name: out_name}
-    for node in g.node:
-        node.input[:] = [old.get(n, n) for n in node.input]
-        node.output[:] = [old.get(n, n) for n in node.output]
-    g.input[0].name = in_name
-    g.output[0].name = out_name
-
-
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     out = Path(spec["out_dir"])
@@ -181,7 +171,7 @@ def main(argv: list[str]) -> int:
         sig = (tf.TensorSpec(in_shape, tf.float32, name="input"),)
         fn = tf.function(lambda x: m(x, training=False))
         proto, _ = tf2onnx.convert.from_function(fn, input_signature=sig, opset=17)
-        _rename_io(proto, in_name, out_name)
+        rename_io(proto, in_name, out_name)
         return bytes(proto.SerializeToString())
 
     def layer_of(t: Any) -> str:

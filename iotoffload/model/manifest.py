@@ -37,6 +37,13 @@ def dtype_size(dtype: str) -> int:
     return _DTYPE_SIZES[dtype]
 
 
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    n = _DTYPE_SIZES[dtype]
+    for d in shape:
+        n *= d
+    return n
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -50,10 +57,7 @@ class TensorSpec(_Strict):
 
     @property
     def nbytes(self) -> int:
-        n = dtype_size(self.dtype)
-        for d in self.shape:
-            n *= d
-        return n
+        return tensor_nbytes(self.dtype, self.shape)
 
     @model_validator(mode="after")
     def _positive_dims(self) -> TensorSpec:

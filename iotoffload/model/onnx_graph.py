@@ -208,3 +208,13 @@ def flops_and_params(model: Any) -> tuple[int, int]:
                         math.prod(t.dims) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
                     )
     return int(flops), int(params)
+
+
+def rename_io(model: Any, in_name: str, out_name: str) -> None:
+    """Rename a one-input, one-output graph's boundary tensors (in place)."""
+    g = model.graph
+    old = {g.input[0].name: in_name, g.output[0].name: out_name}
+    for node in g.node:
+        node.input[:] = [old.get(x, x) for x in node.input]
+        node.output[:] = [old.get(x, x) for x in node.output]
+    g.input[0].name, g.output[0].name = in_name, out_name

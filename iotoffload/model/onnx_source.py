@@ -18,7 +18,13 @@ from iotoffload.model.cuts import CutPolicy, select_cuts, single_tensor_cuts
 from iotoffload.model.errors import BuildError, CutError, MissingDependencyError
 from iotoffload.model.manifest import Preprocessing, Weights
 from iotoffload.model.onnx_fold import fold_constants
-from iotoffload.model.onnx_graph import extract_block, infer, onnx_op_graph, value_shapes
+from iotoffload.model.onnx_graph import (
+    extract_block,
+    infer,
+    onnx_op_graph,
+    rename_io,
+    value_shapes,
+)
 from iotoffload.model.package import ModelPackage
 from iotoffload.model.progress import Progress, SilentProgress
 from iotoffload.model.verify import DEFAULT_TOLERANCE
@@ -106,7 +112,7 @@ def write_onnx_blocks(
             input_alias=f"b{i}_in", output_alias=f"b{i}_out",
         )  # fmt: skip
         # plain names on both ends: onnx2tf ignores input names containing '/'
-        _rename_io(blk, f"b{i}_in", f"b{i}_out")
+        rename_io(blk, f"b{i}_in", f"b{i}_out")
         onnx.save(blk, str(staging / f"b{i:02d}.onnx"))
     progress.start(n, "converting blocks to TFLite (onnx2tf)")
 
@@ -132,15 +138,6 @@ def write_onnx_blocks(
         y = y.transpose(NCHW_TO_NHWC)
     np.savez(staging / "reference.npz", input=x, output=np.ascontiguousarray(y))
     return n
-
-
-def _rename_io(model: Any, in_name: str, out_name: str) -> None:
-    g = model.graph
-    old = {g.input[0].name: in_name, g.output[0].name: out_name}
-    for node in g.node:
-        node.input[:] = [old.get(x, x) for x in node.input]
-        node.output[:] = [old.get(x, x) for x in node.output]
-    g.input[0].name, g.output[0].name = in_name, out_name
 
 
 def prepare_onnx(

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from iotoffload.model.manifest import DType, TensorSpec, dtype_size
+from iotoffload.model.manifest import DType, TensorSpec, tensor_nbytes
 from iotoffload.runtime.base import Array
 
 MAGIC = b"IOTO"
@@ -55,10 +55,7 @@ class WireTensor(_H):
 
     @property
     def nbytes(self) -> int:
-        n = dtype_size(self.dtype)
-        for d in self.shape:
-            n *= d
-        return n
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 class BlockInfo(_H):
