@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from iotoffload import __version__
+from iotoffload.cli.bench_cmd import app as bench_app
 from iotoffload.cli.model_cmd import app as model_app
 from iotoffload.cli.plan_cmd import plan
 from iotoffload.cli.run_cmd import broker, demo
@@ -16,6 +17,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(model_app, name="model")
+app.add_typer(bench_app, name="bench")
 app.command()(broker)
 app.command()(demo)
 app.command()(plan)

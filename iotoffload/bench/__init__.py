@@ -1,0 +1,1 @@
+"""The testbed and benchmark scenarios behind ``iotoffload bench``."""

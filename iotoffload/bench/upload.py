@@ -1,0 +1,130 @@
+"""The IONN experiment: query latency over time from the first contact with a fresh edge while
+the model uploads, per planner and bandwidth, on the emulated network (or loopback)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from iotoffload.bench.netns import Testbed
+
+EDGE_PORT = 18830
+
+
+@dataclass
+class UploadRun:
+    planner: str
+    rate_mbit: float
+    cpu_percent: int
+    network: str  # "netns" or "loopback"
+    records: list[dict[str, Any]] = field(default_factory=list)
+    upload_s: float | None = None
+    bytes_uploaded: int = 0
+
+    @property
+    def first_offload_s(self) -> float | None:
+        return next((r["t"] for r in self.records if r["offloaded"]), None)
+
+    def _mean(self, rows: list[dict[str, Any]]) -> float | None:
+        return sum(r["latency_ms"] for r in rows) / len(rows) if rows else None
+
+    @property
+    def mean_during_upload_ms(self) -> float | None:
+        end = self.upload_s if self.upload_s is not None else float("inf")
+        return self._mean([r for r in self.records if r["t"] < end])
+
+    @property
+    def steady_ms(self) -> float | None:
+        if self.upload_s is None:
+            return self._mean(self.records)
+        return self._mean([r for r in self.records if r["t"] >= self.upload_s])
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("records")
+        d.update(first_offload_s=self.first_offload_s, steady_ms=self.steady_ms,
+                 mean_during_upload_ms=self.mean_during_upload_ms,
+                 queries=len(self.records))  # fmt: skip
+        return d
+
+
+def run_once(
+    package: Path,
+    planner: str,
+    rate_mbit: float,
+    *,
+    testbed: Testbed | None,
+    cpu_percent: int,
+    duration: float,
+    after_upload: float,
+    interval: float,
+) -> UploadRun:
+    """One fresh edge, one device: the device uploads while querying; returns its records."""
+    store = Path(tempfile.mkdtemp(prefix="iotoffload-bench-store-"))
+    host = testbed.edge_ip if testbed else "127.0.0.1"
+    py = sys.executable
+    edge_args = [py, "-m", "iotoffload.bench._edge_runner", "--host", host, "--port",
+                 str(EDGE_PORT), "--store", str(store)]  # fmt: skip
+    dev_args = [py, "-m", "iotoffload.bench._device_runner", "--broker",
+                f"mqtt://{host}:{EDGE_PORT}", "--package", str(package), "--planner", planner,
+                "--rate-mbit", str(rate_mbit), "--duration", str(duration),
+                "--after-upload", str(after_upload), "--interval", str(interval)]  # fmt: skip
+    edge = subprocess.Popen(testbed.edge_cmd(*edge_args) if testbed else edge_args,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    run = UploadRun(planner, rate_mbit, cpu_percent, "netns" if testbed else "loopback")
+    try:
+        assert edge.stdout is not None
+        if "ready" not in edge.stdout.readline():
+            raise RuntimeError("the bench edge did not start")
+        dev = subprocess.Popen(testbed.device_cmd(*dev_args) if testbed else dev_args,
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+        if testbed:
+            testbed.limit(dev.pid)
+        out, _ = dev.communicate(timeout=duration + 120)
+        for line in out.splitlines():
+            rec = json.loads(line)
+            if rec.get("summary"):
+                run.upload_s, run.bytes_uploaded = rec["upload_s"], rec["bytes_uploaded"]
+            else:
+                run.records.append(rec)
+    finally:
+        if edge.stdin:
+            edge.stdin.close()
+        try:
+            edge.wait(10)
+        except subprocess.TimeoutExpired:
+            edge.kill()
+            edge.wait(5)
+        shutil.rmtree(store, ignore_errors=True)
+    return run
+
+
+def plot(runs: list[UploadRun], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted({r.rate_mbit for r in runs})
+    fig, axes = plt.subplots(1, len(rates), figsize=(6 * len(rates), 4), squeeze=False)
+    for ax, rate in zip(axes[0], rates, strict=True):
+        for r in (x for x in runs if x.rate_mbit == rate):
+            ax.plot([q["t"] for q in r.records], [q["latency_ms"] for q in r.records],
+                    marker=".", linewidth=1, label=r.planner)  # fmt: skip
+            if r.upload_s:
+                ax.axvline(r.upload_s, linestyle=":", linewidth=0.8, color="grey")
+        ax.set_title(f"{rate:g} Mbit/s")
+        ax.set_xlabel("seconds since first contact")
+        ax.set_ylabel("query latency (ms)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
