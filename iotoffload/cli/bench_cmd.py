@@ -82,3 +82,139 @@ def upload(
         )  # fmt: skip
     console.print(t)
     console.print(f"wrote {out / 'upload.json'} and {out / 'upload.png'}")
+
+
+def _save(out: Path, name: str, result: dict[str, object]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+
+
+def _bars(out: Path, name: str, title: str, groups: list[str], series: dict[str, list[float]],
+          ylabel: str) -> None:  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / max(1, len(series))
+    for j, (label, values) in enumerate(series.items()):
+        ax.bar([i + j * width for i in range(len(groups))], values, width, label=label)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(groups))], groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=110)
+    plt.close(fig)
+
+
+def _table(title: str, rows: list[dict[str, object]]) -> Table:
+    t = Table(title=title)
+    for col in rows[0]:
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(*(f"{v:.2f}" if isinstance(v, float) else str(v) for v in r.values()))
+    return t
+
+
+OutOpt = Annotated[Path, typer.Option(help="Directory for JSON and PNG.")]
+ModelOpt = Annotated[str, typer.Option(help="Package name.")]
+
+
+@app.command()
+@user_errors
+def energy(
+    model: ModelOpt = "mobilenet",
+    bandwidths: Annotated[str, typer.Option(help="Mbit/s, comma-separated.")] = "5,20,80",
+    edge_speed: Annotated[float, typer.Option(help="Edge ÷ device speed.")] = 10.0,
+    device_slowdown: Annotated[float, typer.Option(help="× this machine's block times.")] = 10.0,
+    out: OutOpt = Path("bench-results"),
+) -> None:
+    """Predicted device energy (and latency) per query: latency vs energy objective."""
+    from iotoffload.bench.scenarios import energy as run
+
+    pkg = ModelCache.from_settings().resolve(model)
+    rows = run(pkg, [float(b) for b in bandwidths.split(",")], edge_speed, device_slowdown)
+    _save(out, "energy", {"scenario": "energy", "model": pkg.name, "edge_speed": edge_speed,
+                          "device_slowdown": device_slowdown, "rows": rows})  # fmt: skip
+    groups = [f"{r['rate_mbit']:g} Mbit/s" for r in rows if r["objective"] == "latency"]
+    _bars(out, "energy", f"{pkg.name}: predicted device energy per query", groups,
+          {o: [float(r["energy_mj"]) for r in rows if r["objective"] == o]
+           for o in ("latency", "energy")}, "mJ")  # fmt: skip
+    console.print(_table("energy scenario (predicted)", rows))
+
+
+@app.command()
+@user_errors
+def overhead(
+    model: ModelOpt = "mobilenet",
+    brokers: Annotated[str, typer.Option(help="mosquitto,embedded")] = "mosquitto,embedded",
+    repeat: Annotated[int, typer.Option(min=1)] = 30,
+    splits: Annotated[str, typer.Option()] = "0,3,6,10,13,16,17",
+    out: OutOpt = Path("bench-results"),
+) -> None:
+    """The middleware's own cost per query on each broker (loopback)."""
+    from iotoffload.bench.scenarios import overhead as run
+
+    pkg = ModelCache.from_settings().resolve(model)
+    ks = [int(k) for k in splits.split(",") if int(k) <= pkg.num_blocks]
+    results = [run(pkg, b.strip(), repeat, ks) for b in brokers.split(",")]
+    _save(out, "overhead", {"scenario": "overhead", "model": pkg.name, "results": results})
+    _bars(out, "overhead", f"{pkg.name}: middleware overhead per query",
+          [f"k={k}" for k in ks],
+          {r["broker"]: [s["overhead_ms"] for s in r["splits"]]
+           for r in results}, "ms")  # fmt: skip
+    console.print(_table("overhead scenario", [
+        {k: r[k] for k in ("broker", "local_ms", "best_split", "best_e2e_ms", "overhead_ms",
+                           "upload_MBps", "broker_MBps")} for r in results]))  # fmt: skip
+
+
+@app.command()
+@user_errors
+def load(
+    model: ModelOpt = "mobilenet",
+    steps: Annotated[str, typer.Option(help="Background clients per step.")] = "0,1,2,4",
+    queries: Annotated[int, typer.Option(min=1)] = 20,
+    device_slowdown: Annotated[
+        float,
+        typer.Option(
+            help="Planning input: × measured block times (the device itself is not slowed)."
+        ),
+    ] = 10.0,
+    out: OutOpt = Path("bench-results"),
+) -> None:
+    """LoADPart's experiment: load-aware vs load-oblivious split as background clients load
+    the edge in steps (loopback, mosquitto)."""
+    from iotoffload.bench.scenarios import load as run
+
+    pkg = ModelCache.from_settings().resolve(model)
+    rows = run(pkg, [int(s) for s in steps.split(",")], queries, slowdown=device_slowdown)
+    _save(out, "load", {"scenario": "load", "model": pkg.name, "rows": rows})
+    groups = sorted({f"{r['background']} clients" for r in rows}, key=lambda g: int(g.split()[0]))
+    _bars(out, "load", f"{pkg.name}: mean latency under edge load", groups,
+          {p: [float(r["mean_ms"]) for r in rows if r["planner"] == p]
+           for p in ("loadpart", "neurosurgeon")}, "ms")  # fmt: skip
+    console.print(_table("load scenario", rows))
+
+
+@app.command()
+@user_errors
+def scale(
+    model: ModelOpt = "mobilenet",
+    devices: Annotated[str, typer.Option(help="Device counts.")] = "1,2,4,8",
+    seconds: Annotated[float, typer.Option()] = 5.0,
+    split: Annotated[int, typer.Option()] = 10,
+    out: OutOpt = Path("bench-results"),
+) -> None:
+    """M devices against one edge: throughput and p95 latency as M grows (loopback)."""
+    from iotoffload.bench.scenarios import scale as run
+
+    pkg = ModelCache.from_settings().resolve(model)
+    rows = run(pkg, [int(m) for m in devices.split(",")], seconds, split)
+    _save(out, "scale", {"scenario": "scale", "model": pkg.name, "split": split, "rows": rows})
+    _bars(out, "scale", f"{pkg.name}: devices against one edge",
+          [str(r["devices"]) for r in rows],
+          {"queries/s": [float(r["qps"]) for r in rows],
+           "p95 ms": [float(r["p95_ms"]) for r in rows]}, "")  # fmt: skip
+    console.print(_table("scale scenario", rows))

@@ -1,0 +1,226 @@
+"""The other bench scenarios: energy (predicted), overhead, load (LoADPart) and scale.
+
+load/scale/overhead run real agents on loopback in one process (broker, edge and devices
+share the machine's 2 cores: read the ratios); energy is predicted by the cost model from the
+measured device profile.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from broker.embedded import EmbeddedBroker, free_port
+from broker.mosquitto import mosquitto_config
+from device_agent.agent import DeviceAgent
+from edge_agent.agent import EdgeAgent
+from edge_agent.config import EdgeConfig
+from iotoffload.model.package import ModelPackage
+from iotoffload.planning import Estimates, Objective, PlanningInputs, best_plan, chain_profile
+from iotoffload.planning.profile import measure_device_ms
+from iotoffload.runtime.tflite import TFLiteExecutor
+from iotoffload.transport.mqtt import MqttLink
+
+
+def p95(xs: list[float]) -> float:
+    return float(np.percentile(xs, 95)) if xs else float("nan")
+
+
+@contextmanager
+def broker(kind: str) -> Iterator[tuple[str, int]]:
+    """(url, MQTT protocol) of a fresh broker on loopback: ``mosquitto`` or ``embedded``."""
+    if kind == "embedded":
+        with EmbeddedBroker() as b:
+            yield b.url, 311
+        return
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(exe).exists():
+        raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as d:
+        conf = Path(d) / "m.conf"
+        conf.write_text(mosquitto_config("127.0.0.1", port))
+        proc = subprocess.Popen([exe, "-c", str(conf)], stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.4)
+            yield f"mqtt://127.0.0.1:{port}", 5
+        finally:
+            proc.terminate()
+            proc.wait(5)
+
+
+@contextmanager
+def edge_on(url: str, protocol: int, workers: int = 1) -> Iterator[EdgeAgent]:
+    store = Path(tempfile.mkdtemp(prefix="iotoffload-bench-"))
+    edge = EdgeAgent(EdgeConfig(id="bench-edge", broker=url, store=store, advertise=False,
+                                protocol=protocol, workers=workers))  # fmt: skip
+    edge.start()
+    try:
+        yield edge
+    finally:
+        edge.stop()
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def energy(pkg: ModelPackage, rates_mbit: list[float], edge_speed: float,
+           slowdown: float) -> list[dict[str, Any]]:  # fmt: skip
+    """Predicted device energy and latency per query, latency vs energy objective."""
+    d = [v * slowdown for v in measure_device_ms(pkg, TFLiteExecutor.from_package(pkg))]
+    prof = chain_profile(pkg, d, edge_speed=edge_speed)
+    rows = []
+    for rate in rates_mbit:
+        est = Estimates(bandwidth_Bps=rate * 1e6 / 8, rtt_ms=5.0)
+        objectives: tuple[Objective, ...] = ("latency", "energy")
+        for objective in objectives:
+            plan = best_plan(PlanningInputs(prof, est, objective=objective),
+                             frozenset(range(pkg.num_blocks)))  # fmt: skip
+            rows.append({"rate_mbit": rate, "objective": objective, "plan": plan.describe(),
+                         "latency_ms": plan.latency_ms, "energy_mj": plan.energy_mj})  # fmt: skip
+    return rows
+
+
+def _device(pkg: ModelPackage, url: str, protocol: int, **kw: Any) -> DeviceAgent:
+    dev = DeviceAgent(pkg, url, "bench-edge", protocol=protocol, **kw)
+    if dev.connect() is None:
+        raise RuntimeError("the bench edge does not answer")
+    return dev
+
+
+def load(pkg: ModelPackage, steps: list[int], queries: int, kind: str = "mosquitto",
+         slowdown: float = 10.0) -> list[dict[str, Any]]:  # fmt: skip
+    """LoADPart: background clients load the edge in steps; a load-aware and a load-oblivious
+    device (same emulated slow profile) measure mean and p95 latency at each step."""
+    d = [v * slowdown for v in measure_device_ms(pkg, TFLiteExecutor.from_package(pkg))]
+    x = np.zeros(pkg.manifest.input.shape, np.float32)
+    rows: list[dict[str, Any]] = []
+    with broker(kind) as (url, proto), edge_on(url, proto) as _edge:
+        devs = {p: _device(pkg, url, proto, planner=p, device_ms=d, deadline_ms=5000,
+                           estimates=Estimates(bandwidth_Bps=100e6, rtt_ms=1.0))
+                for p in ("loadpart", "neurosurgeon")}  # fmt: skip
+        devs["loadpart"].upload()
+        noise_dev = _device(pkg, url, proto, split=0, deadline_ms=5000)
+        for n_bg in steps:
+            stop = threading.Event()
+
+            def background(stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    noise_dev.query(x)
+
+            threads = [threading.Thread(target=background, daemon=True) for _ in range(n_bg)]
+            for t in threads:
+                t.start()
+            time.sleep(0.3 if n_bg else 0)
+            for name, dev in devs.items():
+                lat = [dev.query(x, i).latency_ms for i in range(queries)]
+                rows.append({"background": n_bg, "planner": name,
+                             "mean_ms": statistics.mean(lat), "p95_ms": p95(lat),
+                             "split": dev.current_plan().split})  # fmt: skip
+            stop.set()
+            for t in threads:
+                t.join(10)
+        for dev in (*devs.values(), noise_dev):
+            dev.close()
+    return rows
+
+
+def scale(pkg: ModelPackage, devices: list[int], seconds: float, split: int,
+          kind: str = "mosquitto") -> list[dict[str, Any]]:  # fmt: skip
+    """M devices offload back to back against one edge: throughput and p95 as M grows."""
+    x = np.zeros(pkg.manifest.input.shape, np.float32)
+    rows: list[dict[str, Any]] = []
+    with broker(kind) as (url, proto), edge_on(url, proto) as _edge:
+        first = _device(pkg, url, proto, split=split, deadline_ms=10_000)
+        first.upload()
+        pool = [first]
+        for m in devices:
+            while len(pool) < m:
+                pool.append(_device(pkg, url, proto, split=split, deadline_ms=10_000))
+            lat: list[list[float]] = [[] for _ in range(m)]
+            end = time.perf_counter() + seconds
+
+            def run(i: int, end: float = end, lat: list[list[float]] = lat) -> None:
+                while time.perf_counter() < end:
+                    lat[i].append(pool[i].query(x).latency_ms)
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(m)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            flat = [v for xs in lat for v in xs]
+            rows.append({"devices": m, "queries": len(flat), "qps": len(flat) / wall,
+                         "mean_ms": statistics.mean(flat), "p95_ms": p95(flat)})  # fmt: skip
+        for dev in pool:
+            dev.close()
+    return rows
+
+
+def link_throughput(url: str, protocol: int, size: int = 600_000, count: int = 30) -> float:
+    """Bytes per second through the broker, publisher to subscriber, QoS 1."""
+    got = threading.Event()
+    seen = [0]
+
+    def on_msg(_t: str, _p: bytes) -> None:
+        seen[0] += 1
+        if seen[0] == count:
+            got.set()
+
+    sub = MqttLink(url, "bench-sub", protocol=protocol)
+    sub.subscribe("bench/bulk", on_msg)
+    sub.connect()
+    pub = MqttLink(url, "bench-pub", protocol=protocol)
+    pub.connect()
+    t0 = time.perf_counter()
+    for _ in range(count):
+        pub.publish("bench/bulk", b"x" * size)
+    got.wait(30)
+    dt = time.perf_counter() - t0
+    pub.close()
+    sub.close()
+    return size * seen[0] / dt
+
+
+def overhead(pkg: ModelPackage, kind: str, repeat: int, splits: list[int]) -> dict[str, Any]:
+    """Per query: end-to-end minus front compute, edge execution and the bytes' time."""
+    n = pkg.num_blocks
+    x = np.random.default_rng(0).uniform(-1, 1, pkg.manifest.input.shape).astype(np.float32)
+    with broker(kind) as (url, proto), edge_on(url, proto) as _edge:
+        dev = _device(pkg, url, proto, split=0, deadline_ms=5000)
+        t0 = time.perf_counter()
+        dev.upload()
+        upload_s = time.perf_counter() - t0
+        bps = link_throughput(url, proto)
+        local = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            dev.tfl.run(0, n, x)
+            local.append((time.perf_counter() - t) * 1e3)
+        rows = []
+        for k in splits:
+            e2e, over = [], []
+            for _ in range(repeat):
+                o = dev.query(x, split=k)
+                wire = (o.wire_bytes + pkg.blocks[-1].output_bytes + 300) / bps * 1e3
+                e2e.append(o.latency_ms)
+                over.append(o.latency_ms - o.front_ms - (o.edge_exec_ms or 0.0) - wire)
+            rows.append({"split": k, "e2e_ms": statistics.median(e2e),
+                         "overhead_ms": statistics.median(over)})  # fmt: skip
+        dev.close()
+    best = min(rows, key=lambda r: r["e2e_ms"])
+    return {"broker": kind, "local_ms": statistics.median(local), "splits": rows,
+            "best_split": best["split"], "best_e2e_ms": best["e2e_ms"],
+            "overhead_ms": statistics.median(r["overhead_ms"] for r in rows),
+            "upload_MBps": dev.bytes_uploaded / upload_s / 1e6,
+            "broker_MBps": bps / 1e6}  # fmt: skip

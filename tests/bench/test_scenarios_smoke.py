@@ -1,0 +1,58 @@
+"""CI smoke runs of the energy, overhead, load and scale scenarios (seconds, loopback)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from iotoffload.cli import app
+from iotoffload.model import ModelPackage
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def env(mobilenet: ModelPackage, monkeypatch: pytest.MonkeyPatch) -> ModelPackage:
+    monkeypatch.setenv("IOTOFFLOAD_CACHE_DIR", str(mobilenet.root.parent))
+    return mobilenet
+
+
+def _run(args: list[str]) -> None:
+    r = CliRunner().invoke(app, ["bench", *args])
+    assert r.exit_code == 0, r.output
+
+
+def test_energy_smoke(env: ModelPackage, tmp_path: Path) -> None:
+    _run(["energy", "--bandwidths", "5,80", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "energy.json").read_text())["rows"]
+    assert len(rows) == 4
+    for rate in (5.0, 80.0):
+        lat, en = (next(r for r in rows if r["rate_mbit"] == rate and r["objective"] == o)
+                   for o in ("latency", "energy"))  # fmt: skip
+        assert en["energy_mj"] <= lat["energy_mj"] + 1e-9
+    assert (tmp_path / "energy.png").is_file()
+
+
+def test_overhead_smoke(env: ModelPackage, tmp_path: Path) -> None:
+    _run(["overhead", "--brokers", "embedded", "--repeat", "3", "--splits", "0,17",
+          "--out", str(tmp_path)])  # fmt: skip
+    res = json.loads((tmp_path / "overhead.json").read_text())["results"][0]
+    assert res["broker"] == "embedded" and len(res["splits"]) == 2 and res["broker_MBps"] > 1
+
+
+def test_load_and_scale_smoke(env: ModelPackage, tmp_path: Path) -> None:
+    _run(["load", "--steps", "0,1", "--queries", "3", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "load.json").read_text())["rows"]
+    assert {(r["background"], r["planner"]) for r in rows} == {
+        (0, "loadpart"),
+        (0, "neurosurgeon"),
+        (1, "loadpart"),
+        (1, "neurosurgeon"),
+    }
+    _run(["scale", "--devices", "1,2", "--seconds", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
+    assert [r["devices"] for r in rows] == [1, 2] and all(r["queries"] > 0 for r in rows)
+    assert (tmp_path / "load.png").is_file() and (tmp_path / "scale.png").is_file()
