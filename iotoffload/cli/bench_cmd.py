@@ -218,3 +218,21 @@ def scale(
           {"queries/s": [float(r["qps"]) for r in rows],
            "p95 ms": [float(r["p95_ms"]) for r in rows]}, "")  # fmt: skip
     console.print(_table("scale scenario", rows))
+
+
+@app.command()
+@user_errors
+def report(
+    results: Annotated[Path, typer.Option(help="Directory with the scenarios' JSON.")] = Path(
+        "bench-results"
+    ),
+    doc: Annotated[Path, typer.Option(help="The page to write.")] = Path("docs/benchmarks.md"),
+    command: Annotated[str, typer.Option(help="The command line that produced the results.")] = "",
+) -> None:
+    """Write the results page (tables, plots, machine, command) from one run's JSON files."""
+    from iotoffload.bench.report import build_report
+
+    heads = build_report(results, doc, command or "iotoffload bench … --out " + str(results))
+    for h in heads:
+        console.print(f"- {h}")
+    console.print(f"wrote {doc}")

@@ -56,3 +56,15 @@ def test_load_and_scale_smoke(env: ModelPackage, tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
     assert [r["devices"] for r in rows] == [1, 2] and all(r["queries"] > 0 for r in rows)
     assert (tmp_path / "load.png").is_file() and (tmp_path / "scale.png").is_file()
+
+
+def test_report_page_from_one_run(env: ModelPackage, tmp_path: Path) -> None:
+    res = tmp_path / "res"
+    _run(["energy", "--bandwidths", "20", "--out", str(res)])
+    _run(["scale", "--devices", "1", "--seconds", "0.5", "--out", str(res)])
+    doc = tmp_path / "docs" / "benchmarks.md"
+    _run(["report", "--results", str(res), "--doc", str(doc), "--command", "iotoffload bench x"])
+    text = doc.read_text()
+    assert "## Energy" in text and "## Scale" in text and "iotoffload bench x" in text
+    assert "## Headline ratios" in text and "cores" in text
+    assert (doc.parent / "benchmarks" / "energy.png").is_file()
