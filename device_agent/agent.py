@@ -323,10 +323,14 @@ class DeviceAgent:
 
     def _on_status(self, _t: str, payload: bytes) -> None:
         try:
-            state = json.loads(payload).get("state")
-        except (ValueError, AttributeError):
+            status = json.loads(payload)
+            state = status.get("state")
+            queue_ms = float(status.get("load", {}).get("queue_ms", 0.0))
+        except (ValueError, AttributeError, TypeError):
             return
         self.edge_online = state == "online"
+        if self.edge_online:  # the edge's own view of its queue: fresh even while we run local
+            self.inputs.estimates.observe_status(queue_ms)
         if not self.edge_online:  # release waiting queries at once: they finish locally
             with self._lock:
                 waiting = list(self._pending.values())

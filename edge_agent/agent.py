@@ -157,7 +157,13 @@ class EdgeAgent:
 
     def _status_loop(self) -> None:
         advertised = 0.0
+        served = self.stats.queries
         while not self._stop.wait(self.config.status_interval):
+            if self.stats.queries == served and not self._jobs.qsize():
+                # idle since the last status: the queueing estimate fades out
+                self.stats.queue_ms_ewma *= 0.5
+                self.stats.exec_ms_ewma *= 0.5
+            served = self.stats.queries
             self.publish_status()
             load = self.load_factor()
             if self._advertiser and abs(load - advertised) >= 0.5:  # TXT updates are multicast

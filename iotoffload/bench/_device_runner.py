@@ -15,7 +15,8 @@ import numpy as np
 
 from device_agent.agent import DeviceAgent
 from iotoffload.model.package import ModelPackage
-from iotoffload.planning import Estimates
+from iotoffload.planning import Estimates, measure_device_ms
+from iotoffload.runtime.tflite import TFLiteExecutor
 
 
 def main() -> None:
@@ -32,8 +33,11 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     pkg = ModelPackage.load(a.package)
     est = Estimates(bandwidth_Bps=a.rate_mbit * 1e6 / 8, rtt_ms=2.0)
+    # this process runs under the testbed's CPU quota: measure, but do not cache, its profile
+    tfl = TFLiteExecutor.from_package(pkg)
+    d = measure_device_ms(pkg, tfl, cache=False)
     dev = DeviceAgent(pkg, a.broker, a.edge, protocol=311, planner=a.planner, estimates=est,
-                      reprofile=True)  # fmt: skip
+                      device_ms=d)  # fmt: skip
     x = np.zeros(pkg.manifest.input.shape, np.float32)
     dev.tfl.run(0, pkg.num_blocks, x)  # warm
     t0 = time.perf_counter()

@@ -7,13 +7,15 @@ measured device profile.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import statistics
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from broker.mosquitto import mosquitto_config
 from device_agent.agent import DeviceAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
+from iotoffload.bench.netns import CGROUP_CPU, check_testbed
 from iotoffload.model.package import ModelPackage
 from iotoffload.planning import Estimates, Objective, PlanningInputs, best_plan, chain_profile
 from iotoffload.planning.profile import measure_device_ms
@@ -97,17 +100,31 @@ def _device(pkg: ModelPackage, url: str, protocol: int, **kw: Any) -> DeviceAgen
 
 
 def load(pkg: ModelPackage, steps: list[int], queries: int, kind: str = "mosquitto",
-         slowdown: float = 10.0) -> list[dict[str, Any]]:  # fmt: skip
+         cpu_percent: int = 25) -> list[dict[str, Any]]:  # fmt: skip
     """LoADPart: background clients load the edge in steps; a load-aware and a load-oblivious
-    device (same emulated slow profile) measure mean and p95 latency at each step."""
-    d = [v * slowdown for v in measure_device_ms(pkg, TFLiteExecutor.from_package(pkg))]
+    device measure mean and p95 latency at each step. The measuring thread runs under a CPU
+    quota (a cgroup-v1 group of its own, when the host allows) so the device really is slow."""
     x = np.zeros(pkg.manifest.input.shape, np.float32)
     rows: list[dict[str, Any]] = []
-    with broker(kind) as (url, proto), edge_on(url, proto) as _edge:
-        devs = {p: _device(pkg, url, proto, planner=p, device_ms=d, deadline_ms=5000,
-                           estimates=Estimates(bandwidth_Bps=100e6, rtt_ms=1.0))
-                for p in ("loadpart", "neurosurgeon")}  # fmt: skip
-        devs["loadpart"].upload()
+    with broker(kind) as (url, proto), edge_on(url, proto) as _edge, \
+            slow_thread(cpu_percent) as limit:  # fmt: skip
+        out: dict[str, Any] = {}
+
+        def measure() -> None:
+            limit()  # this thread (TFLite runs in it, 1 thread) under the quota
+            d = measure_device_ms(pkg, TFLiteExecutor.from_package(pkg), cache=False)
+            devs = {p: _device(pkg, url, proto, planner=p, device_ms=d, deadline_ms=5000,
+                               estimates=Estimates(bandwidth_Bps=100e6, rtt_ms=1.0))
+                    for p in ("loadpart", "neurosurgeon")}  # fmt: skip
+            devs["loadpart"].upload()
+            for dev in devs.values():
+                dev.probe()  # the other device learns what the edge now holds
+            out["devs"], out["local_ms"] = devs, sum(d)
+
+        t = threading.Thread(target=measure)
+        t.start()
+        t.join()
+        devs = out["devs"]
         noise_dev = _device(pkg, url, proto, split=0, deadline_ms=5000)
         for n_bg in steps:
             stop = threading.Event()
@@ -117,20 +134,53 @@ def load(pkg: ModelPackage, steps: list[int], queries: int, kind: str = "mosquit
                     noise_dev.query(x)
 
             threads = [threading.Thread(target=background, daemon=True) for _ in range(n_bg)]
-            for t in threads:
-                t.start()
+            for th in threads:
+                th.start()
             time.sleep(0.3 if n_bg else 0)
-            for name, dev in devs.items():
-                lat = [dev.query(x, i).latency_ms for i in range(queries)]
-                rows.append({"background": n_bg, "planner": name,
-                             "mean_ms": statistics.mean(lat), "p95_ms": p95(lat),
-                             "split": dev.current_plan().split})  # fmt: skip
+
+            def step(n_bg: int = n_bg) -> None:
+                limit()
+                for name, dev in devs.items():
+                    lat = [dev.query(x, i).latency_ms for i in range(queries)]
+                    rows.append({"background": n_bg, "planner": name,
+                                 "mean_ms": statistics.mean(lat), "p95_ms": p95(lat),
+                                 "split": dev.current_plan().split})  # fmt: skip
+
+            th = threading.Thread(target=step)
+            th.start()
+            th.join()
             stop.set()
-            for t in threads:
-                t.join(10)
+            for th in threads:
+                th.join(10)
         for dev in (*devs.values(), noise_dev):
             dev.close()
     return rows
+
+
+@contextmanager
+def slow_thread(cpu_percent: int) -> Iterator[Callable[[], None]]:
+    """A cgroup-v1 CPU group; the callable puts the calling thread in it (no-op when the host
+    has no cgroup v1 or we are not root)."""
+    group = CGROUP_CPU / f"iotoffload-load-{os.getpid()}"
+    usable = cpu_percent < 100 and check_testbed() is None
+    if usable:
+        group.mkdir(exist_ok=True)
+        (group / "cpu.cfs_period_us").write_text("10000")
+        (group / "cpu.cfs_quota_us").write_text(str(cpu_percent * 100))
+
+    def limit() -> None:
+        if usable:
+            (group / "tasks").write_text(str(threading.get_native_id()))
+
+    try:
+        yield limit
+    finally:
+        if usable:
+            for tid in (group / "tasks").read_text().split():
+                with contextlib.suppress(OSError):
+                    (CGROUP_CPU / "tasks").write_text(tid)
+            with contextlib.suppress(OSError):
+                group.rmdir()
 
 
 def scale(pkg: ModelPackage, devices: list[int], seconds: float, split: int,

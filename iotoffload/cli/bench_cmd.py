@@ -176,20 +176,15 @@ def load(
     model: ModelOpt = "mobilenet",
     steps: Annotated[str, typer.Option(help="Background clients per step.")] = "0,1,2,4",
     queries: Annotated[int, typer.Option(min=1)] = 20,
-    device_slowdown: Annotated[
-        float,
-        typer.Option(
-            help="Planning input: × measured block times (the device itself is not slowed)."
-        ),
-    ] = 10.0,
+    cpu: Annotated[int, typer.Option(min=5, max=100, help="Device CPU quota, % (root).")] = 25,
     out: OutOpt = Path("bench-results"),
 ) -> None:
     """LoADPart's experiment: load-aware vs load-oblivious split as background clients load
-    the edge in steps (loopback, mosquitto)."""
+    the edge in steps (loopback, mosquitto; the measuring device thread under a CPU quota)."""
     from iotoffload.bench.scenarios import load as run
 
     pkg = ModelCache.from_settings().resolve(model)
-    rows = run(pkg, [int(s) for s in steps.split(",")], queries, slowdown=device_slowdown)
+    rows = run(pkg, [int(s) for s in steps.split(",")], queries, cpu_percent=cpu)
     _save(out, "load", {"scenario": "load", "model": pkg.name, "rows": rows})
     groups = sorted({f"{r['background']} clients" for r in rows}, key=lambda g: int(g.split()[0]))
     _bars(out, "load", f"{pkg.name}: mean latency under edge load", groups,

@@ -71,6 +71,11 @@ class Estimates:
         queueing estimate toward the deadline so the next plans lean on the device."""
         self.queue_ms += self.alpha * (max(deadline_ms, 0.0) - self.queue_ms)
 
+    def observe_status(self, queue_ms: float) -> None:
+        """The edge's periodic status: lets a device that stopped offloading (and so gets no
+        replies) see the load go away again."""
+        self.queue_ms += self.alpha * (max(queue_ms, 0.0) - self.queue_ms)
+
     def observe_reply(self, exec_ms: float, baseline_ms: float, queue_ms: float) -> None:
         if baseline_ms > 0:
             self.load_factor += self.alpha * (max(exec_ms / baseline_ms, 0.1) - self.load_factor)

@@ -29,11 +29,14 @@ def measure_device_ms(
     runs: int = 5,
     cache_dir: Path | None = None,
     reprofile: bool = False,
+    cache: bool = True,
 ) -> list[float]:
     """Median per-block TFLite time on this device over ``runs`` warm runs; cached per model,
-    device and runtime settings so the next start is instant (``reprofile`` measures again)."""
+    device and runtime settings so the next start is instant (``reprofile`` measures again;
+    ``cache=False`` neither reads nor writes it: an emulated slow device must not leave its
+    profile behind for the real one)."""
     path = profile_path(pkg, tfl, cache_dir)
-    if not reprofile and path.is_file():
+    if cache and not reprofile and path.is_file():
         try:
             cached = json.loads(path.read_text())
             if len(cached["device_ms"]) == pkg.num_blocks:
@@ -44,8 +47,9 @@ def measure_device_ms(
     tfl.run(0, pkg.num_blocks, x)  # warm-up: interpreters allocated, caches hot
     samples = [tfl.run_timed(0, pkg.num_blocks, x)[1] for _ in range(runs)]
     ms = [float(v) * 1e3 for v in np.median(np.asarray(samples), axis=0)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"model_id": pkg.manifest.model_id, "device_ms": ms}))
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"model_id": pkg.manifest.model_id, "device_ms": ms}))
     return ms
 
 
