@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -502,6 +501,3 @@ class DeviceAgent:
             else:
                 pend.error = h
             pend.event.set()
-
-    def describe(self) -> dict[str, Any]:
-        return {"device": self.device_id, "edge": self.edge_id, "split": self.split}

@@ -141,7 +141,7 @@ class EdgeAgent:
         return json.dumps({
             "state": state, "edge": self.config.id, "version": __version__,
             "broker": self.broker_url, "protocol": self.config.protocol,
-            "load": {"queue": self._jobs.qsize() if hasattr(self, "_jobs") else 0,
+            "load": {"queue": self._jobs.qsize(),
                      "in_flight": self.stats.in_flight,
                      "queue_ms": round(self.stats.queue_ms_ewma, 3),
                      "exec_ms": round(self.stats.exec_ms_ewma, 3)},

@@ -46,6 +46,7 @@ class BlockStore:
         self.max_block_bytes = max_block_bytes
         self._screen = screen
         self._lock = threading.Lock()
+        self._models: dict[str, Announce] = {}  # parsed once: a model id names one chain
         for sub in ("blocks", "partial", "models"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -124,13 +125,20 @@ class BlockStore:
         path = self.root / "models" / f"{a.model_id}.json"
         if not path.is_file():
             _atomic_write(path, a.model_dump_json().encode())
+        self._models[a.model_id] = a
 
     def model(self, model_id: str) -> Announce | None:
+        """The announced chain (read from disk once, then from memory: every query asks)."""
+        cached = self._models.get(model_id)
+        if cached is not None:
+            return cached
         path = self.root / "models" / f"{model_id}.json"
         try:
-            return Announce.model_validate_json(path.read_bytes())
+            a = Announce.model_validate_json(path.read_bytes())
         except (OSError, ValueError):
             return None
+        self._models[model_id] = a
+        return a
 
     def model_ids(self) -> list[str]:
         return sorted(p.stem for p in (self.root / "models").glob("*.json"))

@@ -20,6 +20,8 @@ CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 class TestbedUnavailableError(RuntimeError):
     """The host cannot build the emulated network; the message says what is missing."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
 
 def _run(*cmd: str) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -42,6 +44,8 @@ def check_testbed() -> str | None:
 @dataclass
 class Testbed:
     """``with Testbed(rate_mbit=20, device_cpu_percent=25) as tb: tb.edge_ip …``"""
+
+    __test__ = False  # not a pytest test class, despite the name
 
     rate_mbit: float
     device_cpu_percent: int = 100

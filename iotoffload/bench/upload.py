@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker.embedded import free_port
 from iotoffload.bench.netns import Testbed
 
-EDGE_PORT = 18830
+EDGE_PORT = 18830  # inside the testbed's own namespace; loopback runs take a free port
 
 
 @dataclass
@@ -68,11 +69,12 @@ def run_once(
     """One fresh edge, one device: the device uploads while querying; returns its records."""
     store = Path(tempfile.mkdtemp(prefix="iotoffload-bench-store-"))
     host = testbed.edge_ip if testbed else "127.0.0.1"
+    port = EDGE_PORT if testbed else free_port()
     py = sys.executable
     edge_args = [py, "-m", "iotoffload.bench._edge_runner", "--host", host, "--port",
-                 str(EDGE_PORT), "--store", str(store)]  # fmt: skip
+                 str(port), "--store", str(store)]  # fmt: skip
     dev_args = [py, "-m", "iotoffload.bench._device_runner", "--broker",
-                f"mqtt://{host}:{EDGE_PORT}", "--package", str(package), "--planner", planner,
+                f"mqtt://{host}:{port}", "--package", str(package), "--planner", planner,
                 "--rate-mbit", str(rate_mbit), "--duration", str(duration),
                 "--after-upload", str(after_upload), "--interval", str(interval)]  # fmt: skip
     edge = subprocess.Popen(testbed.edge_cmd(*edge_args) if testbed else edge_args,

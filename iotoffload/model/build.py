@@ -52,10 +52,7 @@ def _staging(dest: Path, force: bool) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
 
 
-def _onnx_io_spec(path: Path, which: str) -> TensorSpec:
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
+def _onnx_io_spec(m: Any, which: str) -> TensorSpec:
     vi = (m.graph.input if which == "input" else m.graph.output)[0]
     t = vi.type.tensor_type
     return TensorSpec(
@@ -86,8 +83,9 @@ def _finalize(
     blocks: list[BlockSpec] = []
     for i in range(num_blocks):
         tfl, onx = f"b{i:02d}.tflite", f"b{i:02d}.onnx"
-        inp, out = _onnx_io_spec(staging / onx, "input"), _onnx_io_spec(staging / onx, "output")
-        flops, params = flops_and_params(onnx.load(str(staging / onx)))
+        model = onnx.load(str(staging / onx))
+        inp, out = _onnx_io_spec(model, "input"), _onnx_io_spec(model, "output")
+        flops, params = flops_and_params(model)
         blocks.append(
             BlockSpec(
                 index=i,
