@@ -1,4 +1,5 @@
-"""The device agent: uploads its model's blocks to an edge and offloads queries meanwhile."""
+"""The device agent: uploads its model's blocks to an edge and offloads queries meanwhile;
+moves between edges (handoff) without losing a query."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from device_agent.candidates import Candidates, parse_status
+from device_agent.edge_session import EdgeSession, Progress, fresh_estimates
+from device_agent.handoff import EdgeView, HandoffPolicy
+from iotoffload.discovery import EdgeRecord, EdgeWatcher
 from iotoffload.model.package import ModelPackage
 from iotoffload.planning import (
     Estimates,
@@ -28,22 +32,17 @@ from iotoffload.planning import (
 from iotoffload.runtime.base import Array
 from iotoffload.runtime.tflite import TFLiteExecutor
 from iotoffload.transport.frame import (
-    Announce,
-    BlockInfo,
     Error,
     FrameError,
-    Hello,
     Inventory,
     Query,
     Result,
     UploadAck,
-    UploadChunk,
     decode,
-    encode,
     encode_tensor_frame,
     tensor_of,
 )
-from iotoffload.transport.mqtt import MqttLink
+from iotoffload.transport.mqtt import BrokerUnavailableError, BrokerURL, MqttLink
 from iotoffload.transport.topics import Topics, check_id
 
 log = logging.getLogger(__name__)
@@ -64,6 +63,7 @@ class QueryOutcome:
     wire_bytes: int = 0
     plan: str = ""
     predicted_ms: float = 0.0
+    edge: str | None = None  # the edge that ran the offloaded part
 
 
 @dataclass
@@ -71,6 +71,17 @@ class _Pending:
     event: threading.Event = field(default_factory=threading.Event)
     result: tuple[Result, memoryview] | None = None
     error: Error | None = None
+    edge: str = ""
+
+
+@dataclass(frozen=True)
+class HandoffEvent:
+    at: float  # time.monotonic()
+    source: str
+    target: str
+    reason: str
+    target_had: int  # blocks the new edge already held
+    transfer: int  # blocks asked from the old edge over the backhaul
 
 
 class DeviceAgent:
@@ -94,9 +105,22 @@ class DeviceAgent:
         device_ms: list[float] | None = None,
         estimates: Estimates | None = None,
         reprofile: bool = False,
+        handoff: HandoffPolicy | None = None,
+        interface: str | None = None,
+        prefer: str | None = None,
+        transfer: bool = True,
+        proactive: bool = False,
+        proactive_rate_Bps: float = 1e6,  # noqa: N803
+        upload_rate_Bps: float | None = None,  # noqa: N803
+        probe_interval: float = 2.0,
     ) -> None:
+        """``handoff``: the move policy (None: never move on its own; ``move_to`` and
+        ``prefer`` still work). ``interface``: watch zeroconf there for more edges.
+        ``transfer``: at a move, have the new edge fetch blocks from the old one.
+        ``proactive``: once the current edge has the model, fill the likely next edge in the
+        background (by transfer, or at ``proactive_rate_Bps`` from the device).
+        ``upload_rate_Bps``: cap the device's own upload (leaves the link to queries)."""
         self.pkg = pkg
-        self.edge_id = check_id("edge", edge_id)
         self.device_id = check_id("device", device_id or f"dev-{uuid.uuid4().hex[:8]}")
         n = pkg.num_blocks
         if split is not None and not 0 <= split <= n:
@@ -105,42 +129,86 @@ class DeviceAgent:
             raise ValueError(f"min_local must be within 0..{n}")
         self.fixed_split = split  # a fixed split overrides the planner's per-query choice
         self.topics = Topics(prefix)
+        self.protocol = protocol
         self.chunk_size = chunk_size
         self.tfl = TFLiteExecutor.from_package(pkg, threads=tflite_threads)
         self.planner = make_planner(planner)
         d = device_ms or measure_device_ms(pkg, self.tfl, reprofile=reprofile)
-        self._edge_base: dict[int, float] = {}  # block -> edge's reported unloaded ms
-        self._edge_speed = edge_speed
-        self.inputs = PlanningInputs(
+        self._base_inputs = PlanningInputs(
             chain_profile(pkg, d, edge_speed=edge_speed),
             estimates or Estimates(),
             objective=objective,
             min_local=min_local,
         )
-        self.split = split if split is not None else self._predicted_split()
-        self.link = MqttLink(broker_url, f"device-{self.device_id}", protocol=protocol)
-        self._stored: set[int] = set()
-        self._loaded: set[int] = set()
-        self._partial: dict[int, list[int]] = {}
-        self._inventory = threading.Event()
-        self._block_done: dict[int, threading.Event] = {}
-        self._block_failed: dict[int, str] = {}
-        self._resync = threading.Event()  # an inventory arrived after a reconnect
-        self._awaiting_resync = False
-        self._last_hello = 0.0
-        self.edge_online = True
-        self.chunks_sent: dict[int, int] = {}
-        self.resumed_blocks: list[int] = []
-        self._pending: dict[str, _Pending] = {}
+        self.policy = handoff
+        self.interface = interface
+        self.prefer = check_id("edge", prefer) if prefer else None
+        self.transfer = transfer
+        self.proactive = proactive
+        self.proactive_rate_Bps = proactive_rate_Bps
+        self.upload_rate_Bps = upload_rate_Bps
+        self.probe_interval = probe_interval
+        self.candidates = Candidates()
+        self.handoffs: list[HandoffEvent] = []
+        self._links: dict[str, MqttLink] = {}
+        self.sessions: dict[str, EdgeSession] = {}
         self._lock = threading.Lock()
+        self._move_lock = threading.Lock()
+        self._upload_lock = threading.Lock()
+        url = str(BrokerURL.parse(broker_url))
+        self.candidates.seen(check_id("edge", edge_id), url, "config")
+        self.session = self._new_session(edge_id, url, self._base_inputs)
+        self.split = split if split is not None else self._predicted_split()
+        self._pending: dict[str, _Pending] = {}
         self._ids = itertools.count()
-        self.bytes_uploaded = 0
-        self.upload_errors: list[str] = []
         self.deadline_ms = deadline_ms
         self._upload_thread: threading.Thread | None = None
-        self._sent_at: dict[int, tuple[float, int]] = {}  # block -> (first send, bytes)
+        self._uploading = False
+        self._upload_progress: Progress | None = None
+        self._proactive_target: str | None = None
         self._last_query = 0.0
-        self._probe_stop = threading.Event()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._watcher: EdgeWatcher | None = None
+        self._monitor: threading.Thread | None = None
+
+    # the current edge (compatible accessors) ------------------------------------------------
+    @property
+    def edge_id(self) -> str:
+        return self.session.edge_id
+
+    @property
+    def link(self) -> MqttLink:
+        return self.session.link
+
+    @property
+    def inputs(self) -> PlanningInputs:
+        return self.session.inputs
+
+    @property
+    def edge_online(self) -> bool:
+        return self.session.online
+
+    @property
+    def inventory(self) -> Inventory:
+        return self.session.inventory
+
+    @property
+    def bytes_uploaded(self) -> int:
+        """Bytes of blocks this device sent, to every edge."""
+        return sum(s.bytes_uploaded for s in list(self.sessions.values()))
+
+    @property
+    def upload_errors(self) -> list[str]:
+        return [e for s in list(self.sessions.values()) for e in s.upload_errors]
+
+    @property
+    def chunks_sent(self) -> dict[int, int]:
+        return self.session.chunks_sent
+
+    @property
+    def resumed_blocks(self) -> list[int]:
+        return self.session.resumed_blocks
 
     def _predicted_split(self) -> int:
         """Where the planner would cut with every block on the edge (for display)."""
@@ -152,71 +220,206 @@ class DeviceAgent:
         local = sum(self.inputs.profile.device_ms[start:])
         return max(100.0, 2.0 * max(local, predicted_ms) + 50.0)
 
-    def current_plan(self) -> Plan:
-        """The plan for the next query, over the blocks the edge holds now."""
-        with self._lock:
-            avail = frozenset(self._stored)
+    def plan_for(self, s: EdgeSession) -> Plan:
+        """The plan for the next query on edge ``s``, over the blocks it holds now."""
         if self.fixed_split is not None:  # missing blocks make it finish locally, saying so
-            return single_split_plan(self.inputs, max(self.fixed_split, self.inputs.min_local))
-        return self.planner.plan(self.inputs, avail)
+            return single_split_plan(s.inputs, max(self.fixed_split, s.inputs.min_local))
+        return self.planner.plan(s.inputs, s.stored)
 
-    def _update_edge_profile(self, block: int, ms: float | None) -> None:
-        if ms is None or ms <= 0:
-            return
-        self._edge_base[block] = ms
-        prof = self.inputs.profile
-        edge = tuple(self._edge_base.get(i, prof.edge_ms[i]) for i in range(prof.n))
-        self.inputs = dataclasses.replace(self.inputs, profile=dataclasses.replace(
-            prof, edge_ms=edge))  # fmt: skip
+    def current_plan(self) -> Plan:
+        return self.plan_for(self.session)
+
+    # links and sessions ---------------------------------------------------------------------
+    def _link_for(self, url: str) -> MqttLink:
+        """One connection per broker; each carries my inbox, my control topic and every edge's
+        status on that broker."""
+        link = self._links.get(url)
+        if link is None:
+            link = MqttLink(url, f"device-{self.device_id}", protocol=self.protocol)
+            link.subscribe(self.topics.device_inbox(self.device_id), self._on_inbox)
+            link.subscribe(self.topics.edge_status_all(), self._on_status)
+            link.subscribe(self.topics.device_control(self.device_id), self._on_control)
+            link.on_reconnect.append(lambda: self._after_reconnect(link))
+            self._links[url] = link
+        return link
+
+    def _new_session(self, edge_id: str, url: str, inputs: PlanningInputs) -> EdgeSession:
+        s = EdgeSession(edge_id, url, self._link_for(url), pkg=self.pkg,
+                        device_id=self.device_id, topics=self.topics, inputs=inputs,
+                        chunk_size=self.chunk_size)  # fmt: skip
+        self.sessions[edge_id] = s
+        return s
+
+    def _session_for(self, edge_id: str) -> EdgeSession | None:
+        """The session with ``edge_id``, made (and its broker connected) when first needed."""
+        s = self.sessions.get(edge_id)
+        if s is not None:
+            return s
+        c = self.candidates.get(edge_id)
+        if c is None:
+            return None
+        link = self._link_for(c.broker)
+        if not link.connected:
+            try:
+                link.connect(5.0)
+            except BrokerUnavailableError as e:
+                log.warning("edge %s: %s", edge_id, e)
+                self._links.pop(c.broker, None)
+                return None
+        est = fresh_estimates(self.session.inputs.estimates)
+        return self._new_session(
+            edge_id, c.broker, dataclasses.replace(self._base_inputs, estimates=est)
+        )
+
+    def _after_reconnect(self, link: MqttLink) -> None:
+        for s in list(self.sessions.values()):
+            if s.link is link and s.announced:
+                s.after_reconnect()
 
     # connection -----------------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> Inventory | None:
-        self.link.subscribe(self.topics.device_inbox(self.device_id), self._on_inbox)
-        self.link.subscribe(self.topics.edge_status(self.edge_id), self._on_status)
-        self.link.on_reconnect.append(self._after_reconnect)
         self.link.connect(timeout)
-        m = self.pkg.manifest
-        announce = Announce(
-            device=self.device_id, model_id=m.model_id, name=m.name,
-            blocks=[BlockInfo(onnx_sha256=b.onnx_sha256, onnx_bytes=b.onnx_bytes,
-                              input=b.input, output=b.output) for b in m.blocks],
-        )  # fmt: skip
-        self._inventory.clear()
-        t0 = time.perf_counter()
-        self.link.publish(self.topics.edge_control(self.edge_id), encode(announce))
-        if not self._inventory.wait(timeout):
-            log.warning("edge %s did not answer the announce", self.edge_id)
-            return None
-        self.inputs.estimates.observe_rtt((time.perf_counter() - t0) * 1e3)
-        threading.Thread(target=self._probe_loop, name="probe", daemon=True).start()
-        return self.inventory
+        inv = self.session.announce(timeout)
+        if self.interface:
+            self._watcher = EdgeWatcher(self.interface, self._on_zeroconf, self._on_zeroconf_gone)
+            self._watcher.start()
+        self._monitor = threading.Thread(target=self._monitor_loop, name="handoff", daemon=True)
+        self._monitor.start()
+        return inv
 
     def probe(self, timeout: float = 2.0) -> float | None:
         """One light RTT probe (hello → inventory); also refreshes the edge's inventory."""
-        t0 = time.perf_counter()
-        self._hello()
-        if not self._inventory.wait(timeout):
-            return None
-        ms = (time.perf_counter() - t0) * 1e3
-        self.inputs.estimates.observe_rtt(ms)
-        return ms
-
-    def _probe_loop(self, interval: float = 5.0) -> None:
-        # Replies keep the estimates fresh while queries flow; probe only when idle.
-        while not self._probe_stop.wait(interval):
-            if time.monotonic() - self._last_query > interval and self.link.connected:
-                self.probe()
-
-    @property
-    def inventory(self) -> Inventory:
-        with self._lock:
-            return Inventory(model_id=self.pkg.manifest.model_id, known=True,
-                             stored=sorted(self._stored), loaded=sorted(self._loaded),
-                             partial=dict(self._partial))  # fmt: skip
+        return self.session.probe(timeout)
 
     def close(self) -> None:
-        self._probe_stop.set()
-        self.link.close()
+        self._stop.set()
+        self._wake.set()
+        if self._watcher:
+            self._watcher.close()
+        if self._monitor:
+            self._monitor.join(5)
+        for link in list(self._links.values()):
+            link.close()
+
+    # handoff --------------------------------------------------------------------------------
+    def set_prefer(self, edge: str | None) -> None:
+        """Force the device onto ``edge`` whenever it is online (None: the policy decides)."""
+        self.prefer = check_id("edge", edge) if edge else None
+        self._wake.set()
+
+    def _views(self, now: float) -> tuple[EdgeView, list[EdgeView]]:
+        def view(s: EdgeSession) -> EdgeView:
+            c = self.candidates.get(s.edge_id)
+            online = s.online and s.link.connected and (c is None or c.online)
+            return EdgeView(s.edge_id, online, self.plan_for(s).latency_ms,
+                            s.inputs.estimates.rtt_ms, s.recent_misses(now),
+                            len(s.stored))  # fmt: skip
+
+        cur = self.session
+        others = [view(s) for s in list(self.sessions.values())
+                  if s is not cur and s.inventory_seen]  # fmt: skip
+        return view(cur), others
+
+    def _monitor_loop(self, tick: float = 0.25) -> None:
+        last_probe = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(tick)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                now = time.monotonic()
+                if now - last_probe >= self.probe_interval:
+                    last_probe = now
+                    self._probe_all(now)
+                self._maybe_move(now)
+                if self.proactive:
+                    self._maybe_proactive()
+            except Exception:  # the monitor must outlive any one bad round
+                log.exception("handoff monitor round failed")
+
+    def _probe_all(self, now: float) -> None:
+        """Keep every candidate fresh: RTT and inventory by a hello. The current edge is
+        probed only when idle (replies to queries keep its estimates fresh)."""
+        for c in self.candidates.all():
+            if not c.online or (
+                c.id == self.edge_id and now - self._last_query < self.probe_interval
+            ):
+                continue
+            s = self._session_for(c.id)
+            if s is not None and s.link.connected:
+                s.hello()
+
+    def _maybe_move(self, now: float) -> None:
+        cur, others = self._views(now)
+        if self.policy is None:  # forced moves work without a policy
+            want = self.prefer
+            if want and want != cur.id and any(v.id == want and v.online for v in others):
+                self.move_to(want, "preferred")
+            return
+        move = self.policy.decide(cur, others, prefer=self.prefer, now=now)
+        if move is not None:
+            self.move_to(move.target, move.reason)
+
+    def move_to(self, edge_id: str, reason: str = "requested", timeout: float = 3.0) -> bool:
+        """Make ``edge_id`` the current edge. Queries in flight finish on the old edge (or
+        locally); the new session starts from the blocks the new edge holds; the rest come from
+        the old edge over the backhaul (``transfer``) or from this device."""
+        with self._move_lock:
+            old = self.session
+            if old.edge_id == edge_id:
+                return True
+            new = self._session_for(edge_id)
+            if new is None:
+                log.warning("cannot move to %s: unknown or unreachable", edge_id)
+                return False
+            inv = new.announce(timeout)
+            if inv is None:
+                return False
+            want = [i for i in self.upload_order() if i not in new.stored]
+            asked: list[int] = []
+            if self.transfer and want and old.online and old.link.connected:
+                asked = [i for i in want if i in old.stored]
+                if asked:
+                    new.request_transfer(old, asked)
+            self.session = new
+            ev = HandoffEvent(time.monotonic(), old.edge_id, edge_id, reason,
+                              len(inv.stored), len(asked))  # fmt: skip
+            self.handoffs.append(ev)
+            log.info("handoff %s → %s (%s): it holds %d blocks, %d by transfer", old.edge_id,
+                     edge_id, reason, ev.target_had, ev.transfer)  # fmt: skip
+        if self._uploading and want:
+            self._ensure_uploader()
+        return True
+
+    def _maybe_proactive(self) -> None:
+        """Fill the likely next edge (the best other online one) once the current is full."""
+        cur = self.session
+        if not cur.upload_complete or self._proactive_target is not None:
+            return
+        _, others = self._views(time.monotonic())
+        best = HandoffPolicy._best(others)
+        if best is None:
+            return
+        self._proactive_target = best.id
+        threading.Thread(target=self._proactive_fill, args=(best.id,), name="proactive",
+                         daemon=True).start()  # fmt: skip
+
+    def _proactive_fill(self, edge_id: str) -> None:
+        s = self.sessions[edge_id]
+        if s.announce(3.0) is None:
+            self._proactive_target = None
+            return
+        cur = self.session
+        want = [i for i in self.upload_order() if i not in s.stored]
+        if self.transfer and cur is not s and cur.online:
+            asked = [i for i in want if i in cur.stored]
+            if asked:
+                log.info("proactive: %s fetches %d blocks from %s", edge_id, len(asked),
+                         cur.edge_id)  # fmt: skip
+                s.request_transfer(cur, asked)
+        s.upload(want, active=lambda: not self._stop.is_set() and self.session is not s,
+                 rate_Bps=self.proactive_rate_Bps)  # fmt: skip
 
     # upload ---------------------------------------------------------------------------------
     def upload_order(self) -> list[int]:
@@ -226,11 +429,19 @@ class DeviceAgent:
         order = self.planner.upload_order(self.inputs)
         return order + [i for i in range(n) if i not in order]  # the rest, later
 
-    def start_upload(self, progress: Callable[[int, int], None] | None = None) -> None:
-        self._upload_thread = threading.Thread(
-            target=self.upload, args=(progress,), name="uploader", daemon=True
-        )
-        self._upload_thread.start()
+    def start_upload(self, progress: Progress | None = None) -> None:
+        self._upload_progress = progress
+        self._uploading = True
+        self._ensure_uploader()
+
+    def _ensure_uploader(self) -> None:
+        with self._lock:
+            if self._upload_thread is None or not self._upload_thread.is_alive():
+                self._upload_thread = threading.Thread(
+                    target=self.upload, args=(self._upload_progress,), name="uploader",
+                    daemon=True,
+                )  # fmt: skip
+                self._upload_thread.start()
 
     def wait_upload(self, timeout: float | None = None) -> bool:
         if self._upload_thread:
@@ -238,142 +449,33 @@ class DeviceAgent:
             return not self._upload_thread.is_alive()
         return True
 
-    def upload(
-        self,
-        progress: Callable[[int, int], None] | None = None,
-        *,
-        block_timeout: float = 30.0,
-        retries: int = 3,
-        window: int = 2,
-    ) -> None:
-        """Send every block the edge lacks, in upload order; resume partial blocks.
+    def upload(self, progress: Progress | None = None, *, block_timeout: float = 30.0) -> None:
+        """Send the current edge every block it lacks, in upload order; resume partial
+        blocks. Follows handoffs: after a move it goes on with the new edge."""
+        self._uploading = True
+        self._upload_progress = progress
+        with self._upload_lock:
+            while not self._stop.is_set():
+                s = self.session
 
-        Up to ``window`` blocks are in flight: the next block travels while the edge checks,
-        screens and loads the previous one.
-        """
-        outstanding: list[tuple[int, bytes]] = []
-        for i in self.upload_order():
-            with self._lock:
-                if i in self._stored:
-                    continue
-                missing = self._partial.get(i)
-                self._block_done.setdefault(i, threading.Event())
-            data = self.pkg.onnx_path(i).read_bytes()
-            self._send_block(i, data, missing, progress)
-            outstanding.append((i, data))
-            while len(outstanding) >= window:
-                self._confirm_block(*outstanding.pop(0), progress, block_timeout, retries)
-        for i, data in outstanding:
-            self._confirm_block(i, data, progress, block_timeout, retries)
+                def active(s: EdgeSession = s) -> bool:
+                    return self.session is s and not self._stop.is_set()
 
-    def _confirm_block(
-        self,
-        i: int,
-        data: bytes,
-        progress: Callable[[int, int], None] | None,
-        block_timeout: float,
-        retries: int,
-    ) -> None:
-        ev = self._block_done[i]
-        for attempt in range(retries):
-            if self._wait_block(i, data, ev, block_timeout, progress):
-                with self._lock:
-                    failure = self._block_failed.pop(i, None)
-                if failure:  # the edge refused the block: resending cannot help
-                    self.upload_errors.append(f"block {i}: {failure}")
-                    ev.clear()
-                return
-            log.warning("block %d not confirmed (attempt %d); asking the edge", i, attempt + 1)
-            self.link.wait_connected(block_timeout)
-            self._hello()
-            self._inventory.wait(5)
-            with self._lock:
-                missing = self._partial.get(i)
-            self._send_block(i, data, missing, progress)
-        self.upload_errors.append(f"block {i}: not confirmed after {retries} attempts")
-
-    def _wait_block(
-        self,
-        i: int,
-        data: bytes,
-        ev: threading.Event,
-        timeout: float,
-        progress: Callable[[int, int], None] | None,
-    ) -> bool:
-        """Wait for the block's final ack; after a reconnect resend what the edge lacks."""
-        end = time.monotonic() + timeout
-        while not ev.is_set() and time.monotonic() < end:
-            if self._awaiting_resync and time.monotonic() - self._last_hello > 1.0:
-                self._hello()  # the edge may have reconnected after our first hello
-            if self._resync.wait(0.1):
-                self._resync.clear()
-                with self._lock:
-                    stored, missing = i in self._stored, self._partial.get(i)
-                if not stored:
-                    self.resumed_blocks.append(i)
-                    log.info("resuming block %d: %s chunks missing", i,
-                             "all" if missing is None else len(missing))  # fmt: skip
-                    self._send_block(i, data, missing, progress)
-        return ev.is_set()
-
-    def _after_reconnect(self) -> None:
-        self._awaiting_resync = True
-        self._hello()  # the inventory answer sets _resync
-
-    def _on_status(self, _t: str, payload: bytes) -> None:
-        try:
-            status = json.loads(payload)
-            state = status.get("state")
-            queue_ms = float(status.get("load", {}).get("queue_ms", 0.0))
-        except (ValueError, AttributeError, TypeError):
-            return
-        self.edge_online = state == "online"
-        if self.edge_online:  # the edge's own view of its queue: fresh even while we run local
-            self.inputs.estimates.observe_status(queue_ms)
-        if not self.edge_online:  # release waiting queries at once: they finish locally
-            with self._lock:
-                waiting = list(self._pending.values())
-            for p in waiting:
-                p.event.set()
-
-    def _hello(self) -> None:
-        self._last_hello = time.monotonic()
-        self._inventory.clear()
-        hello = Hello(device=self.device_id, model_id=self.pkg.manifest.model_id)
-        self.link.publish(self.topics.edge_control(self.edge_id), encode(hello))
-
-    def _send_block(
-        self,
-        i: int,
-        data: bytes,
-        missing: list[int] | None,
-        progress: Callable[[int, int], None] | None,
-    ) -> None:
-        b = self.pkg.blocks[i]
-        chunks = -(-len(data) // self.chunk_size)
-        todo = range(chunks) if missing is None else missing
-        self._sent_at[i] = (time.perf_counter(), len(data))
-        for c in todo:
-            body = data[c * self.chunk_size : (c + 1) * self.chunk_size]
-            h = UploadChunk(device=self.device_id, model_id=self.pkg.manifest.model_id, block=i,
-                            block_sha256=b.onnx_sha256, block_bytes=len(data), chunk=c,
-                            chunks=chunks, chunk_size=self.chunk_size)  # fmt: skip
-            self.link.publish(self.topics.edge_upload(self.edge_id), encode(h, body))
-            self.bytes_uploaded += len(body)
-            self.chunks_sent[i] = self.chunks_sent.get(i, 0) + 1
-            if progress:
-                progress(i, len(body))
+                s.upload(self.upload_order(), progress, active=active,
+                         rate_Bps=self.upload_rate_Bps, block_timeout=block_timeout)  # fmt: skip
+                if self.session is s:
+                    return
 
     # queries --------------------------------------------------------------------------------
     def edge_ready(self, start: int, end: int) -> bool:
-        with self._lock:
-            return all(i in self._stored for i in range(start, end))
+        return self.session.has(start, end)
 
     def query(self, x: Array, index: int = 0, split: int | None = None) -> QueryOutcome:
         """Run one query by the current plan; an edge segment that fails (deadline, error,
         edge offline) is finished on the device. Exactly one answer, always."""
         n = self.pkg.num_blocks
-        plan = single_split_plan(self.inputs, split) if split is not None else self.current_plan()
+        s = self.session  # a move during this query affects the next one
+        plan = single_split_plan(s.inputs, split) if split is not None else self.plan_for(s)
         t0 = time.perf_counter()
         self._last_query = time.monotonic()
         y = x
@@ -387,8 +489,8 @@ class DeviceAgent:
                 if not offloaded:
                     front_ms += sum(times) * 1e3
                 continue
-            why = self._why_not_remote(seg.start, seg.end)
-            got = None if why else self._remote(seg.start, seg.end, y, plan.latency_ms, info)
+            why = self._why_not_remote(s, seg.start, seg.end)
+            got = None if why else self._remote(s, seg.start, seg.end, y, plan.latency_ms, info)
             if isinstance(got, str) or got is None:
                 reason = why or str(got)
                 y = self.tfl.run(seg.start, n, y)  # finish on the device
@@ -397,27 +499,35 @@ class DeviceAgent:
         out = QueryOutcome(index, y, (time.perf_counter() - t0) * 1e3, plan.split, offloaded,
                            reason, front_ms)  # fmt: skip
         out.plan, out.predicted_ms = plan.describe(), plan.latency_ms
+        out.edge = s.edge_id if offloaded else None
         out.edge_queue_ms = info.get("queue_ms")
         out.edge_exec_ms = info.get("exec_ms")
         out.wire_bytes = int(info.get("wire_bytes", 0))
         return out
 
-    def _why_not_remote(self, start: int, end: int) -> str:
-        if not self.link.connected:
+    @staticmethod
+    def _why_not_remote(s: EdgeSession, start: int, end: int) -> str:
+        if not s.link.connected:
             return "broker unreachable"
-        if not self.edge_online:
+        if not s.online:
             return "edge offline"
-        if not self.edge_ready(start, end):
+        if not s.has(start, end):
             return "blocks not uploaded yet"
         return ""
 
     def _remote(
-        self, start: int, end: int, x: Array, predicted_ms: float, info: dict[str, float]
+        self,
+        s: EdgeSession,
+        start: int,
+        end: int,
+        x: Array,
+        predicted_ms: float,
+        info: dict[str, float],
     ) -> Array | str:
-        """Run [start, end) on the edge: the output, or why not."""
+        """Run [start, end) on edge ``s``: the output, or why not."""
         rid = f"{self.device_id}-{next(self._ids)}"
         deadline = self.deadline_ms or self.auto_deadline_ms(start, predicted_ms)
-        pend = _Pending()
+        pend = _Pending(edge=s.edge_id)
         with self._lock:
             self._pending[rid] = pend
         payload = encode_tensor_frame(
@@ -425,7 +535,7 @@ class DeviceAgent:
             model_id=self.pkg.manifest.model_id, start=start, end=end, deadline_ms=deadline,
         )  # fmt: skip
         t_send = time.perf_counter()
-        self.link.publish(self.topics.edge_query(self.edge_id), payload, expiry_s=deadline / 1e3)
+        s.link.publish(self.topics.edge_query(s.edge_id), payload, expiry_s=deadline / 1e3)
         pend.event.wait(deadline / 1e3)
         rt_ms = (time.perf_counter() - t_send) * 1e3
         with self._lock:
@@ -433,71 +543,104 @@ class DeviceAgent:
         if pend.result is None:
             if pend.error:
                 return f"edge error: {pend.error.code}"
-            if not self.edge_online:
+            if not s.online:
                 return "edge went offline"
-            self.inputs.estimates.observe_timeout(deadline)
+            s.inputs.estimates.observe_timeout(deadline)
+            s.misses.append(time.monotonic())
+            self._wake.set()
             return "deadline passed"
         h, body = pend.result
         y = np.array(tensor_of(h, body))
         info["queue_ms"] = info.get("queue_ms", 0.0) + h.queue_ms
         info["exec_ms"] = info.get("exec_ms", 0.0) + h.exec_ms
         info["wire_bytes"] = info.get("wire_bytes", 0.0) + len(payload)
-        self._learn(start, end, len(payload) + y.nbytes, rt_ms, h)
+        self._learn(s, start, end, len(payload) + y.nbytes, rt_ms, h)
         return y
 
-    def _learn(self, start: int, end: int, nbytes: int, rt_ms: float, h: Result) -> None:
+    @staticmethod
+    def _learn(s: EdgeSession, start: int, end: int, nbytes: int, rt_ms: float, h: Result) -> None:
         """Keep the estimates fresh from the reply itself (LoADPart): no probe traffic."""
-        est = self.inputs.estimates
+        est = s.inputs.estimates
         est.observe_round_trip(nbytes, rt_ms - h.queue_ms - h.exec_ms)
-        base = sum(self.inputs.profile.edge_ms[start:end])
+        base = sum(s.inputs.profile.edge_ms[start:end])
         est.observe_reply(h.exec_ms, base, h.queue_ms)
 
-    # inbox (network thread) -----------------------------------------------------------------
+    # frames (network threads) -----------------------------------------------------------------
+    def _session_of(self, edge: str | None) -> EdgeSession | None:
+        return self.sessions.get(edge) if edge else self.session
+
     def _on_inbox(self, _t: str, payload: bytes) -> None:
         try:
             h, body = decode(payload)
         except FrameError as e:
-            log.warning("bad frame from the edge: %s", e)
+            log.warning("bad frame from an edge: %s", e)
             return
-        if isinstance(h, Inventory) and h.model_id == self.pkg.manifest.model_id:
-            with self._lock:
-                self._stored, self._loaded = set(h.stored), set(h.loaded)
-                self._partial = dict(h.partial)
-                for i in h.stored:
-                    self._block_done.setdefault(i, threading.Event()).set()
-            for i, ms in h.block_ms.items():
-                self._update_edge_profile(i, ms)
-            self._inventory.set()
-            if self._awaiting_resync:
-                self._awaiting_resync = False
-                self._resync.set()
-        elif isinstance(h, UploadAck) and h.block_done:
-            with self._lock:
-                self._stored.add(h.block)
-                if h.loaded:
-                    self._loaded.add(h.block)
-                self._partial.pop(h.block, None)
-                self._block_done.setdefault(h.block, threading.Event()).set()
-            self._update_edge_profile(h.block, h.block_ms)
-            sent = self._sent_at.pop(h.block, None)
-            if sent is not None:  # a lower bound: the time includes the edge's checks
-                self.inputs.estimates.observe_transfer(
-                    sent[1], (time.perf_counter() - sent[0]) * 1e3)  # fmt: skip
+        if isinstance(h, Inventory | UploadAck):
+            s = self._session_of(h.edge)
+            if s is None or h.model_id != self.pkg.manifest.model_id:
+                return
+            if isinstance(h, Inventory):
+                s.on_inventory(h)
+            else:
+                s.on_ack(h)
         elif isinstance(h, Result | Error):
             rid = h.request_id
             with self._lock:
                 pend = self._pending.get(rid) if rid else None
             if pend is None:
                 if isinstance(h, Error):
-                    log.warning("edge error %s: %s", h.code, h.message)
-                    if rid and rid.startswith("upload:"):
-                        block = int(rid.split(":")[1])
-                        with self._lock:
-                            self._block_failed[block] = f"{h.code}: {h.message}"
-                            self._block_done.setdefault(block, threading.Event()).set()
+                    log.warning("edge %s error %s: %s", h.edge or "?", h.code, h.message)
+                    s = self._session_of(h.edge)
+                    if s is not None:
+                        s.on_error(h)
                 return
             if isinstance(h, Result):
                 pend.result = (h, body)
             else:
                 pend.error = h
             pend.event.set()
+
+    def _on_status(self, _t: str, payload: bytes) -> None:
+        c = self.candidates.from_status(payload)
+        if c is None:
+            return
+        st = parse_status(payload) or {}
+        try:
+            queue_ms = float(st.get("load", {}).get("queue_ms", 0.0))
+        except (AttributeError, TypeError, ValueError):
+            queue_ms = 0.0
+        s = self.sessions.get(c.id)
+        if s is not None:
+            s.on_status(c.online, queue_ms)
+        if not c.online:
+            self._release(c.id)
+        self._wake.set()
+
+    def _release(self, edge: str) -> None:
+        """An edge went offline: queries waiting on it finish locally at once."""
+        with self._lock:
+            waiting = [p for p in self._pending.values() if p.edge == edge]
+        for p in waiting:
+            p.event.set()
+
+    def _on_zeroconf(self, rec: EdgeRecord) -> None:
+        self.candidates.seen(rec.id, rec.broker, "zeroconf", load=rec.load)
+        self._wake.set()
+
+    def _on_zeroconf_gone(self, edge: str) -> None:
+        self.candidates.gone(edge)
+        s = self.sessions.get(edge)
+        if s is not None:
+            s.online = False
+            self._release(edge)
+        self._wake.set()
+
+    def _on_control(self, _t: str, payload: bytes) -> None:
+        """{"prefer": "edge-b"} or {"prefer": null}: force (or release) the device's edge."""
+        try:
+            cmd = json.loads(payload)
+            if not isinstance(cmd, dict) or "prefer" not in cmd:
+                raise ValueError('expected {"prefer": EDGE or null}')
+            self.set_prefer(cmd["prefer"])
+        except (ValueError, TypeError) as e:
+            log.warning("ignored control message: %s", e)

@@ -110,14 +110,17 @@ class SessionSummary:
         }  # fmt: skip
 
 
-def outcome_record(o: QueryOutcome, pkg: ModelPackage, name: str, edge: str) -> dict[str, Any]:
+def outcome_record(o: QueryOutcome, pkg: ModelPackage, name: str, session: str) -> dict[str, Any]:
+    """One query's JSON record. ``edge``: the edge that ran its offloaded part (null when it
+    ran on the device); ``session_edge``: the device's current edge when the query ended."""
     top = top_k(o.output, pkg.manifest.labels)
     return {
         "query": o.index, "input": name, "top1": top[0][1], "top1_class": top[0][0],
         "top5": [{"class": c, "label": lab, "score": round(s, 6)} for c, lab, s in top],
         "latency_ms": round(o.latency_ms, 3), "predicted_ms": round(o.predicted_ms, 3),
         "plan": o.plan, "split": o.split, "offloaded": o.offloaded,
-        "where": "edge" if o.offloaded else "local", "reason": o.reason, "edge": edge,
+        "where": "edge" if o.offloaded else "local", "reason": o.reason, "edge": o.edge,
+        "session_edge": session,
         "front_ms": round(o.front_ms, 3),
         "edge_queue_ms": None if o.edge_queue_ms is None else round(o.edge_queue_ms, 3),
         "edge_exec_ms": None if o.edge_exec_ms is None else round(o.edge_exec_ms, 3),

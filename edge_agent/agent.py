@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.config import EdgeConfig
+from edge_agent.peers import PeerTransfers
 from edge_agent.screen import screen_onnx
 from edge_agent.store import BlockStore, StoreError
 from iotoffload import __version__
@@ -25,8 +26,10 @@ from iotoffload.transport.frame import (
     FrameError,
     Hello,
     Inventory,
+    PeerFetch,
     Query,
     Result,
+    Transfer,
     UploadAck,
     UploadChunk,
     decode,
@@ -57,6 +60,7 @@ class EdgeStats:
     errors: int = 0
     chunks: int = 0
     blocks_stored: int = 0
+    blocks_from_peers: int = 0
     queue_ms_ewma: float = 0.0
     exec_ms_ewma: float = 0.0
     in_flight: int = 0
@@ -81,6 +85,25 @@ class EdgeAgent:
         self.link: MqttLink | None = None
         self.broker_url = config.broker or ""
         self._advertiser: EdgeAdvertiser | None = None
+        self.peers = PeerTransfers(
+            config.id, self.topics, own_link=self._link, own_broker=lambda: self.broker_url,
+            on_upload=self._on_upload, block_path=self._stored_block,
+            reply_error=lambda dev, e: self._reply(dev, e.model_copy(update={"edge": config.id})),
+            allowed_brokers=config.peer_brokers, protocol=config.protocol,
+            chunk_bytes=config.transfer_chunk_bytes,
+        )  # fmt: skip
+
+    def _link(self) -> MqttLink:
+        assert self.link is not None, "the edge is not started"
+        return self.link
+
+    def _stored_block(self, model_id: str, i: int) -> tuple[str, str] | None:
+        a = self.store.model(model_id)
+        if a is None or not 0 <= i < len(a.blocks) or not self.store.has_block(
+                a.blocks[i].onnx_sha256):  # fmt: skip
+            return None
+        sha = a.blocks[i].onnx_sha256
+        return sha, str(self.store.block_path(sha))
 
     # lifecycle ----------------------------------------------------------------------------
     def start(self, broker_url: str | None = None) -> None:
@@ -127,6 +150,7 @@ class EdgeAgent:
             self._jobs.put(None)
         for t in self._workers:
             t.join(5)
+        self.peers.close()
         if self.link:
             if self.link.connected:
                 info = self.link.publish(
@@ -146,6 +170,8 @@ class EdgeAgent:
                      "queue_ms": round(self.stats.queue_ms_ewma, 3),
                      "exec_ms": round(self.stats.exec_ms_ewma, 3)},
             "models": self.store.model_ids(), "blocks": len(self.store.block_digests()),
+            "transfer": {"blocks_pushed": self.peers.blocks_pushed,
+                         "blocks_from_peers": self.stats.blocks_from_peers},
             "providers": ["CPUExecutionProvider"], "time": time.time(),
         }).encode()  # fmt: skip
 
@@ -180,7 +206,7 @@ class EdgeAgent:
         self.stats.error_codes[code] = self.stats.error_codes.get(code, 0) + 1
         log.warning("error %s for %s: %s", code, device or "?", msg)
         if device:
-            self._reply(device, Error(request_id=rid, code=code, message=msg))
+            self._reply(device, Error(request_id=rid, code=code, message=msg, edge=self.config.id))
 
     def executor(self, model_id: str) -> OnnxExecutor | None:
         with self._exec_lock:
@@ -198,7 +224,7 @@ class EdgeAgent:
     def inventory(self, model_id: str) -> Inventory:
         a = self.store.model(model_id)
         if a is None:
-            return Inventory(model_id=model_id, known=False)
+            return Inventory(model_id=model_id, known=False, edge=self.config.id)
         ex = self.executor(model_id)
         stored = [i for i, b in enumerate(a.blocks) if self.store.has_block(b.onnx_sha256)]
         partial = {}
@@ -210,7 +236,7 @@ class EdgeAgent:
                     if b.onnx_sha256 in self._block_ms}  # fmt: skip
         return Inventory(
             model_id=model_id, known=True, stored=stored,
-            loaded=ex.loaded if ex else [], partial=partial, block_ms=block_ms,
+            loaded=ex.loaded if ex else [], partial=partial, block_ms=block_ms, edge=self.config.id,
         )  # fmt: skip
 
     # handlers (network thread: quick) -----------------------------------------------------
@@ -236,6 +262,13 @@ class EdgeAgent:
             self.publish_status()
         elif isinstance(h, Hello):
             self._reply(h.device, self.inventory(h.model_id))
+        elif isinstance(h, Transfer):
+            if self.store.model(h.model_id) is None:
+                self._error(h.device, "unknown_model", "announce the model before a transfer")
+                return
+            self.peers.pull(h)
+        elif isinstance(h, PeerFetch):
+            self.peers.push(h)
         else:
             self._error(getattr(h, "device", None), "unexpected", f"{h.type} on the control topic")
 
@@ -254,9 +287,11 @@ class EdgeAgent:
             self._error(h.device, e.code, str(e), f"upload:{h.block}:{h.chunk}")
             return
         ack = UploadAck(model_id=h.model_id, block=h.block, chunk=h.chunk, block_done=done,
-                        loaded=False)  # fmt: skip
+                        loaded=False, edge=self.config.id)  # fmt: skip
         if done:
             self.stats.blocks_stored += 1
+            if h.source:
+                self.stats.blocks_from_peers += 1
             self._jobs.put(_Job("load", time.perf_counter(), sha=h.block_sha256, ack=ack,
                                 device=h.device))  # fmt: skip
         else:

@@ -50,6 +50,13 @@ def start(
     ] = False,
     protocol: Annotated[int | None, typer.Option(help="MQTT 5 or 311.")] = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads per query.")] = None,
+    peer_broker: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Handoff: a peer edge's broker this edge may pull blocks from (repeatable; "
+            "its own broker is always allowed; '*' allows any).",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Start the edge agent and serve until Ctrl-C (or SIGTERM)."""
@@ -59,7 +66,7 @@ def start(
         cfg = EdgeConfig.load(
             config, broker=broker, id=edge_id, store=store, interface=interface,
             embedded_broker_port=port, advertise=False if no_advertise else None,
-            protocol=protocol, threads=threads,
+            protocol=protocol, threads=threads, peer_brokers=peer_broker or None,
         )  # fmt: skip
     except (ValueError, OSError) as e:
         err_console.print(f"[bold red]error:[/] {e}")

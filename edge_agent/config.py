@@ -35,6 +35,12 @@ class EdgeConfig(BaseSettings):
     workers: int = Field(default=1, ge=1, le=16, description="queries executed in parallel")
     max_block_bytes: int = 64 * 1024 * 1024
     status_interval: float = Field(default=2.0, gt=0)
+    peer_brokers: list[str] = Field(
+        default_factory=list,
+        description="brokers of peer edges this edge may pull blocks from at a handoff, besides "
+        "its own; '*' allows any",
+    )
+    transfer_chunk_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
 
     @field_validator("store")
     @classmethod

@@ -3,6 +3,12 @@
 Interfaces are always explicit: tests, benchmarks and the demo bind to 127.0.0.1.
 """
 
-from iotoffload.discovery.zc import SERVICE_TYPE, EdgeAdvertiser, EdgeRecord, browse_edges
+from iotoffload.discovery.zc import (
+    SERVICE_TYPE,
+    EdgeAdvertiser,
+    EdgeRecord,
+    EdgeWatcher,
+    browse_edges,
+)
 
-__all__ = ["SERVICE_TYPE", "EdgeAdvertiser", "EdgeRecord", "browse_edges"]
+__all__ = ["SERVICE_TYPE", "EdgeAdvertiser", "EdgeRecord", "EdgeWatcher", "browse_edges"]

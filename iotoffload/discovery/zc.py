@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +23,7 @@ from iotoffload.transport.frame import FRAME_VERSION
 from iotoffload.transport.mqtt import BrokerURL
 
 SERVICE_TYPE = "_iotoffload._tcp.local."
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -132,3 +136,56 @@ def browse_edges(interface: str, timeout: float = 3.0, want: int | None = None) 
         browser.cancel()
         zc.close()
     return sorted(found.values(), key=lambda r: (r.load, r.id))
+
+
+class EdgeWatcher:
+    """Keeps watching for edges: ``on_seen`` for every added or updated edge (resolved off the
+    browser's thread, which must not block), ``on_gone`` with the id of a removed one."""
+
+    def __init__(
+        self,
+        interface: str,
+        on_seen: Callable[[EdgeRecord], None],
+        on_gone: Callable[[str], None],
+    ) -> None:
+        self.interface = interface
+        self._on_seen = on_seen
+        self._on_gone = on_gone
+        self._events: queue.Queue[tuple[str, ServiceStateChange] | None] = queue.Queue()
+        self._zc: Zeroconf | None = None
+        self._browser: ServiceBrowser | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._zc = _zc(self.interface)
+        self._thread = threading.Thread(target=self._resolve_loop, name="edge-watch", daemon=True)
+        self._thread.start()
+        self._browser = ServiceBrowser(self._zc, SERVICE_TYPE, handlers=[self._on_change])
+
+    def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str,
+                   state_change: ServiceStateChange) -> None:  # fmt: skip
+        self._events.put((name, state_change))
+
+    def _resolve_loop(self) -> None:
+        while (ev := self._events.get()) is not None:
+            name, change = ev
+            try:
+                if change is ServiceStateChange.Removed:
+                    self._on_gone(name.removesuffix(f".{SERVICE_TYPE}"))
+                    continue
+                info = self._zc.get_service_info(SERVICE_TYPE, name, 1000) if self._zc else None
+                rec = _record(info) if info else None
+                if rec:
+                    self._on_seen(rec)
+            except Exception:  # a callback bug must not end the watch
+                log.exception("edge watcher callback failed")
+
+    def close(self) -> None:
+        if self._browser:
+            self._browser.cancel()
+        self._events.put(None)
+        if self._thread:
+            self._thread.join(2)
+        if self._zc:
+            self._zc.close()
+            self._zc = None

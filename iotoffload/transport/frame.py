@@ -87,6 +87,7 @@ class Inventory(_H):
     loaded: list[int] = []
     partial: dict[int, list[int]] = {}  # block -> chunk indices still missing
     block_ms: dict[int, float] = {}  # the edge's unloaded time of each loaded block (profile)
+    edge: str | None = Field(default=None, pattern=_ID)  # who answers (a device may use several)
 
 
 class UploadChunk(_H):
@@ -99,6 +100,7 @@ class UploadChunk(_H):
     chunk: int = Field(ge=0)
     chunks: int = Field(ge=1, le=1 << 16)
     chunk_size: int = Field(ge=1)
+    source: str | None = Field(default=None, pattern=_ID)  # a peer edge pushing it (handoff)
 
 
 class UploadAck(_H):
@@ -109,6 +111,7 @@ class UploadAck(_H):
     block_done: bool  # every chunk arrived and the block passed its digest and screening
     loaded: bool  # a session for the block exists
     block_ms: float | None = None  # the edge's unloaded time for this block, measured at load
+    edge: str | None = Field(default=None, pattern=_ID)
 
 
 class Query(_H):
@@ -136,6 +139,7 @@ class Error(_H):
     request_id: str | None = None
     code: str
     message: str
+    edge: str | None = Field(default=None, pattern=_ID)
 
 
 class Hello(_H):
@@ -146,8 +150,40 @@ class Hello(_H):
     model_id: str = Field(pattern=_SHA)
 
 
+class Transfer(_H):
+    """Device → new edge (handoff): fetch these blocks of a model from the old edge over the
+    backhaul instead of waiting for the device to upload them again."""
+
+    type: Literal["transfer"] = "transfer"
+    device: str = Field(pattern=_ID)
+    model_id: str = Field(pattern=_SHA)
+    source_edge: str = Field(pattern=_ID)
+    source_broker: str = Field(min_length=1, max_length=256)
+    blocks: list[int] = Field(min_length=1, max_length=1024)
+
+
+class PeerFetch(_H):
+    """New edge → old edge (on the old edge's broker): push these blocks, chunked, to my upload
+    topic on your broker, in the device's name. Only blocks whose digest still verifies go."""
+
+    type: Literal["peer_fetch"] = "peer_fetch"
+    peer: str = Field(pattern=_ID)
+    device: str = Field(pattern=_ID)
+    model_id: str = Field(pattern=_SHA)
+    blocks: list[int] = Field(min_length=1, max_length=1024)
+
+
 Header = Annotated[
-    Announce | Inventory | UploadChunk | UploadAck | Query | Result | Error | Hello,
+    Announce
+    | Inventory
+    | UploadChunk
+    | UploadAck
+    | Query
+    | Result
+    | Error
+    | Hello
+    | Transfer
+    | PeerFetch,
     Field(discriminator="type"),
 ]
 _HEADER: TypeAdapter[Any] = TypeAdapter(Header)

@@ -39,5 +39,9 @@ class Topics:
     def device_inbox(self, device: str) -> str:
         return f"{self.prefix}/devices/{device}/inbox"
 
+    def device_control(self, device: str) -> str:
+        """JSON commands to a running device agent, e.g. {"prefer": "edge-b"} (handoff)."""
+        return f"{self.prefix}/devices/{device}/control"
+
     def device_results(self, device: str) -> str:
         return f"{self.prefix}/devices/{device}/results"
