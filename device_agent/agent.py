@@ -164,6 +164,7 @@ class DeviceAgent:
         self.deadline_ms = deadline_ms
         self._upload_thread: threading.Thread | None = None
         self._uploading = False
+        self._upload_active = False
         self._upload_progress: Progress | None = None
         self._proactive_target: str | None = None
         self._last_query = 0.0
@@ -378,11 +379,13 @@ class DeviceAgent:
                 return False
             want = [i for i in self.upload_order() if i not in new.stored]
             asked: list[int] = []
-            if self.transfer and want and old.online and old.link.connected:
+            reachable = old.online and old.link.connected and not old.recent_misses()
+            if self.transfer and want and reachable:
                 asked = [i for i in want if i in old.stored]
                 if asked:
                     new.request_transfer(old, asked)
-            self.session = new
+            with self._lock:
+                self.session = new
             ev = HandoffEvent(time.monotonic(), old.edge_id, edge_id, reason,
                               len(inv.stored), len(asked))  # fmt: skip
             self.handoffs.append(ev)
@@ -435,13 +438,16 @@ class DeviceAgent:
         self._ensure_uploader()
 
     def _ensure_uploader(self) -> None:
+        """After a move: an upload loop that is still running goes on with the new edge
+        (it checks the session under the same lock); otherwise start one."""
         with self._lock:
-            if self._upload_thread is None or not self._upload_thread.is_alive():
-                self._upload_thread = threading.Thread(
-                    target=self.upload, args=(self._upload_progress,), name="uploader",
-                    daemon=True,
-                )  # fmt: skip
-                self._upload_thread.start()
+            if self._upload_active:
+                return
+            self._upload_active = True
+            self._upload_thread = threading.Thread(
+                target=self.upload, args=(self._upload_progress,), name="uploader", daemon=True
+            )
+            self._upload_thread.start()
 
     def wait_upload(self, timeout: float | None = None) -> bool:
         if self._upload_thread:
@@ -455,16 +461,22 @@ class DeviceAgent:
         self._uploading = True
         self._upload_progress = progress
         with self._upload_lock:
-            while not self._stop.is_set():
+            with self._lock:
+                self._upload_active = True
+            while True:
                 s = self.session
 
                 def active(s: EdgeSession = s) -> bool:
                     return self.session is s and not self._stop.is_set()
 
-                s.upload(self.upload_order(), progress, active=active,
-                         rate_Bps=self.upload_rate_Bps, block_timeout=block_timeout)  # fmt: skip
-                if self.session is s:
-                    return
+                if not self._stop.is_set():
+                    rate = self.upload_rate_Bps
+                    s.upload(self.upload_order(), progress, active=active, rate_Bps=rate,
+                             block_timeout=block_timeout)  # fmt: skip
+                with self._lock:  # the exit decision and a move exclude each other
+                    if self._stop.is_set() or self.session is s:
+                        self._upload_active = False
+                        return
 
     # queries --------------------------------------------------------------------------------
     def edge_ready(self, start: int, end: int) -> bool:

@@ -128,7 +128,10 @@ class EdgeSession:
         return self.inventory
 
     def hello(self) -> None:
-        """Ask for the inventory (answered by the edge; the round trip is an RTT sample)."""
+        """Ask for the inventory (answered by the edge; the round trip is an RTT sample). A
+        previous hello still unanswered counts as a miss: a silent edge is not a good one."""
+        if self._hello_sent is not None and time.perf_counter() - self._hello_sent > 1.0:
+            self.misses.append(time.monotonic())
         self._last_hello = time.monotonic()
         self._hello_sent = time.perf_counter()
         self._inventory.clear()

@@ -1,0 +1,208 @@
+"""Handoff between two real edges on loopback: real brokers, real zeroconf on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from broker.embedded import EmbeddedBroker
+from device_agent.agent import DeviceAgent, QueryOutcome
+from device_agent.handoff import HandoffPolicy
+from edge_agent.agent import EdgeAgent
+from edge_agent.config import EdgeConfig
+from iotoffload.model import ModelPackage
+from iotoffload.runtime import TFLiteExecutor
+from iotoffload.runtime.base import Array
+from iotoffload.transport.mqtt import MqttLink
+from tests.integration.conftest import Mosquitto
+
+pytestmark = pytest.mark.integration
+IFACE = os.environ["IOTOFFLOAD_INTERFACE"]
+SPLIT = 12
+
+
+def _uid(name: str) -> str:
+    return f"{name}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+
+
+def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _edge(eid: str, url: str, store: Path, protocol: int = 5, **kw: object) -> EdgeAgent:
+    a = EdgeAgent(EdgeConfig(id=eid, broker=url, store=store, interface=IFACE,
+                             protocol=protocol, status_interval=0.5,
+                             **kw))  # type: ignore[arg-type]  # fmt: skip
+    a.start()
+    return a
+
+
+@pytest.fixture
+def two_brokers(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """Each edge behind its own mosquitto (the device holds a connection to both)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with Mosquitto(tmp_path / "a") as ma, Mosquitto(tmp_path / "b") as mb:
+        yield ma.url, mb.url
+
+
+def _local(pkg: ModelPackage, x: Array) -> Array:
+    return TFLiteExecutor.from_package(pkg).run(0, pkg.num_blocks, x)
+
+
+def _run(dev: DeviceAgent, x: Array, first: int, count: int) -> list[QueryOutcome]:
+    return [dev.query(x, first + i) for i in range(count)]
+
+
+def test_edge_killed_mid_stream_every_query_answered_and_device_moves_to_b(
+    mobilenet: ModelPackage, two_brokers: tuple[str, str], tmp_path: Path
+) -> None:
+    url_a, url_b = two_brokers
+    a_id, b_id = _uid("edge-a"), _uid("edge-b")
+    edge_a = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent", "start", "--broker", url_a, "--id", a_id,
+         "--store", str(tmp_path / "sa"), "--no-advertise", "--protocol", "5"],
+        env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    edge_b = _edge(b_id, url_b, tmp_path / "sb")  # advertised by zeroconf on 127.0.0.1
+    policy = HandoffPolicy(miss_limit=2, hold_s=0)
+    dev = DeviceAgent(mobilenet, url_a, a_id, split=SPLIT, deadline_ms=400, interface=IFACE,
+                      handoff=policy, probe_interval=0.5)  # fmt: skip
+    try:
+        end = time.monotonic() + 20
+        while dev.connect(timeout=2) is None and time.monotonic() < end:
+            time.sleep(0.2)
+        dev.start_upload()
+        assert dev.wait_upload(60)
+        x = np.random.default_rng(1).standard_normal((1, 224, 224, 3)).astype(np.float32)
+        want = _local(mobilenet, x)
+        before = _run(dev, x, 0, 3)
+        assert all(o.offloaded and o.edge == a_id for o in before)
+        _wait(lambda: dev.candidates.get(b_id) is not None, 10, "B found by zeroconf")
+        edge_a.kill()  # SIGKILL: no goodbye; the LWT comes only after the keepalive
+        edge_a.wait(5)
+        outs: list[QueryOutcome] = []
+        end = time.monotonic() + 60
+        while time.monotonic() < end and not (outs and outs[-1].edge == b_id):
+            outs.append(dev.query(x, 3 + len(outs)))
+            time.sleep(0.05)
+        assert dev.edge_id == b_id, dev.handoffs
+        assert outs[-1].offloaded and outs[-1].edge == b_id
+        for o in before + outs:  # every query answered, once, with the right result
+            np.testing.assert_allclose(o.output, want, rtol=0, atol=1e-4)
+        assert [o.index for o in before + outs] == list(range(3 + len(outs)))
+        assert {o.reason for o in outs if not o.offloaded} <= {
+            "deadline passed",
+            "edge offline",
+            "edge went offline",
+            "blocks not uploaded yet",
+        }
+        h = dev.handoffs[0]
+        assert (h.source, h.target) == (a_id, b_id) and h.transfer == 0  # A is dead: no transfer
+        assert "miss" in h.reason or "offline" in h.reason
+    finally:
+        dev.close()
+        if edge_a.poll() is None:
+            edge_a.kill()
+            edge_a.wait(5)
+        edge_b.stop()
+
+
+@pytest.mark.parametrize("layout", ["own-brokers", "shared-embedded"])
+def test_graceful_move_b_gets_blocks_from_a_and_device_sends_none_twice(
+    mobilenet: ModelPackage, tmp_path: Path, layout: str
+) -> None:
+    with ExitStack() as stack:
+        proto = 5
+        if layout == "own-brokers":
+            (tmp_path / "a").mkdir()
+            (tmp_path / "b").mkdir()
+            url_a = stack.enter_context(Mosquitto(tmp_path / "a")).url
+            url_b = stack.enter_context(Mosquitto(tmp_path / "b")).url
+        else:
+            url_a = url_b = stack.enter_context(EmbeddedBroker()).url
+            proto = 311  # amqtt speaks MQTT 3.1.1
+        a_id, b_id = _uid("edge-a"), _uid("edge-b")
+        edge_a = _edge(a_id, url_a, tmp_path / "sa", proto, advertise=False)
+        stack.callback(edge_a.stop)
+        edge_b = _edge(b_id, url_b, tmp_path / "sb", proto, peer_brokers=[url_a])
+        stack.callback(edge_b.stop)
+        # A's copy of one block rots on disk: it must not be pushed; the device sends it
+        dev = DeviceAgent(mobilenet, url_a, a_id, split=SPLIT, deadline_ms=5000,
+                          interface=IFACE, probe_interval=0.5, protocol=proto)  # fmt: skip
+        stack.callback(dev.close)
+        assert dev.connect() is not None
+        dev.start_upload()
+        assert dev.wait_upload(60)
+        rotten = dev.upload_order()[2]
+        path = edge_a.store.block_path(mobilenet.blocks[rotten].onnx_sha256)
+        path.write_bytes(path.read_bytes()[:-1] + b"\0")
+        x = np.random.default_rng(2).standard_normal((1, 224, 224, 3)).astype(np.float32)
+        want = _local(mobilenet, x)
+        assert all(o.edge == a_id for o in _run(dev, x, 0, 2))
+        sent_to_a = dev.sessions[a_id].bytes_uploaded
+        _wait(lambda: dev.candidates.get(b_id) is not None, 10, "B seen")
+        dev.set_prefer(b_id)
+        _wait(lambda: dev.edge_id == b_id, 15, "the move to B")
+        full = frozenset(range(mobilenet.num_blocks))
+        _wait(lambda: dev.sessions[b_id].stored == full, 60, "every block on B")
+        after = _run(dev, x, 2, 3)
+        assert all(o.offloaded and o.edge == b_id for o in after), [o.reason for o in after]
+        for o in after:
+            np.testing.assert_allclose(o.output, want, rtol=0, atol=1e-4)
+        b = dev.sessions[b_id]
+        n = mobilenet.num_blocks
+        assert b.stored == frozenset(range(n))
+        # everything but the rotten block came from A; the device sent only that one
+        assert edge_b.stats.blocks_from_peers == n - 1
+        assert edge_a.peers.refused_digest == 1
+        assert set(b.chunks_sent) == {rotten}
+        assert b.bytes_uploaded == mobilenet.blocks[rotten].onnx_bytes
+        assert dev.sessions[a_id].bytes_uploaded == sent_to_a
+        assert dev.handoffs[0].transfer == n
+
+
+def test_b_holding_the_model_first_query_after_the_move_is_offloaded_on_b(
+    mobilenet: ModelPackage, tmp_path: Path
+) -> None:
+    with EmbeddedBroker() as broker, ExitStack() as stack:
+        a_id, b_id = _uid("edge-a"), _uid("edge-b")
+        for eid in (a_id, b_id):
+            e = _edge(eid, broker.url, tmp_path / eid, 311, advertise=False)
+            stack.callback(e.stop)
+        seeder = DeviceAgent(mobilenet, broker.url, b_id, split=SPLIT, protocol=311)
+        stack.callback(seeder.close)
+        assert seeder.connect() is not None
+        seeder.upload()  # another device left the model on B
+        dev = DeviceAgent(mobilenet, broker.url, a_id, split=SPLIT, deadline_ms=5000,
+                          probe_interval=0.5, protocol=311)  # fmt: skip
+        stack.callback(dev.close)
+        assert dev.connect() is not None
+        dev.start_upload()
+        assert dev.wait_upload(60)
+        x = np.zeros((1, 224, 224, 3), np.float32)
+        assert dev.query(x, 0).edge == a_id
+        # the move is asked for on the device's control topic, as another app would
+        ctl = MqttLink(broker.url, _uid("ctl"), protocol=311)
+        ctl.connect()
+        ctl.publish(dev.topics.device_control(dev.device_id), json.dumps({"prefer": b_id}))
+        _wait(lambda: dev.edge_id == b_id, 15, "the move to B")
+        ctl.close()
+        first = dev.query(x, 1)
+        assert first.offloaded and first.edge == b_id, first.reason
+        h = dev.handoffs[0]
+        assert h.reason == "preferred" and h.target_had == mobilenet.num_blocks
+        assert dev.sessions[b_id].bytes_uploaded == 0
