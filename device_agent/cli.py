@@ -99,6 +99,40 @@ def main_command(
     protocol: Annotated[int | None, typer.Option(help="MQTT 5 or 311.")] = None,
     device_id: Annotated[str | None, typer.Option("--id", help="Device id.")] = None,
     wait_upload: Annotated[bool, typer.Option(help="Finish the upload before querying.")] = False,
+    handoff: Annotated[
+        bool | None,
+        typer.Option(
+            "--handoff/--no-handoff",
+            help="Move to another edge when mine goes offline, misses deadlines or "
+            "another is predicted faster (default on).",
+        ),
+    ] = None,
+    prefer: Annotated[
+        str | None,
+        typer.Option(
+            help="Stay on this edge whenever it is online; change it at run time with "
+            'a {"prefer": EDGE} message on iotoffload/v1/devices/ID/control.'
+        ),
+    ] = None,
+    transfer: Annotated[
+        bool | None,
+        typer.Option(
+            "--transfer/--no-transfer",
+            help="At a move, the new edge fetches my blocks from the old one over the "
+            "backhaul (default on); otherwise I upload them again.",
+        ),
+    ] = None,
+    proactive: Annotated[
+        bool | None,
+        typer.Option(
+            "--proactive/--no-proactive",
+            help="Once my edge has the model, fill the likely next edge in the "
+            "background (default off).",
+        ),
+    ] = None,
+    upload_mbps: Annotated[
+        float | None, typer.Option(help="Cap my own upload at this many Mbit/s.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per query.")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
@@ -116,7 +150,9 @@ def main_command(
                                 interface=interface, split=split, deadline_ms=deadline_ms,
                                 protocol=protocol, id=device_id, planner=planner,
                                 objective=objective, min_local=min_local,
-                                edge_speed=edge_speed)  # fmt: skip
+                                edge_speed=edge_speed, handoff=handoff, prefer=prefer,
+                                transfer=transfer, proactive=proactive,
+                                upload_mbps=upload_mbps)  # fmt: skip
         with rich_progress() as progress:
             pkg = ModelCache.from_settings().resolve(cfg.model, progress=progress)
         url, edge_id = find_edge(cfg)
@@ -126,6 +162,10 @@ def main_command(
             deadline_ms=cfg.deadline_ms, tflite_threads=cfg.tflite_threads,
             planner=cfg.planner, objective=cfg.objective,  # type: ignore[arg-type]
             min_local=cfg.min_local, edge_speed=cfg.edge_speed, reprofile=reprofile,
+            handoff=cfg.policy(), interface=cfg.interface, prefer=cfg.prefer,
+            transfer=cfg.transfer, proactive=cfg.proactive,
+            proactive_rate_Bps=cfg.proactive_mbps * 1e6 / 8,
+            upload_rate_Bps=None if cfg.upload_mbps is None else cfg.upload_mbps * 1e6 / 8,
         )  # fmt: skip
         inv = agent.connect()
     except (ModelError, NoEdgeError, BrokerUnavailableError, ValueError) as e:
@@ -148,7 +188,7 @@ def main_command(
         if as_json:
             print(json.dumps(rec), flush=True)
         else:
-            where = "edge " if rec["offloaded"] else "local"
+            where = f"edge {rec['edge']}" if rec["offloaded"] else "local"
             bar.console.print(
                 f"#{rec['query']:<4} {rec['top1']!s:<20} {rec['latency_ms']:>8.2f} ms "
                 f"(pred {rec['predicted_ms']:.1f}) {where} {rec['plan']}  ({rec['reason']})"
@@ -169,6 +209,11 @@ def main_command(
         print(json.dumps(summary.as_dict()), flush=True)
     else:
         console.print(summary_table(summary))
+        for h in summary.handoffs:
+            console.print(
+                f"handoff {h['from']} → {h['to']} at +{h['at_s']:.1f} s ({h['reason']}): "
+                f"it held {h['had']} blocks, {h['transfer']} by edge-to-edge transfer"
+            )
         if pkg.manifest.weights == "seeded":
             console.print("[yellow]seeded random weights: the labels above mean nothing[/]")
 

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from device_agent.handoff import HandoffPolicy
 from iotoffload.config import settings_from_toml
 from iotoffload.transport.topics import DEFAULT_PREFIX
 
@@ -38,6 +39,28 @@ class DeviceConfig(BaseSettings):
     deadline_ms: float | None = Field(default=None, gt=0, description="per-query; auto if unset")
     chunk_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
     tflite_threads: int = Field(default=1, ge=1, le=64)
+    # handoff between edges
+    handoff: bool = Field(default=True, description="move to a better edge on my own")
+    prefer: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                               description="stay on this edge whenever it is online")  # fmt: skip
+    handoff_margin: float = Field(
+        default=0.2, ge=0, lt=1, description="another edge must be predicted this much faster"
+    )
+    handoff_dwell_s: float = Field(default=3.0, ge=0, description="… for this long in a row")
+    handoff_hold_s: float = Field(default=5.0, ge=0, description="no policy move after a move")
+    handoff_rtt_ms: float = Field(default=250.0, gt=0, description="move when the RTT exceeds")
+    handoff_misses: int = Field(default=3, ge=1, description="move after this many misses")
+    transfer: bool = Field(default=True, description="new edge fetches blocks from the old one")
+    proactive: bool = Field(default=False, description="fill the likely next edge beforehand")
+    proactive_mbps: float = Field(default=8.0, gt=0, description="cap of a proactive upload")
+    upload_mbps: float | None = Field(default=None, gt=0, description="cap of the upload")
+
+    def policy(self) -> HandoffPolicy | None:
+        if not self.handoff:
+            return None
+        return HandoffPolicy(margin=self.handoff_margin, dwell_s=self.handoff_dwell_s,
+                             rtt_limit_ms=self.handoff_rtt_ms, miss_limit=self.handoff_misses,
+                             hold_s=self.handoff_hold_s)  # fmt: skip
 
     @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> DeviceConfig:

@@ -97,6 +97,7 @@ class SessionSummary:
     upload_s: float | None = None
     first_offloaded: int | None = None
     upload_errors: list[str] = field(default_factory=list)
+    handoffs: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         lat = np.asarray(self.latencies_ms or [0.0])
@@ -107,6 +108,7 @@ class SessionSummary:
             "bytes_uploaded": self.bytes_uploaded,
             "upload_s": None if self.upload_s is None else round(self.upload_s, 3),
             "first_offloaded_query": self.first_offloaded, "upload_errors": self.upload_errors,
+            "handoffs": self.handoffs,
         }  # fmt: skip
 
 
@@ -142,6 +144,7 @@ def run_session(
     still-running upload end after the last query."""
     summary = SessionSummary()
     t_up = time.perf_counter()
+    t_mono = time.monotonic()
     done = threading.Event()
 
     def upload() -> None:
@@ -173,4 +176,8 @@ def run_session(
     done.wait(finish_upload)  # optionally let the upload end, to report its duration
     summary.bytes_uploaded = agent.bytes_uploaded
     summary.upload_errors = list(agent.upload_errors)
+    summary.handoffs = [
+        {"from": h.source, "to": h.target, "reason": h.reason, "at_s": round(h.at - t_mono, 3),
+         "had": h.target_had, "transfer": h.transfer} for h in agent.handoffs
+    ]  # fmt: skip
     return summary

@@ -13,8 +13,10 @@ from iotoffload.transport.frame import (
     MAGIC,
     Error,
     FrameError,
+    PeerFetch,
     Query,
     Result,
+    Transfer,
     UploadChunk,
     decode,
     encode,
@@ -121,3 +123,20 @@ def test_any_tensor_round_trips(shape: list[int], dtype: str) -> None:
     x = (np.arange(int(np.prod(shape))) % 100).astype(dtype).reshape(shape)
     h, body = decode(encode_tensor_frame(Result, x, request_id="r", queue_ms=1.0, exec_ms=2.0))
     np.testing.assert_array_equal(tensor_of(h, body), x)
+
+
+def test_handoff_frames_round_trip_and_reject_bad_ids() -> None:
+    t = Transfer(device="d1", model_id=MID, source_edge="edge-a",
+                 source_broker="mqtt://127.0.0.1:1883", blocks=[3, 4, 5])  # fmt: skip
+    assert decode(encode(t))[0] == t
+    f = PeerFetch(peer="edge-b", device="d1", model_id=MID, blocks=[3])
+    assert decode(encode(f))[0] == f
+    bad = json.loads(t.model_dump_json()) | {"source_edge": "a/b"}  # would be a topic level
+    hb = json.dumps(bad).encode()
+    with pytest.raises(FrameError) as e:
+        decode(MAGIC + struct.pack(">BI", 1, len(hb)) + hb)
+    assert e.value.code == "invalid_header" and e.value.device == "d1"
+    empty = json.loads(f.model_dump_json()) | {"blocks": []}
+    hb = json.dumps(empty).encode()
+    with pytest.raises(FrameError):
+        decode(MAGIC + struct.pack(">BI", 1, len(hb)) + hb)

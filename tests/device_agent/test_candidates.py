@@ -1,0 +1,48 @@
+"""The edge table: zeroconf and status merge per edge; junk status messages are ignored."""
+
+from __future__ import annotations
+
+import json
+
+from device_agent.candidates import Candidates
+
+
+def _status(edge: str, state: str = "online", **extra: object) -> bytes:
+    return json.dumps({"edge": edge, "state": state, "broker": "mqtt://127.0.0.1:1884",
+                       "load": {"queue_ms": 12.5}, **extra}).encode()  # fmt: skip
+
+
+def test_status_and_zeroconf_merge_into_one_entry() -> None:
+    c = Candidates()
+    c.seen("b", "127.0.0.1:1884", "zeroconf", load=0.5)
+    got = c.from_status(_status("b"))
+    assert got is not None
+    e = c.get("b")
+    assert e is not None and e.sources == {"zeroconf", "status"}
+    assert e.broker == "mqtt://127.0.0.1:1884" and e.queue_ms == 12.5 and e.load == 0.5
+
+
+def test_offline_status_and_zeroconf_removal_mark_the_edge_offline() -> None:
+    c = Candidates()
+    c.from_status(_status("b"))
+    c.from_status(_status("b", "offline"))
+    assert c.get("b") is not None and not c.get("b").online  # type: ignore[union-attr]
+    c.from_status(_status("b"))
+    c.gone("b")
+    assert not c.get("b").online  # type: ignore[union-attr]
+    c.gone("never-seen")  # nothing to mark
+    assert [e.id for e in c.all()] == ["b"]
+
+
+def test_junk_status_is_ignored() -> None:
+    c = Candidates()
+    for junk in (
+        b"not json",
+        b"[]",
+        json.dumps({"edge": 3}).encode(),
+        json.dumps({"edge": "x", "state": "weird", "broker": "b"}).encode(),
+        json.dumps({"edge": "x", "state": "online"}).encode(),  # no broker
+        json.dumps({"edge": "x", "state": "online", "broker": "ftp://h"}).encode(),
+    ):
+        assert c.from_status(junk) is None
+    assert c.all() == []
