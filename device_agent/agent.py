@@ -172,6 +172,7 @@ class DeviceAgent:
         self._wake = threading.Event()
         self._watcher: EdgeWatcher | None = None
         self._monitor: threading.Thread | None = None
+        self.late_answers = 0  # results that came after their query was answered otherwise
 
     # the current edge (compatible accessors) ------------------------------------------------
     @property
@@ -303,6 +304,11 @@ class DeviceAgent:
             link.close()
 
     # handoff --------------------------------------------------------------------------------
+    def add_edge(self, edge: str, broker: str) -> None:
+        """Make an edge known without discovery (configured, or from another app)."""
+        self.candidates.seen(check_id("edge", edge), broker, "config")
+        self._wake.set()
+
     def set_prefer(self, edge: str | None) -> None:
         """Force the device onto ``edge`` whenever it is online (None: the policy decides)."""
         self.prefer = check_id("edge", edge) if edge else None
@@ -600,6 +606,8 @@ class DeviceAgent:
             with self._lock:
                 pend = self._pending.get(rid) if rid else None
             if pend is None:
+                if isinstance(h, Result):
+                    self.late_answers += 1  # ignored: the query already has its one answer
                 if isinstance(h, Error):
                     log.warning("edge %s error %s: %s", h.edge or "?", h.code, h.message)
                     s = self._session_of(h.edge)

@@ -217,6 +217,71 @@ def scale(
 
 @app.command()
 @user_errors
+def handoff(
+    model: ModelOpt = "mobilenet",
+    modes: Annotated[
+        str, typer.Option(help="reupload,transfer,proactive,proactive-upload")
+    ] = "reupload,transfer,proactive,proactive-upload",
+    rate: Annotated[float, typer.Option(min=0.5, max=100, help="Queries per second.")] = 10.0,
+    before: Annotated[float, typer.Option(min=0.5, help="Seconds on A before the move.")] = 3.0,
+    after: Annotated[float, typer.Option(min=0.5, help="Seconds after the move.")] = 8.0,
+    split: Annotated[int, typer.Option(help="Fixed split: offloading is visible.")] = 10,
+    uplink: Annotated[
+        float, typer.Option(help="The device's uplink, Mbit/s (its upload is capped); 0: none.")
+    ] = 20.0,
+    out: OutOpt = Path("bench-results"),
+) -> None:
+    """A device moves from edge A to edge B while it sends queries at a fixed rate; queries
+    lost, answered twice, time without offloading and the device's bytes, for each way of
+    getting the model onto B (loopback, one mosquitto per edge)."""
+    from iotoffload.bench.handoff import MODES, plot, run_all
+
+    pkg = ModelCache.from_settings().resolve(model)
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in MODES]
+    if bad:
+        raise ValueError(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
+    runs = run_all(pkg, chosen, rate_qps=rate, before_s=before, after_s=after, split=split,
+                   uplink_mbit=uplink or None)  # fmt: skip
+    _save(
+        out,
+        "handoff",
+        {
+            "scenario": "handoff",
+            "model": pkg.name,
+            "runs": [{"summary": r.summary, "records": r.records} for r in runs],
+        },
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    plot(runs, before, out / "handoff.png")
+    t = Table(title="handoff scenario (A → B at the dashed line)")
+    for col in (
+        "mode",
+        "queries",
+        "lost",
+        "twice",
+        "s without offload",
+        "local after move",
+        "device → B MB",
+        "blocks A → B",
+        "B filled before, s",
+    ):
+        t.add_column(col, justify="right")
+    for r in runs:
+        m = r.summary
+        t.add_row(
+            m["mode"], str(m["queries"]), str(m["lost"]), str(m["answered_twice"]),
+            "never" if m["no_offload_s"] is None else f"{m['no_offload_s']:.2f}",
+            str(m["local_after_move"]), f"{m['device_bytes_to_b'] / 1e6:.2f}",
+            str(m["blocks_from_a"]),
+            "-" if m["fill_before_s"] is None else f"{m['fill_before_s']:.2f}",
+        )  # fmt: skip
+    console.print(t)
+    console.print(f"wrote {out / 'handoff.json'} and {out / 'handoff.png'}")
+
+
+@app.command()
+@user_errors
 def report(
     results: Annotated[Path, typer.Option(help="Directory with the scenarios' JSON.")] = Path(
         "bench-results"

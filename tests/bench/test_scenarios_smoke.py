@@ -68,3 +68,26 @@ def test_report_page_from_one_run(env: ModelPackage, tmp_path: Path) -> None:
     assert "## Energy" in text and "## Scale" in text and "iotoffload bench x" in text
     assert "## Headline ratios" in text and "cores" in text
     assert (doc.parent / "benchmarks" / "energy.png").is_file()
+
+
+def test_handoff_smoke_every_way_loses_nothing(env: ModelPackage, tmp_path: Path) -> None:
+    _run(["handoff", "--rate", "10", "--before", "1", "--after", "3", "--uplink", "0",
+          "--out", str(tmp_path)])  # fmt: skip
+    runs = {r["summary"]["mode"]: r for r in
+            json.loads((tmp_path / "handoff.json").read_text())["runs"]}  # fmt: skip
+    assert set(runs) == {"reupload", "transfer", "proactive", "proactive-upload"}
+    full = sum(b.onnx_bytes for b in env.blocks)
+    n = env.num_blocks
+    for mode, r in runs.items():
+        m = r["summary"]
+        assert m["lost"] == 0 and m["answered_twice"] == 0 and m["answered"] == m["queries"]
+        assert m["no_offload_s"] is not None, mode  # back to offloading, on B
+        assert r["records"][-1]["edge"] == "bench-b"
+    assert runs["reupload"]["summary"]["device_bytes_to_b"] == full
+    assert runs["transfer"]["summary"]["device_bytes_to_b"] == 0
+    assert runs["transfer"]["summary"]["blocks_from_a"] == n
+    assert runs["proactive"]["summary"]["blocks_from_a"] == n
+    assert runs["proactive-upload"]["summary"]["device_bytes_to_b"] == full
+    for mode in ("proactive", "proactive-upload"):  # B was full before the move
+        assert runs[mode]["summary"]["local_after_move"] == 0
+    assert (tmp_path / "handoff.png").is_file()
