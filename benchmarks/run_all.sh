@@ -9,7 +9,8 @@ cmd="iotoffload bench upload --bandwidths 5,20,80 --cpu 25 --duration 90 --after
 iotoffload bench overhead --repeat 30
 iotoffload bench energy --bandwidths 5,20,80
 iotoffload bench load --steps 0,1,2,4 --queries 20
-iotoffload bench scale --devices 1,2,4,8 --seconds 5"
+iotoffload bench scale --devices 1,2,4,8 --seconds 5
+iotoffload bench handoff --rate 10 --before 3 --after 8 --uplink 20"
 while IFS= read -r line; do
   echo "== $line"
   # shellcheck disable=SC2086

@@ -54,6 +54,37 @@ def _upload(d: dict[str, Any]) -> tuple[str, list[str]]:
     return text, heads
 
 
+def _handoff(d: dict[str, Any]) -> tuple[str, list[str]]:
+    ms = [r["summary"] for r in d["runs"]]
+    first = ms[0] if ms else {}
+    rows = [[m["mode"], m["queries"], m["lost"], m["answered_twice"], m["no_offload_s"],
+             m["local_after_move"], m["device_bytes_to_b"] / 1e6, m["blocks_from_a"],
+             m["fill_before_s"]] for m in ms]  # fmt: skip
+    heads = [f"handoff {m['mode']}: {m['lost']} lost, {m['answered_twice']} answered twice, "
+             f"{_f(m['no_offload_s'], 2)} s without offloading, device sent B "
+             f"{m['device_bytes_to_b'] / 1e6:.1f} MB" for m in ms]  # fmt: skip
+    text = (
+        f"Model {d['model']}, split {first.get('split')}, {first.get('rate_qps')} queries/s, "
+        f"device uplink capped at {first.get('uplink_mbit')} Mbit/s, backhaul = loopback.\n\n"
+        + _table(
+            [
+                "mode",
+                "queries",
+                "lost",
+                "twice",
+                "s without offload",
+                "local after move",
+                "device → B MB",
+                "blocks A → B",
+                "B filled before, s",
+            ],
+            rows,
+        )  # fmt: skip
+        + "\n\n![handoff](benchmarks/handoff.png)"
+    )
+    return text, heads
+
+
 def build_report(results: Path, doc: Path, command: str) -> list[str]:
     """Write ``doc`` (and copy the PNGs next to it); returns the headline lines."""
     assets = doc.parent / "benchmarks"
@@ -114,6 +145,10 @@ def build_report(results: Path, doc: Path, command: str) -> list[str]:
             ["Mbit/s", "objective", "plan", "latency ms", "energy mJ"],
             [[r["rate_mbit"], r["objective"], r["plan"], r["latency_ms"], r["energy_mj"]]
              for r in d["rows"]]) + "\n\n![energy](benchmarks/energy.png)\n")  # fmt: skip
+    if (results / "handoff.json").is_file():
+        text, h = _handoff(load("handoff"))
+        heads += h
+        parts.append("## Handoff (a device moves from edge A to edge B)\n\n" + text + "\n")
     parts.insert(3, "## Headline ratios\n\n" + "\n".join(f"- {h}" for h in heads) + "\n")
     doc.write_text("\n".join(parts))
     return heads

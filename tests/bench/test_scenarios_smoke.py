@@ -91,3 +91,7 @@ def test_handoff_smoke_every_way_loses_nothing(env: ModelPackage, tmp_path: Path
     for mode in ("proactive", "proactive-upload"):  # B was full before the move
         assert runs[mode]["summary"]["local_after_move"] == 0
     assert (tmp_path / "handoff.png").is_file()
+    doc = tmp_path / "benchmarks.md"
+    _run(["report", "--results", str(tmp_path), "--doc", str(doc)])
+    text = doc.read_text()
+    assert "## Handoff" in text and "handoff transfer: 0 lost" in text
