@@ -63,23 +63,12 @@ def _handoff(d: dict[str, Any]) -> tuple[str, list[str]]:
     heads = [f"handoff {m['mode']}: {m['lost']} lost, {m['answered_twice']} answered twice, "
              f"{_f(m['no_offload_s'], 2)} s without offloading, device sent B "
              f"{m['device_bytes_to_b'] / 1e6:.1f} MB" for m in ms]  # fmt: skip
+    header = ["mode", "queries", "lost", "twice", "s without offload", "local after move",
+              "device → B MB", "blocks A → B", "B filled before, s"]  # fmt: skip
     text = (
         f"Model {d['model']}, split {first.get('split')}, {first.get('rate_qps')} queries/s, "
         f"device uplink capped at {first.get('uplink_mbit')} Mbit/s, backhaul = loopback.\n\n"
-        + _table(
-            [
-                "mode",
-                "queries",
-                "lost",
-                "twice",
-                "s without offload",
-                "local after move",
-                "device → B MB",
-                "blocks A → B",
-                "B filled before, s",
-            ],
-            rows,
-        )  # fmt: skip
+        + _table(header, rows)
         + "\n\n![handoff](benchmarks/handoff.png)"
     )
     return text, heads
