@@ -37,8 +37,10 @@ def find_edge(cfg: DeviceConfig) -> tuple[str, str]:
         if not online:
             raise NoEdgeError(f"no edge reports itself online on {cfg.broker}")
         return cfg.broker, online[0]
-    found = browse_edges(cfg.interface, cfg.discovery_timeout, want=1)
-    if cfg.edge != "auto":
+    if cfg.edge == "auto":
+        found = browse_edges(cfg.interface, cfg.discovery_timeout, want=1)
+    else:  # other edges may answer first: wait for this one
+        found = browse_edges(cfg.interface, cfg.discovery_timeout, edge_id=cfg.edge)
         found = [r for r in found if r.id == cfg.edge]
     if not found:
         raise NoEdgeError(

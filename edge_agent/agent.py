@@ -88,7 +88,7 @@ class EdgeAgent:
         self.peers = PeerTransfers(
             config.id, self.topics, own_link=self._link, own_broker=lambda: self.broker_url,
             on_upload=self._on_upload, block_path=self._stored_block,
-            reply_error=lambda dev, e: self._reply(dev, e.model_copy(update={"edge": config.id})),
+            reply_error=lambda dev, e: self._error(dev, e.code, e.message, e.request_id),
             allowed_brokers=config.peer_brokers, protocol=config.protocol,
             chunk_bytes=config.transfer_chunk_bytes,
         )  # fmt: skip

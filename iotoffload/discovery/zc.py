@@ -104,8 +104,11 @@ def _record(info: ServiceInfo) -> EdgeRecord | None:
         return None
 
 
-def browse_edges(interface: str, timeout: float = 3.0, want: int | None = None) -> list[EdgeRecord]:
-    """Edges seen within ``timeout`` seconds (returns early once ``want`` were resolved)."""
+def browse_edges(
+    interface: str, timeout: float = 3.0, want: int | None = None, edge_id: str | None = None
+) -> list[EdgeRecord]:
+    """Edges seen within ``timeout`` seconds (returns early once ``want`` were resolved, or
+    once the edge ``edge_id`` was)."""
     zc = _zc(interface)
     names: set[str] = set()
     seen = threading.Event()
@@ -131,6 +134,8 @@ def browse_edges(interface: str, timeout: float = 3.0, want: int | None = None) 
                 if rec:
                     found[name] = rec
             if want is not None and len(found) >= want:
+                break
+            if edge_id is not None and any(r.id == edge_id for r in found.values()):
                 break
     finally:
         browser.cancel()

@@ -85,3 +85,45 @@ def test_demo_runs_end_to_end(mobilenet: ModelPackage) -> None:
     assert summary["queries"] == 6 and summary["offloaded"] + summary["local"] == 6
     assert summary["bytes_uploaded"] > 0
     assert "discovered edge demo-edge" in r.stderr
+
+
+def test_device_agent_prefer_moves_to_an_edge_found_by_zeroconf_on_another_broker(
+    mobilenet: ModelPackage, tmp_path: Path
+) -> None:
+    env = _env(mobilenet)
+    iface = os.environ["IOTOFFLOAD_INTERFACE"]
+    pa, pb = free_port(), free_port()
+    edges = []
+    for eid, port, extra in (
+        ("cli-a", pa, []),
+        ("cli-b", pb, ["--peer-broker", f"mqtt://127.0.0.1:{pa}"]),
+    ):
+        edges.append(subprocess.Popen(
+            [BIN / "edge-agent", "start", "--port", str(port), "--id", eid, "--store",
+             str(tmp_path / eid), "--interface", iface, *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))  # fmt: skip
+    try:
+        time.sleep(1.5)
+        r = subprocess.run(
+            [BIN / "device-agent", "--broker", f"mqtt://127.0.0.1:{pa}", "--edge", "cli-a",
+             "--prefer", "cli-b", "--split", "10", "--count", "80", "--interval", "0.1",
+             "--json", "--interface", iface],
+            env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+        queries, summary = lines[:-1], lines[-1]
+        assert [q["query"] for q in queries] == list(range(80))  # each answered, once
+        moves = summary["handoffs"]
+        assert [(h["from"], h["to"], h["reason"]) for h in moves] == [
+            ("cli-a", "cli-b", "preferred")
+        ]
+        assert queries[-1]["session_edge"] == "cli-b"
+        assert queries[-1]["offloaded"] and queries[-1]["edge"] == "cli-b"
+        assert {q["edge"] for q in queries} <= {"cli-a", "cli-b", None}
+    finally:
+        for e in edges:
+            e.send_signal(signal.SIGTERM)
+        for e in edges:
+            e.communicate(timeout=20)

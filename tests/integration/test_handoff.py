@@ -206,3 +206,29 @@ def test_b_holding_the_model_first_query_after_the_move_is_offloaded_on_b(
         h = dev.handoffs[0]
         assert h.reason == "preferred" and h.target_had == mobilenet.num_blocks
         assert dev.sessions[b_id].bytes_uploaded == 0
+
+
+def test_refused_transfer_falls_back_to_the_device_upload(
+    mobilenet: ModelPackage, two_brokers: tuple[str, str], tmp_path: Path
+) -> None:
+    url_a, url_b = two_brokers
+    a_id, b_id = _uid("edge-a"), _uid("edge-b")
+    with ExitStack() as stack:
+        stack.callback(_edge(a_id, url_a, tmp_path / "sa", advertise=False).stop)
+        edge_b = _edge(b_id, url_b, tmp_path / "sb", advertise=False)  # A's broker not allowed
+        stack.callback(edge_b.stop)
+        dev = DeviceAgent(mobilenet, url_a, a_id, split=SPLIT, deadline_ms=5000)
+        stack.callback(dev.close)
+        assert dev.connect() is not None
+        dev.upload()
+        dev.add_edge(b_id, url_b)
+        assert dev.move_to(b_id, "test")
+        full = frozenset(range(mobilenet.num_blocks))
+        _wait(lambda: dev.sessions[b_id].stored == full, 60, "every block on B")
+        assert dev.handoffs[0].transfer == mobilenet.num_blocks  # asked, and refused
+        assert edge_b.stats.blocks_from_peers == 0
+        assert dev.sessions[b_id].bytes_uploaded == sum(b.onnx_bytes for b in mobilenet.blocks)
+        assert edge_b.stats.error_codes["transfer_refused"] == 1
+        assert dev.sessions[b_id].peer_failed == full  # the device was told at once
+        x = np.zeros((1, 224, 224, 3), np.float32)
+        assert dev.query(x).edge == b_id
