@@ -392,6 +392,8 @@ class DeviceAgent:
                     new.request_transfer(old, asked)
             with self._lock:
                 self.session = new
+            if self._proactive_target == edge_id:  # done: the next edge may be filled later
+                self._proactive_target = None
             ev = HandoffEvent(time.monotonic(), old.edge_id, edge_id, reason,
                               len(inv.stored), len(asked))  # fmt: skip
             self.handoffs.append(ev)

@@ -232,3 +232,31 @@ def test_refused_transfer_falls_back_to_the_device_upload(
         assert dev.sessions[b_id].peer_failed == full  # the device was told at once
         x = np.zeros((1, 224, 224, 3), np.float32)
         assert dev.query(x).edge == b_id
+
+
+def test_graceful_stop_of_a_moves_at_once_to_b_holding_the_model(
+    mobilenet: ModelPackage, tmp_path: Path
+) -> None:
+    with EmbeddedBroker() as broker, ExitStack() as stack:
+        a_id, b_id = _uid("edge-a"), _uid("edge-b")
+        edge_a = _edge(a_id, broker.url, tmp_path / "a", 311, advertise=False)
+        edge_b = _edge(b_id, broker.url, tmp_path / "b", 311, advertise=False)
+        stack.callback(edge_b.stop)
+        seeder = DeviceAgent(mobilenet, broker.url, b_id, split=SPLIT, protocol=311)
+        stack.callback(seeder.close)
+        assert seeder.connect() is not None
+        seeder.upload()
+        dev = DeviceAgent(mobilenet, broker.url, a_id, split=SPLIT, deadline_ms=5000,
+                          protocol=311, handoff=HandoffPolicy(), probe_interval=0.5)  # fmt: skip
+        stack.callback(dev.close)
+        assert dev.connect() is not None
+        dev.upload()
+        x = np.zeros((1, 224, 224, 3), np.float32)
+        assert dev.query(x, 0).edge == a_id
+        _wait(lambda: b_id in dev.sessions and dev.sessions[b_id].inventory_seen, 10, "B probed")
+        assert dev.edge_id == a_id  # B is no better: no move while A serves
+        edge_a.stop()  # graceful: retained status says offline
+        _wait(lambda: dev.edge_id == b_id, 10, "the move to B")
+        assert dev.handoffs[-1].reason == "current edge offline"
+        out = dev.query(x, 1)
+        assert out.offloaded and out.edge == b_id
