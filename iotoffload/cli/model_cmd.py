@@ -16,6 +16,7 @@ from iotoffload.config import ModelSettings
 from iotoffload.model.build import prepare_catalog, prepare_pair
 from iotoffload.model.cache import ModelCache
 from iotoffload.model.catalog import CATALOG
+from iotoffload.model.cuts import CUT_POLICIES
 from iotoffload.model.errors import ModelError
 from iotoffload.model.package import ModelPackage
 from iotoffload.model.preprocess import load_input, top_k
@@ -103,12 +104,13 @@ def prepare(
         str | None, typer.Option("--name", help="Name for --tflite/--onnx.")
     ] = None,
     cuts: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="narrow: cut where the boundary tensor is a local minimum (block outputs) | "
-            "all: every single-tensor cut point"
+            "blocks: every single-tensor cut, light segments merged (residual nets) | "
+            "all: every single-tensor cut point. Default: the catalog entry's, else narrow."
         ),
-    ] = "narrow",
+    ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild an existing package.")] = False,
     tolerance: Annotated[
         float, typer.Option(help="Max relative error of any split.")
@@ -133,8 +135,8 @@ def prepare(
     """Build a model package: a catalog model (see `model list --available`), a user's ONNX
     model (--onnx M.onnx --name N: cut in the graph, each block converted by onnx2tf), or a
     user's whole-model .tflite + .onnx pair (cut without TensorFlow; the 'cut' extra)."""
-    if cuts not in ("narrow", "all"):
-        raise ModelError("--cuts must be 'narrow' or 'all'")
+    if cuts is not None and cuts not in CUT_POLICIES:
+        raise ModelError(f"--cuts must be one of {', '.join(CUT_POLICIES)}")
     cache = _cache(cache_dir)
     t0 = time.perf_counter()
     with rich_progress() as progress:
@@ -146,7 +148,7 @@ def prepare(
             shape = tuple(int(v) for v in input_shape.split(","))
             pkg = prepare_torch_module(
                 torch_ref, package_name, out or cache.path(package_name), input_shape=shape,
-                policy=cuts,  # type: ignore[arg-type]
+                policy=cuts or "narrow",
                 force=force, tolerance=tolerance, progress=progress,
             )  # fmt: skip
         elif onnx and not tflite:
@@ -156,7 +158,7 @@ def prepare(
 
             pkg = prepare_onnx(
                 onnx, package_name, out or cache.path(package_name),
-                policy=cuts,  # type: ignore[arg-type]
+                policy=cuts or "narrow",
                 force=force, tolerance=tolerance, progress=progress,
             )  # fmt: skip
         elif tflite or onnx:
@@ -169,7 +171,7 @@ def prepare(
                 onnx,
                 package_name,
                 out or cache.path(package_name),
-                policy=cuts,  # type: ignore[arg-type]
+                policy=cuts or "narrow",
                 force=force,
                 tolerance=tolerance,
                 progress=progress,
@@ -188,7 +190,7 @@ def prepare(
                 out or cache.path(name),
                 weights=weights,
                 seed=seed,
-                policy=cuts,  # type: ignore[arg-type]
+                policy=cuts,
                 export_whole=export_whole,
                 force=force,
                 tolerance=tolerance,

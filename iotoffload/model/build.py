@@ -133,7 +133,7 @@ def prepare_catalog(
     *,
     weights: str = "auto",
     seed: int = 0,
-    policy: CutPolicy = "narrow",
+    policy: CutPolicy | None = None,
     export_whole: Path | None = None,
     force: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
@@ -142,6 +142,7 @@ def prepare_catalog(
     """Build a catalog model: Keras models through TensorFlow in a worker process, PyTorch
     models through an ONNX export (worker process) and onnx2tf."""
     progress = progress or SilentProgress()
+    policy = policy or entry.cuts
     if entry.source.startswith("torch:"):
         return _prepare_torch(entry, dest, policy=policy, force=force, tolerance=tolerance,
                               progress=progress)  # fmt: skip

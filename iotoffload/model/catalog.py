@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from iotoffload.model.cuts import CutPolicy
 from iotoffload.model.manifest import Preprocessing
 
 
@@ -17,6 +18,7 @@ class CatalogEntry:
     weights_note: str  # where real weights come from
     needs: str = "convert"  # the extra that builds it
     labels: str | None = None  # "imagenet": the shipped ImageNet-1k labels
+    cuts: CutPolicy = "narrow"  # the default cut policy for this network
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -61,6 +63,7 @@ CATALOG: dict[str, CatalogEntry] = {
         ),
         weights_note="ImageNet weights through Keras when obtainable, else seeded random weights",
         labels="imagenet",
+        cuts="blocks",  # stage outputs shrink stage by stage: few local minima
     ),
 }
 

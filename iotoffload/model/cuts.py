@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-CutPolicy = Literal["narrow", "all"]
+CutPolicy = Literal["narrow", "blocks", "all"]
+CUT_POLICIES: tuple[CutPolicy, ...] = ("narrow", "blocks", "all")
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,14 @@ def select_cuts(g: OpGraph, cuts: Sequence[Cut], policy: CutPolicy = "narrow") -
     ``narrow`` keeps cuts whose tensor is a local minimum of size along the chain (a split is
     only worth its transfer where the tensor is small, e.g. block outputs of MobileNetV2, never
     its 6x expanded insides), then merges segments that hold no heavy op (a lone BN, ReLU or
-    softmax is not worth a block of its own). ``all`` keeps every cut.
+    softmax is not worth a block of its own). ``blocks`` keeps every cut but merges the light
+    segments: for residual networks (ResNet) whose block outputs shrink stage after stage, so
+    that few of them are local minima. ``all`` keeps every cut.
     """
     if policy == "all" or not cuts:
         return list(cuts)
+    if policy == "blocks":
+        return _merge_light_segments(g, list(cuts))
     big = float("inf")
 
     def size(c: Cut) -> float:

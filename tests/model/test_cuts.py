@@ -110,3 +110,27 @@ def test_reported_cuts_are_exactly_the_single_tensor_points(g: OpGraph) -> None:
     kept = select_cuts(g, single_tensor_cuts(g), "narrow")
     all_cuts = [c.tensor for c in single_tensor_cuts(g)]
     assert [c.tensor for c in kept] == [t for t in all_cuts if t in {c.tensor for c in kept}]
+
+
+def test_blocks_policy_cuts_every_residual_block_of_a_shrinking_resnet() -> None:
+    # stem conv 400 -> bn -> pool 100; then 3 residual blocks whose outputs shrink by stage
+    # (400, 200, 100: none is a local minimum after the pool) and a light head
+    ops = [Op("conv", ("x",), ("s",), True), Op("bn", ("s",), ("sb",)),
+           Op("pool", ("sb",), ("p",))]  # fmt: skip
+    sizes = {"x": 300, "s": 400, "sb": 400, "p": 100}
+    prev = "p"
+    for i, size in enumerate((400, 200, 100)):
+        a, b, y = f"a{i}", f"b{i}", f"y{i}"
+        ops += [Op("conv", (prev,), (a,), True), Op("conv", (a,), (b,), True),
+                Op("add", (prev, b), (y,))]  # fmt: skip
+        sizes.update({a: size, b: size, y: size})
+        prev = y
+    ops += [Op("gap", (prev,), ("g",)), Op("fc", ("g",), ("out",), True)]
+    sizes.update({"g": 20, "out": 10})
+    g = OpGraph(ops=ops, inputs=("x",), outputs=("out",), sizes=sizes)
+    narrow = [c.tensor for c in select_cuts(g, single_tensor_cuts(g), "narrow")]
+    blocks = [c.tensor for c in select_cuts(g, single_tensor_cuts(g), "blocks")]
+    assert len(narrow) <= 2  # the pool and the pooled head only
+    # the stem's bn and pool join the stem conv; the light pooling joins the last residual
+    # block, so the fc head is a block of its own behind the smallest tensor
+    assert blocks == ["p", "y0", "y1", "g"]
