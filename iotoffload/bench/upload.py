@@ -24,6 +24,7 @@ class UploadRun:
     rate_mbit: float
     cpu_percent: int
     network: str  # "netns" or "loopback"
+    rtt_ms: float = 0.0  # extra round trip through the delay proxy
     records: list[dict[str, Any]] = field(default_factory=list)
     upload_s: float | None = None
     bytes_uploaded: int = 0
@@ -65,25 +66,37 @@ def run_once(
     duration: float,
     after_upload: float,
     interval: float,
+    rtt_ms: float = 0.0,
 ) -> UploadRun:
-    """One fresh edge, one device: the device uploads while querying; returns its records."""
+    """One fresh edge, one device: the device uploads while querying; returns its records.
+    ``rtt_ms``: extra round-trip time through a delay proxy in front of the broker."""
     store = Path(tempfile.mkdtemp(prefix="iotoffload-bench-store-"))
     host = testbed.edge_ip if testbed else "127.0.0.1"
     port = EDGE_PORT if testbed else free_port()
     py = sys.executable
     edge_args = [py, "-m", "iotoffload.bench._edge_runner", "--host", host, "--port",
                  str(port), "--store", str(store)]  # fmt: skip
+    dev_port = port
+    proxy = None
+    if rtt_ms > 0:
+        dev_port = EDGE_PORT + 1 if testbed else free_port()
+        proxy_args = [py, "-m", "iotoffload.bench.delay_proxy", "--listen", f"{host}:{dev_port}",
+                      "--target", f"{host}:{port}", "--delay-ms", str(rtt_ms / 2)]  # fmt: skip
+        cmd = testbed.edge_cmd(*proxy_args) if testbed else proxy_args
+        proxy = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     dev_args = [py, "-m", "iotoffload.bench._device_runner", "--broker",
-                f"mqtt://{host}:{port}", "--package", str(package), "--planner", planner,
+                f"mqtt://{host}:{dev_port}", "--package", str(package), "--planner", planner,
                 "--rate-mbit", str(rate_mbit), "--duration", str(duration),
                 "--after-upload", str(after_upload), "--interval", str(interval)]  # fmt: skip
     edge = subprocess.Popen(testbed.edge_cmd(*edge_args) if testbed else edge_args,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-    run = UploadRun(planner, rate_mbit, cpu_percent, "netns" if testbed else "loopback")
+    run = UploadRun(planner, rate_mbit, cpu_percent, "netns" if testbed else "loopback", rtt_ms)
     try:
         assert edge.stdout is not None
         if "ready" not in edge.stdout.readline():
             raise RuntimeError("the bench edge did not start")
+        if proxy is not None and (proxy.stdout is None or "ready" not in proxy.stdout.readline()):
+            raise RuntimeError("the delay proxy did not start")
         dev = subprocess.Popen(testbed.device_cmd(*dev_args) if testbed else dev_args,
                                stdout=subprocess.PIPE, text=True)  # fmt: skip
         if testbed:
@@ -96,6 +109,14 @@ def run_once(
             else:
                 run.records.append(rec)
     finally:
+        if proxy is not None:
+            if proxy.stdin:
+                proxy.stdin.close()
+            try:
+                proxy.wait(5)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+                proxy.wait(5)
         if edge.stdin:
             edge.stdin.close()
         try:

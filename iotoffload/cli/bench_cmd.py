@@ -32,6 +32,9 @@ def upload(
     duration: Annotated[float, typer.Option(help="Longest run, seconds.")] = 120.0,
     after_upload: Annotated[float, typer.Option(help="Seconds measured after the upload.")] = 5.0,
     loopback: Annotated[bool, typer.Option(help="Skip the emulated network.")] = False,
+    rtt_ms: Annotated[
+        float, typer.Option(min=0, help="Extra round-trip time (delay proxy), ms.")
+    ] = 0.0,
     out: Annotated[Path, typer.Option(help="Directory for JSON and PNG.")] = Path("bench-results"),
 ) -> None:
     """IONN's experiment: latency over time from the first contact with a fresh edge while the
@@ -52,7 +55,7 @@ def upload(
         for name in names:
             err_console.print(f"{rate:g} Mbit/s, planner {name} …")
             kw = dict(cpu_percent=cpu if use_netns else 100, duration=duration,
-                      after_upload=after_upload, interval=interval)  # fmt: skip
+                      after_upload=after_upload, interval=interval, rtt_ms=rtt_ms)  # fmt: skip
             if use_netns:
                 with Testbed(rate_mbit=rate, device_cpu_percent=cpu) as tb:
                     runs.append(run_once(pkg.root, name, rate, testbed=tb, **kw))  # type: ignore[arg-type]
@@ -62,6 +65,7 @@ def upload(
     result = {
         "scenario": "upload", "model": pkg.name, "network": "netns" if use_netns else "loopback",
         "cpu_percent": cpu if use_netns else 100, "seconds": time.perf_counter() - t0,
+        "rtt_ms": rtt_ms,
         "runs": [r.summary() | {"records": r.records} for r in runs],
     }  # fmt: skip
     (out / "upload.json").write_text(json.dumps(result, indent=1))

@@ -27,10 +27,11 @@ def test_loopback_smoke_writes_table_json_and_plot(
     r = CliRunner().invoke(app, [
         "bench", "upload", "--loopback", "--bandwidths", "100", "--planners", "local,auto",
         "--duration", "8", "--after-upload", "1", "--interval", "0.1", "--out", str(tmp_path),
+        "--rtt-ms", "10",  # through the delay proxy
     ])  # fmt: skip
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "upload.json").read_text())
-    assert result["network"] == "loopback"
+    assert result["network"] == "loopback" and result["rtt_ms"] == 10
     runs = {x["planner"]: x for x in result["runs"]}
     assert runs["auto"]["bytes_uploaded"] == sum(b.onnx_bytes for b in mobilenet.blocks)
     assert runs["auto"]["upload_s"] is not None and runs["auto"]["queries"] > 3
@@ -80,8 +81,8 @@ def test_testbed_is_removed_when_the_body_fails() -> None:
 def test_upload_run_over_the_emulated_network(mobilenet: ModelPackage) -> None:
     with Testbed(rate_mbit=50, device_cpu_percent=50, tag=f"t3{os.getpid() % 1000}") as tb:
         run = run_once(mobilenet.root, "auto", 50, testbed=tb, cpu_percent=50, duration=20,
-                       after_upload=1, interval=0.1)  # fmt: skip
-    assert run.network == "netns" and run.upload_s is not None
+                       after_upload=1, interval=0.1, rtt_ms=20)  # fmt: skip
+    assert run.network == "netns" and run.upload_s is not None and run.rtt_ms == 20
     assert run.bytes_uploaded == sum(b.onnx_bytes for b in mobilenet.blocks)
     # 14 MB at 50 Mbit/s takes at least 2.2 s: the shaping applied to the upload
     assert run.upload_s > 2.0 and run.records
