@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # One full benchmark run (as root for the emulated network), then the results page.
+# ResNet-50 where offloading pays (upload, load, energy); MobileNetV2 for the middleware's own
+# costs (overhead, scale, handoff). Build resnet50 first: iotoffload model prepare resnet50
 #   bash benchmarks/run_all.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-bench-results}"
 bin=.venv/bin
-cmd="iotoffload bench upload --bandwidths 5,20,80 --cpu 25 --duration 90 --after-upload 5 --interval 0.25
+cmd="iotoffload bench upload --model resnet50 --bandwidths 20,80 --cpu 25 --rtt-ms 10 --duration 100 --after-upload 8 --interval 0.25
+iotoffload bench load --model resnet50 --steps 0,1,2,4 --queries 10 --cpu 25
 iotoffload bench overhead --repeat 30
-iotoffload bench energy --bandwidths 5,20,80
-iotoffload bench load --steps 0,1,2,4 --queries 20
+iotoffload bench energy --model resnet50 --bandwidths 5,20,80 --edge-speed 4 --device-slowdown 4
 iotoffload bench scale --devices 1,2,4,8 --seconds 5
 iotoffload bench handoff --rate 10 --before 3 --after 8 --uplink 20"
 while IFS= read -r line; do

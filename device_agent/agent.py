@@ -113,6 +113,7 @@ class DeviceAgent:
         proactive_rate_Bps: float = 1e6,  # noqa: N803
         upload_rate_Bps: float | None = None,  # noqa: N803
         probe_interval: float = 2.0,
+        peer_stall_s: float = 3.0,
     ) -> None:
         """``handoff``: the move policy (None: never move on its own; ``move_to`` and
         ``prefer`` still work). ``interface``: watch zeroconf there for more edges.
@@ -148,6 +149,7 @@ class DeviceAgent:
         self.proactive_rate_Bps = proactive_rate_Bps
         self.upload_rate_Bps = upload_rate_Bps
         self.probe_interval = probe_interval
+        self.peer_stall_s = peer_stall_s  # a transfer without progress this long: upload myself
         self.candidates = Candidates()
         self.handoffs: list[HandoffEvent] = []
         self._links: dict[str, MqttLink] = {}
@@ -248,7 +250,7 @@ class DeviceAgent:
     def _new_session(self, edge_id: str, url: str, inputs: PlanningInputs) -> EdgeSession:
         s = EdgeSession(edge_id, url, self._link_for(url), pkg=self.pkg,
                         device_id=self.device_id, topics=self.topics, inputs=inputs,
-                        chunk_size=self.chunk_size)  # fmt: skip
+                        chunk_size=self.chunk_size, peer_stall_s=self.peer_stall_s)  # fmt: skip
         self.sessions[edge_id] = s
         return s
 
@@ -318,7 +320,13 @@ class DeviceAgent:
         def view(s: EdgeSession) -> EdgeView:
             c = self.candidates.get(s.edge_id)
             online = s.online and s.link.connected and (c is None or c.online)
-            return EdgeView(s.edge_id, online, self.plan_for(s).latency_ms,
+            # what the next query would cost with this edge: never worse than running it all
+            # locally (a fixed split the edge cannot serve yet runs locally, too)
+            plan = self.plan_for(s)
+            ms = single_split_plan(s.inputs, self.pkg.num_blocks).latency_ms
+            if plan.edge_blocks <= s.stored:
+                ms = min(ms, plan.latency_ms)
+            return EdgeView(s.edge_id, online, ms,
                             s.inputs.estimates.rtt_ms, s.recent_misses(now),
                             len(s.stored))  # fmt: skip
 
@@ -612,15 +620,26 @@ class DeviceAgent:
                     self.late_answers += 1  # ignored: the query already has its one answer
                 if isinstance(h, Error):
                     log.warning("edge %s error %s: %s", h.edge or "?", h.code, h.message)
-                    s = self._session_of(h.edge)
-                    if s is not None:
-                        s.on_error(h)
+                    self._session_error(h)
                 return
             if isinstance(h, Result):
                 pend.result = (h, body)
             else:
                 pend.error = h
             pend.event.set()
+
+    def _session_error(self, h: Error) -> None:
+        """An error not tied to a query: an upload refused by an edge, or a block the old
+        edge will not push to the edge now fetching it (request id transfer-block:PEER:i)."""
+        rid = h.request_id or ""
+        if rid.startswith("transfer-block:"):
+            target = self.sessions.get(rid.split(":")[1])
+            if target is not None and target.peer_source == h.edge:
+                target.on_error(h)
+            return
+        s = self._session_of(h.edge)
+        if s is not None:
+            s.on_error(h)
 
     def _on_status(self, _t: str, payload: bytes) -> None:
         c = self.candidates.from_status(payload)

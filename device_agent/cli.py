@@ -103,15 +103,15 @@ def main_command(
         bool | None,
         typer.Option(
             "--handoff/--no-handoff",
-            help="Move to another edge when mine goes offline, misses deadlines or "
-            "another is predicted faster (default on).",
+            help="Move to another edge when mine goes offline, its round trip or deadline "
+            "misses cross a limit, or another is predicted faster for a while (default on).",
         ),
     ] = None,
     prefer: Annotated[
         str | None,
         typer.Option(
             help="Stay on this edge whenever it is online; change it at run time with "
-            'a {"prefer": EDGE} message on iotoffload/v1/devices/ID/control.'
+            'a {"prefer": EDGE} message on PREFIX/devices/ID/control.'
         ),
     ] = None,
     transfer: Annotated[

@@ -204,12 +204,14 @@ class EdgeSession:
             with self._lock:
                 self._block_failed[block] = f"{h.code}: {h.message}"
                 self._block_done.setdefault(block, threading.Event()).set()
-        elif kind == "transfer":  # a block (or the whole transfer) will not come from the peer
+        elif kind == "transfer":  # this edge cannot fetch from the peer at all
             with self._lock:
-                if rest.isdigit():
-                    self.peer_failed.add(int(rest))
-                else:
-                    self.peer_failed |= self.peer_blocks
+                self.peer_failed |= self.peer_blocks
+            log.info("transfer to %s: %s", self.edge_id, h.message)
+        elif kind == "transfer-block":  # the peer will not push this block: send it myself
+            _, _, index = rest.rpartition(":")
+            with self._lock:
+                self.peer_failed.add(int(index))
             log.info("transfer to %s: %s", self.edge_id, h.message)
 
     def on_status(self, online: bool, queue_ms: float) -> None:

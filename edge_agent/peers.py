@@ -127,7 +127,7 @@ class PeerTransfers:
         self._reply_error(
             f.device,
             Error(
-                request_id=f"transfer:{i}",
+                request_id=f"transfer-block:{f.peer}:{i}",
                 code="transfer_failed",
                 message=f"block {i} from {self.edge_id}: {why}",
             ),

@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--after-upload", type=float, default=5.0)
     ap.add_argument("--interval", type=float, default=0.2)
+    ap.add_argument("--edge-speed", type=float, default=1.0)
     a = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     pkg = ModelPackage.load(a.package)
@@ -36,8 +37,10 @@ def main() -> None:
     # this process runs under the testbed's CPU quota: measure, but do not cache, its profile
     tfl = TFLiteExecutor.from_package(pkg)
     d = measure_device_ms(pkg, tfl, cache=False)
+    # the edge's speed relative to this (CPU-limited) device, as IONN's profiled server
+    # model; the edge's own block times replace it block by block as they are uploaded
     dev = DeviceAgent(pkg, a.broker, a.edge, protocol=311, planner=a.planner, estimates=est,
-                      device_ms=d)  # fmt: skip
+                      device_ms=d, edge_speed=a.edge_speed)  # fmt: skip
     x = np.zeros(pkg.manifest.input.shape, np.float32)
     dev.tfl.run(0, pkg.num_blocks, x)  # warm
     t0 = time.perf_counter()

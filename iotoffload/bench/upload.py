@@ -87,7 +87,8 @@ def run_once(
     dev_args = [py, "-m", "iotoffload.bench._device_runner", "--broker",
                 f"mqtt://{host}:{dev_port}", "--package", str(package), "--planner", planner,
                 "--rate-mbit", str(rate_mbit), "--duration", str(duration),
-                "--after-upload", str(after_upload), "--interval", str(interval)]  # fmt: skip
+                "--after-upload", str(after_upload), "--interval", str(interval),
+                "--edge-speed", str(100 / cpu_percent)]  # fmt: skip
     edge = subprocess.Popen(testbed.edge_cmd(*edge_args) if testbed else edge_args,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
     run = UploadRun(planner, rate_mbit, cpu_percent, "netns" if testbed else "loopback", rtt_ms)

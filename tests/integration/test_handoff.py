@@ -141,8 +141,12 @@ def test_graceful_move_b_gets_blocks_from_a_and_device_sends_none_twice(
         edge_b = _edge(b_id, url_b, tmp_path / "sb", proto, peer_brokers=[url_a])
         stack.callback(edge_b.stop)
         # A's copy of one block rots on disk: it must not be pushed; the device sends it
+        # a long stall time: the block A refuses must come from the device at once, on A's
+        # error, not after the push stalls
         dev = DeviceAgent(mobilenet, url_a, a_id, split=SPLIT, deadline_ms=5000,
-                          interface=IFACE, probe_interval=0.5, protocol=proto)  # fmt: skip
+                          interface=IFACE, probe_interval=0.5, protocol=proto,
+                          handoff=HandoffPolicy(dwell_s=0.5, hold_s=0),
+                          peer_stall_s=120)  # fmt: skip
         stack.callback(dev.close)
         assert dev.connect() is not None
         dev.start_upload()
@@ -154,11 +158,13 @@ def test_graceful_move_b_gets_blocks_from_a_and_device_sends_none_twice(
         want = _local(mobilenet, x)
         assert all(o.edge == a_id for o in _run(dev, x, 0, 2))
         sent_to_a = dev.sessions[a_id].bytes_uploaded
-        _wait(lambda: dev.candidates.get(b_id) is not None, 10, "B seen")
+        _wait(lambda: b_id in dev.sessions and dev.sessions[b_id].inventory_seen, 10, "B probed")
+        time.sleep(1.5)  # a few policy rounds: an empty B must not look faster than A
+        assert dev.edge_id == a_id and not dev.handoffs
         dev.set_prefer(b_id)
         _wait(lambda: dev.edge_id == b_id, 15, "the move to B")
         full = frozenset(range(mobilenet.num_blocks))
-        _wait(lambda: dev.sessions[b_id].stored == full, 60, "every block on B")
+        _wait(lambda: dev.sessions[b_id].stored == full, 30, "every block on B")
         after = _run(dev, x, 2, 3)
         assert all(o.offloaded and o.edge == b_id for o in after), [o.reason for o in after]
         for o in after:
