@@ -563,8 +563,12 @@ class DeviceAgent:
             model_id=self.pkg.manifest.model_id, start=start, end=end, deadline_ms=deadline,
         )  # fmt: skip
         t_send = time.perf_counter()
-        s.link.publish(self.topics.edge_query(s.edge_id), payload, expiry_s=deadline / 1e3)
-        pend.event.wait(deadline / 1e3)
+        s.query_started()
+        try:
+            s.link.publish(self.topics.edge_query(s.edge_id), payload, expiry_s=deadline / 1e3)
+            pend.event.wait(deadline / 1e3)
+        finally:
+            s.query_done()
         rt_ms = (time.perf_counter() - t_send) * 1e3
         with self._lock:
             self._pending.pop(rid, None)  # from here on, a late answer is ignored

@@ -48,6 +48,7 @@ class EdgeSession:
         inputs: PlanningInputs,
         chunk_size: int,
         peer_stall_s: float = 3.0,
+        chunks_in_flight: int = 3,
     ) -> None:
         self.edge_id = edge_id
         self.broker = broker
@@ -75,6 +76,13 @@ class EdgeSession:
         self._last_hello = 0.0
         self._hello_sent: float | None = None
         self._sent_at: dict[int, tuple[float, int]] = {}
+        # Chunks sent but not acked. Queries share the connection with the upload: without
+        # this bound a query waits behind every chunk paho has queued (whole blocks, seconds
+        # on a slow link); with it, behind at most a few chunks.
+        self.chunks_in_flight = chunks_in_flight
+        self._unacked: set[tuple[int, int]] = set()
+        self._acked = threading.Condition(self._lock)
+        self._queries = 0  # queries in flight to this edge: the upload yields the link to them
         self._pace_until = 0.0
         self.misses: deque[float] = deque(maxlen=64)
         self.chunks_sent: dict[int, int] = {}
@@ -164,6 +172,8 @@ class EdgeSession:
     # frames from this edge (network thread) ----------------------------------------------
     def on_inventory(self, h: Inventory) -> None:
         with self._lock:
+            self._unacked.clear()  # the inventory is the edge's whole state: resend from it
+            self._acked.notify_all()
             self.known = h.known
             self._stored, self._loaded = set(h.stored), set(h.loaded)
             self._partial = dict(h.partial)
@@ -182,10 +192,13 @@ class EdgeSession:
 
     def on_ack(self, h: UploadAck) -> None:
         with self._lock:
+            self._unacked.discard((h.block, h.chunk))
+            self._acked.notify_all()
             if h.block in self.peer_blocks:
                 self._peer_progress = time.monotonic()
             if not h.block_done:
                 return
+            self._unacked = {u for u in self._unacked if u[0] != h.block}
             self._stored.add(h.block)
             if h.loaded:
                 self._loaded.add(h.block)
@@ -202,6 +215,8 @@ class EdgeSession:
         if kind == "upload":
             block = int(rest.split(":")[0])
             with self._lock:
+                self._unacked = {u for u in self._unacked if u[0] != block}
+                self._acked.notify_all()
                 self._block_failed[block] = f"{h.code}: {h.message}"
                 self._block_done.setdefault(block, threading.Event()).set()
         elif kind == "transfer":  # this edge cannot fetch from the peer at all
@@ -328,6 +343,34 @@ class EdgeSession:
                     self._send_block(i, data, missing, progress)
         return ev.is_set()
 
+    def query_started(self) -> None:
+        with self._lock:
+            self._queries += 1
+
+    def query_done(self) -> None:
+        with self._lock:
+            self._queries -= 1
+            self._acked.notify_all()
+
+    def _wait_window(
+        self, active: Callable[[], bool], window: bool = True, timeout: float = 10.0
+    ) -> bool:
+        """Wait until fewer than ``chunks_in_flight`` chunks are unacked and no query is in
+        flight (queries first: a chunk sent now would delay the query's tensor). An ack lost
+        for good (broker restart) must not stall the upload: after ``timeout`` go on anyway."""
+        end = time.monotonic() + timeout
+        with self._acked:
+            while self._queries > 0 or (window and len(self._unacked) >= self.chunks_in_flight):
+                if not active():
+                    return False
+                if time.monotonic() > end:  # acks lost, or a query stuck: go on anyway
+                    log.info("upload to %s: %d chunk acks missing, %d queries in flight; going "
+                             "on", self.edge_id, len(self._unacked), self._queries)  # fmt: skip
+                    self._unacked.clear()
+                    break
+                self._acked.wait(0.05)
+        return True
+
     def _send_block(
         self,
         i: int,
@@ -348,10 +391,18 @@ class EdgeSession:
                     time.sleep(wait)
                 if not active():
                     return False
+            last = (
+                c == chunks - 1
+            )  # acked only once the block is loaded: the block window counts it
+            if not self._wait_window(active, window=not last):
+                return False
             body = data[c * self.chunk_size : (c + 1) * self.chunk_size]
             h = UploadChunk(device=self.device_id, model_id=self.pkg.manifest.model_id, block=i,
                             block_sha256=b.onnx_sha256, block_bytes=len(data), chunk=c,
                             chunks=chunks, chunk_size=self.chunk_size)  # fmt: skip
+            if not last:
+                with self._lock:
+                    self._unacked.add((i, c))
             self.link.publish(self.topics.edge_upload(self.edge_id), encode(h, body))
             if rate_Bps:
                 self._pace_until = max(self._pace_until, time.monotonic()) + len(body) / rate_Bps

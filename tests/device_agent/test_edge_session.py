@@ -1,0 +1,69 @@
+"""The upload's flow control, with a fake link: at most ``chunks_in_flight`` chunks unacked,
+and no new chunk while a query is in flight to the same edge."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from device_agent.edge_session import EdgeSession
+from iotoffload.model import ModelPackage
+from iotoffload.planning import PlanningInputs, chain_profile
+from iotoffload.transport.frame import UploadAck, UploadChunk, decode
+from iotoffload.transport.topics import Topics
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.chunks: list[UploadChunk] = []
+
+    def publish(self, _topic: str, payload: bytes, **_: Any) -> None:
+        h, _ = decode(payload)
+        if isinstance(h, UploadChunk):
+            self.chunks.append(h)
+
+
+def _session(pkg: ModelPackage, link: FakeLink) -> EdgeSession:
+    prof = chain_profile(pkg, [1.0] * pkg.num_blocks)
+    return EdgeSession("e1", "mqtt://127.0.0.1:1", link, pkg=pkg, device_id="d1",  # type: ignore[arg-type]
+                       topics=Topics(), inputs=PlanningInputs(prof), chunk_size=1024,
+                       chunks_in_flight=3)  # fmt: skip
+
+
+def _settle(cond: Any, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
+
+
+def test_unacked_chunks_are_bounded_and_queries_go_first(mobilenet: ModelPackage) -> None:
+    link = FakeLink()
+    s = _session(mobilenet, link)
+    data = bytes(10 * 1024)  # 10 chunks of block 0
+    t = threading.Thread(target=s._send_block, args=(0, data, None, None), daemon=True)
+    t.start()
+    _settle(lambda: len(link.chunks) == 3)
+    time.sleep(0.2)
+    assert len(link.chunks) == 3  # the window is full: nothing more without an ack
+
+    def ack(c: int) -> None:
+        s.on_ack(UploadAck(model_id=mobilenet.manifest.model_id, block=0, chunk=c,
+                           block_done=False, loaded=False))  # fmt: skip
+
+    s.query_started()  # a query to this edge is in flight: the upload yields
+    ack(0)
+    time.sleep(0.2)
+    assert len(link.chunks) == 3
+    s.query_done()
+    _settle(lambda: len(link.chunks) == 4)
+    assert [c.chunk for c in link.chunks] == [0, 1, 2, 3]
+    acked = {0}
+    end = time.monotonic() + 5
+    while t.is_alive() and time.monotonic() < end:  # ack what was sent, as an edge would
+        for c in [x.chunk for x in link.chunks if x.chunk not in acked]:
+            ack(c)
+            acked.add(c)
+        time.sleep(0.01)
+    t.join(1)
+    assert not t.is_alive() and [c.chunk for c in link.chunks] == list(range(10))
