@@ -75,7 +75,9 @@ class EdgeSession:
         self._awaiting_resync = False
         self._last_hello = 0.0
         self._hello_sent: float | None = None
-        self._sent_at: dict[int, tuple[float, int]] = {}
+        # bandwidth from the upload itself: the spacing of chunk acks while the window keeps
+        # the link busy (a whole block's ack also waits for the edge to check and load it)
+        self._ack_run: list[tuple[float, int]] = []
         # Chunks sent but not acked. Queries share the connection with the upload: without
         # this bound a query waits behind every chunk paho has queued (whole blocks, seconds
         # on a slow link); with it, behind at most a few chunks.
@@ -192,11 +194,14 @@ class EdgeSession:
 
     def on_ack(self, h: UploadAck) -> None:
         with self._lock:
+            mine = (h.block, h.chunk) in self._unacked
             self._unacked.discard((h.block, h.chunk))
             self._acked.notify_all()
             if h.block in self.peer_blocks:
                 self._peer_progress = time.monotonic()
             if not h.block_done:
+                if mine:
+                    self._observe_chunk_ack()
                 return
             self._unacked = {u for u in self._unacked if u[0] != h.block}
             self._stored.add(h.block)
@@ -205,9 +210,20 @@ class EdgeSession:
             self._partial.pop(h.block, None)
             self._block_done.setdefault(h.block, threading.Event()).set()
         self.update_edge_profile(h.block, h.block_ms)
-        sent = self._sent_at.pop(h.block, None)
-        if sent is not None:  # a lower bound: the time includes the edge's checks
-            self.inputs.estimates.observe_transfer(sent[1], (time.perf_counter() - sent[0]) * 1e3)
+
+    def _observe_chunk_ack(self, run: int = 4) -> None:
+        """Every ``run`` chunk acks in a row, one bandwidth sample: the chunks acked after the
+        first over the time since it. A pause (a query, the window drained) breaks the run."""
+        now = time.perf_counter()
+        acks = self._ack_run
+        if acks and now - acks[-1][0] > 1.0:
+            acks.clear()
+        acks.append((now, self.chunk_size))
+        if len(acks) > run:
+            span = acks[-1][0] - acks[0][0]
+            if span > 0:
+                self.inputs.estimates.observe_rate(sum(b for _, b in acks[1:]) / span)
+            del acks[:-1]
 
     def on_error(self, h: Error) -> None:
         rid = h.request_id or ""
@@ -346,6 +362,7 @@ class EdgeSession:
     def query_started(self) -> None:
         with self._lock:
             self._queries += 1
+            self._ack_run.clear()  # the upload pauses: ack spacing no longer measures the link
 
     def query_done(self) -> None:
         with self._lock:
@@ -383,7 +400,6 @@ class EdgeSession:
         b = self.pkg.blocks[i]
         chunks = -(-len(data) // self.chunk_size)
         todo = range(chunks) if missing is None else missing
-        self._sent_at[i] = (time.perf_counter(), len(data))
         for c in todo:
             if rate_Bps:  # pace chunks: a capped upload leaves the link to the queries
                 wait = self._pace_until - time.monotonic()

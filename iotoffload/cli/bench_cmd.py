@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Annotated
@@ -47,6 +48,8 @@ def upload(
         err_console.print(f"[yellow]emulated network unavailable: {missing}; running the "
                           "loopback variant (no shaping, no CPU quota)[/]")  # fmt: skip
     use_netns = not loopback and missing is None
+    if use_netns:  # a kill (SIGTERM) unwinds like Ctrl-C: the testbed is removed either way
+        signal.signal(signal.SIGTERM, _interrupt)
     rates = [float(b) for b in bandwidths.split(",")]
     names = [p.strip() for p in planners.split(",") if p.strip()]
     runs: list[UploadRun] = []
@@ -86,6 +89,10 @@ def upload(
         )  # fmt: skip
     console.print(t)
     console.print(f"wrote {out / 'upload.json'} and {out / 'upload.png'}")
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _save(out: Path, name: str, result: dict[str, object]) -> None:

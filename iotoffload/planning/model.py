@@ -57,6 +57,11 @@ class Estimates:
             sample = nbytes / (wire / 1e3)
             self.bandwidth_Bps += self.alpha * (sample - self.bandwidth_Bps)
 
+    def observe_rate(self, bytes_per_s: float) -> None:
+        """A measured throughput sample (e.g. chunk acks of an upload keeping the link busy)."""
+        if bytes_per_s > 0:
+            self.bandwidth_Bps += self.alpha * (bytes_per_s - self.bandwidth_Bps)
+
     def observe_round_trip(self, nbytes: int, ms: float) -> None:
         """A request and its reply, ``nbytes`` in all, spent ``ms`` on the way (the edge's
         queue and execution time already taken out)."""

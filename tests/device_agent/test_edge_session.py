@@ -51,6 +51,7 @@ def test_unacked_chunks_are_bounded_and_queries_go_first(mobilenet: ModelPackage
         s.on_ack(UploadAck(model_id=mobilenet.manifest.model_id, block=0, chunk=c,
                            block_done=False, loaded=False))  # fmt: skip
 
+    before = s.inputs.estimates.bandwidth_Bps
     s.query_started()  # a query to this edge is in flight: the upload yields
     ack(0)
     time.sleep(0.2)
@@ -67,3 +68,5 @@ def test_unacked_chunks_are_bounded_and_queries_go_first(mobilenet: ModelPackage
         time.sleep(0.01)
     t.join(1)
     assert not t.is_alive() and [c.chunk for c in link.chunks] == list(range(10))
+    # acks about 10 ms apart for 1 KiB chunks: the estimate falls toward ~100 KB/s
+    assert s.inputs.estimates.bandwidth_Bps < 0.9 * before
