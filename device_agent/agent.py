@@ -114,6 +114,8 @@ class DeviceAgent:
         upload_rate_Bps: float | None = None,  # noqa: N803
         probe_interval: float = 2.0,
         peer_stall_s: float = 3.0,
+        explore_s: float | None = 5.0,
+        explore_margin: float = 0.25,
     ) -> None:
         """``handoff``: the move policy (None: never move on its own; ``move_to`` and
         ``prefer`` still work). ``interface``: watch zeroconf there for more edges.
@@ -150,6 +152,13 @@ class DeviceAgent:
         self.upload_rate_Bps = upload_rate_Bps
         self.probe_interval = probe_interval
         self.peer_stall_s = peer_stall_s  # a transfer without progress this long: upload myself
+        # Estimates come from replies: a device that went local gets none and could stay local
+        # on a stale (e.g. upload-depressed) bandwidth estimate. So every ``explore_s`` it sends
+        # one query by the best offloading plan when that is predicted within ``explore_margin``
+        # of the local plan (None: never explore).
+        self.explore_s = explore_s
+        self.explore_margin = explore_margin
+        self._last_reply = time.monotonic()
         self.candidates = Candidates()
         self.handoffs: list[HandoffEvent] = []
         self._links: dict[str, MqttLink] = {}
@@ -504,12 +513,15 @@ class DeviceAgent:
         n = self.pkg.num_blocks
         s = self.session  # a move during this query affects the next one
         plan = single_split_plan(s.inputs, split) if split is not None else self.plan_for(s)
+        explore = None if split is not None or plan.offloads else self._exploration(s, plan)
         t0 = time.perf_counter()
         self._last_query = time.monotonic()
         y = x
         front_ms = 0.0
         offloaded = False
         reason = "planned local" if not plan.offloads else "edge"
+        if explore is not None:
+            plan, reason = explore, "explore"
         info: dict[str, float] = {}
         for seg in plan.segments:
             if seg.where == "device":
@@ -532,6 +544,24 @@ class DeviceAgent:
         out.edge_exec_ms = info.get("exec_ms")
         out.wire_bytes = int(info.get("wire_bytes", 0))
         return out
+
+    def _exploration(self, s: EdgeSession, local: Plan) -> Plan | None:
+        """The best single-split offloading plan over the blocks ``s`` holds, when no reply
+        refreshed the estimates for ``explore_s`` and it is predicted close to ``local``."""
+        if self.explore_s is None or self.fixed_split is not None or self.planner.name == "local":
+            return None
+        if s.inputs.objective != "latency":  # the comparison below is in milliseconds
+            return None
+        if time.monotonic() - self._last_reply < self.explore_s or not s.online:
+            return None
+        n, stored = self.pkg.num_blocks, s.stored
+        options = [single_split_plan(s.inputs, k) for k in range(s.inputs.min_local, n)
+                   if all(i in stored for i in range(k, n))]  # fmt: skip
+        best = min(options, key=lambda p: p.latency_ms, default=None)
+        if best is None or best.latency_ms > local.latency_ms * (1 + self.explore_margin):
+            return None
+        self._last_reply = time.monotonic()  # one exploring query per period, answered or not
+        return best
 
     @staticmethod
     def _why_not_remote(s: EdgeSession, start: int, end: int) -> str:
@@ -563,7 +593,7 @@ class DeviceAgent:
             model_id=self.pkg.manifest.model_id, start=start, end=end, deadline_ms=deadline,
         )  # fmt: skip
         t_send = time.perf_counter()
-        s.query_started()
+        clean = s.query_started()
         try:
             s.link.publish(self.topics.edge_query(s.edge_id), payload, expiry_s=deadline / 1e3)
             pend.event.wait(deadline / 1e3)
@@ -586,7 +616,12 @@ class DeviceAgent:
         info["queue_ms"] = info.get("queue_ms", 0.0) + h.queue_ms
         info["exec_ms"] = info.get("exec_ms", 0.0) + h.exec_ms
         info["wire_bytes"] = info.get("wire_bytes", 0.0) + len(payload)
-        self._learn(s, start, end, len(payload) + y.nbytes, rt_ms, h)
+        self._last_reply = time.monotonic()
+        if clean:  # a reply that queued behind upload chunks says nothing about the link
+            self._learn(s, start, end, len(payload) + y.nbytes, rt_ms, h)
+        else:
+            s.inputs.estimates.observe_reply(h.exec_ms, sum(s.inputs.profile.edge_ms[start:end]),
+                                             h.queue_ms)  # fmt: skip
         return y
 
     @staticmethod

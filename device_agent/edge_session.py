@@ -359,10 +359,12 @@ class EdgeSession:
                     self._send_block(i, data, missing, progress)
         return ev.is_set()
 
-    def query_started(self) -> None:
+    def query_started(self) -> bool:
+        """The upload pauses for the query; True when no chunk is ahead of it on the link."""
         with self._lock:
             self._queries += 1
             self._ack_run.clear()  # the upload pauses: ack spacing no longer measures the link
+            return not self._unacked
 
     def query_done(self) -> None:
         with self._lock:
