@@ -79,7 +79,11 @@ class EdgeAgent:
         self._block_ms: dict[str, float] = {}  # sha256 -> unloaded time, ms
         self._exec_lock = threading.Lock()
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        # blocks are checked, screened and loaded on a thread of their own: a query never
+        # waits behind a 100 MB block (nor does the network thread)
+        self._loads: queue.Queue[_Job | None] = queue.Queue()
         self._workers: list[threading.Thread] = []
+        self._loader: threading.Thread | None = None
         self._stop = threading.Event()
         self._status_thread: threading.Thread | None = None
         self.link: MqttLink | None = None
@@ -121,9 +125,14 @@ class EdgeAgent:
         self.link.on_reconnect.append(self.publish_status)  # a restarted broker lost it
         self.link.connect()
         for i in range(self.config.workers):
-            t = threading.Thread(target=self._work, name=f"edge-worker-{i}", daemon=True)
+            t = threading.Thread(target=self._work, args=(self._jobs,), name=f"edge-worker-{i}",
+                                 daemon=True)  # fmt: skip
             t.start()
             self._workers.append(t)
+        loader = threading.Thread(target=self._work, args=(self._loads,), name="edge-loader",
+                                  daemon=True)  # fmt: skip
+        loader.start()
+        self._loader = loader
         self._status_thread = threading.Thread(target=self._status_loop, daemon=True)
         self._status_thread.start()
         self.publish_status()
@@ -148,7 +157,8 @@ class EdgeAgent:
             self._advertiser = None
         for _ in self._workers:
             self._jobs.put(None)
-        for t in self._workers:
+        self._loads.put(None)
+        for t in [*self._workers, *([self._loader] if self._loader else [])]:
             t.join(5)
         self.peers.close()
         if self.link:
@@ -282,18 +292,15 @@ class EdgeAgent:
             return
         self.stats.chunks += 1
         try:
-            done = self.store.put_chunk(h, body)
+            done = self.store.put_chunk(h, body, finish=False)
         except StoreError as e:
             self._error(h.device, e.code, str(e), f"upload:{h.block}:{h.chunk}")
             return
         ack = UploadAck(model_id=h.model_id, block=h.block, chunk=h.chunk, block_done=done,
                         loaded=False, edge=self.config.id)  # fmt: skip
         if done:
-            self.stats.blocks_stored += 1
-            if h.source:
-                self.stats.blocks_from_peers += 1
-            self._jobs.put(_Job("load", time.perf_counter(), sha=h.block_sha256, ack=ack,
-                                device=h.device))  # fmt: skip
+            self._loads.put(_Job("load", time.perf_counter(), header=h, sha=h.block_sha256,
+                                 ack=ack, device=h.device))  # fmt: skip
         else:
             self._reply(h.device, ack)
 
@@ -308,9 +315,9 @@ class EdgeAgent:
         self._jobs.put(_Job("query", time.perf_counter(), header=h, body=body, device=h.device))
 
     # workers ------------------------------------------------------------------------------
-    def _work(self) -> None:
+    def _work(self, jobs: queue.Queue[_Job | None]) -> None:
         while True:
-            job = self._jobs.get()
+            job = jobs.get()
             if job is None:
                 return
             try:
@@ -320,11 +327,22 @@ class EdgeAgent:
                     self._run_query(job)
             except Exception as e:  # never let one job kill the worker
                 log.exception("job failed")
-                rid = job.header.request_id if job.header is not None else None
+                rid = getattr(job.header, "request_id", None)
                 self._error(job.device, "internal", f"{type(e).__name__}: {e}", rid)
 
     def _load(self, job: _Job) -> None:
         assert job.ack is not None
+        h: UploadChunk = job.header
+        fresh = not self.store.has_block(h.block_sha256)
+        try:
+            self.store.finish_block(h)
+        except StoreError as e:
+            self._error(h.device, e.code, str(e), f"upload:{h.block}:{h.chunk}")
+            return
+        if fresh:
+            self.stats.blocks_stored += 1
+            if h.source:
+                self.stats.blocks_from_peers += 1
         loaded = False
         ex = self.executor(job.ack.model_id)
         a = self.store.model(job.ack.model_id)

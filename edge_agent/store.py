@@ -77,8 +77,10 @@ class BlockStore:
             return None
         return meta
 
-    def put_chunk(self, h: UploadChunk, data: bytes | memoryview) -> bool:
-        """Store one chunk; True when this completed the block (digest and screening passed)."""
+    def put_chunk(self, h: UploadChunk, data: bytes | memoryview, *, finish: bool = True) -> bool:
+        """Store one chunk; True when this completed the block (digest and screening passed).
+        With ``finish=False``, True means every chunk is here and ``finish_block`` (digest,
+        screening: heavy for a big block) is left to the caller's own thread."""
         sha = h.block_sha256
         if self.has_block(sha):
             return True
@@ -103,7 +105,22 @@ class BlockStore:
             _atomic_write(d / f"{h.chunk:05d}.part", bytes(data))
             if any(not (d / f"{i:05d}.part").is_file() for i in range(h.chunks)):
                 return False
-            blob = b"".join((d / f"{i:05d}.part").read_bytes() for i in range(h.chunks))
+        if finish:
+            self.finish_block(h)
+        return True
+
+    def finish_block(self, h: UploadChunk) -> None:
+        """Assemble a block whose chunks are all here, check its digest, screen it, store it.
+        Raises StoreError (and keeps nothing) when it fails."""
+        sha = h.block_sha256
+        d = self.root / "partial" / sha
+        with self._lock:
+            if self.has_block(sha):
+                return  # a duplicate last chunk: finished already
+            try:
+                blob = b"".join((d / f"{i:05d}.part").read_bytes() for i in range(h.chunks))
+            except OSError as e:
+                raise StoreError("invalid_chunk", f"block {h.block}: chunks missing") from e
             shutil.rmtree(d, ignore_errors=True)
         if hashlib.sha256(blob).hexdigest() != sha:
             raise StoreError("digest_mismatch", f"block {h.block}: sha256 does not match {sha}")
@@ -113,7 +130,6 @@ class BlockStore:
             except ValueError as e:
                 raise StoreError("rejected_block", f"block {h.block} refused: {e}") from e
         _atomic_write(self.block_path(sha), blob)
-        return True
 
     # models -------------------------------------------------------------------------------
     def put_model(self, a: Announce) -> None:
