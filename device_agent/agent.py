@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from device_agent.candidates import Candidates, parse_status
+from device_agent.candidates import Candidates
 from device_agent.edge_session import EdgeSession, Progress, fresh_estimates
 from device_agent.handoff import EdgeView, HandoffPolicy
 from iotoffload.discovery import EdgeRecord, EdgeWatcher
@@ -504,9 +504,6 @@ class DeviceAgent:
                         return
 
     # queries --------------------------------------------------------------------------------
-    def edge_ready(self, start: int, end: int) -> bool:
-        return self.session.has(start, end)
-
     def query(self, x: Array, index: int = 0, split: int | None = None) -> QueryOutcome:
         """Run one query by the current plan; an edge segment that fails (deadline, error,
         edge offline) is finished on the device. Exactly one answer, always."""
@@ -684,14 +681,9 @@ class DeviceAgent:
         c = self.candidates.from_status(payload)
         if c is None:
             return
-        st = parse_status(payload) or {}
-        try:
-            queue_ms = float(st.get("load", {}).get("queue_ms", 0.0))
-        except (AttributeError, TypeError, ValueError):
-            queue_ms = 0.0
         s = self.sessions.get(c.id)
         if s is not None:
-            s.on_status(c.online, queue_ms)
+            s.on_status(c.online, c.queue_ms)
         if not c.online:
             self._release(c.id)
         self._wake.set()

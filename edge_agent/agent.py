@@ -8,6 +8,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,13 +102,13 @@ class EdgeAgent:
         assert self.link is not None, "the edge is not started"
         return self.link
 
-    def _stored_block(self, model_id: str, i: int) -> tuple[str, str] | None:
+    def _stored_block(self, model_id: str, i: int) -> tuple[str, Path] | None:
         a = self.store.model(model_id)
         if a is None or not 0 <= i < len(a.blocks) or not self.store.has_block(
                 a.blocks[i].onnx_sha256):  # fmt: skip
             return None
         sha = a.blocks[i].onnx_sha256
-        return sha, str(self.store.block_path(sha))
+        return sha, self.store.block_path(sha)
 
     # lifecycle ----------------------------------------------------------------------------
     def start(self, broker_url: str | None = None) -> None:

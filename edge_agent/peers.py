@@ -33,7 +33,7 @@ class PeerTransfers:
         own_link: Callable[[], MqttLink],
         own_broker: Callable[[], str],
         on_upload: Handler,
-        block_path: Callable[[str, int], tuple[str, str] | None],
+        block_path: Callable[[str, int], tuple[str, Path] | None],
         reply_error: Callable[[str, Error], None],
         allowed_brokers: list[str],
         protocol: int,
@@ -54,7 +54,6 @@ class PeerTransfers:
         self._push_jobs: queue.Queue[PeerFetch | None] = queue.Queue()
         self._pusher: threading.Thread | None = None
         self.blocks_pushed = 0
-        self.bytes_pushed = 0
         self.refused_digest = 0
 
     # the new edge: pull ---------------------------------------------------------------------
@@ -139,7 +138,7 @@ class PeerTransfers:
             self._fail(f, i, "not stored here")
             return
         sha, path = found
-        data = Path(path).read_bytes()
+        data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != sha:  # rot on disk: never pass it on
             self.refused_digest += 1
             self._fail(f, i, "stored copy fails its digest")
@@ -156,7 +155,6 @@ class PeerTransfers:
         for info in infos:  # one block in flight at a time: queries keep their share
             info.wait_for_publish(30)
         self.blocks_pushed += 1
-        self.bytes_pushed += len(data)
 
     def close(self) -> None:
         self._push_jobs.put(None)

@@ -8,47 +8,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from broker.embedded import EmbeddedBroker
-from broker.mosquitto import mosquitto_config
+from broker.mosquitto import mosquitto_exe, mosquitto_running
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
 
 
 @contextmanager
 def _broker(host: str, port: int) -> Iterator[str]:
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(exe).exists():
+    if mosquitto_exe() is None:
         with EmbeddedBroker(host, port) as b:
             yield b.url
         return
-    with tempfile.TemporaryDirectory() as d:
-        conf = Path(d) / "m.conf"
-        conf.write_text(mosquitto_config(host, port))
-        proc = subprocess.Popen([exe, "-c", str(conf)], stderr=subprocess.DEVNULL)
-        try:
-            end = time.monotonic() + 10
-            while True:
-                try:
-                    socket.create_connection((host, port), 0.2).close()
-                    break
-                except OSError:
-                    if time.monotonic() > end:
-                        raise RuntimeError("mosquitto did not start") from None
-                    time.sleep(0.05)
-            yield f"mqtt://{host}:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(5)
+    with mosquitto_running(host, port) as url:
+        yield url
 
 
 def main() -> None:

@@ -12,13 +12,10 @@ backhaul between the edges is the loopback, unshaped, as a wired link would be m
 
 from __future__ import annotations
 
-import shutil
 import statistics
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +23,7 @@ from typing import Any
 import numpy as np
 
 from device_agent.agent import DeviceAgent, QueryOutcome
-from edge_agent.agent import EdgeAgent
-from edge_agent.config import EdgeConfig
-from iotoffload.bench.scenarios import broker
+from iotoffload.bench.scenarios import broker, edge_on
 from iotoffload.model.package import ModelPackage
 
 MODES = ("reupload", "transfer", "proactive", "proactive-upload")
@@ -39,20 +34,6 @@ class HandoffRun:
     mode: str
     records: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-@contextmanager
-def _edge(edge_id: str, url: str, protocol: int, peers: list[str]) -> Iterator[EdgeAgent]:
-    store = Path(tempfile.mkdtemp(prefix=f"iotoffload-{edge_id}-"))
-    edge = EdgeAgent(EdgeConfig(id=edge_id, broker=url, store=store, advertise=False,
-                                protocol=protocol, status_interval=0.5,
-                                peer_brokers=peers))  # fmt: skip
-    edge.start()
-    try:
-        yield edge
-    finally:
-        edge.stop()
-        shutil.rmtree(store, ignore_errors=True)
 
 
 def run_mode(
@@ -75,8 +56,9 @@ def run_mode(
     with ExitStack() as stack:
         url_a, proto = stack.enter_context(broker(kind))
         url_b, _ = stack.enter_context(broker(kind))
-        stack.enter_context(_edge("bench-a", url_a, proto, []))
-        edge_b = stack.enter_context(_edge("bench-b", url_b, proto, [url_a]))
+        stack.enter_context(edge_on(url_a, proto, edge_id="bench-a", status_interval=0.5))
+        edge_b = stack.enter_context(edge_on(url_b, proto, edge_id="bench-b", status_interval=0.5,
+                                             peer_brokers=[url_a]))  # fmt: skip
         dev = DeviceAgent(
             pkg, url_a, "bench-a", protocol=proto, split=split, deadline_ms=2000,
             transfer=mode in ("transfer", "proactive"), proactive=mode.startswith("proactive"),

@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from broker.embedded import EmbeddedBroker, free_port
-from broker.mosquitto import mosquitto_config
+from broker.mosquitto import mosquitto_running
 from device_agent.agent import DeviceAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
@@ -46,27 +45,18 @@ def broker(kind: str) -> Iterator[tuple[str, int]]:
         with EmbeddedBroker() as b:
             yield b.url, 311
         return
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(exe).exists():
-        raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
-    port = free_port()
-    with tempfile.TemporaryDirectory() as d:
-        conf = Path(d) / "m.conf"
-        conf.write_text(mosquitto_config("127.0.0.1", port))
-        proc = subprocess.Popen([exe, "-c", str(conf)], stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(0.4)
-            yield f"mqtt://127.0.0.1:{port}", 5
-        finally:
-            proc.terminate()
-            proc.wait(5)
+    with mosquitto_running("127.0.0.1", free_port()) as url:
+        yield url, 5
 
 
 @contextmanager
-def edge_on(url: str, protocol: int, workers: int = 1) -> Iterator[EdgeAgent]:
-    store = Path(tempfile.mkdtemp(prefix="iotoffload-bench-"))
-    edge = EdgeAgent(EdgeConfig(id="bench-edge", broker=url, store=store, advertise=False,
-                                protocol=protocol, workers=workers))  # fmt: skip
+def edge_on(
+    url: str, protocol: int, workers: int = 1, edge_id: str = "bench-edge", **config: Any
+) -> Iterator[EdgeAgent]:
+    """An edge agent with a fresh store of its own (removed afterwards)."""
+    store = Path(tempfile.mkdtemp(prefix=f"iotoffload-{edge_id}-"))
+    edge = EdgeAgent(EdgeConfig(id=edge_id, broker=url, store=store, advertise=False,
+                                protocol=protocol, workers=workers, **config))  # fmt: skip
     edge.start()
     try:
         yield edge

@@ -111,22 +111,21 @@ def run_once(
                 run.records.append(rec)
     finally:
         if proxy is not None:
-            if proxy.stdin:
-                proxy.stdin.close()
-            try:
-                proxy.wait(5)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
-                proxy.wait(5)
-        if edge.stdin:
-            edge.stdin.close()
-        try:
-            edge.wait(10)
-        except subprocess.TimeoutExpired:
-            edge.kill()
-            edge.wait(5)
+            _stop(proxy, 5)
+        _stop(edge, 10)
         shutil.rmtree(store, ignore_errors=True)
     return run
+
+
+def _stop(proc: subprocess.Popen[str], timeout: float) -> None:
+    """Close the helper's stdin (its signal to stop); kill it if it does not within timeout."""
+    if proc.stdin:
+        proc.stdin.close()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def plot(runs: list[UploadRun], path: Path, title: str) -> None:
