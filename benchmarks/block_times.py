@@ -48,9 +48,13 @@ def main() -> None:
             if r >= a.warmup:
                 t_tfl.append((t1 - t0) * 1e3)
                 t_ort.append((t2 - t1) * 1e3)
-        rows.append({
-            "block": i, "tflite_ms": statistics.median(t_tfl), "ort_ms": statistics.median(t_ort),
-        })  # fmt: skip
+        rows.append(
+            {
+                "block": i,
+                "tflite_ms": statistics.median(t_tfl),
+                "ort_ms": statistics.median(t_ort),
+            }
+        )
     tot_t = sum(r["tflite_ms"] for r in rows)
     tot_o = sum(r["ort_ms"] for r in rows)
     print(f"{pkg.name}: {pkg.num_blocks} blocks, {a.threads} thread(s), TFLite/{tfl.backend}")
@@ -60,10 +64,19 @@ def main() -> None:
         print(f"{r['block']:>5} {r['tflite_ms']:>10.3f} {r['ort_ms']:>10.3f} {ratio:>11.2f}")
     print(f"{'total':>5} {tot_t:>10.3f} {tot_o:>10.3f} {tot_t / tot_o:>11.2f}")
     if a.json:
-        a.json.write_text(json.dumps({
-            "model": pkg.name, "threads": a.threads, "backend": tfl.backend, "blocks": rows,
-            "total_tflite_ms": tot_t, "total_ort_ms": tot_o,
-        }, indent=2))  # fmt: skip
+        a.json.write_text(
+            json.dumps(
+                {
+                    "model": pkg.name,
+                    "threads": a.threads,
+                    "backend": tfl.backend,
+                    "blocks": rows,
+                    "total_tflite_ms": tot_t,
+                    "total_ort_ms": tot_o,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ def main() -> None:
     a = ap.parse_args()
     pkg = ModelCache.from_settings().resolve(a.model)
     n = pkg.num_blocks
-    p = PlanningInputs(chain_profile(pkg, [1.0 + i % 3 for i in range(n)], edge_speed=4),
-                       Estimates(bandwidth_Bps=50e6 / 8, rtt_ms=5))  # fmt: skip
+    p = PlanningInputs(
+        chain_profile(pkg, [1.0 + i % 3 for i in range(n)], edge_speed=4),
+        Estimates(bandwidth_Bps=50e6 / 8, rtt_ms=5),
+    )
     half = frozenset(range(n // 2, n))
     print(f"{pkg.name} ({n} blocks): microseconds per call, median of {a.repeat}")
     print(f"{'planner':>13} {'plan(half)':>11} {'plan(all)':>10} {'upload_order':>13}")

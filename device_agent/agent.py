@@ -257,9 +257,17 @@ class DeviceAgent:
         return link
 
     def _new_session(self, edge_id: str, url: str, inputs: PlanningInputs) -> EdgeSession:
-        s = EdgeSession(edge_id, url, self._link_for(url), pkg=self.pkg,
-                        device_id=self.device_id, topics=self.topics, inputs=inputs,
-                        chunk_size=self.chunk_size, peer_stall_s=self.peer_stall_s)  # fmt: skip
+        s = EdgeSession(
+            edge_id,
+            url,
+            self._link_for(url),
+            pkg=self.pkg,
+            device_id=self.device_id,
+            topics=self.topics,
+            inputs=inputs,
+            chunk_size=self.chunk_size,
+            peer_stall_s=self.peer_stall_s,
+        )
         self.sessions[edge_id] = s
         return s
 
@@ -335,13 +343,19 @@ class DeviceAgent:
             ms = single_split_plan(s.inputs, self.pkg.num_blocks).latency_ms
             if plan.edge_blocks <= s.stored:
                 ms = min(ms, plan.latency_ms)
-            return EdgeView(s.edge_id, online, ms,
-                            s.inputs.estimates.rtt_ms, s.recent_misses(now),
-                            len(s.stored))  # fmt: skip
+            return EdgeView(
+                s.edge_id,
+                online,
+                ms,
+                s.inputs.estimates.rtt_ms,
+                s.recent_misses(now),
+                len(s.stored),
+            )
 
         cur = self.session
-        others = [view(s) for s in list(self.sessions.values())
-                  if s is not cur and s.inventory_seen]  # fmt: skip
+        others = [
+            view(s) for s in list(self.sessions.values()) if s is not cur and s.inventory_seen
+        ]
         return view(cur), others
 
     def _monitor_loop(self, tick: float = 0.25) -> None:
@@ -411,11 +425,18 @@ class DeviceAgent:
                 self.session = new
             if self._proactive_target == edge_id:  # done: the next edge may be filled later
                 self._proactive_target = None
-            ev = HandoffEvent(time.monotonic(), old.edge_id, edge_id, reason,
-                              len(inv.stored), len(asked))  # fmt: skip
+            ev = HandoffEvent(
+                time.monotonic(), old.edge_id, edge_id, reason, len(inv.stored), len(asked)
+            )
             self.handoffs.append(ev)
-            log.info("handoff %s → %s (%s): it holds %d blocks, %d by transfer", old.edge_id,
-                     edge_id, reason, ev.target_had, ev.transfer)  # fmt: skip
+            log.info(
+                "handoff %s → %s (%s): it holds %d blocks, %d by transfer",
+                old.edge_id,
+                edge_id,
+                reason,
+                ev.target_had,
+                ev.transfer,
+            )
         if self._uploading and want:
             self._ensure_uploader()
         return True
@@ -430,8 +451,9 @@ class DeviceAgent:
         if best is None:
             return
         self._proactive_target = best.id
-        threading.Thread(target=self._proactive_fill, args=(best.id,), name="proactive",
-                         daemon=True).start()  # fmt: skip
+        threading.Thread(
+            target=self._proactive_fill, args=(best.id,), name="proactive", daemon=True
+        ).start()
 
     def _proactive_fill(self, edge_id: str) -> None:
         s = self.sessions[edge_id]
@@ -443,11 +465,15 @@ class DeviceAgent:
         if self.transfer and cur is not s and cur.online:
             asked = [i for i in want if i in cur.stored]
             if asked:
-                log.info("proactive: %s fetches %d blocks from %s", edge_id, len(asked),
-                         cur.edge_id)  # fmt: skip
+                log.info(
+                    "proactive: %s fetches %d blocks from %s", edge_id, len(asked), cur.edge_id
+                )
                 s.request_transfer(cur, asked)
-        s.upload(want, active=lambda: not self._stop.is_set() and self.session is not s,
-                 rate_Bps=self.proactive_rate_Bps)  # fmt: skip
+        s.upload(
+            want,
+            active=lambda: not self._stop.is_set() and self.session is not s,
+            rate_Bps=self.proactive_rate_Bps,
+        )
 
     # upload ---------------------------------------------------------------------------------
     def upload_order(self) -> list[int]:
@@ -496,8 +522,13 @@ class DeviceAgent:
 
                 if not self._stop.is_set():
                     rate = self.upload_rate_Bps
-                    s.upload(self.upload_order(), progress, active=active, rate_Bps=rate,
-                             block_timeout=block_timeout)  # fmt: skip
+                    s.upload(
+                        self.upload_order(),
+                        progress,
+                        active=active,
+                        rate_Bps=rate,
+                        block_timeout=block_timeout,
+                    )
                 with self._lock:  # the exit decision and a move exclude each other
                     if self._stop.is_set() or self.session is s:
                         self._upload_active = False
@@ -533,8 +564,9 @@ class DeviceAgent:
                 y = self.tfl.run(seg.start, n, y)  # finish on the device
                 break
             y, offloaded = got, True
-        out = QueryOutcome(index, y, (time.perf_counter() - t0) * 1e3, plan.split, offloaded,
-                           reason, front_ms)  # fmt: skip
+        out = QueryOutcome(
+            index, y, (time.perf_counter() - t0) * 1e3, plan.split, offloaded, reason, front_ms
+        )
         out.plan, out.predicted_ms = plan.describe(), plan.latency_ms
         out.edge = s.edge_id if offloaded else None
         out.edge_queue_ms = info.get("queue_ms")
@@ -552,8 +584,11 @@ class DeviceAgent:
         if time.monotonic() - self._last_reply < self.explore_s or not s.online:
             return None
         n, stored = self.pkg.num_blocks, s.stored
-        options = [single_split_plan(s.inputs, k) for k in range(s.inputs.min_local, n)
-                   if all(i in stored for i in range(k, n))]  # fmt: skip
+        options = [
+            single_split_plan(s.inputs, k)
+            for k in range(s.inputs.min_local, n)
+            if all(i in stored for i in range(k, n))
+        ]
         best = min(options, key=lambda p: p.latency_ms, default=None)
         if best is None or best.latency_ms > local.latency_ms * (1 + self.explore_margin):
             return None
@@ -586,9 +621,15 @@ class DeviceAgent:
         with self._lock:
             self._pending[rid] = pend
         payload = encode_tensor_frame(
-            Query, x, request_id=rid, device=self.device_id,
-            model_id=self.pkg.manifest.model_id, start=start, end=end, deadline_ms=deadline,
-        )  # fmt: skip
+            Query,
+            x,
+            request_id=rid,
+            device=self.device_id,
+            model_id=self.pkg.manifest.model_id,
+            start=start,
+            end=end,
+            deadline_ms=deadline,
+        )
         t_send = time.perf_counter()
         clean = s.query_started()
         try:
@@ -617,8 +658,9 @@ class DeviceAgent:
         if clean:  # a reply that queued behind upload chunks says nothing about the link
             self._learn(s, start, end, len(payload) + y.nbytes, rt_ms, h)
         else:
-            s.inputs.estimates.observe_reply(h.exec_ms, sum(s.inputs.profile.edge_ms[start:end]),
-                                             h.queue_ms)  # fmt: skip
+            s.inputs.estimates.observe_reply(
+                h.exec_ms, sum(s.inputs.profile.edge_ms[start:end]), h.queue_ms
+            )
         return y
 
     @staticmethod

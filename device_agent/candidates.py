@@ -56,10 +56,14 @@ class Candidates:
         with self._lock:
             old = self._edges.get(edge) or EdgeCandidate(edge, broker)
             new = replace(
-                old, broker=broker, online=online, sources=old.sources | {source},
+                old,
+                broker=broker,
+                online=online,
+                sources=old.sources | {source},
                 queue_ms=old.queue_ms if queue_ms is None else queue_ms,
-                load=old.load if load is None else load, last_seen=time.monotonic(),
-            )  # fmt: skip
+                load=old.load if load is None else load,
+                last_seen=time.monotonic(),
+            )
             self._edges[edge] = new
             return new
 
@@ -69,8 +73,13 @@ class Candidates:
             return None
         load = s["load"] if isinstance(s.get("load"), dict) else {}
         try:
-            return self.seen(s["edge"], s["broker"], "status", online=s["state"] == "online",
-                             queue_ms=float(load.get("queue_ms", 0.0)))  # fmt: skip
+            return self.seen(
+                s["edge"],
+                s["broker"],
+                "status",
+                online=s["state"] == "online",
+                queue_ms=float(load.get("queue_ms", 0.0)),
+            )
         except (ValueError, TypeError):
             return None
 

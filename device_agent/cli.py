@@ -35,11 +35,15 @@ def summary_table(s: SessionSummary, title: str = "session summary") -> Table:
     for col in ("queries", "edge", "local", "mean ms", "p95 ms", "up MB", "up s", "1st edge"):
         t.add_column(col, justify="right")
     t.add_row(
-        str(d["queries"]), str(d["offloaded"]), str(d["local"]), f"{d['mean_ms']:.2f}",
-        f"{d['p95_ms']:.2f}", f"{d['bytes_uploaded'] / 1e6:.2f}",
+        str(d["queries"]),
+        str(d["offloaded"]),
+        str(d["local"]),
+        f"{d['mean_ms']:.2f}",
+        f"{d['p95_ms']:.2f}",
+        f"{d['bytes_uploaded'] / 1e6:.2f}",
         "-" if d["upload_s"] is None else f"{d['upload_s']:.2f}",
         "-" if d["first_offloaded_query"] is None else f"#{d['first_offloaded_query']}",
-    )  # fmt: skip
+    )
     return t
 
 
@@ -146,27 +150,53 @@ def main_command(
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
     try:
-        cfg = DeviceConfig.load(config, model=model, broker=broker, edge=edge,
-                                interface=interface, split=split, deadline_ms=deadline_ms,
-                                protocol=protocol, id=device_id, planner=planner,
-                                objective=objective, min_local=min_local,
-                                edge_speed=edge_speed, handoff=handoff, prefer=prefer,
-                                transfer=transfer, proactive=proactive,
-                                upload_mbps=upload_mbps)  # fmt: skip
+        cfg = DeviceConfig.load(
+            config,
+            model=model,
+            broker=broker,
+            edge=edge,
+            interface=interface,
+            split=split,
+            deadline_ms=deadline_ms,
+            protocol=protocol,
+            id=device_id,
+            planner=planner,
+            objective=objective,
+            min_local=min_local,
+            edge_speed=edge_speed,
+            handoff=handoff,
+            prefer=prefer,
+            transfer=transfer,
+            proactive=proactive,
+            upload_mbps=upload_mbps,
+        )
         with rich_progress() as progress:
             pkg = ModelCache.from_settings().resolve(cfg.model, progress=progress)
         url, edge_id = find_edge(cfg)
         agent = DeviceAgent(
-            pkg, url, edge_id, device_id=cfg.id, protocol=cfg.protocol, prefix=cfg.prefix,
-            split=None if cfg.split == "auto" else int(cfg.split), chunk_size=cfg.chunk_bytes,
-            deadline_ms=cfg.deadline_ms, tflite_threads=cfg.tflite_threads,
-            planner=cfg.planner, objective=cfg.objective,  # type: ignore[arg-type]
-            min_local=cfg.min_local, edge_speed=cfg.edge_speed, reprofile=reprofile,
-            handoff=cfg.policy(), interface=cfg.interface, prefer=cfg.prefer,
-            transfer=cfg.transfer, proactive=cfg.proactive,
+            pkg,
+            url,
+            edge_id,
+            device_id=cfg.id,
+            protocol=cfg.protocol,
+            prefix=cfg.prefix,
+            split=None if cfg.split == "auto" else int(cfg.split),
+            chunk_size=cfg.chunk_bytes,
+            deadline_ms=cfg.deadline_ms,
+            tflite_threads=cfg.tflite_threads,
+            planner=cfg.planner,
+            objective=cfg.objective,  # type: ignore[arg-type]
+            min_local=cfg.min_local,
+            edge_speed=cfg.edge_speed,
+            reprofile=reprofile,
+            handoff=cfg.policy(),
+            interface=cfg.interface,
+            prefer=cfg.prefer,
+            transfer=cfg.transfer,
+            proactive=cfg.proactive,
             proactive_rate_Bps=cfg.proactive_mbps * 1e6 / 8,
             upload_rate_Bps=None if cfg.upload_mbps is None else cfg.upload_mbps * 1e6 / 8,
-        )  # fmt: skip
+        )
         inv = agent.connect()
     except (ModelError, NoEdgeError, BrokerUnavailableError, ValueError) as e:
         err_console.print(f"[bold red]error:[/] {e}")
@@ -180,8 +210,15 @@ def main_command(
         f"device {agent.device_id} → edge {edge_id} at {url}; {how}; "
         f"{missing / 1e6:.1f} MB to upload"
     )
-    bar = Progress(TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   console=err_console, transient=False, disable=as_json)  # fmt: skip
+    bar = Progress(
+        TextColumn("uploading"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err_console,
+        transient=False,
+        disable=as_json,
+    )
     task = bar.add_task("upload", total=missing)
 
     def on_query(rec: dict[str, object]) -> None:
@@ -197,9 +234,13 @@ def main_command(
     try:
         with bar:
             summary = run_session(
-                agent, iter_inputs(input, pkg, count), interval=interval, on_query=on_query,
-                on_upload=lambda _b, n: bar.advance(task, n), wait_upload=wait_upload,
-            )  # fmt: skip
+                agent,
+                iter_inputs(input, pkg, count),
+                interval=interval,
+                on_query=on_query,
+                on_upload=lambda _b, n: bar.advance(task, n),
+                wait_upload=wait_upload,
+            )
     except ModelError as e:
         err_console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from e

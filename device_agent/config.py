@@ -41,8 +41,11 @@ class DeviceConfig(BaseSettings):
     tflite_threads: int = Field(default=1, ge=1, le=64)
     # handoff between edges
     handoff: bool = Field(default=True, description="move to a better edge on my own")
-    prefer: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-                               description="stay on this edge whenever it is online")  # fmt: skip
+    prefer: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="stay on this edge whenever it is online",
+    )
     handoff_margin: float = Field(
         default=0.2, ge=0, lt=1, description="another edge must be predicted this much faster"
     )
@@ -58,9 +61,13 @@ class DeviceConfig(BaseSettings):
     def policy(self) -> HandoffPolicy | None:
         if not self.handoff:
             return None
-        return HandoffPolicy(margin=self.handoff_margin, dwell_s=self.handoff_dwell_s,
-                             rtt_limit_ms=self.handoff_rtt_ms, miss_limit=self.handoff_misses,
-                             hold_s=self.handoff_hold_s)  # fmt: skip
+        return HandoffPolicy(
+            margin=self.handoff_margin,
+            dwell_s=self.handoff_dwell_s,
+            rtt_limit_ms=self.handoff_rtt_ms,
+            miss_limit=self.handoff_misses,
+            hold_s=self.handoff_hold_s,
+        )
 
     @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> DeviceConfig:

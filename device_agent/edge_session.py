@@ -111,9 +111,14 @@ class EdgeSession:
     @property
     def inventory(self) -> Inventory:
         with self._lock:
-            return Inventory(model_id=self.pkg.manifest.model_id, known=self.known,
-                             stored=sorted(self._stored), loaded=sorted(self._loaded),
-                             partial=dict(self._partial), edge=self.edge_id)  # fmt: skip
+            return Inventory(
+                model_id=self.pkg.manifest.model_id,
+                known=self.known,
+                stored=sorted(self._stored),
+                loaded=sorted(self._loaded),
+                partial=dict(self._partial),
+                edge=self.edge_id,
+            )
 
     def recent_misses(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
@@ -123,10 +128,19 @@ class EdgeSession:
     def announce(self, timeout: float) -> Inventory | None:
         m = self.pkg.manifest
         announce = Announce(
-            device=self.device_id, model_id=m.model_id, name=m.name,
-            blocks=[BlockInfo(onnx_sha256=b.onnx_sha256, onnx_bytes=b.onnx_bytes,
-                              input=b.input, output=b.output) for b in m.blocks],
-        )  # fmt: skip
+            device=self.device_id,
+            model_id=m.model_id,
+            name=m.name,
+            blocks=[
+                BlockInfo(
+                    onnx_sha256=b.onnx_sha256,
+                    onnx_bytes=b.onnx_bytes,
+                    input=b.input,
+                    output=b.output,
+                )
+                for b in m.blocks
+            ],
+        )
         self._inventory.clear()
         t0 = time.perf_counter()
         self.link.publish(self.topics.edge_control(self.edge_id), encode(announce))
@@ -162,9 +176,13 @@ class EdgeSession:
             self.peer_failed = set()
             self.peer_source = source.edge_id
             self._peer_progress = time.monotonic()
-        t = Transfer(device=self.device_id, model_id=self.pkg.manifest.model_id,
-                     source_edge=source.edge_id, source_broker=source.broker,
-                     blocks=blocks)  # fmt: skip
+        t = Transfer(
+            device=self.device_id,
+            model_id=self.pkg.manifest.model_id,
+            source_edge=source.edge_id,
+            source_broker=source.broker,
+            blocks=blocks,
+        )
         self.link.publish(self.topics.edge_control(self.edge_id), encode(t))
 
     def after_reconnect(self) -> None:
@@ -256,8 +274,9 @@ class EdgeSession:
         self._edge_base[block] = ms
         prof = self.inputs.profile
         edge = tuple(self._edge_base.get(i, prof.edge_ms[i]) for i in range(prof.n))
-        self.inputs = dataclasses.replace(self.inputs, profile=dataclasses.replace(
-            prof, edge_ms=edge))  # fmt: skip
+        self.inputs = dataclasses.replace(
+            self.inputs, profile=dataclasses.replace(prof, edge_ms=edge)
+        )
 
     # upload ---------------------------------------------------------------------------------
     def upload(
@@ -354,8 +373,11 @@ class EdgeSession:
                     stored, missing = i in self._stored, self._partial.get(i)
                 if not stored:
                     self.resumed_blocks.append(i)
-                    log.info("resuming block %d: %s chunks missing", i,
-                             "all" if missing is None else len(missing))  # fmt: skip
+                    log.info(
+                        "resuming block %d: %s chunks missing",
+                        i,
+                        "all" if missing is None else len(missing),
+                    )
                     self._send_block(i, data, missing, progress)
         return ev.is_set()
 
@@ -383,8 +405,12 @@ class EdgeSession:
                 if not active():
                     return False
                 if time.monotonic() > end:  # acks lost, or a query stuck: go on anyway
-                    log.info("upload to %s: %d chunk acks missing, %d queries in flight; going "
-                             "on", self.edge_id, len(self._unacked), self._queries)  # fmt: skip
+                    log.info(
+                        "upload to %s: %d chunk acks missing, %d queries in flight; going on",
+                        self.edge_id,
+                        len(self._unacked),
+                        self._queries,
+                    )
                     self._unacked.clear()
                     break
                 self._acked.wait(0.05)
@@ -415,9 +441,16 @@ class EdgeSession:
             if not self._wait_window(active, window=not last):
                 return False
             body = data[c * self.chunk_size : (c + 1) * self.chunk_size]
-            h = UploadChunk(device=self.device_id, model_id=self.pkg.manifest.model_id, block=i,
-                            block_sha256=b.onnx_sha256, block_bytes=len(data), chunk=c,
-                            chunks=chunks, chunk_size=self.chunk_size)  # fmt: skip
+            h = UploadChunk(
+                device=self.device_id,
+                model_id=self.pkg.manifest.model_id,
+                block=i,
+                block_sha256=b.onnx_sha256,
+                block_bytes=len(data),
+                chunk=c,
+                chunks=chunks,
+                chunk_size=self.chunk_size,
+            )
             if not last:
                 with self._lock:
                     self._unacked.add((i, c))

@@ -95,6 +95,7 @@ class HandoffPolicy:
         if best.predicted_ms < cur.predicted_ms * (1 - self.margin):
             since = self._better_since.setdefault(best.id, now)
             if now - since >= self.dwell_s and not held:
-                return Move(best.id, f"predicted {best.predicted_ms:.1f} ms vs "
-                                     f"{cur.predicted_ms:.1f} ms")  # fmt: skip
+                return Move(
+                    best.id, f"predicted {best.predicted_ms:.1f} ms vs {cur.predicted_ms:.1f} ms"
+                )
         return None

@@ -104,14 +104,18 @@ class SessionSummary:
     def as_dict(self) -> dict[str, Any]:
         lat = np.asarray(self.latencies_ms or [0.0])
         return {
-            "summary": True, "queries": self.queries, "offloaded": self.offloaded,
-            "local": self.local, "mean_ms": round(float(lat.mean()), 3),
+            "summary": True,
+            "queries": self.queries,
+            "offloaded": self.offloaded,
+            "local": self.local,
+            "mean_ms": round(float(lat.mean()), 3),
             "p95_ms": round(float(np.percentile(lat, 95)), 3),
             "bytes_uploaded": self.bytes_uploaded,
             "upload_s": None if self.upload_s is None else round(self.upload_s, 3),
-            "first_offloaded_query": self.first_offloaded, "upload_errors": self.upload_errors,
+            "first_offloaded_query": self.first_offloaded,
+            "upload_errors": self.upload_errors,
             "handoffs": self.handoffs,
-        }  # fmt: skip
+        }
 
 
 def outcome_record(o: QueryOutcome, pkg: ModelPackage, name: str, session: str) -> dict[str, Any]:
@@ -119,16 +123,24 @@ def outcome_record(o: QueryOutcome, pkg: ModelPackage, name: str, session: str) 
     ran on the device); ``session_edge``: the device's current edge when the query ended."""
     top = top_k(o.output, pkg.manifest.labels)
     return {
-        "query": o.index, "input": name, "top1": top[0][1], "top1_class": top[0][0],
+        "query": o.index,
+        "input": name,
+        "top1": top[0][1],
+        "top1_class": top[0][0],
         "top5": [{"class": c, "label": lab, "score": round(s, 6)} for c, lab, s in top],
-        "latency_ms": round(o.latency_ms, 3), "predicted_ms": round(o.predicted_ms, 3),
-        "plan": o.plan, "split": o.split, "offloaded": o.offloaded,
-        "where": "edge" if o.offloaded else "local", "reason": o.reason, "edge": o.edge,
+        "latency_ms": round(o.latency_ms, 3),
+        "predicted_ms": round(o.predicted_ms, 3),
+        "plan": o.plan,
+        "split": o.split,
+        "offloaded": o.offloaded,
+        "where": "edge" if o.offloaded else "local",
+        "reason": o.reason,
+        "edge": o.edge,
         "session_edge": session,
         "front_ms": round(o.front_ms, 3),
         "edge_queue_ms": None if o.edge_queue_ms is None else round(o.edge_queue_ms, 3),
         "edge_exec_ms": None if o.edge_exec_ms is None else round(o.edge_exec_ms, 3),
-    }  # fmt: skip
+    }
 
 
 def run_session(
@@ -179,7 +191,14 @@ def run_session(
     summary.bytes_uploaded = agent.bytes_uploaded
     summary.upload_errors = list(agent.upload_errors)
     summary.handoffs = [
-        {"from": h.source, "to": h.target, "reason": h.reason, "at_s": round(h.at - t_mono, 3),
-         "had": h.target_had, "transfer": h.transfer} for h in agent.handoffs
-    ]  # fmt: skip
+        {
+            "from": h.source,
+            "to": h.target,
+            "reason": h.reason,
+            "at_s": round(h.at - t_mono, 3),
+            "had": h.target_had,
+            "transfer": h.transfer,
+        }
+        for h in agent.handoffs
+    ]
     return summary

@@ -91,12 +91,17 @@ class EdgeAgent:
         self.broker_url = config.broker or ""
         self._advertiser: EdgeAdvertiser | None = None
         self.peers = PeerTransfers(
-            config.id, self.topics, own_link=self._link, own_broker=lambda: self.broker_url,
-            on_upload=self._on_upload, block_path=self._stored_block,
+            config.id,
+            self.topics,
+            own_link=self._link,
+            own_broker=lambda: self.broker_url,
+            on_upload=self._on_upload,
+            block_path=self._stored_block,
             reply_error=lambda dev, e: self._error(dev, e.code, e.message, e.request_id),
-            allowed_brokers=config.peer_brokers, protocol=config.protocol,
+            allowed_brokers=config.peer_brokers,
+            protocol=config.protocol,
             chunk_bytes=config.transfer_chunk_bytes,
-        )  # fmt: skip
+        )
 
     def _link(self) -> MqttLink:
         assert self.link is not None, "the edge is not started"
@@ -104,8 +109,11 @@ class EdgeAgent:
 
     def _stored_block(self, model_id: str, i: int) -> tuple[str, Path] | None:
         a = self.store.model(model_id)
-        if a is None or not 0 <= i < len(a.blocks) or not self.store.has_block(
-                a.blocks[i].onnx_sha256):  # fmt: skip
+        if (
+            a is None
+            or not 0 <= i < len(a.blocks)
+            or not self.store.has_block(a.blocks[i].onnx_sha256)
+        ):
             return None
         sha = a.blocks[i].onnx_sha256
         return sha, self.store.block_path(sha)
@@ -117,21 +125,25 @@ class EdgeAgent:
             raise ValueError("no broker URL")
         cid = self.config.id
         self.link = MqttLink(
-            self.broker_url, f"edge-{cid}", protocol=self.config.protocol,
+            self.broker_url,
+            f"edge-{cid}",
+            protocol=self.config.protocol,
             will=(self.topics.edge_status(cid), self._status_json("offline"), True),
-        )  # fmt: skip
+        )
         self.link.subscribe(self.topics.edge_control(cid), self._on_control)
         self.link.subscribe(self.topics.edge_upload(cid), self._on_upload)
         self.link.subscribe(self.topics.edge_query(cid), self._on_query)
         self.link.on_reconnect.append(self.publish_status)  # a restarted broker lost it
         self.link.connect()
         for i in range(self.config.workers):
-            t = threading.Thread(target=self._work, args=(self._jobs,), name=f"edge-worker-{i}",
-                                 daemon=True)  # fmt: skip
+            t = threading.Thread(
+                target=self._work, args=(self._jobs,), name=f"edge-worker-{i}", daemon=True
+            )
             t.start()
             self._workers.append(t)
-        loader = threading.Thread(target=self._work, args=(self._loads,), name="edge-loader",
-                                  daemon=True)  # fmt: skip
+        loader = threading.Thread(
+            target=self._work, args=(self._loads,), name="edge-loader", daemon=True
+        )
         loader.start()
         self._loader = loader
         self._status_thread = threading.Thread(target=self._status_loop, daemon=True)
@@ -165,26 +177,38 @@ class EdgeAgent:
         if self.link:
             if self.link.connected:
                 info = self.link.publish(
-                    self.topics.edge_status(self.config.id), self._status_json("offline"),
+                    self.topics.edge_status(self.config.id),
+                    self._status_json("offline"),
                     retain=True,
-                )  # fmt: skip
+                )
                 info.wait_for_publish(2)
             self.link.close()
 
     # status -------------------------------------------------------------------------------
     def _status_json(self, state: str) -> bytes:
-        return json.dumps({
-            "state": state, "edge": self.config.id, "version": __version__,
-            "broker": self.broker_url, "protocol": self.config.protocol,
-            "load": {"queue": self._jobs.qsize(),
-                     "in_flight": self.stats.in_flight,
-                     "queue_ms": round(self.stats.queue_ms_ewma, 3),
-                     "exec_ms": round(self.stats.exec_ms_ewma, 3)},
-            "models": self.store.model_ids(), "blocks": len(self.store.block_digests()),
-            "transfer": {"blocks_pushed": self.peers.blocks_pushed,
-                         "blocks_from_peers": self.stats.blocks_from_peers},
-            "providers": ["CPUExecutionProvider"], "time": time.time(),
-        }).encode()  # fmt: skip
+        return json.dumps(
+            {
+                "state": state,
+                "edge": self.config.id,
+                "version": __version__,
+                "broker": self.broker_url,
+                "protocol": self.config.protocol,
+                "load": {
+                    "queue": self._jobs.qsize(),
+                    "in_flight": self.stats.in_flight,
+                    "queue_ms": round(self.stats.queue_ms_ewma, 3),
+                    "exec_ms": round(self.stats.exec_ms_ewma, 3),
+                },
+                "models": self.store.model_ids(),
+                "blocks": len(self.store.block_digests()),
+                "transfer": {
+                    "blocks_pushed": self.peers.blocks_pushed,
+                    "blocks_from_peers": self.stats.blocks_from_peers,
+                },
+                "providers": ["CPUExecutionProvider"],
+                "time": time.time(),
+            }
+        ).encode()
 
     def publish_status(self) -> None:
         if self.link and self.link.connected:
@@ -226,8 +250,10 @@ class EdgeAgent:
                 a = self.store.model(model_id)
                 if a is None:
                     return None
-                files = [BlockFile(self.store.block_path(b.onnx_sha256), b.input, b.output)
-                         for b in a.blocks]  # fmt: skip
+                files = [
+                    BlockFile(self.store.block_path(b.onnx_sha256), b.input, b.output)
+                    for b in a.blocks
+                ]
                 ex = OnnxExecutor(files, threads=self.config.threads)
                 self._executors[model_id] = ex
             return ex
@@ -243,12 +269,20 @@ class EdgeAgent:
             missing = self.store.missing_chunks(b.onnx_sha256)
             if missing is not None and i not in stored:
                 partial[i] = missing
-        block_ms = {i: self._block_ms[b.onnx_sha256] for i, b in enumerate(a.blocks)
-                    if b.onnx_sha256 in self._block_ms}  # fmt: skip
+        block_ms = {
+            i: self._block_ms[b.onnx_sha256]
+            for i, b in enumerate(a.blocks)
+            if b.onnx_sha256 in self._block_ms
+        }
         return Inventory(
-            model_id=model_id, known=True, stored=stored,
-            loaded=ex.loaded if ex else [], partial=partial, block_ms=block_ms, edge=self.config.id,
-        )  # fmt: skip
+            model_id=model_id,
+            known=True,
+            stored=stored,
+            loaded=ex.loaded if ex else [],
+            partial=partial,
+            block_ms=block_ms,
+            edge=self.config.id,
+        )
 
     # handlers (network thread: quick) -----------------------------------------------------
     def _decode(self, payload: bytes) -> tuple[Any, memoryview] | None:
@@ -297,11 +331,25 @@ class EdgeAgent:
         except StoreError as e:
             self._error(h.device, e.code, str(e), f"upload:{h.block}:{h.chunk}")
             return
-        ack = UploadAck(model_id=h.model_id, block=h.block, chunk=h.chunk, block_done=done,
-                        loaded=False, edge=self.config.id)  # fmt: skip
+        ack = UploadAck(
+            model_id=h.model_id,
+            block=h.block,
+            chunk=h.chunk,
+            block_done=done,
+            loaded=False,
+            edge=self.config.id,
+        )
         if done:
-            self._loads.put(_Job("load", time.perf_counter(), header=h, sha=h.block_sha256,
-                                 ack=ack, device=h.device))  # fmt: skip
+            self._loads.put(
+                _Job(
+                    "load",
+                    time.perf_counter(),
+                    header=h,
+                    sha=h.block_sha256,
+                    ack=ack,
+                    device=h.device,
+                )
+            )
         else:
             self._reply(h.device, ack)
 
@@ -371,26 +419,38 @@ class EdgeAgent:
         h: Query = job.header
         queue_ms = (time.perf_counter() - job.enqueued) * 1e3
         if queue_ms > h.deadline_ms:  # the device has finished it locally by now: save the work
-            self._error(h.device, "deadline_expired",
-                        f"waited {queue_ms:.0f} ms in the queue, deadline {h.deadline_ms:g} ms",
-                        h.request_id)  # fmt: skip
+            self._error(
+                h.device,
+                "deadline_expired",
+                f"waited {queue_ms:.0f} ms in the queue, deadline {h.deadline_ms:g} ms",
+                h.request_id,
+            )
             return
         a = self.store.model(h.model_id)
         ex = self.executor(h.model_id)
         if a is None or ex is None:
-            self._error(h.device, "unknown_model", f"model {h.model_id[:12]}… is not announced",
-                        h.request_id)  # fmt: skip
+            self._error(
+                h.device,
+                "unknown_model",
+                f"model {h.model_id[:12]}… is not announced",
+                h.request_id,
+            )
             return
         if not 0 <= h.start < h.end <= len(a.blocks):
-            self._error(h.device, "bad_range",
-                        f"block range [{h.start}, {h.end}) outside [0, {len(a.blocks)})",
-                        h.request_id)  # fmt: skip
+            self._error(
+                h.device,
+                "bad_range",
+                f"block range [{h.start}, {h.end}) outside [0, {len(a.blocks)})",
+                h.request_id,
+            )
             return
-        missing = [i for i in range(h.start, h.end)
-                   if not self.store.has_block(a.blocks[i].onnx_sha256)]  # fmt: skip
+        missing = [
+            i for i in range(h.start, h.end) if not self.store.has_block(a.blocks[i].onnx_sha256)
+        ]
         if missing:
-            self._error(h.device, "blocks_missing", f"blocks {missing} are not uploaded",
-                        h.request_id)  # fmt: skip
+            self._error(
+                h.device, "blocks_missing", f"blocks {missing} are not uploaded", h.request_id
+            )
             return
         assert job.body is not None
         self.stats.in_flight += 1
@@ -410,6 +470,12 @@ class EdgeAgent:
         assert self.link is not None
         self.link.publish(
             self.topics.device_inbox(h.device),
-            encode_tensor_frame(Result, y, request_id=h.request_id, queue_ms=queue_ms,
-                                exec_ms=exec_ms, block_ms=[t * 1e3 for t in times]),
-        )  # fmt: skip
+            encode_tensor_frame(
+                Result,
+                y,
+                request_id=h.request_id,
+                queue_ms=queue_ms,
+                exec_ms=exec_ms,
+                block_ms=[t * 1e3 for t in times],
+            ),
+        )

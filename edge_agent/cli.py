@@ -17,8 +17,9 @@ from edge_agent.config import EdgeConfig
 from iotoffload.cli._console import console, err_console
 from iotoffload.transport.mqtt import BrokerUnavailableError
 
-app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True,
-                  pretty_exceptions_enable=False)  # fmt: skip
+app = typer.Typer(
+    add_completion=False, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False
+)
 
 
 @app.callback()
@@ -60,14 +61,24 @@ def start(
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Start the edge agent and serve until Ctrl-C (or SIGTERM)."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         cfg = EdgeConfig.load(
-            config, broker=broker, id=edge_id, store=store, interface=interface,
-            embedded_broker_port=port, advertise=False if no_advertise else None,
-            protocol=protocol, threads=threads, peer_brokers=peer_broker or None,
-        )  # fmt: skip
+            config,
+            broker=broker,
+            id=edge_id,
+            store=store,
+            interface=interface,
+            embedded_broker_port=port,
+            advertise=False if no_advertise else None,
+            protocol=protocol,
+            threads=threads,
+            peer_brokers=peer_broker or None,
+        )
     except (ValueError, OSError) as e:
         err_console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from e

@@ -20,8 +20,10 @@ def _default_store() -> Path:
 class EdgeConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IOTOFFLOAD_EDGE_", extra="forbid")
 
-    id: str = Field(default_factory=lambda: f"edge-{socket.gethostname()}"[:64],
-                    pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # fmt: skip
+    id: str = Field(
+        default_factory=lambda: f"edge-{socket.gethostname()}"[:64],
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+    )
     broker: str | None = Field(
         default=None, description="mqtt://HOST:PORT; none starts the embedded broker"
     )

@@ -68,10 +68,14 @@ class PeerTransfers:
     def pull(self, t: Transfer) -> None:
         """Ask the old edge to push ``t.blocks`` to us (runs off the network thread)."""
         if not self.broker_allowed(t.source_broker):
-            self._reply_error(t.device, Error(
-                request_id=f"transfer:{t.source_edge}", code="transfer_refused",
-                message=f"broker {t.source_broker} is not an allowed peer (edge peer_brokers)",
-            ))  # fmt: skip
+            self._reply_error(
+                t.device,
+                Error(
+                    request_id=f"transfer:{t.source_edge}",
+                    code="transfer_refused",
+                    message=f"broker {t.source_broker} is not an allowed peer (edge peer_brokers)",
+                ),
+            )
             return
         threading.Thread(target=self._pull, args=(t,), name="peer-pull", daemon=True).start()
 
@@ -79,13 +83,22 @@ class PeerTransfers:
         try:
             link = self._link_to(t.source_broker)
         except BrokerUnavailableError as e:
-            self._reply_error(t.device, Error(request_id=f"transfer:{t.source_edge}",
-                                              code="transfer_failed", message=str(e)))  # fmt: skip
+            self._reply_error(
+                t.device,
+                Error(
+                    request_id=f"transfer:{t.source_edge}", code="transfer_failed", message=str(e)
+                ),
+            )
             return
         fetch = PeerFetch(peer=self.edge_id, device=t.device, model_id=t.model_id, blocks=t.blocks)
         link.publish(self.topics.edge_control(t.source_edge), encode(fetch))
-        log.info("asked %s for %d blocks of %s… for %s", t.source_edge, len(t.blocks),
-                 t.model_id[:12], t.device)  # fmt: skip
+        log.info(
+            "asked %s for %d blocks of %s… for %s",
+            t.source_edge,
+            len(t.blocks),
+            t.model_id[:12],
+            t.device,
+        )
 
     def _link_to(self, url: str) -> MqttLink:
         key = str(BrokerURL.parse(url))
@@ -105,8 +118,9 @@ class PeerTransfers:
         """Queue a peer's fetch; one pusher thread sends blocks one after the other."""
         with self._lock:
             if self._pusher is None or not self._pusher.is_alive():
-                self._pusher = threading.Thread(target=self._push_loop, name="peer-push",
-                                                daemon=True)  # fmt: skip
+                self._pusher = threading.Thread(
+                    target=self._push_loop, name="peer-push", daemon=True
+                )
                 self._pusher.start()
         self._push_jobs.put(f)
 
@@ -147,9 +161,17 @@ class PeerTransfers:
         chunks = -(-len(data) // self._chunk)
         infos = []
         for c in range(chunks):
-            h = UploadChunk(device=f.device, model_id=f.model_id, block=i, block_sha256=sha,
-                            block_bytes=len(data), chunk=c, chunks=chunks,
-                            chunk_size=self._chunk, source=self.edge_id)  # fmt: skip
+            h = UploadChunk(
+                device=f.device,
+                model_id=f.model_id,
+                block=i,
+                block_sha256=sha,
+                block_bytes=len(data),
+                chunk=c,
+                chunks=chunks,
+                chunk_size=self._chunk,
+                source=self.edge_id,
+            )
             body = data[c * self._chunk : (c + 1) * self._chunk]
             infos.append(link.publish(self.topics.edge_upload(f.peer), encode(h, body)))
         for info in infos:  # one block in flight at a time: queries keep their share

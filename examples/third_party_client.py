@@ -108,25 +108,35 @@ def main() -> int:
         # 1. announce the chain (the edge only runs models a device announced and uploaded)
         keys = ("onnx_sha256", "onnx_bytes", "input", "output")
         announce = {
-            "type": "announce", "device": args.device_id, "model_id": model_id,
-            "name": manifest["name"], "blocks": [{k: b[k] for k in keys} for b in blocks],
-        }  # fmt: skip
+            "type": "announce",
+            "device": args.device_id,
+            "model_id": model_id,
+            "name": manifest["name"],
+            "blocks": [{k: b[k] for k in keys} for b in blocks],
+        }
         client.publish(control, encode(announce), qos=1)
         inv, _ = wait_for(inbox, {"inventory"}, "model_id", model_id, args.timeout)
         print(f"inventory: known={inv['known']} stored={inv['stored']} partial={inv['partial']}")
         missing = sorted(set(range(n)) - set(inv["stored"]))
         if missing:
-            print(f"blocks {missing} are NOT uploaded; this client does not upload them (run "
-                  f"device-agent --wait-upload first): expect blocks_missing")  # fmt: skip
+            print(
+                f"blocks {missing} are NOT uploaded; this client does not upload them (run "
+                f"device-agent --wait-upload first): expect blocks_missing"
+            )
         # 2. the whole-model query: blocks [0, n) on a synthetic input
         size, code, rng = prod(spec["shape"]), TYPECODES[spec["dtype"]], random.Random(0)
         xs = [rng.uniform(-1, 1) if code == "f" else rng.randint(0, 127) for _ in range(size)]
         rid = f"{args.device_id}-{uuid.uuid4().hex[:8]}"
         query = {
-            "type": "query", "request_id": rid, "device": args.device_id, "model_id": model_id,
-            "start": 0, "end": n, "deadline_ms": args.timeout * 1e3,
+            "type": "query",
+            "request_id": rid,
+            "device": args.device_id,
+            "model_id": model_id,
+            "start": 0,
+            "end": n,
+            "deadline_ms": args.timeout * 1e3,
             "tensor": {"dtype": spec["dtype"], "shape": spec["shape"]},
-        }  # fmt: skip
+        }
         payload = encode(query, array.array(code, xs).tobytes())
         client.publish(f"{PREFIX}/edges/{args.edge}/query", payload, qos=1)
         header, body = wait_for(inbox, {"result", "error"}, "request_id", rid, args.timeout)
@@ -142,8 +152,10 @@ def main() -> int:
     out = array.array(TYPECODES[header["tensor"]["dtype"]])
     out.frombytes(body)
     labels = manifest.get("labels") or []
-    print(f"result {header['tensor']['dtype']}{header['tensor']['shape']}: "
-          f"queue {header['queue_ms']:.2f} ms, exec {header['exec_ms']:.2f} ms")  # fmt: skip
+    print(
+        f"result {header['tensor']['dtype']}{header['tensor']['shape']}: "
+        f"queue {header['queue_ms']:.2f} ms, exec {header['exec_ms']:.2f} ms"
+    )
     for rank, i in enumerate(sorted(range(len(out)), key=lambda i: -out[i])[:5], 1):
         label = labels[i] if i < len(labels) else f"class {i}"
         print(f"  {rank}. {label:<28} {out[i]:.6f}")

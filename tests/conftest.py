@@ -14,11 +14,25 @@ from iotoffload.model import CATALOG, ModelPackage, PackageError, prepare_catalo
 os.environ["IOTOFFLOAD_INTERFACE"] = "127.0.0.1"
 
 KERAS_MOBILENET_CUTS = [
-    "expanded_conv_project_BN", "block_1_project_BN", "block_2_add", "block_3_project_BN",
-    "block_4_add", "block_5_add", "block_6_project_BN", "block_7_add", "block_8_add",
-    "block_9_add", "block_10_project_BN", "block_11_add", "block_12_add", "block_13_project_BN",
-    "block_14_add", "block_15_add", "block_16_project_BN", "predictions",
-]  # fmt: skip
+    "expanded_conv_project_BN",
+    "block_1_project_BN",
+    "block_2_add",
+    "block_3_project_BN",
+    "block_4_add",
+    "block_5_add",
+    "block_6_project_BN",
+    "block_7_add",
+    "block_8_add",
+    "block_9_add",
+    "block_10_project_BN",
+    "block_11_add",
+    "block_12_add",
+    "block_13_project_BN",
+    "block_14_add",
+    "block_15_add",
+    "block_16_project_BN",
+    "predictions",
+]
 
 
 @pytest.fixture(scope="session")

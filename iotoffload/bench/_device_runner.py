@@ -39,8 +39,16 @@ def main() -> None:
     d = measure_device_ms(pkg, tfl, cache=False)
     # the edge's speed relative to this (CPU-limited) device, as IONN's profiled server
     # model; the edge's own block times replace it block by block as they are uploaded
-    dev = DeviceAgent(pkg, a.broker, a.edge, protocol=311, planner=a.planner, estimates=est,
-                      device_ms=d, edge_speed=a.edge_speed)  # fmt: skip
+    dev = DeviceAgent(
+        pkg,
+        a.broker,
+        a.edge,
+        protocol=311,
+        planner=a.planner,
+        estimates=est,
+        device_ms=d,
+        edge_speed=a.edge_speed,
+    )
     x = np.zeros(pkg.manifest.input.shape, np.float32)
     dev.tfl.run(0, pkg.num_blocks, x)  # warm
     t0 = time.perf_counter()
@@ -63,14 +71,31 @@ def main() -> None:
         if a.planner == "local" and now > a.after_upload:
             break
         o = dev.query(x, i)
-        print(json.dumps({"t": round(now, 4), "latency_ms": round(o.latency_ms, 3),
-                          "offloaded": o.offloaded, "plan": o.plan,
-                          "predicted_ms": round(o.predicted_ms, 3)}), flush=True)  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "t": round(now, 4),
+                    "latency_ms": round(o.latency_ms, 3),
+                    "offloaded": o.offloaded,
+                    "plan": o.plan,
+                    "predicted_ms": round(o.predicted_ms, 3),
+                }
+            ),
+            flush=True,
+        )
         i += 1
         time.sleep(max(0.0, a.interval - o.latency_ms / 1e3))
-    print(json.dumps({"summary": True, "upload_s": upload_s[0] if upload_s else None,
-                      "bytes_uploaded": dev.bytes_uploaded,
-                      "device_ms": list(dev.inputs.profile.device_ms)}), flush=True)  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "upload_s": upload_s[0] if upload_s else None,
+                "bytes_uploaded": dev.bytes_uploaded,
+                "device_ms": list(dev.inputs.profile.device_ms),
+            }
+        ),
+        flush=True,
+    )
     dev.close()
 
 

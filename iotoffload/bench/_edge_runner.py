@@ -39,8 +39,11 @@ def main() -> None:
     a = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     with _broker(a.host, a.port) as url:
-        edge = EdgeAgent(EdgeConfig(id=a.id, broker=url, store=a.store, advertise=False,
-                                    protocol=311, workers=a.workers))  # fmt: skip
+        edge = EdgeAgent(
+            EdgeConfig(
+                id=a.id, broker=url, store=a.store, advertise=False, protocol=311, workers=a.workers
+            )
+        )
         edge.start()
         print(json.dumps({"ready": True, "broker": url}), flush=True)
         sys.stdin.read()  # the bench closes stdin to stop us

@@ -57,13 +57,22 @@ def run_mode(
         url_a, proto = stack.enter_context(broker(kind))
         url_b, _ = stack.enter_context(broker(kind))
         stack.enter_context(edge_on(url_a, proto, edge_id="bench-a", status_interval=0.5))
-        edge_b = stack.enter_context(edge_on(url_b, proto, edge_id="bench-b", status_interval=0.5,
-                                             peer_brokers=[url_a]))  # fmt: skip
+        edge_b = stack.enter_context(
+            edge_on(url_b, proto, edge_id="bench-b", status_interval=0.5, peer_brokers=[url_a])
+        )
         dev = DeviceAgent(
-            pkg, url_a, "bench-a", protocol=proto, split=split, deadline_ms=2000,
-            transfer=mode in ("transfer", "proactive"), proactive=mode.startswith("proactive"),
-            upload_rate_Bps=None, proactive_rate_Bps=uplink or 1e9, probe_interval=0.5,
-        )  # fmt: skip
+            pkg,
+            url_a,
+            "bench-a",
+            protocol=proto,
+            split=split,
+            deadline_ms=2000,
+            transfer=mode in ("transfer", "proactive"),
+            proactive=mode.startswith("proactive"),
+            upload_rate_Bps=None,
+            proactive_rate_Bps=uplink or 1e9,
+            probe_interval=0.5,
+        )
         stack.callback(dev.close)
         if dev.connect() is None:
             raise RuntimeError("edge A does not answer")
@@ -103,12 +112,23 @@ def run_mode(
         after = [(t, o) for t, o in outcomes if t >= before_s]
         first_b = next((t for t, o in after if o.edge == "bench-b"), None)
         lat_after = [o.latency_ms for _, o in after]
-        run.records = [{"t_s": round(t, 4), "query": o.index, "offloaded": o.offloaded,
-                        "edge": o.edge, "latency_ms": round(o.latency_ms, 3),
-                        "reason": o.reason} for t, o in outcomes]  # fmt: skip
+        run.records = [
+            {
+                "t_s": round(t, 4),
+                "query": o.index,
+                "offloaded": o.offloaded,
+                "edge": o.edge,
+                "latency_ms": round(o.latency_ms, 3),
+                "reason": o.reason,
+            }
+            for t, o in outcomes
+        ]
         run.summary = {
-            "mode": mode, "queries": total, "answered": len(set(idx)),
-            "lost": total - len(set(idx)), "answered_twice": len(idx) - len(set(idx)),
+            "mode": mode,
+            "queries": total,
+            "answered": len(set(idx)),
+            "lost": total - len(set(idx)),
+            "answered_twice": len(idx) - len(set(idx)),
             "late_answers_ignored": dev.late_answers,
             "move_took_s": round(dev.handoffs[-1].at - t0 - before_s, 3),
             "no_offload_s": None if first_b is None else round(first_b - before_s, 3),
@@ -116,9 +136,12 @@ def run_mode(
             "mean_after_ms": statistics.mean(lat_after) if lat_after else None,
             "device_bytes_to_b": dev.sessions["bench-b"].bytes_uploaded,
             "device_bytes_during": dev.bytes_uploaded - sent_before,
-            "blocks_from_a": edge_b.stats.blocks_from_peers, "fill_before_s": fill_s,
-            "uplink_mbit": uplink_mbit, "rate_qps": rate_qps, "split": split,
-        }  # fmt: skip
+            "blocks_from_a": edge_b.stats.blocks_from_peers,
+            "fill_before_s": fill_s,
+            "uplink_mbit": uplink_mbit,
+            "rate_qps": rate_qps,
+            "split": split,
+        }
     return run
 
 
@@ -139,8 +162,14 @@ def plot(runs: list[HandoffRun], before_s: float, path: Path) -> None:
     for row, r in enumerate(runs):
         for where, color in colors.items():
             ts = [q["t_s"] for q in r.records if q["edge"] == where]
-            ax.scatter(ts, [row] * len(ts), s=14, marker="|", color=color,
-                       label=names[where] if row == 0 else None)  # fmt: skip
+            ax.scatter(
+                ts,
+                [row] * len(ts),
+                s=14,
+                marker="|",
+                color=color,
+                label=names[where] if row == 0 else None,
+            )
     ax.axvline(before_s, color="k", ls="--", lw=0.8)
     ax.set_yticks(range(len(runs)), [r.mode for r in runs])
     ax.set_ylim(-0.6, len(runs) - 0.4)

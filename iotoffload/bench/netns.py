@@ -78,15 +78,46 @@ class Testbed:
         for ns in (self.dev_ns, self.edge_ns):
             _run("ip", "netns", "add", ns)
             _run("ip", "-n", ns, "link", "set", "lo", "up")
-        _run("ip", "link", "add", self.dev_if, "netns", self.dev_ns, "type", "veth",
-             "peer", "name", self.edge_if, "netns", self.edge_ns)  # fmt: skip
-        for ns, ifname, ip in ((self.dev_ns, self.dev_if, self.dev_ip),
-                               (self.edge_ns, self.edge_if, self.edge_ip)):  # fmt: skip
+        _run(
+            "ip",
+            "link",
+            "add",
+            self.dev_if,
+            "netns",
+            self.dev_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            self.edge_if,
+            "netns",
+            self.edge_ns,
+        )
+        for ns, ifname, ip in (
+            (self.dev_ns, self.dev_if, self.dev_ip),
+            (self.edge_ns, self.edge_if, self.edge_ip),
+        ):
             _run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname)
             _run("ip", "-n", ns, "link", "set", ifname, "up")
-            _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", ifname, "root",
-                 "tbf", "rate", f"{self.rate_mbit}mbit", "burst", "32kbit",
-                 "latency", "400ms")  # fmt: skip
+            _run(
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                ifname,
+                "root",
+                "tbf",
+                "rate",
+                f"{self.rate_mbit}mbit",
+                "burst",
+                "32kbit",
+                "latency",
+                "400ms",
+            )
         if self.device_cpu_percent < 100:
             self.cgroup.mkdir(exist_ok=True)
             # A 10 ms period: a short query cannot run ahead on a whole period's budget, so

@@ -23,8 +23,18 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def _upload(d: dict[str, Any]) -> tuple[str, list[str]]:
     runs = d["runs"]
-    rows = [[r["rate_mbit"], r["planner"], r["upload_s"], r["first_offload_s"],
-             r["mean_during_upload_ms"], r["steady_ms"], r["queries"]] for r in runs]  # fmt: skip
+    rows = [
+        [
+            r["rate_mbit"],
+            r["planner"],
+            r["upload_s"],
+            r["first_offload_s"],
+            r["mean_during_upload_ms"],
+            r["steady_ms"],
+            r["queries"],
+        ]
+        for r in runs
+    ]
     heads = []
     for rate in sorted({r["rate_mbit"] for r in runs}):
         by = {r["planner"]: r for r in runs if r["rate_mbit"] == rate}
@@ -33,8 +43,10 @@ def _upload(d: dict[str, Any]) -> tuple[str, list[str]]:
             o = by.get(other)
             if base and o and base["mean_during_upload_ms"] and o["mean_during_upload_ms"]:
                 ratio = base["mean_during_upload_ms"] / o["mean_during_upload_ms"]
-                heads.append(f"{rate:g} Mbit/s: auto vs {other} during the upload window: "
-                             f"{ratio:.2f}× the latency")  # fmt: skip
+                heads.append(
+                    f"{rate:g} Mbit/s: auto vs {other} during the upload window: "
+                    f"{ratio:.2f}× the latency"
+                )
     text = (
         f"Network: {d['network']}, device CPU {d['cpu_percent']}%, model {d['model']}.\n\n"
         + _table(
@@ -57,14 +69,37 @@ def _upload(d: dict[str, Any]) -> tuple[str, list[str]]:
 def _handoff(d: dict[str, Any]) -> tuple[str, list[str]]:
     ms = [r["summary"] for r in d["runs"]]
     first = ms[0] if ms else {}
-    rows = [[m["mode"], m["queries"], m["lost"], m["answered_twice"], m["no_offload_s"],
-             m["local_after_move"], m["device_bytes_to_b"] / 1e6, m["blocks_from_a"],
-             m["fill_before_s"]] for m in ms]  # fmt: skip
-    heads = [f"handoff {m['mode']}: {m['lost']} lost, {m['answered_twice']} answered twice, "
-             f"{_f(m['no_offload_s'], 2)} s without offloading, device sent B "
-             f"{m['device_bytes_to_b'] / 1e6:.1f} MB" for m in ms]  # fmt: skip
-    header = ["mode", "queries", "lost", "twice", "s without offload", "local after move",
-              "device → B MB", "blocks A → B", "B filled before, s"]  # fmt: skip
+    rows = [
+        [
+            m["mode"],
+            m["queries"],
+            m["lost"],
+            m["answered_twice"],
+            m["no_offload_s"],
+            m["local_after_move"],
+            m["device_bytes_to_b"] / 1e6,
+            m["blocks_from_a"],
+            m["fill_before_s"],
+        ]
+        for m in ms
+    ]
+    heads = [
+        f"handoff {m['mode']}: {m['lost']} lost, {m['answered_twice']} answered twice, "
+        f"{_f(m['no_offload_s'], 2)} s without offloading, device sent B "
+        f"{m['device_bytes_to_b'] / 1e6:.1f} MB"
+        for m in ms
+    ]
+    header = [
+        "mode",
+        "queries",
+        "lost",
+        "twice",
+        "s without offload",
+        "local after move",
+        "device → B MB",
+        "blocks A → B",
+        "B filled before, s",
+    ]
     text = (
         f"Model {d['model']}, split {first.get('split')}, {first.get('rate_qps')} queries/s, "
         f"device uplink capped at {first.get('uplink_mbit')} Mbit/s, backhaul = loopback.\n\n"
@@ -88,7 +123,7 @@ def build_report(results: Path, doc: Path, command: str) -> list[str]:
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, {platform.platform()}. Shared and noisy: compare ratios "
         "within one run, not absolute times across runs.\n",
-    ]  # fmt: skip
+    ]
     heads: list[str] = []
 
     def load(name: str) -> dict[str, Any]:
@@ -101,10 +136,17 @@ def build_report(results: Path, doc: Path, command: str) -> list[str]:
         parts.append("## Upload (IONN's experiment)\n\n" + text + "\n")
     if (results / "load.json").is_file():
         rows = load("load")["rows"]
-        parts.append("## Load (LoADPart)\n\n" + _table(
-            ["background clients", "planner", "mean ms", "p95 ms", "split"],
-            [[r["background"], r["planner"], r["mean_ms"], r["p95_ms"], r["split"]]
-             for r in rows]) + "\n\n![load](benchmarks/load.png)\n")  # fmt: skip
+        parts.append(
+            "## Load (LoADPart)\n\n"
+            + _table(
+                ["background clients", "planner", "mean ms", "p95 ms", "split"],
+                [
+                    [r["background"], r["planner"], r["mean_ms"], r["p95_ms"], r["split"]]
+                    for r in rows
+                ],
+            )
+            + "\n\n![load](benchmarks/load.png)\n"
+        )
         top = max(r["background"] for r in rows)
         la = next(r for r in rows if r["background"] == top and r["planner"] == "loadpart")
         ob = next(r for r in rows if r["background"] == top and r["planner"] == "neurosurgeon")
@@ -114,26 +156,58 @@ def build_report(results: Path, doc: Path, command: str) -> list[str]:
         )
     if (results / "overhead.json").is_file():
         res = load("overhead")["results"]
-        parts.append("## Overhead per query\n\n" + _table(
-            ["broker", "local ms", "best split", "best e2e ms", "overhead ms", "upload MB/s",
-             "broker MB/s"],
-            [[r["broker"], r["local_ms"], r["best_split"], r["best_e2e_ms"], r["overhead_ms"],
-              r["upload_MBps"], r["broker_MBps"]] for r in res])
-            + "\n\n![overhead](benchmarks/overhead.png)\n")  # fmt: skip
+        parts.append(
+            "## Overhead per query\n\n"
+            + _table(
+                [
+                    "broker",
+                    "local ms",
+                    "best split",
+                    "best e2e ms",
+                    "overhead ms",
+                    "upload MB/s",
+                    "broker MB/s",
+                ],
+                [
+                    [
+                        r["broker"],
+                        r["local_ms"],
+                        r["best_split"],
+                        r["best_e2e_ms"],
+                        r["overhead_ms"],
+                        r["upload_MBps"],
+                        r["broker_MBps"],
+                    ]
+                    for r in res
+                ],
+            )
+            + "\n\n![overhead](benchmarks/overhead.png)\n"
+        )
         heads += [f"overhead per query on {r['broker']}: {r['overhead_ms']:.2f} ms" for r in res]
     if (results / "scale.json").is_file():
         rows = load("scale")["rows"]
-        parts.append("## Scale (devices against one edge)\n\n" + _table(
-            ["devices", "queries", "queries/s", "mean ms", "p95 ms"],
-            [[r["devices"], r["queries"], r["qps"], r["mean_ms"], r["p95_ms"]] for r in rows])
-            + "\n\n![scale](benchmarks/scale.png)\n")  # fmt: skip
+        parts.append(
+            "## Scale (devices against one edge)\n\n"
+            + _table(
+                ["devices", "queries", "queries/s", "mean ms", "p95 ms"],
+                [[r["devices"], r["queries"], r["qps"], r["mean_ms"], r["p95_ms"]] for r in rows],
+            )
+            + "\n\n![scale](benchmarks/scale.png)\n"
+        )
     if (results / "energy.json").is_file():
         d = load("energy")
-        parts.append(f"## Energy (predicted; edge ×{d['edge_speed']:g}, device ×"
-                     f"{d['device_slowdown']:g})\n\n" + _table(
-            ["Mbit/s", "objective", "plan", "latency ms", "energy mJ"],
-            [[r["rate_mbit"], r["objective"], r["plan"], r["latency_ms"], r["energy_mj"]]
-             for r in d["rows"]]) + "\n\n![energy](benchmarks/energy.png)\n")  # fmt: skip
+        parts.append(
+            f"## Energy (predicted; edge ×{d['edge_speed']:g}, device ×"
+            f"{d['device_slowdown']:g})\n\n"
+            + _table(
+                ["Mbit/s", "objective", "plan", "latency ms", "energy mJ"],
+                [
+                    [r["rate_mbit"], r["objective"], r["plan"], r["latency_ms"], r["energy_mj"]]
+                    for r in d["rows"]
+                ],
+            )
+            + "\n\n![energy](benchmarks/energy.png)\n"
+        )
     if (results / "handoff.json").is_file():
         text, h = _handoff(load("handoff"))
         heads += h

@@ -55,8 +55,17 @@ def edge_on(
 ) -> Iterator[EdgeAgent]:
     """An edge agent with a fresh store of its own (removed afterwards)."""
     store = Path(tempfile.mkdtemp(prefix=f"iotoffload-{edge_id}-"))
-    edge = EdgeAgent(EdgeConfig(id=edge_id, broker=url, store=store, advertise=False,
-                                protocol=protocol, workers=workers, **config))  # fmt: skip
+    edge = EdgeAgent(
+        EdgeConfig(
+            id=edge_id,
+            broker=url,
+            store=store,
+            advertise=False,
+            protocol=protocol,
+            workers=workers,
+            **config,
+        )
+    )
     edge.start()
     try:
         yield edge
@@ -65,8 +74,9 @@ def edge_on(
         shutil.rmtree(store, ignore_errors=True)
 
 
-def energy(pkg: ModelPackage, rates_mbit: list[float], edge_speed: float,
-           slowdown: float) -> list[dict[str, Any]]:  # fmt: skip
+def energy(
+    pkg: ModelPackage, rates_mbit: list[float], edge_speed: float, slowdown: float
+) -> list[dict[str, Any]]:
     """Predicted device energy and latency per query, latency vs energy objective."""
     d = [v * slowdown for v in measure_device_ms(pkg, TFLiteExecutor.from_package(pkg))]
     prof = chain_profile(pkg, d, edge_speed=edge_speed)
@@ -75,10 +85,18 @@ def energy(pkg: ModelPackage, rates_mbit: list[float], edge_speed: float,
         est = Estimates(bandwidth_Bps=rate * 1e6 / 8, rtt_ms=5.0)
         objectives: tuple[Objective, ...] = ("latency", "energy")
         for objective in objectives:
-            plan = best_plan(PlanningInputs(prof, est, objective=objective),
-                             frozenset(range(pkg.num_blocks)))  # fmt: skip
-            rows.append({"rate_mbit": rate, "objective": objective, "plan": plan.describe(),
-                         "latency_ms": plan.latency_ms, "energy_mj": plan.energy_mj})  # fmt: skip
+            plan = best_plan(
+                PlanningInputs(prof, est, objective=objective), frozenset(range(pkg.num_blocks))
+            )
+            rows.append(
+                {
+                    "rate_mbit": rate,
+                    "objective": objective,
+                    "plan": plan.describe(),
+                    "latency_ms": plan.latency_ms,
+                    "energy_mj": plan.energy_mj,
+                }
+            )
     return rows
 
 
@@ -89,23 +107,40 @@ def _device(pkg: ModelPackage, url: str, protocol: int, **kw: Any) -> DeviceAgen
     return dev
 
 
-def load(pkg: ModelPackage, steps: list[int], queries: int, kind: str = "mosquitto",
-         cpu_percent: int = 25) -> list[dict[str, Any]]:  # fmt: skip
+def load(
+    pkg: ModelPackage,
+    steps: list[int],
+    queries: int,
+    kind: str = "mosquitto",
+    cpu_percent: int = 25,
+) -> list[dict[str, Any]]:
     """LoADPart: background clients load the edge in steps; a load-aware and a load-oblivious
     device measure mean and p95 latency at each step. The measuring thread runs under a CPU
     quota (a cgroup-v1 group of its own, when the host allows) so the device really is slow."""
     x = np.zeros(pkg.manifest.input.shape, np.float32)
     rows: list[dict[str, Any]] = []
-    with broker(kind) as (url, proto), edge_on(url, proto) as _edge, \
-            slow_thread(cpu_percent) as limit:  # fmt: skip
+    with (
+        broker(kind) as (url, proto),
+        edge_on(url, proto) as _edge,
+        slow_thread(cpu_percent) as limit,
+    ):
         out: dict[str, Any] = {}
 
         def measure() -> None:
             limit()  # this thread (TFLite runs in it, 1 thread) under the quota
             d = measure_device_ms(pkg, TFLiteExecutor.from_package(pkg), cache=False)
-            devs = {p: _device(pkg, url, proto, planner=p, device_ms=d, deadline_ms=5000,
-                               estimates=Estimates(bandwidth_Bps=100e6, rtt_ms=1.0))
-                    for p in ("loadpart", "neurosurgeon")}  # fmt: skip
+            devs = {
+                p: _device(
+                    pkg,
+                    url,
+                    proto,
+                    planner=p,
+                    device_ms=d,
+                    deadline_ms=5000,
+                    estimates=Estimates(bandwidth_Bps=100e6, rtt_ms=1.0),
+                )
+                for p in ("loadpart", "neurosurgeon")
+            }
             devs["loadpart"].upload()
             for dev in devs.values():
                 dev.probe()  # the other device learns what the edge now holds
@@ -132,9 +167,15 @@ def load(pkg: ModelPackage, steps: list[int], queries: int, kind: str = "mosquit
                 limit()
                 for name, dev in devs.items():
                     lat = [dev.query(x, i).latency_ms for i in range(queries)]
-                    rows.append({"background": n_bg, "planner": name,
-                                 "mean_ms": statistics.mean(lat), "p95_ms": p95(lat),
-                                 "split": dev.current_plan().split})  # fmt: skip
+                    rows.append(
+                        {
+                            "background": n_bg,
+                            "planner": name,
+                            "mean_ms": statistics.mean(lat),
+                            "p95_ms": p95(lat),
+                            "split": dev.current_plan().split,
+                        }
+                    )
 
             th = threading.Thread(target=step)
             th.start()
@@ -173,8 +214,9 @@ def slow_thread(cpu_percent: int) -> Iterator[Callable[[], None]]:
                 group.rmdir()
 
 
-def scale(pkg: ModelPackage, devices: list[int], seconds: float, split: int,
-          kind: str = "mosquitto") -> list[dict[str, Any]]:  # fmt: skip
+def scale(
+    pkg: ModelPackage, devices: list[int], seconds: float, split: int, kind: str = "mosquitto"
+) -> list[dict[str, Any]]:
     """M devices offload back to back against one edge: throughput and p95 as M grows."""
     x = np.zeros(pkg.manifest.input.shape, np.float32)
     rows: list[dict[str, Any]] = []
@@ -200,8 +242,15 @@ def scale(pkg: ModelPackage, devices: list[int], seconds: float, split: int,
                 t.join()
             wall = time.perf_counter() - t0
             flat = [v for xs in lat for v in xs]
-            rows.append({"devices": m, "queries": len(flat), "qps": len(flat) / wall,
-                         "mean_ms": statistics.mean(flat), "p95_ms": p95(flat)})  # fmt: skip
+            rows.append(
+                {
+                    "devices": m,
+                    "queries": len(flat),
+                    "qps": len(flat) / wall,
+                    "mean_ms": statistics.mean(flat),
+                    "p95_ms": p95(flat),
+                }
+            )
         for dev in pool:
             dev.close()
     return rows
@@ -255,12 +304,22 @@ def overhead(pkg: ModelPackage, kind: str, repeat: int, splits: list[int]) -> di
                 wire = (o.wire_bytes + pkg.blocks[-1].output_bytes + 300) / bps * 1e3
                 e2e.append(o.latency_ms)
                 over.append(o.latency_ms - o.front_ms - (o.edge_exec_ms or 0.0) - wire)
-            rows.append({"split": k, "e2e_ms": statistics.median(e2e),
-                         "overhead_ms": statistics.median(over)})  # fmt: skip
+            rows.append(
+                {
+                    "split": k,
+                    "e2e_ms": statistics.median(e2e),
+                    "overhead_ms": statistics.median(over),
+                }
+            )
         dev.close()
     best = min(rows, key=lambda r: r["e2e_ms"])
-    return {"broker": kind, "local_ms": statistics.median(local), "splits": rows,
-            "best_split": best["split"], "best_e2e_ms": best["e2e_ms"],
-            "overhead_ms": statistics.median(r["overhead_ms"] for r in rows),
-            "upload_MBps": dev.bytes_uploaded / upload_s / 1e6,
-            "broker_MBps": bps / 1e6}  # fmt: skip
+    return {
+        "broker": kind,
+        "local_ms": statistics.median(local),
+        "splits": rows,
+        "best_split": best["split"],
+        "best_e2e_ms": best["e2e_ms"],
+        "overhead_ms": statistics.median(r["overhead_ms"] for r in rows),
+        "upload_MBps": dev.bytes_uploaded / upload_s / 1e6,
+        "broker_MBps": bps / 1e6,
+    }

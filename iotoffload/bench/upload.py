@@ -50,9 +50,12 @@ class UploadRun:
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("records")
-        d.update(first_offload_s=self.first_offload_s, steady_ms=self.steady_ms,
-                 mean_during_upload_ms=self.mean_during_upload_ms,
-                 queries=len(self.records))  # fmt: skip
+        d.update(
+            first_offload_s=self.first_offload_s,
+            steady_ms=self.steady_ms,
+            mean_during_upload_ms=self.mean_during_upload_ms,
+            queries=len(self.records),
+        )
         return d
 
 
@@ -74,23 +77,61 @@ def run_once(
     host = testbed.edge_ip if testbed else "127.0.0.1"
     port = EDGE_PORT if testbed else free_port()
     py = sys.executable
-    edge_args = [py, "-m", "iotoffload.bench._edge_runner", "--host", host, "--port",
-                 str(port), "--store", str(store)]  # fmt: skip
+    edge_args = [
+        py,
+        "-m",
+        "iotoffload.bench._edge_runner",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--store",
+        str(store),
+    ]
     dev_port = port
     proxy = None
     if rtt_ms > 0:
         dev_port = EDGE_PORT + 1 if testbed else free_port()
-        proxy_args = [py, "-m", "iotoffload.bench.delay_proxy", "--listen", f"{host}:{dev_port}",
-                      "--target", f"{host}:{port}", "--delay-ms", str(rtt_ms / 2)]  # fmt: skip
+        proxy_args = [
+            py,
+            "-m",
+            "iotoffload.bench.delay_proxy",
+            "--listen",
+            f"{host}:{dev_port}",
+            "--target",
+            f"{host}:{port}",
+            "--delay-ms",
+            str(rtt_ms / 2),
+        ]
         cmd = testbed.edge_cmd(*proxy_args) if testbed else proxy_args
         proxy = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    dev_args = [py, "-m", "iotoffload.bench._device_runner", "--broker",
-                f"mqtt://{host}:{dev_port}", "--package", str(package), "--planner", planner,
-                "--rate-mbit", str(rate_mbit), "--duration", str(duration),
-                "--after-upload", str(after_upload), "--interval", str(interval),
-                "--edge-speed", str(100 / cpu_percent)]  # fmt: skip
-    edge = subprocess.Popen(testbed.edge_cmd(*edge_args) if testbed else edge_args,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    dev_args = [
+        py,
+        "-m",
+        "iotoffload.bench._device_runner",
+        "--broker",
+        f"mqtt://{host}:{dev_port}",
+        "--package",
+        str(package),
+        "--planner",
+        planner,
+        "--rate-mbit",
+        str(rate_mbit),
+        "--duration",
+        str(duration),
+        "--after-upload",
+        str(after_upload),
+        "--interval",
+        str(interval),
+        "--edge-speed",
+        str(100 / cpu_percent),
+    ]
+    edge = subprocess.Popen(
+        testbed.edge_cmd(*edge_args) if testbed else edge_args,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     run = UploadRun(planner, rate_mbit, cpu_percent, "netns" if testbed else "loopback", rtt_ms)
     try:
         assert edge.stdout is not None
@@ -98,8 +139,11 @@ def run_once(
             raise RuntimeError("the bench edge did not start")
         if proxy is not None and (proxy.stdout is None or "ready" not in proxy.stdout.readline()):
             raise RuntimeError("the delay proxy did not start")
-        dev = subprocess.Popen(testbed.device_cmd(*dev_args) if testbed else dev_args,
-                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+        dev = subprocess.Popen(
+            testbed.device_cmd(*dev_args) if testbed else dev_args,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         if testbed:
             testbed.limit(dev.pid)
         out, _ = dev.communicate(timeout=duration + 120)
@@ -138,8 +182,13 @@ def plot(runs: list[UploadRun], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(rates), figsize=(6 * len(rates), 4), squeeze=False)
     for ax, rate in zip(axes[0], rates, strict=True):
         for r in (x for x in runs if x.rate_mbit == rate):
-            ax.plot([q["t"] for q in r.records], [q["latency_ms"] for q in r.records],
-                    marker=".", linewidth=1, label=r.planner)  # fmt: skip
+            ax.plot(
+                [q["t"] for q in r.records],
+                [q["latency_ms"] for q in r.records],
+                marker=".",
+                linewidth=1,
+                label=r.planner,
+            )
             if r.upload_s:
                 ax.axvline(r.upload_s, linestyle=":", linewidth=0.8, color="grey")
         ax.set_title(f"{rate:g} Mbit/s")

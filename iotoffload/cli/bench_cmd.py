@@ -16,8 +16,11 @@ from iotoffload.bench.upload import UploadRun, plot, run_once
 from iotoffload.cli._console import console, err_console, rich_progress, user_errors
 from iotoffload.model.cache import ModelCache
 
-app = typer.Typer(help="Benchmark scenarios (they measure; tests check behaviour).",
-                  no_args_is_help=True, add_completion=False)  # fmt: skip
+app = typer.Typer(
+    help="Benchmark scenarios (they measure; tests check behaviour).",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 @app.command()
@@ -45,8 +48,10 @@ def upload(
         pkg = ModelCache.from_settings().resolve(model, progress=progress)
     missing = None if loopback else check_testbed()
     if missing:
-        err_console.print(f"[yellow]emulated network unavailable: {missing}; running the "
-                          "loopback variant (no shaping, no CPU quota)[/]")  # fmt: skip
+        err_console.print(
+            f"[yellow]emulated network unavailable: {missing}; running the "
+            "loopback variant (no shaping, no CPU quota)[/]"
+        )
     use_netns = not loopback and missing is None
     if use_netns:  # a kill (SIGTERM) unwinds like Ctrl-C: the testbed is removed either way
         signal.signal(signal.SIGTERM, _interrupt)
@@ -57,8 +62,13 @@ def upload(
     for rate in rates:
         for name in names:
             err_console.print(f"{rate:g} Mbit/s, planner {name} …")
-            kw = dict(cpu_percent=cpu if use_netns else 100, duration=duration,
-                      after_upload=after_upload, interval=interval, rtt_ms=rtt_ms)  # fmt: skip
+            kw = dict(
+                cpu_percent=cpu if use_netns else 100,
+                duration=duration,
+                after_upload=after_upload,
+                interval=interval,
+                rtt_ms=rtt_ms,
+            )
             if use_netns:
                 with Testbed(rate_mbit=rate, device_cpu_percent=cpu) as tb:
                     runs.append(run_once(pkg.root, name, rate, testbed=tb, **kw))  # type: ignore[arg-type]
@@ -66,17 +76,31 @@ def upload(
                 runs.append(run_once(pkg.root, name, rate, testbed=None, **kw))  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)
     result = {
-        "scenario": "upload", "model": pkg.name, "network": "netns" if use_netns else "loopback",
-        "cpu_percent": cpu if use_netns else 100, "seconds": time.perf_counter() - t0,
+        "scenario": "upload",
+        "model": pkg.name,
+        "network": "netns" if use_netns else "loopback",
+        "cpu_percent": cpu if use_netns else 100,
+        "seconds": time.perf_counter() - t0,
         "rtt_ms": rtt_ms,
         "runs": [r.summary() | {"records": r.records} for r in runs],
-    }  # fmt: skip
+    }
     (out / "upload.json").write_text(json.dumps(result, indent=1))
-    plot(runs, out / "upload.png", f"{pkg.name}: query latency while the model uploads "
-         f"({result['network']}, device CPU {result['cpu_percent']}%)")  # fmt: skip
+    plot(
+        runs,
+        out / "upload.png",
+        f"{pkg.name}: query latency while the model uploads "
+        f"({result['network']}, device CPU {result['cpu_percent']}%)",
+    )
     t = Table(title=f"upload scenario ({result['network']})")
-    for col in ("Mbit/s", "planner", "upload s", "1st offload s", "mean ms (upload)",
-                "steady ms", "queries"):  # fmt: skip
+    for col in (
+        "Mbit/s",
+        "planner",
+        "upload s",
+        "1st offload s",
+        "mean ms (upload)",
+        "steady ms",
+        "queries",
+    ):
         t.add_column(col, justify="right")
 
     def f(v: float | None, p: int = 2) -> str:
@@ -84,9 +108,14 @@ def upload(
 
     for r in runs:
         t.add_row(
-            f"{r.rate_mbit:g}", r.planner, f(r.upload_s), f(r.first_offload_s),
-            f(r.mean_during_upload_ms, 1), f(r.steady_ms, 1), str(len(r.records)),
-        )  # fmt: skip
+            f"{r.rate_mbit:g}",
+            r.planner,
+            f(r.upload_s),
+            f(r.first_offload_s),
+            f(r.mean_during_upload_ms, 1),
+            f(r.steady_ms, 1),
+            str(len(r.records)),
+        )
     console.print(t)
     console.print(f"wrote {out / 'upload.json'} and {out / 'upload.png'}")
 
@@ -100,8 +129,9 @@ def _save(out: Path, name: str, result: dict[str, object]) -> None:
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
 
 
-def _bars(out: Path, name: str, title: str, groups: list[str], series: dict[str, list[float]],
-          ylabel: str) -> None:  # fmt: skip
+def _bars(
+    out: Path, name: str, title: str, groups: list[str], series: dict[str, list[float]], ylabel: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,12 +177,29 @@ def energy(
 
     pkg = ModelCache.from_settings().resolve(model)
     rows = run(pkg, [float(b) for b in bandwidths.split(",")], edge_speed, device_slowdown)
-    _save(out, "energy", {"scenario": "energy", "model": pkg.name, "edge_speed": edge_speed,
-                          "device_slowdown": device_slowdown, "rows": rows})  # fmt: skip
+    _save(
+        out,
+        "energy",
+        {
+            "scenario": "energy",
+            "model": pkg.name,
+            "edge_speed": edge_speed,
+            "device_slowdown": device_slowdown,
+            "rows": rows,
+        },
+    )
     groups = [f"{r['rate_mbit']:g} Mbit/s" for r in rows if r["objective"] == "latency"]
-    _bars(out, "energy", f"{pkg.name}: predicted device energy per query", groups,
-          {o: [float(r["energy_mj"]) for r in rows if r["objective"] == o]
-           for o in ("latency", "energy")}, "mJ")  # fmt: skip
+    _bars(
+        out,
+        "energy",
+        f"{pkg.name}: predicted device energy per query",
+        groups,
+        {
+            o: [float(r["energy_mj"]) for r in rows if r["objective"] == o]
+            for o in ("latency", "energy")
+        },
+        "mJ",
+    )
     console.print(_table("energy scenario (predicted)", rows))
 
 
@@ -172,13 +219,34 @@ def overhead(
     ks = [int(k) for k in splits.split(",") if int(k) <= pkg.num_blocks]
     results = [run(pkg, b.strip(), repeat, ks) for b in brokers.split(",")]
     _save(out, "overhead", {"scenario": "overhead", "model": pkg.name, "results": results})
-    _bars(out, "overhead", f"{pkg.name}: middleware overhead per query",
-          [f"k={k}" for k in ks],
-          {r["broker"]: [s["overhead_ms"] for s in r["splits"]]
-           for r in results}, "ms")  # fmt: skip
-    console.print(_table("overhead scenario", [
-        {k: r[k] for k in ("broker", "local_ms", "best_split", "best_e2e_ms", "overhead_ms",
-                           "upload_MBps", "broker_MBps")} for r in results]))  # fmt: skip
+    _bars(
+        out,
+        "overhead",
+        f"{pkg.name}: middleware overhead per query",
+        [f"k={k}" for k in ks],
+        {r["broker"]: [s["overhead_ms"] for s in r["splits"]] for r in results},
+        "ms",
+    )
+    console.print(
+        _table(
+            "overhead scenario",
+            [
+                {
+                    k: r[k]
+                    for k in (
+                        "broker",
+                        "local_ms",
+                        "best_split",
+                        "best_e2e_ms",
+                        "overhead_ms",
+                        "upload_MBps",
+                        "broker_MBps",
+                    )
+                }
+                for r in results
+            ],
+        )
+    )
 
 
 @app.command()
@@ -198,9 +266,17 @@ def load(
     rows = run(pkg, [int(s) for s in steps.split(",")], queries, cpu_percent=cpu)
     _save(out, "load", {"scenario": "load", "model": pkg.name, "rows": rows})
     groups = sorted({f"{r['background']} clients" for r in rows}, key=lambda g: int(g.split()[0]))
-    _bars(out, "load", f"{pkg.name}: mean latency under edge load", groups,
-          {p: [float(r["mean_ms"]) for r in rows if r["planner"] == p]
-           for p in ("loadpart", "neurosurgeon")}, "ms")  # fmt: skip
+    _bars(
+        out,
+        "load",
+        f"{pkg.name}: mean latency under edge load",
+        groups,
+        {
+            p: [float(r["mean_ms"]) for r in rows if r["planner"] == p]
+            for p in ("loadpart", "neurosurgeon")
+        },
+        "ms",
+    )
     console.print(_table("load scenario", rows))
 
 
@@ -219,10 +295,17 @@ def scale(
     pkg = ModelCache.from_settings().resolve(model)
     rows = run(pkg, [int(m) for m in devices.split(",")], seconds, split)
     _save(out, "scale", {"scenario": "scale", "model": pkg.name, "split": split, "rows": rows})
-    _bars(out, "scale", f"{pkg.name}: devices against one edge",
-          [str(r["devices"]) for r in rows],
-          {"queries/s": [float(r["qps"]) for r in rows],
-           "p95 ms": [float(r["p95_ms"]) for r in rows]}, "")  # fmt: skip
+    _bars(
+        out,
+        "scale",
+        f"{pkg.name}: devices against one edge",
+        [str(r["devices"]) for r in rows],
+        {
+            "queries/s": [float(r["qps"]) for r in rows],
+            "p95 ms": [float(r["p95_ms"]) for r in rows],
+        },
+        "",
+    )
     console.print(_table("scale scenario", rows))
 
 
@@ -252,8 +335,15 @@ def handoff(
     bad = [m for m in chosen if m not in MODES]
     if bad:
         raise ValueError(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
-    runs = run_all(pkg, chosen, rate_qps=rate, before_s=before, after_s=after, split=split,
-                   uplink_mbit=uplink or None)  # fmt: skip
+    runs = run_all(
+        pkg,
+        chosen,
+        rate_qps=rate,
+        before_s=before,
+        after_s=after,
+        split=split,
+        uplink_mbit=uplink or None,
+    )
     _save(
         out,
         "handoff",
@@ -281,12 +371,16 @@ def handoff(
     for r in runs:
         m = r.summary
         t.add_row(
-            m["mode"], str(m["queries"]), str(m["lost"]), str(m["answered_twice"]),
+            m["mode"],
+            str(m["queries"]),
+            str(m["lost"]),
+            str(m["answered_twice"]),
             "never" if m["no_offload_s"] is None else f"{m['no_offload_s']:.2f}",
-            str(m["local_after_move"]), f"{m['device_bytes_to_b'] / 1e6:.2f}",
+            str(m["local_after_move"]),
+            f"{m['device_bytes_to_b'] / 1e6:.2f}",
             str(m["blocks_from_a"]),
             "-" if m["fill_before_s"] is None else f"{m['fill_before_s']:.2f}",
-        )  # fmt: skip
+        )
     console.print(t)
     console.print(f"wrote {out / 'handoff.json'} and {out / 'handoff.png'}")
 

@@ -147,20 +147,29 @@ def prepare(
 
             shape = tuple(int(v) for v in input_shape.split(","))
             pkg = prepare_torch_module(
-                torch_ref, package_name, out or cache.path(package_name), input_shape=shape,
+                torch_ref,
+                package_name,
+                out or cache.path(package_name),
+                input_shape=shape,
                 policy=cuts or "narrow",
-                force=force, tolerance=tolerance, progress=progress,
-            )  # fmt: skip
+                force=force,
+                tolerance=tolerance,
+                progress=progress,
+            )
         elif onnx and not tflite:
             if not package_name or name:
                 raise ModelError("an ONNX model needs --name (and no catalog NAME)")
             from iotoffload.model.onnx_source import prepare_onnx
 
             pkg = prepare_onnx(
-                onnx, package_name, out or cache.path(package_name),
+                onnx,
+                package_name,
+                out or cache.path(package_name),
                 policy=cuts or "narrow",
-                force=force, tolerance=tolerance, progress=progress,
-            )  # fmt: skip
+                force=force,
+                tolerance=tolerance,
+                progress=progress,
+            )
         elif tflite or onnx:
             if not (tflite and onnx and package_name):
                 raise ModelError("cutting your own model needs --tflite, --onnx and --name")

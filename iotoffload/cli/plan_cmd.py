@@ -66,8 +66,12 @@ def plan(
     settings = ModelSettings()
     tfl = TFLiteExecutor.from_package(pkg, threads=settings.tflite_threads)
     d = [v * device_slowdown for v in measure_device_ms(pkg, tfl)]
-    est = Estimates(bandwidth_Bps=parse_rate(bandwidth), rtt_ms=parse_ms(rtt),
-                    load_factor=load, queue_ms=parse_ms(queue))  # fmt: skip
+    est = Estimates(
+        bandwidth_Bps=parse_rate(bandwidth),
+        rtt_ms=parse_ms(rtt),
+        load_factor=load,
+        queue_ms=parse_ms(queue),
+    )
     p = PlanningInputs(
         chain_profile(pkg, d, edge_speed=edge_speed), est, objective=obj, min_local=min_local
     )
@@ -75,18 +79,35 @@ def plan(
     replays = [replay(make_planner(n), p) for n in names]
     local_ms = sum(d)
     if as_json:
-        print(json.dumps({
-            "model": pkg.name, "bandwidth_Bps": est.bandwidth_Bps, "rtt_ms": est.rtt_ms,
-            "edge_speed": edge_speed, "device_ms": d, "local_ms": local_ms,
-            "planners": [{
-                "planner": r.planner, "order": r.order, "window_ms": r.window_ms,
-                "mean_ms_during_upload": r.mean_ms_during_upload,
-                "first_offload_ms": r.first_offload_ms, "final": r.final.describe(),
-                "final_ms": r.final.latency_ms, "final_mj": r.final.energy_mj,
-                "steps": [dataclasses.asdict(s.plan) | {"block": s.block, "t_ms": s.t_ms}
-                          for s in r.steps],
-            } for r in replays],
-        }))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "model": pkg.name,
+                    "bandwidth_Bps": est.bandwidth_Bps,
+                    "rtt_ms": est.rtt_ms,
+                    "edge_speed": edge_speed,
+                    "device_ms": d,
+                    "local_ms": local_ms,
+                    "planners": [
+                        {
+                            "planner": r.planner,
+                            "order": r.order,
+                            "window_ms": r.window_ms,
+                            "mean_ms_during_upload": r.mean_ms_during_upload,
+                            "first_offload_ms": r.first_offload_ms,
+                            "final": r.final.describe(),
+                            "final_ms": r.final.latency_ms,
+                            "final_mj": r.final.energy_mj,
+                            "steps": [
+                                dataclasses.asdict(s.plan) | {"block": s.block, "t_ms": s.t_ms}
+                                for s in r.steps
+                            ],
+                        }
+                        for r in replays
+                    ],
+                }
+            )
+        )
         return
     console.print(
         f"{pkg.name}: device {local_ms:.1f} ms locally (measured × {device_slowdown:g}), edge "
@@ -98,12 +119,15 @@ def plan(
         t.add_column(col)
     for r in replays:
         t.add_row(
-            r.planner, ",".join(map(str, r.order[:6])) + (",…" if len(r.order) > 6 else ""),
+            r.planner,
+            ",".join(map(str, r.order[:6])) + (",…" if len(r.order) > 6 else ""),
             f"{r.window_ms / 1e3:.2f}",
             "-" if r.first_offload_ms is None else f"{r.first_offload_ms / 1e3:.2f}",
-            f"{r.mean_ms_during_upload:.1f}", r.final.describe(), f"{r.final.latency_ms:.1f}",
+            f"{r.mean_ms_during_upload:.1f}",
+            r.final.describe(),
+            f"{r.final.latency_ms:.1f}",
             f"{r.final.energy_mj:.1f}",
-        )  # fmt: skip
+        )
     console.print(t)
     if len(replays) == 1:
         r = replays[0]
@@ -111,7 +135,11 @@ def plan(
         for col in ("t s", "uploaded", "plan", "ms", "mJ"):
             steps.add_column(col)
         for s in r.steps:
-            steps.add_row(f"{s.t_ms / 1e3:.2f}", "-" if s.block is None else f"+b{s.block}",
-                          s.plan.describe(), f"{s.plan.latency_ms:.1f}",
-                          f"{s.plan.energy_mj:.1f}")  # fmt: skip
+            steps.add_row(
+                f"{s.t_ms / 1e3:.2f}",
+                "-" if s.block is None else f"+b{s.block}",
+                s.plan.describe(),
+                f"{s.plan.latency_ms:.1f}",
+                f"{s.plan.energy_mj:.1f}",
+            )
         console.print(steps)

@@ -93,15 +93,22 @@ def demo(
     store = Path(tempfile.mkdtemp(prefix="iotoffload-demo-store-"))
     with EmbeddedBroker("127.0.0.1") as b:
         edge_id = f"demo-edge-{os.getpid()}"  # two demos on one network must not collide
-        edge = EdgeAgent(EdgeConfig(id=edge_id, broker=b.url, store=store,
-                                    interface="127.0.0.1", protocol=311))  # fmt: skip
+        edge = EdgeAgent(
+            EdgeConfig(id=edge_id, broker=b.url, store=store, interface="127.0.0.1", protocol=311)
+        )
         edge.start()
         try:
             cfg = DeviceConfig(interface="127.0.0.1", split=split, protocol=311, edge=edge_id)
             url, edge_id = find_edge(cfg)
             err_console.print(f"discovered edge {edge_id} at {url} over zeroconf on 127.0.0.1")
-            dev = DeviceAgent(pkg, url, edge_id, device_id="demo-device", protocol=311,
-                              split=None if split == "auto" else int(split))  # fmt: skip
+            dev = DeviceAgent(
+                pkg,
+                url,
+                edge_id,
+                device_id="demo-device",
+                protocol=311,
+                split=None if split == "auto" else int(split),
+            )
             dev.connect()
 
             def on_query(rec: dict[str, object]) -> None:
@@ -115,8 +122,13 @@ def demo(
                         f"({rec['reason']})"
                     )
 
-            s = run_session(dev, iter_inputs(input, pkg, count), interval=interval,
-                            on_query=on_query, finish_upload=120.0)  # fmt: skip
+            s = run_session(
+                dev,
+                iter_inputs(input, pkg, count),
+                interval=interval,
+                on_query=on_query,
+                finish_upload=120.0,
+            )
             dev.close()
         finally:
             edge.stop()
@@ -124,7 +136,10 @@ def demo(
     if as_json:
         print(json.dumps(s.as_dict()))
     else:
-        console.print(summary_table(s, f"demo: {pkg.name}, {pkg.num_blocks} blocks, split "
-                                       f"{dev.split}, embedded broker"))  # fmt: skip
+        console.print(
+            summary_table(
+                s, f"demo: {pkg.name}, {pkg.num_blocks} blocks, split {dev.split}, embedded broker"
+            )
+        )
         if pkg.manifest.weights == "seeded":
             console.print("[yellow]seeded random weights: labels are meaningless[/]")

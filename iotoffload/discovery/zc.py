@@ -96,10 +96,12 @@ def _record(info: ServiceInfo) -> EdgeRecord | None:
     }
     try:
         return EdgeRecord(
-            id=str(p["id"]), broker=str(p["broker"]), version=int(p.get("v", 0)),
+            id=str(p["id"]),
+            broker=str(p["broker"]),
+            version=int(p.get("v", 0)),
             load=float(p.get("load", 0.0)),
             address=info.parsed_addresses()[0] if info.parsed_addresses() else "",
-        )  # fmt: skip
+        )
     except (KeyError, ValueError):
         return None
 
@@ -113,8 +115,9 @@ def browse_edges(
     names: set[str] = set()
     seen = threading.Event()
 
-    def on_change(zeroconf: Zeroconf, service_type: str, name: str,
-                  state_change: ServiceStateChange) -> None:  # fmt: skip
+    def on_change(
+        zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
         if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
             names.add(name)
             seen.set()
@@ -167,8 +170,9 @@ class EdgeWatcher:
         self._thread.start()
         self._browser = ServiceBrowser(self._zc, SERVICE_TYPE, handlers=[self._on_change])
 
-    def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str,
-                   state_change: ServiceStateChange) -> None:  # fmt: skip
+    def _on_change(
+        self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
         self._events.put((name, state_change))
 
     def _resolve_loop(self) -> None:

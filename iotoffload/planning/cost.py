@@ -81,8 +81,9 @@ def best_plan(
         for _ in range(2):  # a switch at b may enable the other state at the same b
             if b >= p.min_local:
                 t = est.transfer_ms(pr.boundary_bytes[b])
-                relax(b, 0, b, 1, _weight(p, t + _queue(p), pw.transmit_w * t
-                                          + pw.idle_w * _queue(p)))  # fmt: skip
+                relax(
+                    b, 0, b, 1, _weight(p, t + _queue(p), pw.transmit_w * t + pw.idle_w * _queue(p))
+                )
                 relax(b, 1, b, 0, _weight(p, t, pw.idle_w * t))
         if b == n:
             break

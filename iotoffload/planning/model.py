@@ -25,8 +25,9 @@ class ChainProfile:
 
     def __post_init__(self) -> None:
         n = len(self.device_ms)
-        if not (len(self.edge_ms) == len(self.upload_bytes) == n
-                and len(self.boundary_bytes) == n + 1):  # fmt: skip
+        if not (
+            len(self.edge_ms) == len(self.upload_bytes) == n and len(self.boundary_bytes) == n + 1
+        ):
             raise ValueError("profile lengths do not describe one chain")
 
     @property
@@ -129,8 +130,9 @@ class Plan:
         return self.segments[-1].end if self.segments else 0
 
     def describe(self) -> str:
-        return " ".join(f"{'D' if s.where == 'device' else 'E'}[{s.start},{s.end})"
-                        for s in self.segments)  # fmt: skip
+        return " ".join(
+            f"{'D' if s.where == 'device' else 'E'}[{s.start},{s.end})" for s in self.segments
+        )
 
 
 @dataclass

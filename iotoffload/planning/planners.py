@@ -106,8 +106,9 @@ class IonnPlanner:
                 break
             penalty = {
                 i: (1 - k) * q.estimates.transfer_ms(p.profile.upload_bytes[i])
-                for i in range(n) if i not in order
-            }  # fmt: skip
+                for i in range(n)
+                if i not in order
+            }
             path = best_plan(q, frozenset(range(n)), extra_edge_ms=penalty)
             order += [i for i in sorted(path.edge_blocks) if i not in order]
             level += 1

@@ -32,10 +32,21 @@ def test_proxy_delays_each_way_and_keeps_the_bytes() -> None:
     srv, target = _echo_server()
     port = free_port()
     proxy = subprocess.Popen(
-        [sys.executable, "-m", "iotoffload.bench.delay_proxy", "--listen", f"127.0.0.1:{port}",
-         "--target", f"127.0.0.1:{target}", "--delay-ms", "60"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "iotoffload.bench.delay_proxy",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--target",
+            f"127.0.0.1:{target}",
+            "--delay-ms",
+            "60",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proxy.stdout is not None and "ready" in proxy.stdout.readline()
         payload = np.random.default_rng(0).bytes(1_000_000)

@@ -30,15 +30,28 @@ def test_energy_smoke(env: ModelPackage, tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "energy.json").read_text())["rows"]
     assert len(rows) == 4
     for rate in (5.0, 80.0):
-        lat, en = (next(r for r in rows if r["rate_mbit"] == rate and r["objective"] == o)
-                   for o in ("latency", "energy"))  # fmt: skip
+        lat, en = (
+            next(r for r in rows if r["rate_mbit"] == rate and r["objective"] == o)
+            for o in ("latency", "energy")
+        )
         assert en["energy_mj"] <= lat["energy_mj"] + 1e-9
     assert (tmp_path / "energy.png").is_file()
 
 
 def test_overhead_smoke(env: ModelPackage, tmp_path: Path) -> None:
-    _run(["overhead", "--brokers", "embedded", "--repeat", "3", "--splits", "0,17",
-          "--out", str(tmp_path)])  # fmt: skip
+    _run(
+        [
+            "overhead",
+            "--brokers",
+            "embedded",
+            "--repeat",
+            "3",
+            "--splits",
+            "0,17",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     res = json.loads((tmp_path / "overhead.json").read_text())["results"][0]
     assert res["broker"] == "embedded" and len(res["splits"]) == 2 and res["broker_MBps"] > 1
 
@@ -71,10 +84,24 @@ def test_report_page_from_one_run(env: ModelPackage, tmp_path: Path) -> None:
 
 
 def test_handoff_smoke_every_way_loses_nothing(env: ModelPackage, tmp_path: Path) -> None:
-    _run(["handoff", "--rate", "10", "--before", "1", "--after", "3", "--uplink", "0",
-          "--out", str(tmp_path)])  # fmt: skip
-    runs = {r["summary"]["mode"]: r for r in
-            json.loads((tmp_path / "handoff.json").read_text())["runs"]}  # fmt: skip
+    _run(
+        [
+            "handoff",
+            "--rate",
+            "10",
+            "--before",
+            "1",
+            "--after",
+            "3",
+            "--uplink",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    runs = {
+        r["summary"]["mode"]: r for r in json.loads((tmp_path / "handoff.json").read_text())["runs"]
+    }
     assert set(runs) == {"reupload", "transfer", "proactive", "proactive-upload"}
     full = sum(b.onnx_bytes for b in env.blocks)
     n = env.num_blocks

@@ -24,11 +24,28 @@ def test_loopback_smoke_writes_table_json_and_plot(
     mobilenet: ModelPackage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("IOTOFFLOAD_CACHE_DIR", str(mobilenet.root.parent))
-    r = CliRunner().invoke(app, [
-        "bench", "upload", "--loopback", "--bandwidths", "100", "--planners", "local,auto",
-        "--duration", "8", "--after-upload", "1", "--interval", "0.1", "--out", str(tmp_path),
-        "--rtt-ms", "10",  # through the delay proxy
-    ])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "upload",
+            "--loopback",
+            "--bandwidths",
+            "100",
+            "--planners",
+            "local,auto",
+            "--duration",
+            "8",
+            "--after-upload",
+            "1",
+            "--interval",
+            "0.1",
+            "--out",
+            str(tmp_path),
+            "--rtt-ms",
+            "10",  # through the delay proxy
+        ],
+    )
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "upload.json").read_text())
     assert result["network"] == "loopback" and result["rtt_ms"] == 10
@@ -55,13 +72,20 @@ def test_testbed_shapes_the_link_and_cleans_up() -> None:
     )
     with Testbed(rate_mbit=8, device_cpu_percent=50, tag=f"t1{os.getpid() % 1000}") as tb:
         assert tb.dev_ns in _namespaces() and tb.cgroup.exists()
-        srv = subprocess.Popen(tb.edge_cmd(sys.executable, "-c", receiver),
-                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+        srv = subprocess.Popen(
+            tb.edge_cmd(sys.executable, "-c", receiver), stdout=subprocess.PIPE, text=True
+        )
         time.sleep(0.5)
         t0 = time.perf_counter()
-        subprocess.run(tb.device_cmd(sys.executable, "-c",
-                       "import socket;s=socket.create_connection(('10.201.0.1',9999));"
-                       "s.sendall(b'x'*1_000_000);s.close()"), check=True)  # fmt: skip
+        subprocess.run(
+            tb.device_cmd(
+                sys.executable,
+                "-c",
+                "import socket;s=socket.create_connection(('10.201.0.1',9999));"
+                "s.sendall(b'x'*1_000_000);s.close()",
+            ),
+            check=True,
+        )
         got = int(srv.communicate(timeout=30)[0])
         mbit = got * 8 / (time.perf_counter() - t0) / 1e6
         assert got == 1_000_000
@@ -80,8 +104,17 @@ def test_testbed_is_removed_when_the_body_fails() -> None:
 @needs_testbed
 def test_upload_run_over_the_emulated_network(mobilenet: ModelPackage) -> None:
     with Testbed(rate_mbit=50, device_cpu_percent=50, tag=f"t3{os.getpid() % 1000}") as tb:
-        run = run_once(mobilenet.root, "auto", 50, testbed=tb, cpu_percent=50, duration=20,
-                       after_upload=1, interval=0.1, rtt_ms=20)  # fmt: skip
+        run = run_once(
+            mobilenet.root,
+            "auto",
+            50,
+            testbed=tb,
+            cpu_percent=50,
+            duration=20,
+            after_upload=1,
+            interval=0.1,
+            rtt_ms=20,
+        )
     assert run.network == "netns" and run.upload_s is not None and run.rtt_ms == 20
     assert run.bytes_uploaded == sum(b.onnx_bytes for b in mobilenet.blocks)
     # 14 MB at 50 Mbit/s takes at least 2.2 s: the shaping applied to the upload

@@ -39,9 +39,20 @@ def test_list_available_shows_the_catalog(cache: Path) -> None:
 
 def test_run_prints_top5_and_block_times(cache: Path) -> None:
     r = runner.invoke(
-        app, ["model", "run", "mobilenet", "--split", "7", "--repeat", "2", "--json",
-              "--cache-dir", str(cache)],
-    )  # fmt: skip
+        app,
+        [
+            "model",
+            "run",
+            "mobilenet",
+            "--split",
+            "7",
+            "--repeat",
+            "2",
+            "--json",
+            "--cache-dir",
+            str(cache),
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])
     assert out["split"] == 7 and len(out["top5"]) == 5 and len(out["block_ms"]) == 18
@@ -57,8 +68,23 @@ def test_run_on_npy_and_image_inputs(cache: Path, tmp_path: Path) -> None:
     img = tmp_path / "pic.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (300, 400, 3), np.uint8)).save(img)
     for inp in (str(tmp_path / "x.npy"), str(img)):
-        r = runner.invoke(app, ["model", "run", "mobilenet", "--input", inp, "--split", "0",
-                                "--repeat", "1", "--json", "--cache-dir", str(cache)])  # fmt: skip
+        r = runner.invoke(
+            app,
+            [
+                "model",
+                "run",
+                "mobilenet",
+                "--input",
+                inp,
+                "--split",
+                "0",
+                "--repeat",
+                "1",
+                "--json",
+                "--cache-dir",
+                str(cache),
+            ],
+        )
         assert r.exit_code == 0, r.output
 
 

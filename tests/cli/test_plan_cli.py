@@ -22,8 +22,21 @@ def env(mobilenet: ModelPackage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_plan_json_compares_every_planner(env: Path) -> None:
-    r = runner.invoke(app, ["plan", "--bandwidth", "50mbit", "--rtt", "5ms", "--edge-speed",
-                            "10", "--device-slowdown", "10", "--json"])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "plan",
+            "--bandwidth",
+            "50mbit",
+            "--rtt",
+            "5ms",
+            "--edge-speed",
+            "10",
+            "--device-slowdown",
+            "10",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])
     by = {p["planner"]: p for p in out["planners"]}

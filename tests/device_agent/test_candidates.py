@@ -8,8 +8,15 @@ from device_agent.candidates import Candidates
 
 
 def _status(edge: str, state: str = "online", **extra: object) -> bytes:
-    return json.dumps({"edge": edge, "state": state, "broker": "mqtt://127.0.0.1:1884",
-                       "load": {"queue_ms": 12.5}, **extra}).encode()  # fmt: skip
+    return json.dumps(
+        {
+            "edge": edge,
+            "state": state,
+            "broker": "mqtt://127.0.0.1:1884",
+            "load": {"queue_ms": 12.5},
+            **extra,
+        }
+    ).encode()
 
 
 def test_status_and_zeroconf_merge_into_one_entry() -> None:

@@ -26,9 +26,17 @@ class FakeLink:
 
 def _session(pkg: ModelPackage, link: FakeLink) -> EdgeSession:
     prof = chain_profile(pkg, [1.0] * pkg.num_blocks)
-    return EdgeSession("e1", "mqtt://127.0.0.1:1", link, pkg=pkg, device_id="d1",  # type: ignore[arg-type]
-                       topics=Topics(), inputs=PlanningInputs(prof), chunk_size=1024,
-                       chunks_in_flight=3)  # fmt: skip
+    return EdgeSession(
+        "e1",
+        "mqtt://127.0.0.1:1",
+        link,
+        pkg=pkg,
+        device_id="d1",  # type: ignore[arg-type]
+        topics=Topics(),
+        inputs=PlanningInputs(prof),
+        chunk_size=1024,
+        chunks_in_flight=3,
+    )
 
 
 def _settle(cond: Any, timeout: float = 5.0) -> None:
@@ -48,8 +56,15 @@ def test_unacked_chunks_are_bounded_and_queries_go_first(mobilenet: ModelPackage
     assert len(link.chunks) == 3  # the window is full: nothing more without an ack
 
     def ack(c: int) -> None:
-        s.on_ack(UploadAck(model_id=mobilenet.manifest.model_id, block=0, chunk=c,
-                           block_done=False, loaded=False))  # fmt: skip
+        s.on_ack(
+            UploadAck(
+                model_id=mobilenet.manifest.model_id,
+                block=0,
+                chunk=c,
+                block_done=False,
+                loaded=False,
+            )
+        )
 
     before = s.inputs.estimates.bandwidth_Bps
     s.query_started()  # a query to this edge is in flight: the upload yields

@@ -13,11 +13,17 @@ from iotoffload.transport.frame import Inventory
 
 def _agent(pkg: ModelPackage, bandwidth_Bps: float, **kw: object) -> DeviceAgent:  # noqa: N803
     n = pkg.num_blocks
-    dev = DeviceAgent(pkg, "mqtt://127.0.0.1:9", "e1", device_ms=[1.0] * n,
-                      estimates=Estimates(bandwidth_Bps=bandwidth_Bps, rtt_ms=1.0),
-                      **kw)  # type: ignore[arg-type]  # fmt: skip
-    dev.session.on_inventory(Inventory(model_id=pkg.manifest.model_id, known=True,
-                                       stored=list(range(n)), edge="e1"))  # fmt: skip
+    dev = DeviceAgent(
+        pkg,
+        "mqtt://127.0.0.1:9",
+        "e1",
+        device_ms=[1.0] * n,
+        estimates=Estimates(bandwidth_Bps=bandwidth_Bps, rtt_ms=1.0),
+        **kw,
+    )  # type: ignore[arg-type]
+    dev.session.on_inventory(
+        Inventory(model_id=pkg.manifest.model_id, known=True, stored=list(range(n)), edge="e1")
+    )
     return dev
 
 

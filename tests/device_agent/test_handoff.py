@@ -9,8 +9,15 @@ from hypothesis import strategies as st
 from device_agent.handoff import EdgeView, HandoffPolicy, Move
 
 
-def v(id: str, ms: float = 10.0, *, online: bool = True, rtt: float = 5.0, misses: int = 0,
-      stored: int = 18) -> EdgeView:  # fmt: skip
+def v(
+    id: str,
+    ms: float = 10.0,
+    *,
+    online: bool = True,
+    rtt: float = 5.0,
+    misses: int = 0,
+    stored: int = 18,
+) -> EdgeView:
     return EdgeView(id, online, ms, rtt, misses, stored)
 
 
@@ -71,8 +78,9 @@ def test_prefer_forces_and_holds() -> None:
     assert p.decide(v("a", 1), [v("b", 50)], prefer="b", now=0) == Move("b", "preferred")
     assert p.decide(v("b", 50), [v("a", 1)], prefer="b", now=100) is None  # stays on b
     # a preferred edge that is offline does not block the usual rules
-    assert p.decide(v("a", online=False), [v("b", online=False), v("c")], prefer="b",
-                    now=200) == Move("c", "current edge offline")  # fmt: skip
+    assert p.decide(
+        v("a", online=False), [v("b", online=False), v("c")], prefer="b", now=200
+    ) == Move("c", "current edge offline")
 
 
 def test_bad_settings_are_refused() -> None:
@@ -84,14 +92,22 @@ def test_bad_settings_are_refused() -> None:
 
 def _views(ids: st.SearchStrategy[str]) -> st.SearchStrategy[EdgeView]:
     return st.builds(
-        EdgeView, id=ids, online=st.booleans(), predicted_ms=st.floats(0.1, 1e4),
-        rtt_ms=st.floats(0.1, 1e3), misses=st.integers(0, 10), stored=st.integers(0, 18),
-    )  # fmt: skip
+        EdgeView,
+        id=ids,
+        online=st.booleans(),
+        predicted_ms=st.floats(0.1, 1e4),
+        rtt_ms=st.floats(0.1, 1e3),
+        misses=st.integers(0, 10),
+        stored=st.integers(0, 18),
+    )
 
 
-@given(cur=_views(st.just("a")), others=st.lists(_views(st.sampled_from("abcd")), max_size=4),
-       times=st.lists(st.floats(0, 100), min_size=1, max_size=5), prefer=st.sampled_from(
-           [None, "a", "b", "z"]))  # fmt: skip
+@given(
+    cur=_views(st.just("a")),
+    others=st.lists(_views(st.sampled_from("abcd")), max_size=4),
+    times=st.lists(st.floats(0, 100), min_size=1, max_size=5),
+    prefer=st.sampled_from([None, "a", "b", "z"]),
+)
 def test_never_moves_to_an_offline_edge_or_to_itself(
     cur: EdgeView, others: list[EdgeView], times: list[float], prefer: str | None
 ) -> None:

@@ -22,8 +22,9 @@ def test_shipped_device_config_loads() -> None:
     assert cfg.model == "mobilenet" and cfg.split == "9" and cfg.chunk_bytes == 262144
 
 
-@pytest.mark.parametrize(("kw", "field"), [({"id": "a/b"}, "id"), ({"threads": 0}, "threads"),
-                                           ({"nope": 1}, "nope")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kw", "field"), [({"id": "a/b"}, "id"), ({"threads": 0}, "threads"), ({"nope": 1}, "nope")]
+)
 def test_bad_edge_settings_name_the_field(kw: dict[str, object], field: str) -> None:
     with pytest.raises(ValidationError, match=field):
         EdgeConfig(**kw)  # type: ignore[arg-type]

@@ -8,14 +8,18 @@ from edge_agent.screen import ScreenError, ScreenLimits, screen_onnx
 from iotoffload.model import ModelPackage
 
 
-def _model(nodes: list[onnx.NodeProto], opsets: list[tuple[str, int]] | None = None,
-           inits: list[onnx.TensorProto] | None = None) -> bytes:  # fmt: skip
+def _model(
+    nodes: list[onnx.NodeProto],
+    opsets: list[tuple[str, int]] | None = None,
+    inits: list[onnx.TensorProto] | None = None,
+) -> bytes:
     g = helper.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
         initializer=inits or [],
-    )  # fmt: skip
+    )
     m = helper.make_model(
         g, opset_imports=[helper.make_opsetid(d, v) for d, v in (opsets or [("", 17)])]
     )
@@ -32,8 +36,10 @@ def test_real_mobilenet_blocks_pass(mobilenet: ModelPackage) -> None:
 
 
 def test_custom_domain_is_refused() -> None:
-    data = _model([helper.make_node("Evil", ["x"], ["y"], domain="com.evil")],
-                  opsets=[("", 17), ("com.evil", 1)])  # fmt: skip
+    data = _model(
+        [helper.make_node("Evil", ["x"], ["y"], domain="com.evil")],
+        opsets=[("", 17), ("com.evil", 1)],
+    )
     with pytest.raises(ScreenError, match="non-standard operator domains"):
         screen_onnx(data)
 
@@ -58,8 +64,9 @@ def test_size_and_node_caps() -> None:
     data = _model([helper.make_node("Relu", ["x"], ["y"])])
     with pytest.raises(ScreenError, match="exceeds the cap"):
         screen_onnx(data, ScreenLimits(max_bytes=10))
-    chain = [helper.make_node("Relu", ["x" if i == 0 else f"t{i}"], [f"t{i + 1}"])
-             for i in range(9)] + [helper.make_node("Relu", ["t9"], ["y"])]  # fmt: skip
+    chain = [
+        helper.make_node("Relu", ["x" if i == 0 else f"t{i}"], [f"t{i + 1}"]) for i in range(9)
+    ] + [helper.make_node("Relu", ["t9"], ["y"])]
     with pytest.raises(ScreenError, match="nodes exceed"):
         screen_onnx(_model(chain), ScreenLimits(max_nodes=5))
 

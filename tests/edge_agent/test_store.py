@@ -17,8 +17,16 @@ def chunk(
     i: int, size: int = 4096, sha: str = SHA, data: bytes = BLOB
 ) -> tuple[UploadChunk, bytes]:
     n = -(-len(data) // size)
-    h = UploadChunk(device="d1", model_id="0" * 64, block=0, block_sha256=sha,
-                    block_bytes=len(data), chunk=i, chunks=n, chunk_size=size)  # fmt: skip
+    h = UploadChunk(
+        device="d1",
+        model_id="0" * 64,
+        block=0,
+        block_sha256=sha,
+        block_bytes=len(data),
+        chunk=i,
+        chunks=n,
+        chunk_size=size,
+    )
     return h, data[i * size : (i + 1) * size]
 
 
@@ -81,8 +89,10 @@ def test_screening_failure_is_a_rejected_block(tmp_path: Path) -> None:
 def test_models_are_checked_and_persisted(tmp_path: Path) -> None:
     t1 = TensorSpec(name="a", shape=(1, 4))
     t2 = TensorSpec(name="b", shape=(1, 2))
-    blocks = [BlockInfo(onnx_sha256="1" * 64, onnx_bytes=5, input=t1, output=t2),
-              BlockInfo(onnx_sha256="2" * 64, onnx_bytes=5, input=t2, output=t2)]  # fmt: skip
+    blocks = [
+        BlockInfo(onnx_sha256="1" * 64, onnx_bytes=5, input=t1, output=t2),
+        BlockInfo(onnx_sha256="2" * 64, onnx_bytes=5, input=t2, output=t2),
+    ]
     good = Announce(device="d", model_id=compute_model_id(["1" * 64, "2" * 64]), blocks=blocks)
     s = BlockStore(tmp_path)
     s.put_model(good)

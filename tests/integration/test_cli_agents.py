@@ -29,17 +29,42 @@ def test_edge_agent_and_device_agent_found_by_zeroconf(
     env = _env(mobilenet)
     port = free_port()
     edge = subprocess.Popen(
-        [BIN / "edge-agent", "start", "--port", str(port), "--id", "cli-edge",
-         "--store", str(tmp_path / "store"), "--interface", os.environ["IOTOFFLOAD_INTERFACE"]],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            BIN / "edge-agent",
+            "start",
+            "--port",
+            str(port),
+            "--id",
+            "cli-edge",
+            "--store",
+            str(tmp_path / "store"),
+            "--interface",
+            os.environ["IOTOFFLOAD_INTERFACE"],
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         time.sleep(1.5)
         r = subprocess.run(
-            [BIN / "device-agent", "--edge", "cli-edge", "--count", "4", "--json",
-             "--wait-upload", "--split", "10"],
-            env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            [
+                BIN / "device-agent",
+                "--edge",
+                "cli-edge",
+                "--count",
+                "4",
+                "--json",
+                "--wait-upload",
+                "--split",
+                "10",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr
         lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
         queries, summary = lines[:-1], lines[-1]
@@ -58,8 +83,13 @@ def test_edge_agent_and_device_agent_found_by_zeroconf(
 
 def test_device_agent_without_an_edge_says_so(mobilenet: ModelPackage) -> None:
     env = dict(_env(mobilenet), IOTOFFLOAD_DEVICE_DISCOVERY_TIMEOUT="0.5")
-    r = subprocess.run([BIN / "device-agent", "--edge", "nobody-here", "--count", "1"],
-                       env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [BIN / "device-agent", "--edge", "nobody-here", "--count", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "no edge found" in r.stderr
 
@@ -98,19 +128,53 @@ def test_device_agent_prefer_moves_to_an_edge_found_by_zeroconf_on_another_broke
         ("cli-a", pa, []),
         ("cli-b", pb, ["--peer-broker", f"mqtt://127.0.0.1:{pa}"]),
     ):
-        edges.append(subprocess.Popen(
-            [BIN / "edge-agent", "start", "--port", str(port), "--id", eid, "--store",
-             str(tmp_path / eid), "--interface", iface, *extra],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))  # fmt: skip
+        edges.append(
+            subprocess.Popen(
+                [
+                    BIN / "edge-agent",
+                    "start",
+                    "--port",
+                    str(port),
+                    "--id",
+                    eid,
+                    "--store",
+                    str(tmp_path / eid),
+                    "--interface",
+                    iface,
+                    *extra,
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     try:
         time.sleep(1.5)
         r = subprocess.run(
-            [BIN / "device-agent", "--broker", f"mqtt://127.0.0.1:{pa}", "--edge", "cli-a",
-             "--prefer", "cli-b", "--split", "10", "--count", "80", "--interval", "0.1",
-             "--json", "--interface", iface],
-            env=env, capture_output=True, text=True, timeout=180,
-        )  # fmt: skip
+            [
+                BIN / "device-agent",
+                "--broker",
+                f"mqtt://127.0.0.1:{pa}",
+                "--edge",
+                "cli-a",
+                "--prefer",
+                "cli-b",
+                "--split",
+                "10",
+                "--count",
+                "80",
+                "--interval",
+                "0.1",
+                "--json",
+                "--interface",
+                iface,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert r.returncode == 0, r.stderr
         lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
         queries, summary = lines[:-1], lines[-1]

@@ -26,10 +26,25 @@ def test_edge_killed_mid_stream_every_query_is_answered_locally(
     with Mosquitto(tmp_path) as m:
         url = m.url
         edge = subprocess.Popen(
-            [sys.executable, "-m", "edge_agent", "start", "--broker", url, "--id", "victim",
-             "--store", str(tmp_path / "store"), "--no-advertise", "--protocol", "5"],
-            env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "edge_agent",
+                "start",
+                "--broker",
+                url,
+                "--id",
+                "victim",
+                "--store",
+                str(tmp_path / "store"),
+                "--no-advertise",
+                "--protocol",
+                "5",
+            ],
+            env=dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         try:
             dev = DeviceAgent(mobilenet, url, "victim", split=12, deadline_ms=500)
             deadline = time.monotonic() + 20
@@ -44,8 +59,11 @@ def test_edge_killed_mid_stream_every_query_is_answered_locally(
             after = [dev.query(x, 3 + i) for i in range(5)]
             assert all(not o.offloaded for o in after)
             assert all(o.output.shape == (1, 1000) for o in after)
-            assert {o.reason for o in after} <= {"deadline passed", "edge offline",
-                                                 "edge went offline"}  # fmt: skip
+            assert {o.reason for o in after} <= {
+                "deadline passed",
+                "edge offline",
+                "edge went offline",
+            }
             np.testing.assert_allclose(after[0].output, outs[0].output, rtol=0, atol=1e-5)
             dev.close()
         finally:
@@ -59,8 +77,7 @@ def test_broker_restart_during_upload_resumes_without_resending_stored_blocks(
 ) -> None:
     with Mosquitto(tmp_path) as m:
         url = m.url
-        edge = EdgeAgent(EdgeConfig(id="e1", broker=url, store=tmp_path / "store",
-                                    advertise=False))  # fmt: skip
+        edge = EdgeAgent(EdgeConfig(id="e1", broker=url, store=tmp_path / "store", advertise=False))
         edge.start()
         dev = DeviceAgent(mobilenet, url, "e1", split=0, chunk_size=64 * 1024)
         assert dev.connect() is not None

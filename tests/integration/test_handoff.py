@@ -43,9 +43,17 @@ def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def _edge(eid: str, url: str, store: Path, protocol: int = 5, **kw: object) -> EdgeAgent:
-    a = EdgeAgent(EdgeConfig(id=eid, broker=url, store=store, interface=IFACE,
-                             protocol=protocol, status_interval=0.5,
-                             **kw))  # type: ignore[arg-type]  # fmt: skip
+    a = EdgeAgent(
+        EdgeConfig(
+            id=eid,
+            broker=url,
+            store=store,
+            interface=IFACE,
+            protocol=protocol,
+            status_interval=0.5,
+            **kw,
+        )
+    )  # type: ignore[arg-type]
     a.start()
     return a
 
@@ -73,14 +81,37 @@ def test_edge_killed_mid_stream_every_query_answered_and_device_moves_to_b(
     url_a, url_b = two_brokers
     a_id, b_id = _uid("edge-a"), _uid("edge-b")
     edge_a = subprocess.Popen(
-        [sys.executable, "-m", "edge_agent", "start", "--broker", url_a, "--id", a_id,
-         "--store", str(tmp_path / "sa"), "--no-advertise", "--protocol", "5"],
-        env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "start",
+            "--broker",
+            url_a,
+            "--id",
+            a_id,
+            "--store",
+            str(tmp_path / "sa"),
+            "--no-advertise",
+            "--protocol",
+            "5",
+        ],
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     edge_b = _edge(b_id, url_b, tmp_path / "sb")  # advertised by zeroconf on 127.0.0.1
     policy = HandoffPolicy(miss_limit=2, hold_s=0)
-    dev = DeviceAgent(mobilenet, url_a, a_id, split=SPLIT, deadline_ms=400, interface=IFACE,
-                      handoff=policy, probe_interval=0.5)  # fmt: skip
+    dev = DeviceAgent(
+        mobilenet,
+        url_a,
+        a_id,
+        split=SPLIT,
+        deadline_ms=400,
+        interface=IFACE,
+        handoff=policy,
+        probe_interval=0.5,
+    )
     try:
         end = time.monotonic() + 20
         while dev.connect(timeout=2) is None and time.monotonic() < end:
@@ -143,10 +174,18 @@ def test_graceful_move_b_gets_blocks_from_a_and_device_sends_none_twice(
         # A's copy of one block rots on disk: it must not be pushed; the device sends it
         # a long stall time: the block A refuses must come from the device at once, on A's
         # error, not after the push stalls
-        dev = DeviceAgent(mobilenet, url_a, a_id, split=SPLIT, deadline_ms=5000,
-                          interface=IFACE, probe_interval=0.5, protocol=proto,
-                          handoff=HandoffPolicy(dwell_s=0.5, hold_s=0),
-                          peer_stall_s=120)  # fmt: skip
+        dev = DeviceAgent(
+            mobilenet,
+            url_a,
+            a_id,
+            split=SPLIT,
+            deadline_ms=5000,
+            interface=IFACE,
+            probe_interval=0.5,
+            protocol=proto,
+            handoff=HandoffPolicy(dwell_s=0.5, hold_s=0),
+            peer_stall_s=120,
+        )
         stack.callback(dev.close)
         assert dev.connect() is not None
         dev.start_upload()
@@ -193,8 +232,15 @@ def test_b_holding_the_model_first_query_after_the_move_is_offloaded_on_b(
         stack.callback(seeder.close)
         assert seeder.connect() is not None
         seeder.upload()  # another device left the model on B
-        dev = DeviceAgent(mobilenet, broker.url, a_id, split=SPLIT, deadline_ms=5000,
-                          probe_interval=0.5, protocol=311)  # fmt: skip
+        dev = DeviceAgent(
+            mobilenet,
+            broker.url,
+            a_id,
+            split=SPLIT,
+            deadline_ms=5000,
+            probe_interval=0.5,
+            protocol=311,
+        )
         stack.callback(dev.close)
         assert dev.connect() is not None
         dev.start_upload()
@@ -252,8 +298,16 @@ def test_graceful_stop_of_a_moves_at_once_to_b_holding_the_model(
         stack.callback(seeder.close)
         assert seeder.connect() is not None
         seeder.upload()
-        dev = DeviceAgent(mobilenet, broker.url, a_id, split=SPLIT, deadline_ms=5000,
-                          protocol=311, handoff=HandoffPolicy(), probe_interval=0.5)  # fmt: skip
+        dev = DeviceAgent(
+            mobilenet,
+            broker.url,
+            a_id,
+            split=SPLIT,
+            deadline_ms=5000,
+            protocol=311,
+            handoff=HandoffPolicy(),
+            probe_interval=0.5,
+        )
         stack.callback(dev.close)
         assert dev.connect() is not None
         dev.upload()

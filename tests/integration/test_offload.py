@@ -35,8 +35,11 @@ pytestmark = pytest.mark.integration
 
 
 def _edge(broker: BrokerUnderTest, store: Path) -> EdgeAgent:
-    a = EdgeAgent(EdgeConfig(id="edge1", broker=broker.url, store=store, advertise=False,
-                             protocol=broker.protocol))  # fmt: skip
+    a = EdgeAgent(
+        EdgeConfig(
+            id="edge1", broker=broker.url, store=store, advertise=False, protocol=broker.protocol
+        )
+    )
     a.start()
     return a
 
@@ -148,28 +151,73 @@ def test_bad_input_gets_error_frames_and_the_edge_keeps_serving(
         link.publish(q, MAGIC + struct.pack(">BI", 9, len(hdr)) + hdr)
         x = np.zeros((1, 7, 7, 320), np.float32)
         for start, end, model in ((17, 19, mid), (17, 18, "0" * 64)):
-            link.publish(q, encode_tensor_frame(
-                Query, x, request_id=f"bad-{start}-{end}", device=dev.device_id, model_id=model,
-                start=start, end=end, deadline_ms=100))  # fmt: skip
+            link.publish(
+                q,
+                encode_tensor_frame(
+                    Query,
+                    x,
+                    request_id=f"bad-{start}-{end}",
+                    device=dev.device_id,
+                    model_id=model,
+                    start=start,
+                    end=end,
+                    deadline_ms=100,
+                ),
+            )
         # a tensor of the wrong shape for block 17
-        link.publish(q, encode_tensor_frame(
-            Query, np.zeros((1, 7, 7, 3), np.float32), request_id="shape", device=dev.device_id,
-            model_id=mid, start=17, end=18, deadline_ms=100))  # fmt: skip
+        link.publish(
+            q,
+            encode_tensor_frame(
+                Query,
+                np.zeros((1, 7, 7, 3), np.float32),
+                request_id="shape",
+                device=dev.device_id,
+                model_id=mid,
+                start=17,
+                end=18,
+                deadline_ms=100,
+            ),
+        )
         # an upload whose bytes do not match the announced digest
         up = t.edge_upload("edge1")
-        chunk = UploadChunk(device=dev.device_id, model_id=mid, block=0, block_sha256="ab" * 32,
-                            block_bytes=4, chunk=0, chunks=1, chunk_size=4)  # fmt: skip
+        chunk = UploadChunk(
+            device=dev.device_id,
+            model_id=mid,
+            block=0,
+            block_sha256="ab" * 32,
+            block_bytes=4,
+            chunk=0,
+            chunks=1,
+            chunk_size=4,
+        )
         link.publish(up, encode(chunk, b"abcd"))
         # an ONNX block with a custom operator domain, with a correct digest
         evil = _custom_domain_block()
-        link.publish(up, encode(chunk.model_copy(update={
-            "block_sha256": hashlib.sha256(evil).hexdigest(), "block_bytes": len(evil),
-            "chunk_size": len(evil)}), evil))  # fmt: skip
+        link.publish(
+            up,
+            encode(
+                chunk.model_copy(
+                    update={
+                        "block_sha256": hashlib.sha256(evil).hexdigest(),
+                        "block_bytes": len(evil),
+                        "chunk_size": len(evil),
+                    }
+                ),
+                evil,
+            ),
+        )
         # a chunk larger than the edge accepts
         big = chunk.model_copy(update={"block_bytes": 1 << 40, "chunks": 1, "chunk_size": 1 << 40})
         link.publish(up, encode(big, b"x"))
-        want = ["bad_range", "bad_tensor", "digest_mismatch", "rejected_block", "too_large",
-                "unknown_model", "unsupported_version"]  # fmt: skip
+        want = [
+            "bad_range",
+            "bad_tensor",
+            "digest_mismatch",
+            "rejected_block",
+            "too_large",
+            "unknown_model",
+            "unsupported_version",
+        ]
         assert spy.wait_codes(want) == want
         by_code = {e.code: e for e in spy.errors}
         assert by_code["bad_range"].request_id == "bad-17-19"
@@ -186,12 +234,14 @@ def _custom_domain_block() -> bytes:
     from onnx import TensorProto, helper
 
     g = helper.make_graph(
-        [helper.make_node("Exfiltrate", ["x"], ["y"], domain="com.evil")], "evil",
+        [helper.make_node("Exfiltrate", ["x"], ["y"], domain="com.evil")],
+        "evil",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-    )  # fmt: skip
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
-                                            helper.make_opsetid("com.evil", 1)])  # fmt: skip
+    )
+    m = helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.evil", 1)]
+    )
     return bytes(m.SerializeToString())
 
 
@@ -204,9 +254,19 @@ def test_a_query_that_expired_in_the_edge_queue_is_not_run(
         dev.upload()
         before = edge.stats.queries
         # a deadline shorter than any queueing: 0.001 ms
-        dev.link.publish(edge.topics.edge_query("edge1"), encode_tensor_frame(
-            Query, np.zeros((1, 7, 7, 320), np.float32), request_id="late", device=dev.device_id,
-            model_id=mobilenet.manifest.model_id, start=17, end=18, deadline_ms=0.001))  # fmt: skip
+        dev.link.publish(
+            edge.topics.edge_query("edge1"),
+            encode_tensor_frame(
+                Query,
+                np.zeros((1, 7, 7, 320), np.float32),
+                request_id="late",
+                device=dev.device_id,
+                model_id=mobilenet.manifest.model_id,
+                start=17,
+                end=18,
+                deadline_ms=0.001,
+            ),
+        )
         assert spy.wait_codes(["deadline_expired"]) == ["deadline_expired"]
         assert edge.stats.queries == before
     finally:

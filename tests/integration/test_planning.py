@@ -27,12 +27,27 @@ def test_high_edge_load_moves_the_split_toward_the_device(
     slow = [8 * v for v in measure_device_ms(mobilenet, TFLiteExecutor.from_package(mobilenet))]
     x = np.zeros((1, 224, 224, 3), np.float32)
     with EmbeddedBroker() as b:
-        edge = EdgeAgent(EdgeConfig(id="busy", broker=b.url, store=tmp_path / "s",
-                                    advertise=False, protocol=311, workers=1))  # fmt: skip
+        edge = EdgeAgent(
+            EdgeConfig(
+                id="busy",
+                broker=b.url,
+                store=tmp_path / "s",
+                advertise=False,
+                protocol=311,
+                workers=1,
+            )
+        )
         edge.start()
-        dev = DeviceAgent(mobilenet, b.url, "busy", protocol=311, planner="loadpart",
-                          device_ms=slow, deadline_ms=10_000,
-                          estimates=Estimates(bandwidth_Bps=200e6, rtt_ms=1.0))  # fmt: skip
+        dev = DeviceAgent(
+            mobilenet,
+            b.url,
+            "busy",
+            protocol=311,
+            planner="loadpart",
+            device_ms=slow,
+            deadline_ms=10_000,
+            estimates=Estimates(bandwidth_Bps=200e6, rtt_ms=1.0),
+        )
         noisy = DeviceAgent(mobilenet, b.url, "busy", protocol=311, split=0)
         try:
             assert dev.connect() is not None and noisy.connect() is not None
@@ -43,10 +58,19 @@ def test_high_edge_load_moves_the_split_toward_the_device(
             assert split_idle < mobilenet.num_blocks
             # load: 40 whole-model queries queued at the edge (one worker) at once
             for i in range(40):
-                noisy.link.publish(edge.topics.edge_query("busy"), encode_tensor_frame(
-                    Query, x, request_id=f"load-{i}", device=noisy.device_id,
-                    model_id=mobilenet.manifest.model_id, start=0, end=18,
-                    deadline_ms=60_000))  # fmt: skip
+                noisy.link.publish(
+                    edge.topics.edge_query("busy"),
+                    encode_tensor_frame(
+                        Query,
+                        x,
+                        request_id=f"load-{i}",
+                        device=noisy.device_id,
+                        model_id=mobilenet.manifest.model_id,
+                        start=0,
+                        end=18,
+                        deadline_ms=60_000,
+                    ),
+                )
             end = time.monotonic() + 10
             while edge.load_factor() < 20 and time.monotonic() < end:  # the burst has arrived
                 time.sleep(0.005)

@@ -28,8 +28,9 @@ def photos(tmp_path: Path) -> Path:
 @pytest.fixture
 def offloading(efficientnet: ModelPackage, tmp_path: Path) -> Iterator[DeviceAgent]:
     with EmbeddedBroker() as b:
-        edge = EdgeAgent(EdgeConfig(id="e", broker=b.url, store=tmp_path / "s", advertise=False,
-                                    protocol=311))  # fmt: skip
+        edge = EdgeAgent(
+            EdgeConfig(id="e", broker=b.url, store=tmp_path / "s", advertise=False, protocol=311)
+        )
         edge.start()
         dev = DeviceAgent(efficientnet, b.url, "e", protocol=311, deadline_ms=10_000)
         try:
@@ -48,12 +49,16 @@ def test_package_records_real_weights_and_labels(efficientnet: ModelPackage) -> 
     assert m.preprocessing is not None and m.preprocessing.resample == "bicubic"
 
 
-@pytest.mark.parametrize(("photo", "classes"), [("chelsea", range(281, 286)),
-                                                ("coffee", (967, 968))])  # fmt: skip
+@pytest.mark.parametrize(
+    ("photo", "classes"), [("chelsea", range(281, 286)), ("coffee", (967, 968))]
+)
 def test_photos_are_recognised_when_offloaded_at_several_splits(
-    offloading: DeviceAgent, efficientnet: ModelPackage, photos: Path, photo: str,
+    offloading: DeviceAgent,
+    efficientnet: ModelPackage,
+    photos: Path,
+    photo: str,
     classes: range | tuple[int, ...],
-) -> None:  # fmt: skip
+) -> None:
     x = load_input(str(photos / f"{photo}.png"), efficientnet.manifest)
     local = TFLiteExecutor.from_package(efficientnet).run(0, efficientnet.num_blocks, x)
     want = top_k(local, efficientnet.manifest.labels)

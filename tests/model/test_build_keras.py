@@ -37,8 +37,18 @@ def test_manifest_records_seeded_weights(mobilenet: ModelPackage) -> None:
         assert key in m
     assert m["weights"] == "seeded" and m["weights_detail"] == "seed=0"
     b = m["blocks"][4]
-    for key in ("index", "tflite", "onnx", "tflite_sha256", "onnx_sha256", "input", "output",
-                "output_bytes", "param_bytes", "flops"):  # fmt: skip
+    for key in (
+        "index",
+        "tflite",
+        "onnx",
+        "tflite_sha256",
+        "onnx_sha256",
+        "input",
+        "output",
+        "output_bytes",
+        "param_bytes",
+        "flops",
+    ):
         assert key in b
     assert b["output"] == {"name": "block_4_add", "shape": [1, 28, 28, 32], "dtype": "float32"}
 

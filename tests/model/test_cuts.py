@@ -45,9 +45,14 @@ def test_narrow_keeps_local_minima_and_drops_expanded_insides() -> None:
     # input 100 -> expand 600 -> dw 600 -> project 40 -> expand 240 -> project 30
     # -> head conv 300 -> fc 10 (the model output is the last point of the chain)
     g = chain(
-        ("conv", 600, True), ("dw", 600, True), ("conv", 40, True),
-        ("conv", 240, True), ("conv", 30, True), ("conv", 300, True), ("fc", 10, True),
-    )  # fmt: skip
+        ("conv", 600, True),
+        ("dw", 600, True),
+        ("conv", 40, True),
+        ("conv", 240, True),
+        ("conv", 30, True),
+        ("conv", 300, True),
+        ("fc", 10, True),
+    )
     kept = select_cuts(g, single_tensor_cuts(g), "narrow")
     assert [c.tensor for c in kept] == ["t2", "t4"]
     assert len(select_cuts(g, single_tensor_cuts(g), "all")) == 6
@@ -56,9 +61,14 @@ def test_narrow_keeps_local_minima_and_drops_expanded_insides() -> None:
 def test_narrow_merges_segments_without_heavy_ops() -> None:
     # conv -> bn (same size plateau) -> conv ...; the bn-only segment joins the block before it.
     g = chain(
-        ("conv", 40, True), ("bn", 40, False), ("conv", 200, True), ("conv", 30, True),
-        ("conv", 300, True), ("fc", 10, True), ("softmax", 10, False),
-    )  # fmt: skip
+        ("conv", 40, True),
+        ("bn", 40, False),
+        ("conv", 200, True),
+        ("conv", 30, True),
+        ("conv", 300, True),
+        ("fc", 10, True),
+        ("softmax", 10, False),
+    )
     kept = select_cuts(g, single_tensor_cuts(g), "narrow")
     # t0/t1 plateau: only t1 (after the bn) survives; t5 (logits) would leave a softmax-only
     # block and is folded away.
@@ -67,8 +77,14 @@ def test_narrow_merges_segments_without_heavy_ops() -> None:
 
 def test_plateau_of_real_blocks_is_kept() -> None:
     # equal-size outputs of consecutive heavy blocks (MobileNetV2's 14x14x64 run) stay cuts
-    g = chain(("conv", 500, True), ("conv", 64, True), ("conv", 64, True), ("conv", 64, True),
-              ("conv", 500, True), ("fc", 10, True))  # fmt: skip
+    g = chain(
+        ("conv", 500, True),
+        ("conv", 64, True),
+        ("conv", 64, True),
+        ("conv", 64, True),
+        ("conv", 500, True),
+        ("fc", 10, True),
+    )
     kept = select_cuts(g, single_tensor_cuts(g), "narrow")
     assert [c.tensor for c in kept] == ["t1", "t2", "t3"]
 
@@ -115,14 +131,16 @@ def test_reported_cuts_are_exactly_the_single_tensor_points(g: OpGraph) -> None:
 def test_blocks_policy_cuts_every_residual_block_of_a_shrinking_resnet() -> None:
     # stem conv 400 -> bn -> pool 100; then 3 residual blocks whose outputs shrink by stage
     # (400, 200, 100: none is a local minimum after the pool) and a light head
-    ops = [Op("conv", ("x",), ("s",), True), Op("bn", ("s",), ("sb",)),
-           Op("pool", ("sb",), ("p",))]  # fmt: skip
+    ops = [Op("conv", ("x",), ("s",), True), Op("bn", ("s",), ("sb",)), Op("pool", ("sb",), ("p",))]
     sizes = {"x": 300, "s": 400, "sb": 400, "p": 100}
     prev = "p"
     for i, size in enumerate((400, 200, 100)):
         a, b, y = f"a{i}", f"b{i}", f"y{i}"
-        ops += [Op("conv", (prev,), (a,), True), Op("conv", (a,), (b,), True),
-                Op("add", (prev, b), (y,))]  # fmt: skip
+        ops += [
+            Op("conv", (prev,), (a,), True),
+            Op("conv", (a,), (b,), True),
+            Op("add", (prev, b), (y,)),
+        ]
         sizes.update({a: size, b: size, y: size})
         prev = y
     ops += [Op("gap", (prev,), ("g",)), Op("fc", ("g",), ("out",), True)]

@@ -32,17 +32,25 @@ def test_top_k_turns_logits_into_probabilities() -> None:
 def test_fold_constants_precomputes_pad_subgraphs() -> None:
     # pads computed at run time from constants (what PyTorch's ZeroPad2d export looks like)
     nodes = [
-        helper.make_node("ConstantOfShape", ["shape"], ["zeros"],
-                         value=helper.make_tensor("v", TensorProto.INT64, [1], [0])),
+        helper.make_node(
+            "ConstantOfShape",
+            ["shape"],
+            ["zeros"],
+            value=helper.make_tensor("v", TensorProto.INT64, [1], [0]),
+        ),
         helper.make_node("Concat", ["zeros", "ones"], ["pads"], axis=0),
         helper.make_node("Pad", ["x", "pads"], ["y"]),
-    ]  # fmt: skip
+    ]
     g = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
-        initializer=[numpy_helper.from_array(np.array([2], np.int64), "shape"),
-                     numpy_helper.from_array(np.array([1, 1], np.int64), "ones")],
-    )  # fmt: skip
+        initializer=[
+            numpy_helper.from_array(np.array([2], np.int64), "shape"),
+            numpy_helper.from_array(np.array([1, 1], np.int64), "ones"),
+        ],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     folded = fold_constants(m)
     assert [n.op_type for n in folded.graph.node] == ["Pad"]

@@ -14,24 +14,36 @@ def _block(i: int, shape_in: list[int], shape_out: list[int], digest: str) -> di
     for d in shape_out:
         n *= d
     return {
-        "index": i, "tflite": f"b{i:02d}.tflite", "onnx": f"b{i:02d}.onnx",
-        "tflite_sha256": "a" * 64, "onnx_sha256": digest,
+        "index": i,
+        "tflite": f"b{i:02d}.tflite",
+        "onnx": f"b{i:02d}.onnx",
+        "tflite_sha256": "a" * 64,
+        "onnx_sha256": digest,
         "input": {"name": f"t{i}", "shape": shape_in, "dtype": "float32"},
         "output": {"name": f"t{i + 1}", "shape": shape_out, "dtype": "float32"},
-        "output_bytes": n, "param_bytes": 10, "onnx_bytes": 100, "flops": 1000,
-    }  # fmt: skip
+        "output_bytes": n,
+        "param_bytes": 10,
+        "onnx_bytes": 100,
+        "flops": 1000,
+    }
 
 
 def raw_manifest() -> dict[str, Any]:
     digests = ["b" * 64, "c" * 64]
     return {
-        "format": FORMAT_VERSION, "name": "tiny", "model_id": compute_model_id(digests),
-        "weights": "seeded", "weights_detail": "seed=0", "source": "test",
+        "format": FORMAT_VERSION,
+        "name": "tiny",
+        "model_id": compute_model_id(digests),
+        "weights": "seeded",
+        "weights_detail": "seed=0",
+        "source": "test",
         "input": {"shape": [1, 8, 8, 3], "dtype": "float32", "layout": "NHWC"},
         "labels": None,
-        "blocks": [_block(0, [1, 8, 8, 3], [1, 4, 4, 8], digests[0]),
-                   _block(1, [1, 4, 4, 8], [1, 10], digests[1])],
-    }  # fmt: skip
+        "blocks": [
+            _block(0, [1, 8, 8, 3], [1, 4, 4, 8], digests[0]),
+            _block(1, [1, 4, 4, 8], [1, 10], digests[1]),
+        ],
+    }
 
 
 def test_round_trip_is_lossless() -> None:

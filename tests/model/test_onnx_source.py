@@ -24,8 +24,13 @@ class Tiny(torch.nn.Module):  # type: ignore[misc]
         self.stem = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 8, 3, 2), nn.ReLU6())
         self.res = nn.Sequential(nn.Conv2d(8, 24, 1), nn.ReLU6(), nn.Conv2d(24, 8, 1))
         self.down = nn.Sequential(nn.Conv2d(8, 32, 3, 2, 1), nn.ReLU6(), nn.Conv2d(32, 12, 1))
-        self.head = nn.Sequential(nn.Conv2d(12, 48, 1), nn.ReLU6(), nn.AdaptiveAvgPool2d(1),
-                                  nn.Flatten(), nn.Linear(48, 10))  # fmt: skip
+        self.head = nn.Sequential(
+            nn.Conv2d(12, 48, 1),
+            nn.ReLU6(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(48, 10),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -38,8 +43,15 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     net = Tiny().eval()
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False,
-                      opset_version=17, input_names=["image"], output_names=["logits"])  # fmt: skip
+    torch.onnx.export(
+        net,
+        (torch.zeros(1, 3, 32, 32),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["image"],
+        output_names=["logits"],
+    )
     return path
 
 
@@ -79,15 +91,37 @@ def test_prepare_a_pytorch_module_from_the_command_line(tmp_path: Path) -> None:
 
     from iotoffload.cli import app
 
-    r = CliRunner().invoke(app, [
-        "model", "prepare", "--torch", "tests.model.test_onnx_source:tiny_factory",
-        "--input-shape", "1,3,32,32", "--name", "tiny-torch", "--cache-dir", str(tmp_path),
-    ])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "model",
+            "prepare",
+            "--torch",
+            "tests.model.test_onnx_source:tiny_factory",
+            "--input-shape",
+            "1,3,32,32",
+            "--name",
+            "tiny-torch",
+            "--cache-dir",
+            str(tmp_path),
+        ],
+    )
     assert r.exit_code == 0, r.output
     pkg = ModelPackage.load(tmp_path / "tiny-torch")
     assert pkg.manifest.source == "torch:tests.model.test_onnx_source:tiny_factory"
     assert pkg.manifest.verification is not None
     assert pkg.blocks[0].input.shape == (1, 32, 32, 3)
-    r = CliRunner().invoke(app, ["model", "prepare", "--torch", "no.such.module:f", "--name",
-                                 "x", "--cache-dir", str(tmp_path)])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "model",
+            "prepare",
+            "--torch",
+            "no.such.module:f",
+            "--name",
+            "x",
+            "--cache-dir",
+            str(tmp_path),
+        ],
+    )
     assert r.exit_code == 2 and "PyTorch export failed" in r.output

@@ -92,9 +92,11 @@ def inputs(draw: st.DrawFn) -> PlanningInputs:
         tuple(draw(st.lists(st.integers(100, 10_000_000), min_size=n, max_size=n))),
     )
     est = Estimates(
-        bandwidth_Bps=draw(st.floats(1e4, 1e9)), rtt_ms=draw(st.floats(0.0, 50.0)),
-        load_factor=draw(st.floats(0.5, 10.0)), queue_ms=draw(st.floats(0.0, 50.0)),
-    )  # fmt: skip
+        bandwidth_Bps=draw(st.floats(1e4, 1e9)),
+        rtt_ms=draw(st.floats(0.0, 50.0)),
+        load_factor=draw(st.floats(0.5, 10.0)),
+        queue_ms=draw(st.floats(0.0, 50.0)),
+    )
     return PlanningInputs(prof, est, min_local=draw(st.integers(0, n)))
 
 

@@ -45,8 +45,16 @@ def test_tensor_round_trip_is_exact_and_zero_copy() -> None:
 
 
 def test_chunk_round_trip() -> None:
-    h = UploadChunk(device="d", model_id=MID, block=2, block_sha256="cd" * 32, block_bytes=10,
-                    chunk=0, chunks=1, chunk_size=10)  # fmt: skip
+    h = UploadChunk(
+        device="d",
+        model_id=MID,
+        block=2,
+        block_sha256="cd" * 32,
+        block_bytes=10,
+        chunk=0,
+        chunks=1,
+        chunk_size=10,
+    )
     header, body = decode(encode(h, b"0123456789"))
     assert header == h and bytes(body) == b"0123456789"
 
@@ -87,9 +95,16 @@ def test_oversized_body_is_refused_before_use() -> None:
 
 
 def test_invalid_fields_name_the_field_and_keep_the_request_id() -> None:
-    hdr = {"type": "query", "request_id": "q9", "device": "d", "model_id": "short",
-           "start": 0, "end": 1, "deadline_ms": 5,
-           "tensor": {"dtype": "float32", "shape": [1]}}  # fmt: skip
+    hdr = {
+        "type": "query",
+        "request_id": "q9",
+        "device": "d",
+        "model_id": "short",
+        "start": 0,
+        "end": 1,
+        "deadline_ms": 5,
+        "tensor": {"dtype": "float32", "shape": [1]},
+    }
     raw = json.dumps(hdr).encode()
     with pytest.raises(FrameError) as e:
         decode(MAGIC + struct.pack(">BI", 1, len(raw)) + raw + b"\0" * 4)
@@ -98,8 +113,13 @@ def test_invalid_fields_name_the_field_and_keep_the_request_id() -> None:
 
 
 def test_huge_declared_shape_is_refused_without_allocating() -> None:
-    hdr = {"type": "result", "request_id": "a", "queue_ms": 0, "exec_ms": 0,
-           "tensor": {"dtype": "float32", "shape": [1 << 20, 1 << 20, 1 << 20]}}  # fmt: skip
+    hdr = {
+        "type": "result",
+        "request_id": "a",
+        "queue_ms": 0,
+        "exec_ms": 0,
+        "tensor": {"dtype": "float32", "shape": [1 << 20, 1 << 20, 1 << 20]},
+    }
     raw = json.dumps(hdr).encode()
     with pytest.raises(FrameError) as e:
         decode(MAGIC + struct.pack(">BI", 1, len(raw)) + raw + b"\0" * 16)
@@ -126,8 +146,13 @@ def test_any_tensor_round_trips(shape: list[int], dtype: str) -> None:
 
 
 def test_handoff_frames_round_trip_and_reject_bad_ids() -> None:
-    t = Transfer(device="d1", model_id=MID, source_edge="edge-a",
-                 source_broker="mqtt://127.0.0.1:1883", blocks=[3, 4, 5])  # fmt: skip
+    t = Transfer(
+        device="d1",
+        model_id=MID,
+        source_edge="edge-a",
+        source_broker="mqtt://127.0.0.1:1883",
+        blocks=[3, 4, 5],
+    )
     assert decode(encode(t))[0] == t
     f = PeerFetch(peer="edge-b", device="d1", model_id=MID, blocks=[3])
     assert decode(encode(f))[0] == f
