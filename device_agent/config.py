@@ -10,13 +10,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from device_agent.handoff import HandoffPolicy
 from iotoffload.config import settings_from_toml
+from iotoffload.ids import ID_PATTERN
 from iotoffload.transport.topics import DEFAULT_PREFIX
 
 
 class DeviceConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IOTOFFLOAD_DEVICE_", extra="forbid")
 
-    id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    id: str | None = Field(default=None, pattern=ID_PATTERN)
     model: str = "mobilenet"
     broker: str | None = Field(default=None, description="mqtt://HOST:PORT; none: discover")
     edge: str = Field(default="auto", description="edge id, or auto (discovery / status)")
@@ -43,7 +44,7 @@ class DeviceConfig(BaseSettings):
     handoff: bool = Field(default=True, description="move to a better edge on my own")
     prefer: str | None = Field(
         default=None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        pattern=ID_PATTERN,
         description="stay on this edge whenever it is online",
     )
     handoff_margin: float = Field(

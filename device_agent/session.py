@@ -21,7 +21,9 @@ from iotoffload.model.errors import ModelError
 from iotoffload.model.package import ModelPackage
 from iotoffload.model.preprocess import IMAGE_SUFFIXES, load_input, sample_photos, top_k
 from iotoffload.runtime.base import Array
-from iotoffload.transport.mqtt import MqttLink
+from iotoffload.transport.mqtt import Message, MqttLink
+from iotoffload.transport.status import EdgeStatus
+from iotoffload.transport.topics import Topics
 
 
 class NoEdgeError(RuntimeError):
@@ -55,15 +57,12 @@ def edges_from_status(broker: str, prefix: str, protocol: int, wait: float = 1.0
     seen: dict[str, float] = {}
     link = MqttLink(broker, f"probe-{time.monotonic_ns() % 10**9}", protocol=protocol)
 
-    def on_status(_t: str, payload: bytes) -> None:
-        try:
-            s = json.loads(payload)
-        except ValueError:
-            return
-        if isinstance(s, dict) and s.get("state") == "online" and isinstance(s.get("edge"), str):
-            seen[s["edge"]] = float(s.get("load", {}).get("queue", 0))
+    def on_status(m: Message) -> None:  # paho's thread; ``seen`` is read after close()
+        s = EdgeStatus.parse(m.payload)
+        if s is not None and s.state == "online" and m.topic == Topics(prefix).edge_status(s.edge):
+            seen[s.edge] = float(s.load.queue)
 
-    link.subscribe(f"{prefix}/edges/+/status", on_status)
+    link.subscribe(Topics(prefix).edge_status_all(), on_status)
     link.connect()
     time.sleep(wait)  # retained messages arrive right after subscribing
     link.close()

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from iotoffload.config import settings_from_toml
+from iotoffload.ids import ID_PATTERN
 from iotoffload.transport.topics import DEFAULT_PREFIX
 
 
@@ -22,7 +23,7 @@ class EdgeConfig(BaseSettings):
 
     id: str = Field(
         default_factory=lambda: f"edge-{socket.gethostname()}"[:64],
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        pattern=ID_PATTERN,
     )
     broker: str | None = Field(
         default=None, description="mqtt://HOST:PORT; none starts the embedded broker"

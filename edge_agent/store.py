@@ -19,13 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from iotoffload.model.manifest import compute_model_id
-from iotoffload.transport.frame import Announce, UploadChunk
+from iotoffload.transport.frame import Announce, ErrorCode, ProtocolError, UploadChunk
 
 
-class StoreError(ValueError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+class StoreError(ProtocolError):
+    """The store refused a chunk, block or model (the code goes back in the error frame)."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(code, message)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -86,14 +87,14 @@ class BlockStore:
             return True
         if h.block_bytes > self.max_block_bytes:
             raise StoreError(
-                "too_large", f"block of {h.block_bytes} bytes exceeds {self.max_block_bytes}"
+                ErrorCode.TOO_LARGE, f"block of {h.block_bytes} bytes exceeds {self.max_block_bytes}"
             )
         if h.chunk >= h.chunks or -(-h.block_bytes // h.chunk_size) != h.chunks:
-            raise StoreError("invalid_chunk", f"chunk {h.chunk}/{h.chunks} does not fit the block")
+            raise StoreError(ErrorCode.INVALID_CHUNK, f"chunk {h.chunk}/{h.chunks} does not fit the block")
         expected = min(h.chunk_size, h.block_bytes - h.chunk * h.chunk_size)
         if len(data) != expected:
             raise StoreError(
-                "size_mismatch", f"chunk {h.chunk} has {len(data)} bytes, expected {expected}"
+                ErrorCode.SIZE_MISMATCH, f"chunk {h.chunk} has {len(data)} bytes, expected {expected}"
             )
         meta = {"block_bytes": h.block_bytes, "chunks": h.chunks, "chunk_size": h.chunk_size}
         d = self.root / "partial" / sha
@@ -120,24 +121,24 @@ class BlockStore:
             try:
                 blob = b"".join((d / f"{i:05d}.part").read_bytes() for i in range(h.chunks))
             except OSError as e:
-                raise StoreError("invalid_chunk", f"block {h.block}: chunks missing") from e
+                raise StoreError(ErrorCode.INVALID_CHUNK, f"block {h.block}: chunks missing") from e
             shutil.rmtree(d, ignore_errors=True)
         if hashlib.sha256(blob).hexdigest() != sha:
-            raise StoreError("digest_mismatch", f"block {h.block}: sha256 does not match {sha}")
+            raise StoreError(ErrorCode.DIGEST_MISMATCH, f"block {h.block}: sha256 does not match {sha}")
         if self._screen is not None:
             try:
                 self._screen(blob)
             except ValueError as e:
-                raise StoreError("rejected_block", f"block {h.block} refused: {e}") from e
+                raise StoreError(ErrorCode.REJECTED_BLOCK, f"block {h.block} refused: {e}") from e
         _atomic_write(self.block_path(sha), blob)
 
     # models -------------------------------------------------------------------------------
     def put_model(self, a: Announce) -> None:
         if compute_model_id([b.onnx_sha256 for b in a.blocks]) != a.model_id:
-            raise StoreError("invalid_model", "model_id does not match the announced blocks")
+            raise StoreError(ErrorCode.INVALID_MODEL, "model_id does not match the announced blocks")
         for i, b in enumerate(a.blocks):
             if i and a.blocks[i - 1].output.shape != b.input.shape:
-                raise StoreError("invalid_model", f"block {i} input does not follow block {i - 1}")
+                raise StoreError(ErrorCode.INVALID_MODEL, f"block {i} input does not follow block {i - 1}")
         path = self.root / "models" / f"{a.model_id}.json"
         if not path.is_file():
             _atomic_write(path, a.model_dump_json().encode())

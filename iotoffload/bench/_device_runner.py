@@ -15,7 +15,8 @@ import numpy as np
 
 from device_agent.agent import DeviceAgent
 from iotoffload.model.package import ModelPackage
-from iotoffload.planning import Estimates, measure_device_ms
+from iotoffload.planning import Estimates
+from iotoffload.runtime.profiling import measure_device_ms
 from iotoffload.runtime.tflite import TFLiteExecutor
 
 

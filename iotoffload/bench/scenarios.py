@@ -29,9 +29,9 @@ from edge_agent.config import EdgeConfig
 from iotoffload.bench.netns import CGROUP_CPU, check_testbed
 from iotoffload.model.package import ModelPackage
 from iotoffload.planning import Estimates, Objective, PlanningInputs, best_plan, chain_profile
-from iotoffload.planning.profile import measure_device_ms
+from iotoffload.runtime.profiling import measure_device_ms
 from iotoffload.runtime.tflite import TFLiteExecutor
-from iotoffload.transport.mqtt import MqttLink
+from iotoffload.transport.mqtt import Message, MqttLink
 
 
 def p95(xs: list[float]) -> float:
@@ -261,7 +261,7 @@ def link_throughput(url: str, protocol: int, size: int = 600_000, count: int = 3
     got = threading.Event()
     seen = [0]
 
-    def on_msg(_t: str, _p: bytes) -> None:
+    def on_msg(_m: Message) -> None:
         seen[0] += 1
         if seen[0] == count:
             got.set()

@@ -15,7 +15,8 @@ from iotoffload.config import ModelSettings
 from iotoffload.model.cache import ModelCache
 from iotoffload.planning import PLANNERS, Estimates, Objective, PlanningInputs, make_planner
 from iotoffload.planning.explain import replay
-from iotoffload.planning.profile import chain_profile, measure_device_ms
+from iotoffload.planning.profile import chain_profile
+from iotoffload.runtime.profiling import measure_device_ms
 from iotoffload.runtime.tflite import TFLiteExecutor
 
 _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from iotoffload.ids import ID_PATTERN
 from iotoffload.model.errors import PackageError
 
 FORMAT_VERSION = 1
@@ -107,7 +108,7 @@ class Verification(_Strict):
 
 class Manifest(_Strict):
     format: int = FORMAT_VERSION
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    name: str = Field(pattern=ID_PATTERN)
     model_id: str = Field(pattern=r"^[0-9a-f]{64}$")
     weights: Weights
     weights_detail: str | None = None

@@ -11,7 +11,7 @@ from iotoffload.planning.model import (
     Segment,
 )
 from iotoffload.planning.planners import PLANNERS, Planner, make_planner
-from iotoffload.planning.profile import chain_profile, measure_device_ms
+from iotoffload.planning.profile import chain_profile
 
 __all__ = [
     "PLANNERS",
@@ -27,6 +27,5 @@ __all__ = [
     "chain_profile",
     "evaluate",
     "make_planner",
-    "measure_device_ms",
     "single_split_plan",
 ]

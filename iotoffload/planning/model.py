@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Where = Literal["device", "edge"]
@@ -35,9 +35,12 @@ class ChainProfile:
         return len(self.device_ms)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Estimates:
-    """Live view of the link and the edge (EWMAs, LoADPart's load factor and queue time)."""
+    """Snapshot of the link and the edge (EWMAs, LoADPart's load factor and queue time).
+
+    Immutable: each ``observe_*`` returns the next snapshot, so a planner always works on
+    one consistent view while the agent's loop keeps learning."""
 
     bandwidth_Bps: float = 10e6 / 8  # noqa: N815 - bytes per second
     rtt_ms: float = 5.0
@@ -48,44 +51,48 @@ class Estimates:
     def transfer_ms(self, nbytes: int) -> float:
         return nbytes / self.bandwidth_Bps * 1e3 + self.rtt_ms / 2
 
-    def observe_rtt(self, ms: float) -> None:
-        self.rtt_ms += self.alpha * (max(ms, 0.01) - self.rtt_ms)
+    def _toward(self, field_: str, sample: float) -> Estimates:
+        old: float = getattr(self, field_)
+        return replace(self, **{field_: old + self.alpha * (sample - old)})
 
-    def observe_transfer(self, nbytes: int, ms: float) -> None:
+    def observe_rtt(self, ms: float) -> Estimates:
+        return self._toward("rtt_ms", max(ms, 0.01))
+
+    def observe_transfer(self, nbytes: int, ms: float) -> Estimates:
         """A transfer of ``nbytes`` took ``ms`` (one way, including rtt/2)."""
         wire = ms - self.rtt_ms / 2
         if nbytes >= 16 * 1024 and wire > 0.05:  # small frames say little about bandwidth
-            sample = nbytes / (wire / 1e3)
-            self.bandwidth_Bps += self.alpha * (sample - self.bandwidth_Bps)
+            return self._toward("bandwidth_Bps", nbytes / (wire / 1e3))
+        return self
 
-    def observe_rate(self, bytes_per_s: float) -> None:
+    def observe_rate(self, bytes_per_s: float) -> Estimates:
         """A measured throughput sample (e.g. chunk acks of an upload keeping the link busy)."""
-        if bytes_per_s > 0:
-            self.bandwidth_Bps += self.alpha * (bytes_per_s - self.bandwidth_Bps)
+        return self._toward("bandwidth_Bps", bytes_per_s) if bytes_per_s > 0 else self
 
-    def observe_round_trip(self, nbytes: int, ms: float) -> None:
+    def observe_round_trip(self, nbytes: int, ms: float) -> Estimates:
         """A request and its reply, ``nbytes`` in all, spent ``ms`` on the way (the edge's
         queue and execution time already taken out)."""
         if nbytes < 16 * 1024:
-            self.observe_rtt(ms)  # small frames: the time is the round trip itself
-        elif ms - self.rtt_ms > 0.05:
-            sample = nbytes / ((ms - self.rtt_ms) / 1e3)
-            self.bandwidth_Bps += self.alpha * (sample - self.bandwidth_Bps)
+            return self.observe_rtt(ms)  # small frames: the time is the round trip itself
+        if ms - self.rtt_ms > 0.05:
+            return self._toward("bandwidth_Bps", nbytes / ((ms - self.rtt_ms) / 1e3))
+        return self
 
-    def observe_timeout(self, deadline_ms: float) -> None:
+    def observe_timeout(self, deadline_ms: float) -> Estimates:
         """No answer within the deadline: evidence of load (or a dead link). Raise the
         queueing estimate toward the deadline so the next plans lean on the device."""
-        self.queue_ms += self.alpha * (max(deadline_ms, 0.0) - self.queue_ms)
+        return self._toward("queue_ms", max(deadline_ms, 0.0))
 
-    def observe_status(self, queue_ms: float) -> None:
+    def observe_status(self, queue_ms: float) -> Estimates:
         """The edge's periodic status: lets a device that stopped offloading (and so gets no
         replies) see the load go away again."""
-        self.queue_ms += self.alpha * (max(queue_ms, 0.0) - self.queue_ms)
+        return self._toward("queue_ms", max(queue_ms, 0.0))
 
-    def observe_reply(self, exec_ms: float, baseline_ms: float, queue_ms: float) -> None:
+    def observe_reply(self, exec_ms: float, baseline_ms: float, queue_ms: float) -> Estimates:
+        e = self
         if baseline_ms > 0:
-            self.load_factor += self.alpha * (max(exec_ms / baseline_ms, 0.1) - self.load_factor)
-        self.queue_ms += self.alpha * (max(queue_ms, 0.0) - self.queue_ms)
+            e = e._toward("load_factor", max(exec_ms / baseline_ms, 0.1))
+        return e._toward("queue_ms", max(queue_ms, 0.0))
 
 
 @dataclass(frozen=True)
@@ -135,7 +142,7 @@ class Plan:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class PlanningInputs:
     profile: ChainProfile
     estimates: Estimates = field(default_factory=Estimates)

@@ -13,13 +13,14 @@ allocation, and a tensor body is a zero-copy view of the payload.
 from __future__ import annotations
 
 import json
-import re
 import struct
-from typing import Annotated, Any, Literal
+from enum import StrEnum
+from typing import Annotated, Any, Literal, TypeAlias
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from iotoffload.ids import ID_PATTERN, is_id
 from iotoffload.model.manifest import DType, TensorSpec, tensor_nbytes
 from iotoffload.runtime.base import Array
 
@@ -29,20 +30,72 @@ _PREFIX = struct.Struct(">4sBI")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 1024 * 1024
 _SHA = r"^[0-9a-f]{64}$"
-_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-_ID_RE = re.compile(_ID)
+_ID = ID_PATTERN
 
 
-class FrameError(ValueError):
+class ErrorCode(StrEnum):
+    """Every code an error frame may carry (docs/mqtt-api.md lists what each means)."""
+
+    # the frame itself
+    MALFORMED = "malformed"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    INVALID_HEADER = "invalid_header"
+    HEADER_TOO_LARGE = "header_too_large"
+    TOO_LARGE = "too_large"
+    SIZE_MISMATCH = "size_mismatch"
+    UNEXPECTED = "unexpected"  # a valid frame of a type this topic does not take
+    # models and uploads
+    INVALID_MODEL = "invalid_model"
+    UNKNOWN_MODEL = "unknown_model"
+    INVALID_CHUNK = "invalid_chunk"
+    DIGEST_MISMATCH = "digest_mismatch"
+    REJECTED_BLOCK = "rejected_block"
+    STORE_FAILED = "store_failed"  # the edge could not write the block (disk full, I/O error)
+    # queries
+    BAD_RANGE = "bad_range"
+    BLOCKS_MISSING = "blocks_missing"
+    BAD_TENSOR = "bad_tensor"
+    DEADLINE_EXPIRED = "deadline_expired"
+    # edge-to-edge transfer
+    TRANSFER_REFUSED = "transfer_refused"
+    TRANSFER_FAILED = "transfer_failed"
+    INTERNAL = "internal"
+
+
+class ProtocolError(ValueError):
+    """Anything an agent refuses with an error frame: the code and what the frame names."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        request_id: str | None = None,
+        device: str | None = None,
+        block: int | None = None,
+        chunk: int | None = None,
+        peer: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = ErrorCode(code)
+        self.request_id = request_id
+        self.device = device  # who to answer, when the header named a valid device id
+        self.block = block
+        self.chunk = chunk
+        self.peer = peer
+
+
+class FrameError(ProtocolError):
     """A payload that is not a valid frame; ``code`` is sent back in the error frame."""
 
     def __init__(
-        self, code: str, message: str, request_id: str | None = None, device: str | None = None
+        self,
+        code: ErrorCode,
+        message: str,
+        request_id: str | None = None,
+        device: str | None = None,
     ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.request_id = request_id
-        self.device = device  # who to answer, when the header named a valid device id
+        super().__init__(code, message, request_id=request_id, device=device)
 
 
 class _H(BaseModel):
@@ -135,11 +188,31 @@ class Result(_H):
 
 
 class Error(_H):
+    """Edge → device: a refusal. ``request_id`` names the query it answers (None for errors
+    not tied to a query); ``block``/``chunk`` the upload chunk refused; ``peer`` the other edge
+    of an edge-to-edge transfer (the source a new edge could not fetch from, or the peer an old
+    edge will not push a block to)."""
+
     type: Literal["error"] = "error"
-    request_id: str | None = None
-    code: str
-    message: str
+    request_id: str | None = Field(default=None, max_length=128)
+    code: ErrorCode
+    message: str = Field(max_length=4096)
     edge: str | None = Field(default=None, pattern=_ID)
+    block: int | None = Field(default=None, ge=0)
+    chunk: int | None = Field(default=None, ge=0)
+    peer: str | None = Field(default=None, pattern=_ID)
+
+    @classmethod
+    def of(cls, e: ProtocolError, edge: str | None = None) -> Error:
+        return cls(
+            request_id=e.request_id,
+            code=e.code,
+            message=str(e)[:4096],
+            edge=edge,
+            block=e.block,
+            chunk=e.chunk,
+            peer=e.peer,
+        )
 
 
 class Hello(_H):
@@ -173,7 +246,7 @@ class PeerFetch(_H):
     blocks: list[int] = Field(min_length=1, max_length=1024)
 
 
-Header = Annotated[
+Header: TypeAlias = (
     Announce
     | Inventory
     | UploadChunk
@@ -183,10 +256,9 @@ Header = Annotated[
     | Error
     | Hello
     | Transfer
-    | PeerFetch,
-    Field(discriminator="type"),
-]
-_HEADER: TypeAdapter[Any] = TypeAdapter(Header)
+    | PeerFetch
+)
+_HEADER: TypeAdapter[Header] = TypeAdapter(Annotated[Header, Field(discriminator="type")])
 
 
 def encode(header: _H, body: bytes | bytearray | memoryview | Array = b"") -> bytes:
@@ -194,7 +266,7 @@ def encode(header: _H, body: bytes | bytearray | memoryview | Array = b"") -> by
         body = np.ascontiguousarray(body).data
     hb = header.model_dump_json().encode()
     if len(hb) > MAX_HEADER_BYTES:
-        raise FrameError("header_too_large", f"header of {len(hb)} bytes")
+        raise FrameError(ErrorCode.HEADER_TOO_LARGE, f"header of {len(hb)} bytes")
     return b"".join((_PREFIX.pack(MAGIC, FRAME_VERSION, len(hb)), hb, body))
 
 
@@ -210,7 +282,7 @@ def _ids(obj: object) -> tuple[str | None, str | None]:
     rid, dev = obj.get("request_id"), obj.get("device")
     return (
         rid if isinstance(rid, str) and len(rid) <= 128 else None,
-        dev if isinstance(dev, str) and _ID_RE.match(dev) else None,
+        dev if isinstance(dev, str) and is_id(dev) else None,
     )
 
 
@@ -219,49 +291,53 @@ def _peek_ids(mv: memoryview, hlen: int) -> tuple[str | None, str | None]:
         return None, None
     try:
         return _ids(json.loads(bytes(mv[_PREFIX.size : _PREFIX.size + hlen])))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None, None
 
 
 def decode(
     payload: bytes | bytearray | memoryview, *, max_body: int = MAX_BODY_BYTES
-) -> tuple[Any, memoryview]:
+) -> tuple[Header, memoryview]:
     """(header model, body view). Raises FrameError with a code for anything malformed."""
     mv = memoryview(payload)
     if len(mv) < _PREFIX.size:
-        raise FrameError("malformed", f"frame of {len(mv)} bytes is shorter than its prefix")
+        raise FrameError(
+            ErrorCode.MALFORMED, f"frame of {len(mv)} bytes is shorter than its prefix"
+        )
     magic, version, hlen = _PREFIX.unpack_from(mv)
     if magic != MAGIC:
-        raise FrameError("malformed", "not an iotoffload frame (bad magic)")
+        raise FrameError(ErrorCode.MALFORMED, "not an iotoffload frame (bad magic)")
     if version != FRAME_VERSION:
         rid, dev = _peek_ids(mv, hlen)  # so the sender still gets an error frame
         raise FrameError(
-            "unsupported_version",
+            ErrorCode.UNSUPPORTED_VERSION,
             f"frame version {version}; this agent speaks {FRAME_VERSION}",
             rid,
             dev,
         )
     if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(mv):
-        raise FrameError("malformed", f"header length {hlen} exceeds the frame or the cap")
+        raise FrameError(ErrorCode.MALFORMED, f"header length {hlen} exceeds the frame or the cap")
     raw = bytes(mv[_PREFIX.size : _PREFIX.size + hlen])
     body = mv[_PREFIX.size + hlen :]
     try:
         obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FrameError("malformed", f"header is not JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise FrameError(ErrorCode.MALFORMED, f"header is not JSON: {e}") from e
     rid, dev = _ids(obj)
     try:
         header = _HEADER.validate_python(obj)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise FrameError("invalid_header", f"{where}: {first['msg']}", rid, dev) from e
+        raise FrameError(ErrorCode.INVALID_HEADER, f"{where}: {first['msg']}", rid, dev) from e
     if len(body) > max_body:
-        raise FrameError("too_large", f"body of {len(body)} bytes exceeds {max_body}", rid, dev)
+        raise FrameError(
+            ErrorCode.TOO_LARGE, f"body of {len(body)} bytes exceeds {max_body}", rid, dev
+        )
     tensor = getattr(header, "tensor", None)
     if tensor is not None and tensor.nbytes != len(body):
         raise FrameError(
-            "size_mismatch",
+            ErrorCode.SIZE_MISMATCH,
             f"tensor {tensor.dtype}{list(tensor.shape)} needs {tensor.nbytes} bytes, "
             f"body has {len(body)}",
             rid,

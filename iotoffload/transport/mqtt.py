@@ -22,8 +22,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from iotoffload.transport.link import Handler, Message
+
+__all__ = ["BrokerURL", "BrokerUnavailableError", "Handler", "Message", "MqttLink"]
 log = logging.getLogger(__name__)
-Handler = Callable[[str, bytes], None]
 
 
 class BrokerUnavailableError(ConnectionError):
@@ -47,6 +49,9 @@ class BrokerURL:
 
 
 class MqttLink:
+    """A ``Link`` over paho-mqtt. Owned by the agent that made it; paho's network thread
+    runs the handlers (which only hand messages on) and the reconnect hooks."""
+
     def __init__(
         self,
         url: str,
@@ -180,9 +185,10 @@ class MqttLink:
         self._connected.clear()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        m = Message(msg.topic, bytes(msg.payload), bool(msg.retain))
         for pattern, _, handler in self._handlers:
             if mqtt.topic_matches_sub(pattern, msg.topic):
                 try:
-                    handler(msg.topic, bytes(msg.payload))
+                    handler(m)
                 except Exception:  # a handler bug must not kill the network thread
                     log.exception("handler for %s failed", msg.topic)

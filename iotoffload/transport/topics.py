@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from iotoffload.ids import ID_PATTERN, check_id, is_id
+
+__all__ = ["DEFAULT_PREFIX", "ID_PATTERN", "Topics", "check_id", "is_id"]
 DEFAULT_PREFIX = "iotoffload/v1"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def check_id(kind: str, value: str) -> str:
-    """Ids become topic levels: no wildcards, separators or empty levels."""
-    if not _ID.match(value):
-        raise ValueError(f"{kind} id {value!r} must match {_ID.pattern}")
-    return value
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from iotoffload.transport.frame import (
     encode,
     encode_tensor_frame,
 )
-from iotoffload.transport.mqtt import MqttLink
+from iotoffload.transport.mqtt import Message, MqttLink
 from tests.integration.conftest import BrokerUnderTest
 
 pytestmark = pytest.mark.integration
@@ -123,9 +123,9 @@ class InboxSpy:
         self.link.subscribe(inbox, self._on)
         self.link.connect()
 
-    def _on(self, _t: str, payload: bytes) -> None:
+    def _on(self, m: Message) -> None:
         with contextlib.suppress(FrameError):
-            h, _ = decode(payload)
+            h, _ = decode(m.payload)
             if isinstance(h, Error):
                 self.errors.append(h)
 

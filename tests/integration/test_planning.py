@@ -13,8 +13,9 @@ from device_agent.agent import DeviceAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
 from iotoffload.model import ModelPackage
-from iotoffload.planning import Estimates, measure_device_ms
+from iotoffload.planning import Estimates
 from iotoffload.runtime import TFLiteExecutor
+from iotoffload.runtime.profiling import measure_device_ms
 from iotoffload.transport.frame import Query, encode_tensor_frame
 
 pytestmark = pytest.mark.integration

@@ -5,26 +5,26 @@ from pathlib import Path
 import pytest
 
 from iotoffload.model import ModelPackage
-from iotoffload.planning import Estimates, chain_profile, measure_device_ms
-from iotoffload.planning.profile import profile_path
+from iotoffload.planning import Estimates, chain_profile
 from iotoffload.runtime import TFLiteExecutor
+from iotoffload.runtime.profiling import measure_device_ms, profile_path
 
 
 def test_estimates_follow_observations() -> None:
     e = Estimates(bandwidth_Bps=1e6, rtt_ms=10.0)
     for _ in range(30):
-        e.observe_rtt(2.0)
-        e.observe_round_trip(1_000_000, 2.0 + 100.0)  # 1 MB in 100 ms of wire time
-        e.observe_reply(exec_ms=30.0, baseline_ms=10.0, queue_ms=50.0)
+        e = e.observe_rtt(2.0)
+        e = e.observe_round_trip(1_000_000, 2.0 + 100.0)  # 1 MB in 100 ms of wire time
+        e = e.observe_reply(exec_ms=30.0, baseline_ms=10.0, queue_ms=50.0)
     assert e.rtt_ms == pytest.approx(2.0, rel=0.01)
     assert e.bandwidth_Bps == pytest.approx(10e6, rel=0.02)
     assert e.load_factor == pytest.approx(3.0, rel=0.01)
     assert e.queue_ms == pytest.approx(50.0, rel=0.01)
     before = e.queue_ms
-    e.observe_timeout(500.0)
+    e = e.observe_timeout(500.0)
     assert e.queue_ms > before
     small = Estimates(bandwidth_Bps=1e6, rtt_ms=10.0)
-    small.observe_transfer(100, 50.0)  # a tiny frame says nothing about bandwidth
+    small = small.observe_transfer(100, 50.0)  # a tiny frame says nothing about bandwidth
     assert small.bandwidth_Bps == 1e6
 
 

@@ -1,0 +1,59 @@
+"""An edge's retained status (``{p}/edges/{edge}/status``): written by the edge, read by
+devices, ``iotoffload`` tools and other apps. One model for both sides.
+
+Readers ignore fields they do not know (an edge of a newer minor version may add some) but
+refuse a status whose known fields are malformed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from iotoffload.ids import ID_PATTERN
+
+MAX_STATUS_BYTES = 64 * 1024
+
+
+class _S(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class EdgeLoad(_S):
+    queue: int = Field(default=0, ge=0)  # queries waiting for a worker
+    in_flight: int = Field(default=0, ge=0)  # queries running now
+    queue_ms: float = Field(default=0.0, ge=0)  # EWMA of the time a query waits
+    exec_ms: float = Field(default=0.0, ge=0)  # EWMA of a query's execution time
+
+
+class TransferCounts(_S):
+    blocks_pushed: int = Field(default=0, ge=0)
+    blocks_from_peers: int = Field(default=0, ge=0)
+
+
+class EdgeStatus(_S):
+    state: Literal["online", "offline"]
+    edge: str = Field(pattern=ID_PATTERN)
+    version: str = ""
+    broker: str = Field(default="", max_length=256)  # where the edge listens (for a device to move)
+    protocol: int = 5
+    load: EdgeLoad = EdgeLoad()
+    models: list[str] = []
+    blocks: int = Field(default=0, ge=0)
+    transfer: TransferCounts = TransferCounts()
+    providers: list[str] = ["CPUExecutionProvider"]
+    time: float = 0.0
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def parse(cls, payload: bytes | str) -> EdgeStatus | None:
+        """The status in a retained message, or None when it is not a valid one."""
+        if len(payload) > MAX_STATUS_BYTES:
+            return None
+        try:
+            return cls.model_validate_json(payload)
+        except (ValidationError, ValueError, RecursionError):
+            return None
