@@ -3,13 +3,19 @@ link to it, and the chunked, resumable upload of blocks to it.
 
 A device keeps one session per edge it has talked to (the current one, candidates it probes,
 an edge it uploads to proactively); they may sit on different brokers.
+
+Owned by the device agent's loop (``iotoffload.loop.AgentLoop``): every method runs there, the
+frame handlers (``on_*``) included. Other threads only read the immutable snapshots it
+publishes (``stored``, ``inputs``, ``peer_failed``, the counters).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import functools
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,7 +33,7 @@ from iotoffload.transport.frame import (
     UploadChunk,
     encode,
 )
-from iotoffload.transport.mqtt import MqttLink
+from iotoffload.transport.link import Link
 from iotoffload.transport.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -35,12 +41,36 @@ Progress = Callable[[int, int], None]
 MISS_WINDOW_S = 30.0  # deadline misses older than this no longer count toward a move
 
 
+class _Signal:
+    """Wakes every coroutine waiting for 'something changed' (acks, inventory, queries)."""
+
+    def __init__(self) -> None:
+        self._ev = asyncio.Event()
+
+    def notify(self) -> None:
+        self._ev.set()
+        self._ev = asyncio.Event()
+
+    async def wait_for(self, pred: Callable[[], bool], timeout: float, poll: float = 0.05) -> bool:
+        """True once ``pred()`` holds; False after ``timeout`` seconds."""
+        end = time.monotonic() + timeout
+        while not pred():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ev.wait(), min(left, poll))
+        return True
+
+
 class EdgeSession:
+    """One edge, as this device sees it. Owned by the device agent's loop."""
+
     def __init__(
         self,
         edge_id: str,
         broker: str,
-        link: MqttLink,
+        link: Link,
         *,
         pkg: ModelPackage,
         device_id: str,
@@ -56,22 +86,21 @@ class EdgeSession:
         self.pkg = pkg
         self.device_id = device_id
         self.topics = topics
-        self.inputs = inputs  # its own Estimates: each edge has its own link and load
+        self.inputs = inputs  # its own Estimates (each edge has its own link and load); frozen
         self.chunk_size = chunk_size
         self.peer_stall_s = peer_stall_s
         self.online = True
         self.announced = False
         self.known = False  # the edge has my model's chain
-        self._lock = threading.Lock()
         self._edge_base: dict[int, float] = {}
-        self._stored: set[int] = set()
-        self._loaded: set[int] = set()
+        self.stored: frozenset[int] = frozenset()
+        self._loaded: frozenset[int] = frozenset()
         self._partial: dict[int, list[int]] = {}
-        self._inventory = threading.Event()
+        self._changed = _Signal()
+        self._inventory_count = 0  # inventories received: waiters compare against it
         self.inventory_seen = False
-        self._block_done: dict[int, threading.Event] = {}
         self._block_failed: dict[int, str] = {}
-        self._resync = threading.Event()
+        self._resyncs = 0  # inventories answering a post-reconnect hello
         self._awaiting_resync = False
         self._last_hello = 0.0
         self._hello_sent: float | None = None
@@ -83,7 +112,6 @@ class EdgeSession:
         # on a slow link); with it, behind at most a few chunks.
         self.chunks_in_flight = chunks_in_flight
         self._unacked: set[tuple[int, int]] = set()
-        self._acked = threading.Condition(self._lock)
         self._queries = 0  # queries in flight to this edge: the upload yields the link to them
         self._pace_until = 0.0
         self.misses: deque[float] = deque(maxlen=64)
@@ -93,39 +121,42 @@ class EdgeSession:
         self.upload_errors: list[str] = []
         self.upload_complete = False
         # edge-to-edge transfer: blocks a peer edge is pushing to this edge for us
-        self.peer_blocks: set[int] = set()
-        self.peer_failed: set[int] = set()
+        self.peer_blocks: frozenset[int] = frozenset()
+        self.peer_failed: frozenset[int] = frozenset()
         self.peer_source = ""
         self._peer_progress = 0.0
 
     # what the edge holds --------------------------------------------------------------------
-    @property
-    def stored(self) -> frozenset[int]:
-        with self._lock:
-            return frozenset(self._stored)
-
     def has(self, start: int, end: int) -> bool:
-        with self._lock:
-            return all(i in self._stored for i in range(start, end))
+        stored = self.stored
+        return all(i in stored for i in range(start, end))
 
     @property
     def inventory(self) -> Inventory:
-        with self._lock:
-            return Inventory(
-                model_id=self.pkg.manifest.model_id,
-                known=self.known,
-                stored=sorted(self._stored),
-                loaded=sorted(self._loaded),
-                partial=dict(self._partial),
-                edge=self.edge_id,
-            )
+        return Inventory(
+            model_id=self.pkg.manifest.model_id,
+            known=self.known,
+            stored=sorted(self.stored),
+            loaded=sorted(self._loaded),
+            partial=dict(self._partial),
+            edge=self.edge_id,
+        )
 
     def recent_misses(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
         return sum(1 for t in list(self.misses) if now - t < MISS_WINDOW_S)
 
+    def observe(self, update: Callable[[Estimates], Estimates]) -> None:
+        """Replace the estimates by ``update(estimates)`` (a new frozen snapshot)."""
+        self.inputs = dataclasses.replace(self.inputs, estimates=update(self.inputs.estimates))
+
     # control --------------------------------------------------------------------------------
-    def announce(self, timeout: float) -> Inventory | None:
+    async def _next_inventory(self, timeout: float) -> bool:
+        """Wait for the next inventory (none can arrive between a hello and this call: one loop)."""
+        seen = self._inventory_count
+        return await self._changed.wait_for(lambda: self._inventory_count > seen, timeout)
+
+    async def announce(self, timeout: float) -> Inventory | None:
         m = self.pkg.manifest
         announce = Announce(
             device=self.device_id,
@@ -141,14 +172,15 @@ class EdgeSession:
                 for b in m.blocks
             ],
         )
-        self._inventory.clear()
         t0 = time.perf_counter()
+        seen = self._inventory_count
         self.link.publish(self.topics.edge_control(self.edge_id), encode(announce))
-        if not self._inventory.wait(timeout):
+        if not await self._changed.wait_for(lambda: self._inventory_count > seen, timeout):
             log.warning("edge %s did not answer the announce", self.edge_id)
             return None
         self.announced = True
-        self.inputs.estimates.observe_rtt((time.perf_counter() - t0) * 1e3)
+        ms = (time.perf_counter() - t0) * 1e3
+        self.observe(lambda e: e.observe_rtt(ms))
         return self.inventory
 
     def hello(self) -> None:
@@ -158,24 +190,23 @@ class EdgeSession:
             self.misses.append(time.monotonic())
         self._last_hello = time.monotonic()
         self._hello_sent = time.perf_counter()
-        self._inventory.clear()
         hello = Hello(device=self.device_id, model_id=self.pkg.manifest.model_id)
         self.link.publish(self.topics.edge_control(self.edge_id), encode(hello))
 
-    def probe(self, timeout: float = 2.0) -> float | None:
+    async def probe(self, timeout: float = 2.0) -> float | None:
         t0 = time.perf_counter()
+        seen = self._inventory_count
         self.hello()
-        if not self._inventory.wait(timeout):
+        if not await self._changed.wait_for(lambda: self._inventory_count > seen, timeout):
             return None
         return (time.perf_counter() - t0) * 1e3
 
     def request_transfer(self, source: EdgeSession, blocks: list[int]) -> None:
         """Ask this edge to fetch ``blocks`` from ``source`` over the backhaul."""
-        with self._lock:
-            self.peer_blocks = set(blocks)
-            self.peer_failed = set()
-            self.peer_source = source.edge_id
-            self._peer_progress = time.monotonic()
+        self.peer_blocks = frozenset(blocks)
+        self.peer_failed = frozenset()
+        self.peer_source = source.edge_id
+        self._peer_progress = time.monotonic()
         t = Transfer(
             device=self.device_id,
             model_id=self.pkg.manifest.model_id,
@@ -187,47 +218,44 @@ class EdgeSession:
 
     def after_reconnect(self) -> None:
         self._awaiting_resync = True
-        self.hello()  # the inventory answer sets _resync
+        self.hello()  # the inventory answer counts as a resync
 
-    # frames from this edge (network thread) ----------------------------------------------
+    # frames from this edge -------------------------------------------------------------------
     def on_inventory(self, h: Inventory) -> None:
-        with self._lock:
-            self._unacked.clear()  # the inventory is the edge's whole state: resend from it
-            self._acked.notify_all()
-            self.known = h.known
-            self._stored, self._loaded = set(h.stored), set(h.loaded)
-            self._partial = dict(h.partial)
-            for i in h.stored:
-                self._block_done.setdefault(i, threading.Event()).set()
+        self._unacked.clear()  # the inventory is the edge's whole state: resend from it
+        self.known = h.known
+        self.stored, self._loaded = frozenset(h.stored), frozenset(h.loaded)
+        self._partial = dict(h.partial)
         for i, ms in h.block_ms.items():
             self.update_edge_profile(i, ms)
         if self._hello_sent is not None:
-            self.inputs.estimates.observe_rtt((time.perf_counter() - self._hello_sent) * 1e3)
+            rtt = (time.perf_counter() - self._hello_sent) * 1e3
+            self.observe(lambda e: e.observe_rtt(rtt))
             self._hello_sent = None
         self.inventory_seen = True
-        self._inventory.set()
+        self._inventory_count += 1
         if self._awaiting_resync:
             self._awaiting_resync = False
-            self._resync.set()
+            self._resyncs += 1
+        self._changed.notify()
 
     def on_ack(self, h: UploadAck) -> None:
-        with self._lock:
-            mine = (h.block, h.chunk) in self._unacked
-            self._unacked.discard((h.block, h.chunk))
-            self._acked.notify_all()
-            if h.block in self.peer_blocks:
-                self._peer_progress = time.monotonic()
-            if not h.block_done:
-                if mine:
-                    self._observe_chunk_ack()
-                return
-            self._unacked = {u for u in self._unacked if u[0] != h.block}
-            self._stored.add(h.block)
-            if h.loaded:
-                self._loaded.add(h.block)
-            self._partial.pop(h.block, None)
-            self._block_done.setdefault(h.block, threading.Event()).set()
+        mine = (h.block, h.chunk) in self._unacked
+        self._unacked.discard((h.block, h.chunk))
+        if h.block in self.peer_blocks:
+            self._peer_progress = time.monotonic()
+        if not h.block_done:
+            if mine:
+                self._observe_chunk_ack()
+            self._changed.notify()
+            return
+        self._unacked = {u for u in self._unacked if u[0] != h.block}
+        self.stored = self.stored | {h.block}
+        if h.loaded:
+            self._loaded = self._loaded | {h.block}
+        self._partial.pop(h.block, None)
         self.update_edge_profile(h.block, h.block_ms)
+        self._changed.notify()
 
     def _observe_chunk_ack(self, run: int = 4) -> None:
         """Every ``run`` chunk acks in a row, one bandwidth sample: the chunks acked after the
@@ -240,36 +268,32 @@ class EdgeSession:
         if len(acks) > run:
             span = acks[-1][0] - acks[0][0]
             if span > 0:
-                self.inputs.estimates.observe_rate(sum(b for _, b in acks[1:]) / span)
+                rate = sum(b for _, b in acks[1:]) / span
+                self.observe(lambda e: e.observe_rate(rate))
             del acks[:-1]
 
     def on_error(self, h: Error) -> None:
-        rid = h.request_id or ""
-        kind, _, rest = rid.partition(":")
-        if kind == "upload":
-            block = int(rest.split(":")[0])
-            with self._lock:
-                self._unacked = {u for u in self._unacked if u[0] != block}
-                self._acked.notify_all()
-                self._block_failed[block] = f"{h.code}: {h.message}"
-                self._block_done.setdefault(block, threading.Event()).set()
-        elif kind == "transfer":  # this edge cannot fetch from the peer at all
-            with self._lock:
-                self.peer_failed |= self.peer_blocks
+        """An error about an upload chunk of this session (``block``/``chunk``), or about an
+        edge-to-edge transfer to this edge (``peer``: the transfer's other edge)."""
+        if h.peer is not None:
+            if h.block is None:  # this edge cannot fetch from the peer at all
+                self.peer_failed = self.peer_failed | self.peer_blocks
+            else:  # the peer will not push this block: send it myself
+                self.peer_failed = self.peer_failed | {h.block}
             log.info("transfer to %s: %s", self.edge_id, h.message)
-        elif kind == "transfer-block":  # the peer will not push this block: send it myself
-            _, _, index = rest.rpartition(":")
-            with self._lock:
-                self.peer_failed.add(int(index))
-            log.info("transfer to %s: %s", self.edge_id, h.message)
+        elif h.block is not None:
+            block = h.block
+            self._unacked = {u for u in self._unacked if u[0] != block}
+            self._block_failed[block] = f"{h.code}: {h.message}"
+        self._changed.notify()
 
     def on_status(self, online: bool, queue_ms: float) -> None:
         self.online = online
         if online:  # the edge's own view of its queue: fresh even while we run local
-            self.inputs.estimates.observe_status(queue_ms)
+            self.observe(lambda e: e.observe_status(queue_ms))
 
     def update_edge_profile(self, block: int, ms: float | None) -> None:
-        if ms is None or ms <= 0:
+        if ms is None or ms <= 0 or not 0 <= block < self.inputs.profile.n:
             return
         self._edge_base[block] = ms
         prof = self.inputs.profile
@@ -279,7 +303,7 @@ class EdgeSession:
         )
 
     # upload ---------------------------------------------------------------------------------
-    def upload(
+    async def upload(
         self,
         order: list[int],
         progress: Progress | None = None,
@@ -301,122 +325,123 @@ class EdgeSession:
         for i in order:
             if not active():
                 return False
-            if self._await_peer(i, active):
+            if await self._await_peer(i, active):
                 continue
-            with self._lock:
-                if i in self._stored:
-                    continue
-                missing = self._partial.get(i)
-                self._block_done.setdefault(i, threading.Event())
-            data = self.pkg.onnx_path(i).read_bytes()
-            if not self._send_block(i, data, missing, progress, rate_Bps, active):
+            if i in self.stored:
+                continue
+            missing = self._partial.get(i)
+            data = await asyncio.get_running_loop().run_in_executor(
+                None, self.pkg.onnx_path(i).read_bytes
+            )
+            if not await self._send_block(i, data, missing, progress, rate_Bps, active):
                 return False
             outstanding.append((i, data))
             while len(outstanding) >= window:
-                self._confirm_block(*outstanding.pop(0), progress, block_timeout, retries)
+                await self._confirm_block(*outstanding.pop(0), progress, block_timeout, retries)
         for i, data in outstanding:
-            self._confirm_block(i, data, progress, block_timeout, retries)
+            await self._confirm_block(i, data, progress, block_timeout, retries)
         self.upload_complete = active()
         return self.upload_complete
 
-    def _await_peer(self, i: int, active: Callable[[], bool]) -> bool:
+    async def _await_peer(self, i: int, active: Callable[[], bool]) -> bool:
         """True once block i arrived from the peer edge; False when we must send it ourselves
         (not expected from the peer, the peer failed it, or the push stalled)."""
         while True:
-            with self._lock:
-                if i in self._stored:
-                    return True
-                if i not in self.peer_blocks or i in self.peer_failed:
-                    return False
-                stalled = time.monotonic() - self._peer_progress > self.peer_stall_s
-            if stalled:
+            if i in self.stored:
+                return True
+            if i not in self.peer_blocks or i in self.peer_failed:
+                return False
+            if time.monotonic() - self._peer_progress > self.peer_stall_s:
                 log.info("transfer to %s stalled: uploading block %d myself", self.edge_id, i)
-                with self._lock:
-                    self.peer_failed |= self.peer_blocks - self._stored
+                self.peer_failed = self.peer_failed | (self.peer_blocks - self.stored)
                 return False
             if not active():
                 return False
-            time.sleep(0.02)
+            await self._changed.wait_for(lambda: i in self.stored or i in self.peer_failed, 0.1)
 
-    def _confirm_block(
+    def _block_or_resync(self, i: int, resyncs: int) -> bool:
+        return self._done(i) or self._resyncs > resyncs
+
+    def _done(self, i: int) -> bool:
+        return i in self.stored or i in self._block_failed
+
+    async def _confirm_block(
         self, i: int, data: bytes, progress: Progress | None, block_timeout: float, retries: int
     ) -> None:
-        ev = self._block_done[i]
         for attempt in range(retries):
-            if self._wait_block(i, data, ev, block_timeout, progress):
-                with self._lock:
-                    failure = self._block_failed.pop(i, None)
+            if await self._wait_block(i, data, block_timeout, progress):
+                failure = self._block_failed.pop(i, None)
                 if failure:  # the edge refused the block: resending cannot help
                     self.upload_errors.append(f"block {i}: {failure}")
-                    ev.clear()
                 return
             log.warning("block %d not confirmed (attempt %d); asking the edge", i, attempt + 1)
-            self.link.wait_connected(block_timeout)
+            await self._changed.wait_for(lambda: self.link.connected, block_timeout)
             self.hello()
-            self._inventory.wait(5)
-            with self._lock:
-                missing = self._partial.get(i)
-            self._send_block(i, data, missing, progress)
+            await self._next_inventory(5)
+            await self._send_block(i, data, self._partial.get(i), progress)
         self.upload_errors.append(f"block {i}: not confirmed after {retries} attempts")
 
-    def _wait_block(
-        self, i: int, data: bytes, ev: threading.Event, timeout: float, progress: Progress | None
+    async def _wait_block(
+        self, i: int, data: bytes, timeout: float, progress: Progress | None
     ) -> bool:
         """Wait for the block's final ack; after a reconnect resend what the edge lacks."""
         end = time.monotonic() + timeout
-        while not ev.is_set() and time.monotonic() < end:
+        resyncs = self._resyncs
+        while not self._done(i) and time.monotonic() < end:
             if self._awaiting_resync and time.monotonic() - self._last_hello > 1.0:
                 self.hello()  # the edge may have reconnected after our first hello
-            if self._resync.wait(0.1):
-                self._resync.clear()
-                with self._lock:
-                    stored, missing = i in self._stored, self._partial.get(i)
-                if not stored:
+            await self._changed.wait_for(
+                functools.partial(self._block_or_resync, i, resyncs),
+                min(0.1, end - time.monotonic()),
+            )
+            if self._resyncs > resyncs:
+                resyncs = self._resyncs
+                if i not in self.stored:
+                    missing = self._partial.get(i)
                     self.resumed_blocks.append(i)
                     log.info(
                         "resuming block %d: %s chunks missing",
                         i,
                         "all" if missing is None else len(missing),
                     )
-                    self._send_block(i, data, missing, progress)
-        return ev.is_set()
+                    await self._send_block(i, data, missing, progress)
+        return self._done(i)
 
     def query_started(self) -> bool:
         """The upload pauses for the query; True when no chunk is ahead of it on the link."""
-        with self._lock:
-            self._queries += 1
-            self._ack_run.clear()  # the upload pauses: ack spacing no longer measures the link
-            return not self._unacked
+        self._queries += 1
+        self._ack_run.clear()  # the upload pauses: ack spacing no longer measures the link
+        return not self._unacked
 
     def query_done(self) -> None:
-        with self._lock:
-            self._queries -= 1
-            self._acked.notify_all()
+        self._queries -= 1
+        self._changed.notify()
 
-    def _wait_window(
+    async def _wait_window(
         self, active: Callable[[], bool], window: bool = True, timeout: float = 10.0
     ) -> bool:
         """Wait until fewer than ``chunks_in_flight`` chunks are unacked and no query is in
         flight (queries first: a chunk sent now would delay the query's tensor). An ack lost
         for good (broker restart) must not stall the upload: after ``timeout`` go on anyway."""
-        end = time.monotonic() + timeout
-        with self._acked:
-            while self._queries > 0 or (window and len(self._unacked) >= self.chunks_in_flight):
-                if not active():
-                    return False
-                if time.monotonic() > end:  # acks lost, or a query stuck: go on anyway
-                    log.info(
-                        "upload to %s: %d chunk acks missing, %d queries in flight; going on",
-                        self.edge_id,
-                        len(self._unacked),
-                        self._queries,
-                    )
-                    self._unacked.clear()
-                    break
-                self._acked.wait(0.05)
-        return True
 
-    def _send_block(
+        def clear() -> bool:
+            if not active():
+                return True
+            return self._queries == 0 and not (
+                window and len(self._unacked) >= self.chunks_in_flight
+            )
+
+        if not await self._changed.wait_for(clear, timeout):
+            log.info(
+                "upload to %s: %d chunk acks missing, %d queries in flight; going on",
+                self.edge_id,
+                len(self._unacked),
+                self._queries,
+            )
+            self._unacked.clear()
+        return active()
+
+    async def _send_block(
         self,
         i: int,
         data: bytes,
@@ -432,13 +457,11 @@ class EdgeSession:
             if rate_Bps:  # pace chunks: a capped upload leaves the link to the queries
                 wait = self._pace_until - time.monotonic()
                 if wait > 0:
-                    time.sleep(wait)
+                    await asyncio.sleep(wait)
                 if not active():
                     return False
-            last = (
-                c == chunks - 1
-            )  # acked only once the block is loaded: the block window counts it
-            if not self._wait_window(active, window=not last):
+            last = c == chunks - 1  # acked only once the block is loaded: the block window
+            if not await self._wait_window(active, window=not last):
                 return False
             body = data[c * self.chunk_size : (c + 1) * self.chunk_size]
             h = UploadChunk(
@@ -452,8 +475,7 @@ class EdgeSession:
                 chunk_size=self.chunk_size,
             )
             if not last:
-                with self._lock:
-                    self._unacked.add((i, c))
+                self._unacked.add((i, c))
             self.link.publish(self.topics.edge_upload(self.edge_id), encode(h, body))
             if rate_Bps:
                 self._pace_until = max(self._pace_until, time.monotonic()) + len(body) / rate_Bps

@@ -8,7 +8,6 @@ offline move may happen within ``hold_s`` (no flapping between two similar edges
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -33,6 +32,8 @@ class Move:
 
 @dataclass
 class HandoffPolicy:
+    """The move decision with its hysteresis state; owned by the device agent's loop."""
+
     margin: float = 0.2  # another edge must be predicted this much faster …
     dwell_s: float = 3.0  # … for this long
     rtt_limit_ms: float = 250.0
@@ -40,7 +41,6 @@ class HandoffPolicy:
     hold_s: float = 5.0
     _better_since: dict[str, float] = field(default_factory=dict, repr=False)
     _last_move: float = field(default=-1e9, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.margin < 1:
@@ -49,7 +49,7 @@ class HandoffPolicy:
             raise ValueError("dwell_s, hold_s >= 0; rtt_limit_ms > 0; miss_limit >= 1")
 
     @staticmethod
-    def _best(views: list[EdgeView]) -> EdgeView | None:
+    def best(views: list[EdgeView]) -> EdgeView | None:
         up = [v for v in views if v.online]
         return min(up, key=lambda v: (v.predicted_ms, -v.stored, v.rtt_ms, v.id), default=None)
 
@@ -62,12 +62,11 @@ class HandoffPolicy:
         now: float | None = None,
     ) -> Move | None:
         now = time.monotonic() if now is None else now
-        with self._lock:
-            move = self._decide(current, [v for v in others if v.id != current.id], prefer, now)
-            if move is not None:
-                self._last_move = now
-                self._better_since.clear()
-            return move
+        move = self._decide(current, [v for v in others if v.id != current.id], prefer, now)
+        if move is not None:
+            self._last_move = now
+            self._better_since.clear()
+        return move
 
     def _decide(
         self, cur: EdgeView, others: list[EdgeView], prefer: str | None, now: float
@@ -78,7 +77,7 @@ class HandoffPolicy:
             for v in others:
                 if v.id == prefer and v.online:
                     return Move(v.id, "preferred")
-        best = self._best(others)
+        best = self.best(others)
         if not cur.online:
             return Move(best.id, "current edge offline") if best else None
         if best is None:

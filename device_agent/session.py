@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -156,18 +155,10 @@ def run_session(
     and to the device's results topic (for other apps). ``finish_upload``: seconds to let a
     still-running upload end after the last query."""
     summary = SessionSummary()
-    t_up = time.perf_counter()
     t_mono = time.monotonic()
-    done = threading.Event()
-
-    def upload() -> None:
-        agent.upload(on_upload)
-        summary.upload_s = time.perf_counter() - t_up
-        done.set()
-
-    threading.Thread(target=upload, name="uploader", daemon=True).start()
+    agent.start_upload(on_upload)  # one coordinator: it follows handoffs
     if wait_upload:
-        done.wait()
+        agent.wait_upload()
     results_topic = agent.topics.device_results(agent.device_id)
     for i, (name, x) in enumerate(inputs):
         out = agent.query(x, index=i)
@@ -186,7 +177,8 @@ def run_session(
             on_query(rec)
         if interval:
             time.sleep(interval)
-    done.wait(finish_upload)  # optionally let the upload end, to report its duration
+    agent.wait_upload(finish_upload)  # optionally let the upload end, to report its duration
+    summary.upload_s = agent.upload_seconds
     summary.bytes_uploaded = agent.bytes_uploaded
     summary.upload_errors = list(agent.upload_errors)
     summary.handoffs = [

@@ -3,11 +3,14 @@ and no new chunk while a query is in flight to the same edge."""
 
 from __future__ import annotations
 
-import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
 from device_agent.edge_session import EdgeSession
+from iotoffload.loop import AgentLoop
 from iotoffload.model import ModelPackage
 from iotoffload.planning import PlanningInputs, chain_profile
 from iotoffload.transport.frame import UploadAck, UploadChunk, decode
@@ -17,6 +20,8 @@ from iotoffload.transport.topics import Topics
 class FakeLink:
     def __init__(self) -> None:
         self.chunks: list[UploadChunk] = []
+
+    connected = True
 
     def publish(self, _topic: str, payload: bytes, **_: Any) -> None:
         h, _ = decode(payload)
@@ -45,43 +50,52 @@ def _settle(cond: Any, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def test_unacked_chunks_are_bounded_and_queries_go_first(mobilenet: ModelPackage) -> None:
+@pytest.fixture
+def loop() -> Iterator[AgentLoop]:
+    lp = AgentLoop("test-device")
+    yield lp
+    lp.close()
+
+
+def test_unacked_chunks_are_bounded_and_queries_go_first(
+    mobilenet: ModelPackage, loop: AgentLoop
+) -> None:
     link = FakeLink()
     s = _session(mobilenet, link)
     data = bytes(10 * 1024)  # 10 chunks of block 0
-    t = threading.Thread(target=s._send_block, args=(0, data, None, None), daemon=True)
-    t.start()
+    t = loop.spawn(s._send_block(0, data, None, None))  # on the loop, as in the agent
     _settle(lambda: len(link.chunks) == 3)
     time.sleep(0.2)
     assert len(link.chunks) == 3  # the window is full: nothing more without an ack
 
-    def ack(c: int) -> None:
-        s.on_ack(
-            UploadAck(
-                model_id=mobilenet.manifest.model_id,
-                block=0,
-                chunk=c,
-                block_done=False,
-                loaded=False,
+    def ack(c: int) -> None:  # the frame handler runs on the loop, as in the agent
+        loop.call(
+            lambda: s.on_ack(
+                UploadAck(
+                    model_id=mobilenet.manifest.model_id,
+                    block=0,
+                    chunk=c,
+                    block_done=False,
+                    loaded=False,
+                )
             )
         )
 
     before = s.inputs.estimates.bandwidth_Bps
-    s.query_started()  # a query to this edge is in flight: the upload yields
+    loop.call(s.query_started)  # a query to this edge is in flight: the upload yields
     ack(0)
     time.sleep(0.2)
     assert len(link.chunks) == 3
-    s.query_done()
+    loop.call(s.query_done)
     _settle(lambda: len(link.chunks) == 4)
     assert [c.chunk for c in link.chunks] == [0, 1, 2, 3]
     acked = {0}
     end = time.monotonic() + 5
-    while t.is_alive() and time.monotonic() < end:  # ack what was sent, as an edge would
+    while not t.done() and time.monotonic() < end:  # ack what was sent, as an edge would
         for c in [x.chunk for x in link.chunks if x.chunk not in acked]:
             ack(c)
             acked.add(c)
         time.sleep(0.01)
-    t.join(1)
-    assert not t.is_alive() and [c.chunk for c in link.chunks] == list(range(10))
+    assert t.result(1) and [c.chunk for c in link.chunks] == list(range(10))
     # acks about 10 ms apart for 1 KiB chunks: the estimate falls toward ~100 KB/s
     assert s.inputs.estimates.bandwidth_Bps < 0.9 * before

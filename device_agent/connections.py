@@ -1,0 +1,85 @@
+"""The device's broker connections: one per broker URL, opened once however many callers ask
+at the same time.
+
+Owned by the device agent's loop. Connecting (a blocking paho connect) runs on the loop's
+executor; concurrent ``ensure`` calls for one broker await the same attempt, so two clients
+with the device's client id never open (and kick each other off the broker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from iotoffload.loop import AgentLoop
+from iotoffload.transport.link import Link
+from iotoffload.transport.mqtt import BrokerUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+class Connections:
+    """Owned by the device agent's loop (``ensure`` and ``link_for`` run there)."""
+
+    def __init__(self, loop: AgentLoop, make_link: Callable[[str], Link]) -> None:
+        self._loop = loop
+        self._make_link = make_link  # a new link for a URL, its subscriptions in place
+        self._links: dict[str, Link] = {}
+        self._connecting: dict[str, asyncio.Future[Link]] = {}
+        self.opened = 0  # links made over the agent's life (a test counts them)
+
+    def get(self, url: str) -> Link | None:
+        return self._links.get(url)
+
+    def link_for(self, url: str) -> Link:
+        """The link to ``url``, made (not connected) when first needed."""
+        link = self._links.get(url)
+        if link is None:
+            link = self._make_link(url)
+            self._links[url] = link
+            self.opened += 1
+        return link
+
+    def links(self) -> list[Link]:
+        return list(self._links.values())
+
+    async def ensure(self, url: str, timeout: float = 5.0) -> Link:
+        """A connected link to ``url``; raises BrokerUnavailableError (and forgets the link)
+        when the broker cannot be reached."""
+        link = self.link_for(url)
+        if link.connected:
+            return link
+        pending = self._connecting.get(url)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Link] = asyncio.get_running_loop().create_future()
+        self._connecting[url] = fut
+        try:
+            await self._loop.blocking(link.connect, timeout)
+        except BaseException as e:
+            if isinstance(e, BrokerUnavailableError):
+                if self._links.get(url) is link:
+                    del self._links[url]
+                fut.set_exception(e)
+                fut.exception()  # retrieved: no "never retrieved" warning if nobody waits
+            else:  # cancelled (the agent closes): so are the callers waiting with us
+                fut.cancel()
+            raise
+        finally:
+            del self._connecting[url]
+        fut.set_result(link)
+        return link
+
+    async def try_ensure(self, url: str, timeout: float = 5.0) -> Link | None:
+        try:
+            return await self.ensure(url, timeout)
+        except BrokerUnavailableError as e:
+            log.warning("%s", e)
+            return None
+
+    def close_all(self) -> None:
+        """Close every link (blocking: joins paho's threads). Not on the loop thread."""
+        links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.close()

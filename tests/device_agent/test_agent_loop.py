@@ -1,0 +1,139 @@
+"""The device agent's one loop: regression tests for the defects of the threaded design
+(issue 11) — connect twice, concurrent moves, a late reply — on a real mosquitto, and the
+pending-reply race on a real asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agent.agent import DeviceAgent
+from device_agent.queries import PendingReplies
+from iotoffload.model import ModelPackage
+from iotoffload.transport.frame import Result, WireTensor
+from tests.device_agent.helpers import ScriptedEdge
+from tests.integration.conftest import Mosquitto
+
+
+@pytest.fixture
+def mosq(tmp_path: Path) -> Iterator[Mosquitto]:
+    with Mosquitto(tmp_path) as m:
+        yield m
+
+
+@pytest.fixture
+def mosq2(tmp_path: Path) -> Iterator[Mosquitto]:
+    (tmp_path / "second").mkdir()
+    with Mosquitto(tmp_path / "second") as m:
+        yield m
+
+
+def _device(pkg: ModelPackage, url: str, edge: str, **kw: object) -> DeviceAgent:
+    return DeviceAgent(pkg, url, edge, device_ms=[5.0] * pkg.num_blocks, **kw)  # type: ignore[arg-type]
+
+
+def test_connect_twice_starts_one_watcher_and_one_monitor(
+    mobilenet: ModelPackage, mosq: Mosquitto
+) -> None:
+    edge = ScriptedEdge(mosq.url, "ea", mobilenet)
+    dev = _device(mobilenet, mosq.url, "ea", interface="127.0.0.1")
+    try:
+        assert dev.connect() is not None
+        watcher, monitor = dev._watcher, dev._monitor
+        threads = {t.ident for t in threading.enumerate()}
+        assert dev.connect() is not None  # announces again
+        assert dev._watcher is watcher and dev._monitor is monitor
+        assert {t.ident for t in threading.enumerate()} <= threads  # nothing new started
+        coros = dev.loop.call(lambda: [t.get_coro().__qualname__ for t in asyncio.all_tasks()])
+        assert coros.count("HandoffController.run") == 1, coros
+        assert dev.connections.opened == 1
+    finally:
+        dev.close()
+        edge.close()
+
+
+def test_concurrent_moves_open_one_connection_per_broker(
+    mobilenet: ModelPackage, mosq: Mosquitto, mosq2: Mosquitto
+) -> None:
+    a = ScriptedEdge(mosq.url, "ea", mobilenet)
+    b = ScriptedEdge(mosq2.url, "eb", mobilenet)
+    c = ScriptedEdge(mosq2.url, "ec", mobilenet)
+    dev = _device(mobilenet, mosq.url, "ea")
+    try:
+        dev.connect()
+        dev.add_edge("eb", mosq2.url)
+        dev.add_edge("ec", mosq2.url)
+        results: dict[str, bool] = {}
+        go = threading.Barrier(2)
+
+        def move(edge: str) -> None:
+            go.wait()
+            results[edge] = dev.move_to(edge, "test")
+
+        ts = [threading.Thread(target=move, args=(e,)) for e in ("eb", "ec")]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(20)
+        assert results == {"eb": True, "ec": True}
+        # one link per broker: the second mover waited for the first one's connection
+        assert dev.connections.opened == 2
+        link = dev.connections.get(f"mqtt://127.0.0.1:{mosq2.port}")
+        assert link is not None and dev.sessions["eb"].link is dev.sessions["ec"].link is link
+        time.sleep(1.0)  # two clients with one id would kick each other off by now
+        assert link.connected
+        assert [h.target for h in dev.handoffs] in (["eb", "ec"], ["ec", "eb"])
+        assert dev.edge_id == dev.handoffs[-1].target
+    finally:
+        dev.close()
+        for e in (a, b, c):
+            e.close()
+
+
+def test_a_late_reply_is_counted_exactly_once(mobilenet: ModelPackage, mosq: Mosquitto) -> None:
+    edge = ScriptedEdge(mosq.url, "slow", mobilenet, delay_s=0.4)
+    dev = _device(mobilenet, mosq.url, "slow", split=10, deadline_ms=100)
+    try:
+        dev.connect()
+        x = np.zeros(mobilenet.manifest.input.shape, np.float32)
+        out = dev.query(x)
+        assert not out.offloaded and out.reason == "deadline passed"
+        assert out.output.shape == (1, 1000)  # finished locally: one answer
+        end = time.monotonic() + 5
+        while dev.late_answers == 0 and time.monotonic() < end:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert dev.late_answers == 1 and edge.queries == 1
+    finally:
+        dev.close()
+        edge.close()
+
+
+def test_pending_reply_race_has_one_winner() -> None:
+    """A reply and the deadline in the same loop step: exactly one answers the query; the
+    reply that lost is counted as late once."""
+
+    async def scenario() -> tuple[object, int, int]:
+        p = PendingReplies()
+        fut = p.add("r1", "e", 0.0)  # the deadline fires on the next loop iteration
+        await asyncio.sleep(0.01)
+        res = Result(
+            request_id="r1",
+            tensor=WireTensor(dtype="float32", shape=(1,)),
+            queue_ms=0.0,
+            exec_ms=0.0,
+        )
+        p.on_result(res, memoryview(b"\0\0\0\0"))
+        p.on_result(res, memoryview(b"\0\0\0\0"))  # a duplicate delivery (QoS 1)
+        fut2 = p.add("r2", "e", 5.0)
+        p.release("e")  # the edge went offline
+        return await fut, p.late_answers, len(p) + (0 if fut2.done() else 1)
+
+    answer, late, left = asyncio.run(scenario())
+    assert answer == "deadline passed" and late == 2 and left == 0
