@@ -95,12 +95,13 @@ class AgentLoop:
             raise TimeoutError(f"{self.name}: no answer within {timeout} s") from None
 
     def call(self, fn: Callable[[], T], timeout: float | None = None) -> T:
-        """Run a plain function on the loop and return its result (a read of loop state)."""
+        """Run a plain function on the loop and return its result (a read of loop state).
+        Once the loop has stopped, nobody else owns the state: ``fn`` runs right here."""
 
         async def _call() -> T:
             return fn()
 
-        if self.in_loop():
+        if self.in_loop() or (self._closed and not self._thread.is_alive()):
             return fn()
         return self.run(_call(), timeout)
 
