@@ -41,6 +41,9 @@ def _zc(interface: str) -> Zeroconf:
 
 
 class EdgeAdvertiser:
+    """An edge's zeroconf registration. Owned by the edge agent (its loop calls ``update``);
+    python-zeroconf's own loop thread does the multicast."""
+
     def __init__(self, edge_id: str, broker_url: str, interface: str) -> None:
         self.edge_id = edge_id
         self.broker = BrokerURL.parse(broker_url)
@@ -148,7 +151,10 @@ def browse_edges(
 
 class EdgeWatcher:
     """Keeps watching for edges: ``on_seen`` for every added or updated edge (resolved off the
-    browser's thread, which must not block), ``on_gone`` with the id of a removed one."""
+    browser's thread, which must not block), ``on_gone`` with the id of a removed one.
+
+    Owned by the agent that starts it; the callbacks run on its ``edge-watch`` thread and must
+    only hand the record on (the device agent posts it to its loop)."""
 
     def __init__(
         self,
