@@ -10,53 +10,88 @@ device, which therefore sees the blocks arrive exactly as if it had sent them.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
-import queue
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from iotoffload.transport.frame import Error, PeerFetch, Transfer, UploadChunk, encode
-from iotoffload.transport.mqtt import BrokerUnavailableError, BrokerURL, Handler, MqttLink
+from iotoffload.transport.frame import (
+    ErrorCode,
+    PeerFetch,
+    ProtocolError,
+    Transfer,
+    UploadChunk,
+    encode,
+)
+from iotoffload.transport.link import Handler, Link
+from iotoffload.transport.mqtt import BrokerURL, MqttLink
 from iotoffload.transport.topics import Topics
 
 log = logging.getLogger(__name__)
 
+PUSH_BLOCK_TIMEOUT_S = 30.0  # every chunk of one pushed block acknowledged by the broker
+
 
 class PeerTransfers:
+    """Both ends of a transfer: the new edge's ``pull`` and the old edge's ``push``.
+
+    Owned by the edge's loop (``edge-loop``): ``pull``, ``push``, ``drain``, the peer links, the
+    connects in progress and the counters (``blocks_pushed``, ``refused_digest``) are touched
+    only there (other threads may read the counters). Blocking work runs on threads of its own
+    and posts back to the loop: peer-broker connects on ``edge-peer-connect`` (one connect per
+    broker URL at a time, however many transfers name it: one link per peer broker), pushes on
+    the single ``edge-peer-push`` thread. No lock is held anywhere here.
+    """
+
     def __init__(
         self,
         edge_id: str,
         topics: Topics,
         *,
-        own_link: Callable[[], MqttLink],
+        own_link: Callable[[], Link],
         own_broker: Callable[[], str],
         on_upload: Handler,
         block_path: Callable[[str, int], tuple[str, Path] | None],
-        reply_error: Callable[[str, Error], None],
+        reply_error: Callable[[ProtocolError], None],
+        post: Callable[..., None],
         allowed_brokers: list[str],
         protocol: int,
         chunk_bytes: int,
+        connect_timeout: float = 5.0,
     ) -> None:
         self.edge_id = edge_id
         self.topics = topics
         self._own_link = own_link
         self._own_broker = own_broker
-        self._on_upload = on_upload
+        self._on_upload = on_upload  # a network-thread handler: it posts to the loop
         self._block_path = block_path  # (model id, index) -> (sha256, file path) if stored
-        self._reply_error = reply_error
+        self._reply_error = reply_error  # on the loop
+        self._post = post  # run a function on the loop (from any thread)
         self._allowed = allowed_brokers
         self._protocol = protocol
         self._chunk = chunk_bytes
+        self.connect_timeout = connect_timeout
         self._links: dict[str, MqttLink] = {}
-        self._lock = threading.Lock()
-        self._push_jobs: queue.Queue[PeerFetch | None] = queue.Queue()
-        self._pusher: threading.Thread | None = None
+        self._connecting: dict[str, asyncio.Task[MqttLink]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = threading.Event()  # read by the pusher between chunks
+        self._connector: ThreadPoolExecutor | None = None
+        self._pusher: ThreadPoolExecutor | None = None
         self.blocks_pushed = 0
         self.refused_digest = 0
 
-    # the new edge: pull ---------------------------------------------------------------------
+    def open(self) -> None:
+        """Make the threads' executors (threads start on first use). From the edge's start."""
+        self._closing.clear()
+        self._connector = ThreadPoolExecutor(4, thread_name_prefix="edge-peer-connect")
+        self._pusher = ThreadPoolExecutor(1, thread_name_prefix="edge-peer-push")
+
+    # the new edge: pull (on the loop) ---------------------------------------------------
     def broker_allowed(self, url: str) -> bool:
         try:
             u = str(BrokerURL.parse(url))
@@ -66,28 +101,33 @@ class PeerTransfers:
         return "*" in self._allowed or u == str(BrokerURL.parse(self._own_broker())) or u in allowed
 
     def pull(self, t: Transfer) -> None:
-        """Ask the old edge to push ``t.blocks`` to us (runs off the network thread)."""
+        """Ask the old edge to push ``t.blocks`` to us; returns at once (the connect to its
+        broker, when needed, runs on a connect thread)."""
         if not self.broker_allowed(t.source_broker):
             self._reply_error(
-                t.device,
-                Error(
-                    request_id=f"transfer:{t.source_edge}",
-                    code="transfer_refused",
-                    message=f"broker {t.source_broker} is not an allowed peer (edge peer_brokers)",
-                ),
+                ProtocolError(
+                    ErrorCode.TRANSFER_REFUSED,
+                    f"broker {t.source_broker} is not an allowed peer (edge peer_brokers)",
+                    device=t.device,
+                    peer=t.source_edge,
+                )
             )
             return
-        threading.Thread(target=self._pull, args=(t,), name="peer-pull", daemon=True).start()
+        task = asyncio.get_running_loop().create_task(self._pull(t))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _pull(self, t: Transfer) -> None:
+    async def _pull(self, t: Transfer) -> None:
         try:
-            link = self._link_to(t.source_broker)
-        except BrokerUnavailableError as e:
+            link = await self._link_to(t.source_broker)
+        except Exception as e:  # BrokerUnavailableError, or the edge is stopping
             self._reply_error(
-                t.device,
-                Error(
-                    request_id=f"transfer:{t.source_edge}", code="transfer_failed", message=str(e)
-                ),
+                ProtocolError(
+                    ErrorCode.TRANSFER_FAILED,
+                    str(e) or type(e).__name__,
+                    device=t.device,
+                    peer=t.source_edge,
+                )
             )
             return
         fetch = PeerFetch(peer=self.edge_id, device=t.device, model_id=t.model_id, blocks=t.blocks)
@@ -100,66 +140,69 @@ class PeerTransfers:
             t.device,
         )
 
-    def _link_to(self, url: str) -> MqttLink:
+    async def _link_to(self, url: str) -> Link:
         key = str(BrokerURL.parse(url))
         if key == str(BrokerURL.parse(self._own_broker())):
             return self._own_link()  # already subscribed to our upload topic there
-        with self._lock:
-            link = self._links.get(key)
-            if link is None:
-                link = MqttLink(key, f"edge-{self.edge_id}-peer", protocol=self._protocol)
-                link.subscribe(self.topics.edge_upload(self.edge_id), self._on_upload)
-                link.connect(5.0)
-                self._links[key] = link
+        link = self._links.get(key)
+        if link is not None:
             return link
+        pending = self._connecting.get(key)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_task(self._connect(key))
+            self._connecting[key] = pending
+        return await asyncio.shield(pending)  # one connect, however many transfers wait
 
-    # the old edge: push ---------------------------------------------------------------------
+    async def _connect(self, key: str) -> MqttLink:
+        try:
+            if self._closing.is_set() or self._connector is None:
+                raise ConnectionError("the edge is stopping")
+            fut = self._connector.submit(self._open_link, key)
+            link = await asyncio.wrap_future(fut)
+            self._links[key] = link
+            return link
+        finally:
+            self._connecting.pop(key, None)
+
+    def _open_link(self, key: str) -> MqttLink:
+        """On a connect thread: a link to a peer's broker, subscribed to our upload topic."""
+        link = MqttLink(key, f"edge-{self.edge_id}-peer", protocol=self._protocol)
+        link.subscribe(self.topics.edge_upload(self.edge_id), self._on_upload)
+        link.connect(self.connect_timeout)
+        return link
+
+    # the old edge: push -------------------------------------------------------------------
     def push(self, f: PeerFetch) -> None:
-        """Queue a peer's fetch; one pusher thread sends blocks one after the other."""
-        with self._lock:
-            if self._pusher is None or not self._pusher.is_alive():
-                self._pusher = threading.Thread(
-                    target=self._push_loop, name="peer-push", daemon=True
-                )
-                self._pusher.start()
-        self._push_jobs.put(f)
+        """Queue a peer's fetch (on the loop; returns at once): the pusher thread sends the
+        blocks one after the other."""
+        if self._closing.is_set() or self._pusher is None:
+            return
+        self._pusher.submit(self._push_all, f)
 
-    def _push_loop(self) -> None:
-        while True:
-            f = self._push_jobs.get()
-            if f is None:
+    def _push_all(self, f: PeerFetch) -> None:
+        for i in f.blocks:
+            if self._closing.is_set():
                 return
-            for i in f.blocks:
-                try:
-                    self._push_block(f, i)
-                except Exception as e:  # one bad block must not stop the others
-                    log.exception("pushing block %d to %s failed", i, f.peer)
-                    self._fail(f, i, f"{type(e).__name__}: {e}")
-
-    def _fail(self, f: PeerFetch, i: int, why: str) -> None:
-        self._reply_error(
-            f.device,
-            Error(
-                request_id=f"transfer-block:{f.peer}:{i}",
-                code="transfer_failed",
-                message=f"block {i} from {self.edge_id}: {why}",
-            ),
-        )
+            try:
+                self._push_block(f, i)
+            except Exception as e:  # one bad block must not stop the others
+                log.exception("pushing block %d to %s failed", i, f.peer)
+                self._post(self._failed, f, i, f"{type(e).__name__}: {e}")
 
     def _push_block(self, f: PeerFetch, i: int) -> None:
+        """On the pusher thread: read, re-check and send one block."""
         found = self._block_path(f.model_id, i)
         if found is None:
-            self._fail(f, i, "not stored here")
+            self._post(self._failed, f, i, "not stored here")
             return
         sha, path = found
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != sha:  # rot on disk: never pass it on
-            self.refused_digest += 1
-            self._fail(f, i, "stored copy fails its digest")
+            self._post(self._refused, f, i)
             return
         link = self._own_link()
         chunks = -(-len(data) // self._chunk)
-        infos = []
+        infos: list[Any] = []
         for c in range(chunks):
             h = UploadChunk(
                 device=f.device,
@@ -174,13 +217,59 @@ class PeerTransfers:
             )
             body = data[c * self._chunk : (c + 1) * self._chunk]
             infos.append(link.publish(self.topics.edge_upload(f.peer), encode(h, body)))
+        deadline = time.monotonic() + PUSH_BLOCK_TIMEOUT_S
         for info in infos:  # one block in flight at a time: queries keep their share
-            info.wait_for_publish(30)
+            while not info.is_published():
+                if self._closing.is_set():
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not sent within {PUSH_BLOCK_TIMEOUT_S:g} s")
+                info.wait_for_publish(0.1)
+        self._post(self._pushed)
+
+    # results of the pusher (on the loop) -------------------------------------------------
+    def _pushed(self) -> None:
         self.blocks_pushed += 1
 
-    def close(self) -> None:
-        self._push_jobs.put(None)
-        with self._lock:
-            links, self._links = list(self._links.values()), {}
-        for link in links:
-            link.close()
+    def _refused(self, f: PeerFetch, i: int) -> None:
+        self.refused_digest += 1
+        self._failed(f, i, "stored copy fails its digest")
+
+    def _failed(self, f: PeerFetch, i: int, why: str) -> None:
+        self._reply_error(
+            ProtocolError(
+                ErrorCode.TRANSFER_FAILED,
+                f"block {i} from {self.edge_id}: {why}",
+                device=f.device,
+                peer=f.peer,
+                block=i,
+            )
+        )
+
+    # stop ---------------------------------------------------------------------------------
+    async def drain(self) -> list[MqttLink]:
+        """On the loop, when the edge stops: no new pushes or connects; wait for the connects
+        in progress (bounded by their timeout) and hand back every peer link, for ``close``."""
+        self._closing.set()
+        pending = list(self._connecting.values())
+        if pending:
+            await asyncio.gather(*(asyncio.shield(p) for p in pending), return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        links, self._links = list(self._links.values()), {}
+        return links
+
+    def close(self, links: list[MqttLink]) -> None:
+        """Off the loop, after ``drain``: join the pusher and connect threads, close the links
+        (each joins its network thread)."""
+        self._closing.set()
+        for pool in (self._pusher, self._connector):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._pusher = self._connector = None
+        rest, self._links = list(self._links.values()), {}  # drain did not run (no loop)
+        for link in [*links, *rest]:
+            try:
+                link.close()
+            except Exception:
+                log.exception("closing a peer link failed")
