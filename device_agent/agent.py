@@ -18,7 +18,9 @@ and wait there; TFLite runs on the caller's thread.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import Coroutine
@@ -34,7 +36,7 @@ from device_agent.routing import InboundRouter
 from device_agent.uploads import UploadCoordinator
 from iotoffload.discovery import EdgeRecord, EdgeWatcher
 from iotoffload.ids import check_id
-from iotoffload.loop import AgentLoop
+from iotoffload.loop import AgentLoop, LoopClosedError
 from iotoffload.model.package import ModelPackage
 from iotoffload.planning import (
     Estimates,
@@ -52,6 +54,7 @@ from iotoffload.transport.link import Link, Message
 from iotoffload.transport.mqtt import BrokerURL, MqttLink
 from iotoffload.transport.topics import Topics
 
+log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_CHUNK", "DeviceAgent", "HandoffEvent", "QueryOutcome"]
 DEFAULT_CHUNK = 256 * 1024  # well under mosquitto 2.1's 2 MB and EMQX's 1 MB packet caps
 T = TypeVar("T")
@@ -258,8 +261,17 @@ class DeviceAgent:
         link.subscribe(
             self.topics.device_control(self.device_id), lambda m: post(self.router.control, m)
         )
-        link.on_reconnect.append(lambda: post(self._after_reconnect, link))
+        link.on_reconnect.append(lambda: self._resync_barrier(link))
         return link
+
+    def _resync_barrier(self, link: Link) -> None:
+        """On paho's thread, right after a reconnect: have the loop ask every edge on this
+        broker for its inventory *before* paho resends the chunks it still holds, and wait for
+        that (a loop hop, well under a millisecond). The edge then answers from what survived
+        the restart, and the device resends exactly what was lost."""
+        # closing, or a busy loop: the upload's own retries cover the rest
+        with contextlib.suppress(LoopClosedError, TimeoutError):
+            self._loop.call(lambda: self._after_reconnect(link), timeout=2.0)
 
     def _inbox(self, m: Message) -> None:
         self.router.inbox(m)

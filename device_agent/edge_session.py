@@ -100,7 +100,10 @@ class EdgeSession:
         self._inventory_count = 0  # inventories received: waiters compare against it
         self.inventory_seen = False
         self._block_failed: dict[int, str] = {}
-        self._resyncs = 0  # inventories answering a post-reconnect hello
+        # inventories that answered a post-reconnect hello; a block sent (or being sent) before
+        # the latest one may have lost chunks with the old connection: resend what it lacks
+        self._resyncs = 0
+        self._sent_epoch: dict[int, int] = {}
         self._awaiting_resync = False
         self._last_hello = 0.0
         self._hello_sent: float | None = None
@@ -237,6 +240,11 @@ class EdgeSession:
         if self._awaiting_resync:
             self._awaiting_resync = False
             self._resyncs += 1
+            # blocks in flight across the reconnect that the edge does not hold: resumed from
+            # what it has (the block wait resends the missing chunks)
+            for i, epoch in sorted(self._sent_epoch.items()):
+                if epoch < self._resyncs and i not in self.stored:
+                    self.resumed_blocks.append(i)
         self._changed.notify()
 
     def on_ack(self, h: UploadAck) -> None:
@@ -359,8 +367,8 @@ class EdgeSession:
                 return False
             await self._changed.wait_for(lambda: i in self.stored or i in self.peer_failed, 0.1)
 
-    def _block_or_resync(self, i: int, resyncs: int) -> bool:
-        return self._done(i) or self._resyncs > resyncs
+    def _block_or_resync(self, i: int) -> bool:
+        return self._done(i) or self._resyncs > self._sent_epoch.get(i, 0)
 
     def _done(self, i: int) -> bool:
         return i in self.stored or i in self._block_failed
@@ -386,25 +394,20 @@ class EdgeSession:
     ) -> bool:
         """Wait for the block's final ack; after a reconnect resend what the edge lacks."""
         end = time.monotonic() + timeout
-        resyncs = self._resyncs
         while not self._done(i) and time.monotonic() < end:
             if self._awaiting_resync and time.monotonic() - self._last_hello > 1.0:
                 self.hello()  # the edge may have reconnected after our first hello
             await self._changed.wait_for(
-                functools.partial(self._block_or_resync, i, resyncs),
-                min(0.1, end - time.monotonic()),
+                functools.partial(self._block_or_resync, i), min(0.1, end - time.monotonic())
             )
-            if self._resyncs > resyncs:
-                resyncs = self._resyncs
-                if i not in self.stored:
-                    missing = self._partial.get(i)
-                    self.resumed_blocks.append(i)
-                    log.info(
-                        "resuming block %d: %s chunks missing",
-                        i,
-                        "all" if missing is None else len(missing),
-                    )
-                    await self._send_block(i, data, missing, progress)
+            if self._resyncs > self._sent_epoch.get(i, 0) and i not in self.stored:
+                missing = self._partial.get(i)
+                log.info(
+                    "resuming block %d: %s chunks missing",
+                    i,
+                    "all" if missing is None else len(missing),
+                )
+                await self._send_block(i, data, missing, progress)
         return self._done(i)
 
     def query_started(self) -> bool:
@@ -431,7 +434,12 @@ class EdgeSession:
                 window and len(self._unacked) >= self.chunks_in_flight
             )
 
-        if not await self._changed.wait_for(clear, timeout):
+        end = time.monotonic() + timeout
+        while not await self._changed.wait_for(clear, min(1.0, max(0.0, end - time.monotonic()))):
+            if time.monotonic() < end:
+                if self._awaiting_resync and time.monotonic() - self._last_hello > 1.0:
+                    self.hello()  # after a reconnect: the inventory reopens the window
+                continue
             log.info(
                 "upload to %s: %d chunk acks missing, %d queries in flight; going on",
                 self.edge_id,
@@ -439,6 +447,7 @@ class EdgeSession:
                 self._queries,
             )
             self._unacked.clear()
+            break
         return active()
 
     async def _send_block(
@@ -451,6 +460,7 @@ class EdgeSession:
         active: Callable[[], bool] = lambda: True,
     ) -> bool:
         b = self.pkg.blocks[i]
+        self._sent_epoch[i] = self._resyncs  # a resync from here on: the block is resent
         chunks = -(-len(data) // self.chunk_size)
         todo = range(chunks) if missing is None else missing
         for c in todo:

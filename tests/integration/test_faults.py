@@ -82,7 +82,7 @@ def test_broker_restart_during_upload_resumes_without_resending_stored_blocks(
         dev = DeviceAgent(mobilenet, url, "e1", split=0, chunk_size=64 * 1024)
         assert dev.connect() is not None
         dev.start_upload()
-        while len(dev.inventory.stored) < 6:  # part of the model is up
+        while len(dev.inventory.stored) < 16:  # part of the model is up, big blocks to go
             time.sleep(0.01)
         stored_before = set(dev.inventory.stored)
         m.restart()

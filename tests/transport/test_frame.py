@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from iotoffload.transport.frame import (
     MAGIC,
     Error,
+    ErrorCode,
     FrameError,
     PeerFetch,
     Query,
@@ -88,7 +89,7 @@ def test_body_size_must_match_the_declared_tensor() -> None:
 
 
 def test_oversized_body_is_refused_before_use() -> None:
-    payload = encode(Error(code="x", message="y"), b"\0" * 1000)
+    payload = encode(Error(code=ErrorCode.INTERNAL, message="y"), b"\0" * 1000)
     with pytest.raises(FrameError) as e:
         decode(payload, max_body=999)
     assert e.value.code == "too_large"
@@ -165,3 +166,34 @@ def test_handoff_frames_round_trip_and_reject_bad_ids() -> None:
     hb = json.dumps(empty).encode()
     with pytest.raises(FrameError):
         decode(MAGIC + struct.pack(">BI", 1, len(hb)) + hb)
+
+
+def test_error_frames_carry_typed_fields_and_known_codes_only() -> None:
+    e = Error(code=ErrorCode.INVALID_CHUNK, message="m", block=3, chunk=7, edge="e1")
+    h, _ = decode(encode(e))
+    assert isinstance(h, Error) and (h.code, h.block, h.chunk, h.request_id) == (
+        ErrorCode.INVALID_CHUNK,
+        3,
+        7,
+        None,
+    )
+    raw = encode(e).replace(b'"invalid_chunk"', b'"made_up_code!"')
+    with pytest.raises(FrameError) as bad:
+        decode(raw)
+    assert bad.value.code == ErrorCode.INVALID_HEADER
+
+
+def test_a_deeply_nested_header_is_malformed_not_a_crash() -> None:
+    hb = b"[" * 65536
+    with pytest.raises(FrameError) as e:
+        decode(MAGIC + bytes([1]) + len(hb).to_bytes(4, "big") + hb)
+    assert e.value.code == ErrorCode.MALFORMED
+
+
+def test_every_protocol_error_code_is_an_error_code() -> None:
+    from edge_agent.store import StoreError
+    from iotoffload.transport.frame import ProtocolError
+
+    for err in (FrameError(ErrorCode.MALFORMED, "m"), StoreError(ErrorCode.DIGEST_MISMATCH, "d")):
+        assert isinstance(err, ProtocolError) and isinstance(err.code, ErrorCode)
+        assert Error.of(err, edge="e1").code == err.code
