@@ -1,5 +1,8 @@
 """Shared fixtures. Built model packages are made once per session (or reused from
-$IOTOFFLOAD_TEST_MODELS, a developer's convenience: CI always builds them fresh)."""
+$IOTOFFLOAD_TEST_MODELS, a developer's convenience: CI always builds them fresh).
+
+Every test fails if it leaves threads or open zeroconf instances behind (tests/_leaks.py;
+opt out with ``@pytest.mark.allow_leaks("reason")``)."""
 
 from __future__ import annotations
 
@@ -9,9 +12,17 @@ from pathlib import Path
 import pytest
 
 from iotoffload.model import CATALOG, ModelPackage, PackageError, prepare_catalog
+from tests._leaks import LeakChecker
+
+pytest_plugins = ["pytester"]
 
 # Every network-facing piece binds to loopback in tests: set once here so no test can forget.
 os.environ["IOTOFFLOAD_INTERFACE"] = "127.0.0.1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(LeakChecker(), "iotoffload-leak-checker")
+
 
 KERAS_MOBILENET_CUTS = [
     "expanded_conv_project_BN",
