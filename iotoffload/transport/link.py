@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class Message:
 Handler = Callable[[Message], None]
 
 
+@runtime_checkable
 class Link(Protocol):
     """One connection to one broker. Handlers run on the link's network thread and must only
     hand the message on (to an agent's loop); publishing is thread-safe and never blocks."""

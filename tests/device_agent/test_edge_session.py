@@ -4,7 +4,7 @@ and no new chunk while a query is in flight to the same edge."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -14,12 +14,29 @@ from iotoffload.loop import AgentLoop
 from iotoffload.model import ModelPackage
 from iotoffload.planning import PlanningInputs, chain_profile
 from iotoffload.transport.frame import UploadAck, UploadChunk, decode
+from iotoffload.transport.link import Handler, Link
+from iotoffload.transport.mqtt import MqttLink
 from iotoffload.transport.topics import Topics
 
 
 class FakeLink:
+    """A ``Link`` that records upload chunks instead of sending them."""
+
     def __init__(self) -> None:
         self.chunks: list[UploadChunk] = []
+        self.on_reconnect: list[Callable[[], None]] = []
+
+    def connect(self, timeout: float = 10.0) -> None:
+        pass
+
+    def wait_connected(self, timeout: float) -> bool:
+        return True
+
+    def subscribe(self, topic: str, handler: Handler, qos: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
     connected = True
 
@@ -36,7 +53,7 @@ def _session(pkg: ModelPackage, link: FakeLink) -> EdgeSession:
         "mqtt://127.0.0.1:1",
         link,
         pkg=pkg,
-        device_id="d1",  # type: ignore[arg-type]
+        device_id="d1",
         topics=Topics(),
         inputs=PlanningInputs(prof),
         chunk_size=1024,
@@ -99,3 +116,9 @@ def test_unacked_chunks_are_bounded_and_queries_go_first(
     assert t.result(1) and [c.chunk for c in link.chunks] == list(range(10))
     # acks about 10 ms apart for 1 KiB chunks: the estimate falls toward ~100 KB/s
     assert s.inputs.estimates.bandwidth_Bps < 0.9 * before
+
+
+def test_real_and_fake_links_implement_the_link_protocol() -> None:
+    assert isinstance(FakeLink(), Link)
+    real = MqttLink("mqtt://127.0.0.1:9", "never-connected")
+    assert isinstance(real, Link)

@@ -25,9 +25,7 @@ def three(**est: float) -> PlanningInputs:
     """d = 10 ms a block on the device, e = 1 ms on the edge; input 1000 B, boundaries 100 B,
     output 10 B; 1 MB/s (1000 B per ms), no RTT unless given."""
     prof = ChainProfile((10.0, 10.0, 10.0), (1.0, 1.0, 1.0), (1000, 100, 100, 10), (500, 500, 500))
-    e = Estimates(bandwidth_Bps=1e6, rtt_ms=0.0)
-    for k, v in est.items():
-        setattr(e, k, v)
+    e = dataclasses.replace(Estimates(bandwidth_Bps=1e6, rtt_ms=0.0), **est)
     return PlanningInputs(prof, e)
 
 
