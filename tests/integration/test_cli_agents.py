@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import pytest
 
 from broker.embedded import free_port
 from iotoffload.model import ModelPackage
+from iotoffload.transport.mqtt import BrokerUnavailableError, Message, MqttLink
+from iotoffload.transport.status import EdgeStatus
+from iotoffload.transport.topics import Topics
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -21,6 +25,33 @@ BIN = Path(sys.executable).parent
 
 def _env(pkg: ModelPackage) -> dict[str, str]:
     return dict(os.environ, IOTOFFLOAD_CACHE_DIR=str(pkg.root.parent))
+
+
+def _wait_online(port: int, edge: str, timeout: float = 30.0) -> None:
+    """Until ``edge`` publishes its retained online status on its broker at ``port`` (a fixed
+    sleep raced the edge's start on a loaded machine)."""
+    online = threading.Event()
+
+    def on_status(m: Message) -> None:
+        st = EdgeStatus.parse(m.payload)
+        if st is not None and st.edge == edge and st.state == "online":
+            online.set()
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        link = MqttLink(f"mqtt://127.0.0.1:{port}", f"wait-{edge}", protocol=311)
+        link.subscribe(Topics().edge_status(edge), on_status)
+        try:
+            link.connect(2.0)
+        except BrokerUnavailableError:
+            time.sleep(0.1)  # the edge's embedded broker is not listening yet
+            continue
+        try:
+            if online.wait(max(0.1, min(2.0, end - time.monotonic()))):
+                return
+        finally:
+            link.close()
+    raise AssertionError(f"edge {edge} did not come online on port {port} within {timeout:g} s")
 
 
 def test_edge_agent_and_device_agent_found_by_zeroconf(
@@ -47,7 +78,7 @@ def test_edge_agent_and_device_agent_found_by_zeroconf(
         text=True,
     )
     try:
-        time.sleep(1.5)
+        _wait_online(port, "cli-edge")
         r = subprocess.run(
             [
                 BIN / "device-agent",
@@ -150,7 +181,8 @@ def test_device_agent_prefer_moves_to_an_edge_found_by_zeroconf_on_another_broke
             )
         )
     try:
-        time.sleep(1.5)
+        _wait_online(pa, "cli-a")
+        _wait_online(pb, "cli-b")
         r = subprocess.run(
             [
                 BIN / "device-agent",
