@@ -1,0 +1,24 @@
+"""The edge's counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass
+class EdgeStats:
+    """An edge's counters. Owned by the edge loop: changed only there (workers post their
+    results back), so no update is lost; ``EdgeAgent.stats`` hands out copies."""
+
+    queries: int = 0
+    errors: int = 0
+    chunks: int = 0
+    blocks_stored: int = 0
+    blocks_from_peers: int = 0
+    queue_ms_ewma: float = 0.0
+    exec_ms_ewma: float = 0.0
+    in_flight: int = 0
+    error_codes: dict[str, int] = field(default_factory=dict)
+
+    def copy(self) -> EdgeStats:
+        return replace(self, error_codes=dict(self.error_codes))

@@ -1,0 +1,131 @@
+"""What the edge tells others about itself: its retained ``EdgeStatus`` (published at start,
+after a model is stored and after a block is loaded, every ``status_interval`` and after a
+reconnect; its offline form is the Last Will and the goodbye at stop) and its zeroconf
+advertisement (its load in the TXT record).
+
+Owned by the edge's loop: the status is built and published there, and the status task runs
+there (advertisement updates go to ``edge-zeroconf``). The advertiser is registered and closed
+by the edge's owner, in ``start`` and ``stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from edge_agent.config import EdgeConfig
+from edge_agent.peers import PeerTransfers
+from edge_agent.queries import QueryQueue
+from edge_agent.stats import EdgeStats
+from edge_agent.store import BlockStore
+from edge_agent.threads import EdgeThreads
+from iotoffload import __version__
+from iotoffload.discovery import EdgeAdvertiser
+from iotoffload.transport.mqtt import MqttLink
+from iotoffload.transport.status import EdgeLoad, EdgeStatus, TransferCounts
+from iotoffload.transport.topics import Topics
+
+
+class StatusReporter:
+    """Owned by the edge's loop (``advertise``/``close_advertiser`` on the owner's thread)."""
+
+    def __init__(
+        self,
+        config: EdgeConfig,
+        topics: Topics,
+        store: BlockStore,
+        stats: EdgeStats,
+        queries: QueryQueue,
+        peers: PeerTransfers,
+        threads: EdgeThreads,
+        *,
+        link: Callable[[], MqttLink | None],
+        broker: Callable[[], str],
+        stopping: Callable[[], bool],
+    ) -> None:
+        self.config = config
+        self.topics = topics
+        self.store = store
+        self._stats = stats
+        self._queries = queries
+        self._peers = peers
+        self._threads = threads
+        self._link = link
+        self._broker = broker
+        self._stopping = stopping
+        self._task: asyncio.Task[None] | None = None
+        self._advertiser: EdgeAdvertiser | None = None
+
+    def status_json(self, state: Literal["online", "offline"]) -> bytes:
+        s = self._stats
+        return EdgeStatus(
+            state=state,
+            edge=self.config.id,
+            version=__version__,
+            broker=self._broker(),
+            protocol=self.config.protocol,
+            load=EdgeLoad(
+                queue=self._queries.queued,
+                in_flight=s.in_flight,
+                queue_ms=round(s.queue_ms_ewma, 3),
+                exec_ms=round(s.exec_ms_ewma, 3),
+            ),
+            models=self.store.model_ids(),
+            blocks=len(self.store.block_digests()),
+            transfer=TransferCounts(
+                blocks_pushed=self._peers.blocks_pushed, blocks_from_peers=s.blocks_from_peers
+            ),
+            time=time.time(),
+        ).to_json()
+
+    def publish(self) -> None:
+        link = self._link()
+        if link and link.connected and not self._stopping():
+            link.publish(
+                self.topics.edge_status(self.config.id), self.status_json("online"), retain=True
+            )
+
+    # the status task ----------------------------------------------------------------------
+    def begin(self) -> None:
+        """Publish now, then every ``status_interval`` (on the loop)."""
+        self.publish()
+        self._task = self._threads.spawn(self._run())
+
+    async def end(self) -> None:
+        """Stop the status task (on the loop)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        advertised = 0.0
+        served = self._stats.queries
+        while True:
+            await asyncio.sleep(self.config.status_interval)
+            s = self._stats
+            if s.queries == served and not self._queries.queued:
+                # idle since the last status: the queueing estimate fades out
+                s.queue_ms_ewma *= 0.5
+                s.exec_ms_ewma *= 0.5
+            served = s.queries
+            self.publish()
+            load = self._queries.load_factor()
+            adv = self._advertiser
+            if adv is not None and abs(load - advertised) >= 0.5:  # TXT updates are multicast
+                advertised = load
+                await self._threads.on_zeroconf(adv.update, load)
+
+    # the advertisement (the owner's thread) -----------------------------------------------
+    def advertise(self, load: float) -> None:
+        """Register the edge on zeroconf (its broker, its ``load``)."""
+        advertiser = EdgeAdvertiser(self.config.id, self._broker(), self.config.interface)
+        advertiser.register(load)
+        self._advertiser = advertiser
+
+    def close_advertiser(self) -> None:
+        if self._advertiser:
+            self._advertiser.close()
+            self._advertiser = None

@@ -1,0 +1,146 @@
+"""Edge-to-edge transfers over a real mosquitto: an unreachable or disallowed peer broker is
+refused naming the source and never stalls the loop; a block moves between edges on two brokers."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iotoffload.transport.frame import (
+    ErrorCode,
+    Hello,
+    PeerFetch,
+    Transfer,
+    UploadAck,
+)
+from tests.edge_agent.conftest import Harness, SilentBroker, tiny_model, wait_until
+
+pytestmark = pytest.mark.integration
+
+X = np.arange(4, dtype=np.float32).reshape(1, 4)
+
+
+def test_unreachable_peer_broker_does_not_delay_the_answer_to_a_hello(harness: Harness) -> None:
+    model = tiny_model()
+    with SilentBroker() as silent:
+        edge = harness.edge(peer_brokers=[silent.url])
+        dev = harness.client()
+        dev.control(model.announce(dev.device))
+        assert dev.inventory().known
+        transfer = Transfer(
+            device=dev.device,
+            model_id=model.model_id,
+            source_edge="edge-old",
+            source_broker=silent.url,
+            blocks=[0, 1],
+        )
+        dev.control(transfer)
+        dev.control(transfer)  # a second transfer naming the same broker: no second connect
+        assert silent.connected.wait(5), "the edge never tried the peer broker"
+        # another edge asks this one for a block meanwhile (the push path took the lock the
+        # pending connect held: every MQTT handler stalled behind it)
+        dev.control(
+            PeerFetch(peer="edge-new", device=dev.device, model_id=model.model_id, blocks=[2])
+        )
+        for _ in range(5):
+            t0 = time.perf_counter()
+            dev.control(Hello(device=dev.device, model_id=model.model_id))
+            inv = dev.inventory(timeout=2)
+            took = time.perf_counter() - t0
+            assert inv.known and took < 0.2, f"hello answered after {took:.3f} s"
+        pushed = dev.error(lambda e: e.peer == "edge-new")
+        assert (pushed.code, pushed.block, pushed.request_id) == (
+            ErrorCode.TRANSFER_FAILED,
+            2,
+            None,
+        )
+        assert pushed.edge == "edge1"
+        # both transfers fail once the connect times out, naming the source edge
+        for _ in range(2):
+            e = dev.error(lambda e: e.peer == "edge-old", timeout=15)
+            assert e.code == ErrorCode.TRANSFER_FAILED
+            assert (e.block, e.chunk, e.request_id, e.edge) == (None, None, None, "edge1")
+        assert silent.accepted == 1
+        assert edge.stats.error_codes == {"transfer_failed": 3}
+        harness.close()  # before the silent broker goes
+
+
+def test_a_transfer_from_a_broker_not_allowed_is_refused_naming_the_source(
+    harness: Harness,
+) -> None:
+    model = tiny_model()
+    edge = harness.edge()
+    dev = harness.client()
+    dev.control(model.announce(dev.device))
+    dev.inventory()
+    dev.control(
+        Transfer(
+            device=dev.device,
+            model_id=model.model_id,
+            source_edge="edge-old",
+            source_broker="mqtt://127.0.0.1:1",
+            blocks=[0],
+        )
+    )
+    e = dev.error()
+    assert (e.code, e.peer, e.block, e.request_id) == (
+        ErrorCode.TRANSFER_REFUSED,
+        "edge-old",
+        None,
+        None,
+    )
+    assert edge.stats.error_codes == {"transfer_refused": 1}
+
+
+def test_a_block_moves_between_edges_on_two_brokers(harness: Harness, tmp_path: Path) -> None:
+    """B pulls from A over A's broker (one peer link); A refuses a block rotten on its disk."""
+    from tests.integration.conftest import Mosquitto
+
+    model = tiny_model()
+    (tmp_path / "b").mkdir()
+    with Mosquitto(tmp_path / "b") as other:
+        a = harness.edge("edge-a")
+        b = harness.edge("edge-b", url=other.url, peer_brokers=[harness.url])
+        on_a = harness.client("dev1", "edge-a")
+        on_b = harness.client("dev1", "edge-b", url=other.url)
+        for c in (on_a, on_b):
+            c.control(model.announce(c.device))
+            c.inventory()
+        on_a.upload(model)
+        rotten = a.store.block_path(model.digests[1])
+        rotten.write_bytes(rotten.read_bytes()[:-1] + b"\0")
+        on_b.control(
+            Transfer(
+                device="dev1",
+                model_id=model.model_id,
+                source_edge="edge-a",
+                source_broker=harness.url,
+                blocks=[0, 1, 2],
+            )
+        )
+        for i in (0, 2):
+            ack, _ = on_b.take(
+                lambda h, i=i: isinstance(h, UploadAck) and h.block == i and h.block_done
+            )
+            assert isinstance(ack, UploadAck) and ack.loaded and ack.edge == "edge-b"
+        e = on_a.error()
+        assert (e.code, e.peer, e.block, e.edge) == (
+            ErrorCode.TRANSFER_FAILED,
+            "edge-b",
+            1,
+            "edge-a",
+        )
+        wait_until(lambda: a.peers.blocks_pushed == 2, 5, "A's count of pushed blocks")
+        assert a.peers.refused_digest == 1
+        assert b.stats.blocks_from_peers == 2 and b.stats.blocks_stored == 2
+        assert b.inventory(model.model_id).stored == [0, 2]
+        # the device sends the rotten one itself; the next transfer reuses B's peer link
+        for h, body in model.chunks("dev1", 1):
+            on_b.upload_chunk(h, body)
+        on_b.take(lambda h: isinstance(h, UploadAck) and h.block == 1 and h.block_done)
+        on_b.send(harness.topics.edge_query("edge-b"), on_b.query_frame(model, "q", X))
+        np.testing.assert_allclose(on_b.result("q"), model.expected(X, 0, 3))
+        harness.close()  # before the second broker goes

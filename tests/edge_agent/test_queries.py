@@ -1,0 +1,106 @@
+"""Queries over a real mosquitto: many clients and many threads at once, every result
+counted on the loop before it is sent."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from iotoffload.transport.frame import (
+    Query,
+    encode_tensor_frame,
+)
+from iotoffload.transport.mqtt import Message
+from tests.edge_agent.conftest import Harness, tiny_model, wait_until
+
+pytestmark = pytest.mark.integration
+
+X = np.arange(4, dtype=np.float32).reshape(1, 4)
+
+
+def test_concurrent_queries_from_several_clients_are_all_counted(harness: Harness) -> None:
+    model = tiny_model()
+    edge = harness.edge(workers=3)
+    devs = [harness.client(f"dev{k}") for k in range(4)]
+    devs[0].control(model.announce(devs[0].device))
+    devs[0].inventory()
+    devs[0].upload(model)
+    per_client = 30
+    failures: list[BaseException] = []
+
+    def run(k: int) -> None:
+        dev = devs[k]
+        try:
+            xs = [X + k * 100 + j for j in range(per_client)]
+            for j, x in enumerate(xs):  # all sent at once: they queue on the edge
+                dev.send(
+                    harness.topics.edge_query("edge1"),
+                    dev.query_frame(model, f"q{k}-{j}", x.astype(np.float32)),
+                )
+            for j, x in enumerate(xs):
+                np.testing.assert_allclose(
+                    dev.result(f"q{k}-{j}"), model.expected(x, 0, 3), rtol=0, atol=1e-5
+                )
+        except BaseException as e:
+            failures.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(devs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures, failures
+    s = edge.stats  # every result was counted before it was sent
+    assert s.queries == per_client * len(devs)
+    assert s.in_flight == 0 and s.errors == 0
+    assert edge.load_factor() == 0
+    assert s.exec_ms_ewma > 0
+    inv = edge.inventory(model.model_id)
+    assert inv.stored == inv.loaded == [0, 1, 2] and set(inv.block_ms) == {0, 1, 2}
+
+
+def test_stats_hammered_from_many_threads_lose_nothing(harness: Harness) -> None:
+    """Messages handed to the edge's handlers from 8 threads at once, as paho threads would:
+    queries and refusals counted on the loop, none lost."""
+    model = tiny_model(2)
+    edge = harness.edge(workers=4)
+    dev = harness.client()
+    dev.control(model.announce(dev.device))
+    dev.inventory()
+    dev.upload(model)
+    topic = harness.topics.edge_query("edge1")
+    good, bad, n_threads = 150, 25, 8
+    unknown = "0" * 64
+    go = threading.Barrier(n_threads)
+
+    def hammer(k: int) -> None:
+        go.wait()
+        for j in range(good):
+            frame = dev.query_frame(model, f"h{k}-{j}", X)
+            edge._on_query_message(Message(topic, frame))
+        for j in range(bad):
+            frame = encode_tensor_frame(
+                Query,
+                X,
+                request_id=f"b{k}-{j}",
+                device="nobody",
+                model_id=unknown,
+                start=0,
+                end=1,
+                deadline_ms=60_000,
+            )
+            edge._on_query_message(Message(topic, frame))
+
+    threads = [threading.Thread(target=hammer, args=(k,)) for k in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    total = n_threads * (good + bad)
+    wait_until(lambda: (s := edge.stats).queries + s.errors == total, 60, "every query answered")
+    s = edge.stats
+    assert s.queries == n_threads * good
+    assert s.error_codes == {"unknown_model": n_threads * bad}
+    assert s.in_flight == 0 and edge.load_factor() == 0
