@@ -342,6 +342,8 @@ class DeviceAgent:
     def close(self) -> None:
         """Stop everything the agent started: watcher, loop tasks, connections."""
         self._stopping = True
+        with contextlib.suppress(LoopClosedError, TimeoutError):  # waiting queries: local
+            self._loop.call(self.queries.pending.close, timeout=5.0)
         watcher, self._watcher = self._watcher, None
         if watcher:
             watcher.close()

@@ -54,27 +54,63 @@ class QueryOutcome:
 
 @dataclass
 class _Pending:
-    future: asyncio.Future[Reply]
-    edge: str
+    future: concurrent.futures.Future[Reply]  # the caller's thread waits on it
+    session: EdgeSession
     timer: asyncio.TimerHandle
+    deadline_ms: float
+    clean: bool  # no upload chunk was ahead of the query on the link
+    start: int = 0
+    end: int = 0
+    sent_bytes: int = 0
+    t_send: float = 0.0  # perf_counter() just before the publish
 
 
 class PendingReplies:
-    """Requests waiting for an edge. Owned by the device agent's loop."""
+    """Requests waiting for an edge. Owned by the device agent's loop; the futures are the
+    thread-safe kind, so the caller's thread waits on them without another hop."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        on_miss: Callable[[], None] = lambda: None,
+        learn: Callable[[_Pending, Result], None] = lambda _p, _h: None,
+    ) -> None:
         self._pending: dict[str, _Pending] = {}
+        self._on_miss = on_miss
+        self._learn = learn  # a reply in time, before its caller wakes: the next plan knows
         self.late_answers = 0  # results that came after their query was answered otherwise
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def add(self, rid: str, edge: str, deadline_s: float) -> asyncio.Future[Reply]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Reply] = loop.create_future()
-        timer = loop.call_later(deadline_s, self.resolve, rid, "deadline passed")
-        self._pending[rid] = _Pending(fut, edge, timer)
+    def add(
+        self,
+        rid: str,
+        s: EdgeSession,
+        deadline_ms: float,
+        fut: concurrent.futures.Future[Reply] | None = None,
+        what: tuple[int, int, int, float] = (0, 0, 0, 0.0),
+    ) -> concurrent.futures.Future[Reply]:
+        """Wait for ``rid`` (sent to ``s``): a reply, or the deadline, whichever first.
+        ``what``: (start, end, bytes sent, send time) of the query, for learning."""
+        fut = fut or concurrent.futures.Future()
+        if fut.done():  # answered already (the agent closed)
+            return fut
+        timer = asyncio.get_running_loop().call_later(deadline_ms / 1e3, self._expire, rid)
+        self._pending[rid] = _Pending(fut, s, timer, deadline_ms, s.query_started(), *what)
         return fut
+
+    def _expire(self, rid: str) -> None:
+        p = self._pending.get(rid)
+        if p is None:
+            return
+        s = p.session
+        if not s.online:
+            self.resolve(rid, "edge went offline")
+            return
+        self.resolve(rid, "deadline passed")
+        s.observe(lambda e: e.observe_timeout(p.deadline_ms))
+        s.misses.append(time.monotonic())
+        self._on_miss()
 
     def resolve(self, rid: str, value: Reply) -> bool:
         """Answer ``rid`` with ``value``; False when it has its answer already."""
@@ -82,11 +118,15 @@ class PendingReplies:
         if p is None:
             return False
         p.timer.cancel()
+        p.session.query_done()
         if not p.future.done():
             p.future.set_result(value)
         return True
 
     def on_result(self, h: Result, body: memoryview) -> None:
+        p = self._pending.get(h.request_id)
+        if p is not None:
+            self._learn(p, h)
         if not self.resolve(h.request_id, (h, body)):
             self.late_answers += 1  # ignored: the query already has its one answer
 
@@ -96,8 +136,13 @@ class PendingReplies:
 
     def release(self, edge: str) -> None:
         """An edge went offline: queries waiting on it finish locally at once."""
-        for rid in [r for r, p in self._pending.items() if p.edge == edge]:
+        for rid in [r for r, p in self._pending.items() if p.session.edge_id == edge]:
             self.resolve(rid, "edge went offline")
+
+    def close(self) -> None:
+        """The agent closes: every waiting query finishes locally."""
+        for rid in list(self._pending):
+            self.resolve(rid, "agent closed")
 
 
 class QueryRunner:
@@ -136,7 +181,7 @@ class QueryRunner:
         self._current = current
         self._loop = loop
         self._on_miss = on_miss
-        self.pending = PendingReplies()
+        self.pending = PendingReplies(on_miss, self._learn)
         self._ids = itertools.count()
         self.last_reply = time.monotonic()
         self.last_query = 0.0
@@ -176,15 +221,18 @@ class QueryRunner:
         return best
 
     def _plan(self, s: EdgeSession, split: int | None) -> tuple[Plan, str]:
-        """(plan, reason) for one query; on the loop when it runs (it owns the clocks)."""
-        self.last_query = time.monotonic()
+        """(plan, reason) for one query, from frozen snapshots (any thread)."""
         plan = single_split_plan(s.inputs, split) if split is not None else self.plan_for(s)
-        reason = "planned local" if not plan.offloads else "edge"
-        if split is None and not plan.offloads:
-            explore = self.exploration(s, plan)
-            if explore is not None:
-                return explore, "explore"
-        return plan, reason
+        return plan, "planned local" if not plan.offloads else "edge"
+
+    def _explore(self, s: EdgeSession, plan: Plan) -> tuple[Plan, str] | None:
+        """On the loop (it owns the clocks): mark the query; an exploring plan, if due."""
+        self.last_query = time.monotonic()
+        explore = self.exploration(s, plan)
+        return None if explore is None else (explore, "explore")
+
+    def _mark_query(self) -> None:
+        self.last_query = time.monotonic()
 
     @staticmethod
     def why_not_remote(s: EdgeSession, start: int, end: int) -> str:
@@ -203,13 +251,16 @@ class QueryRunner:
         n = self.pkg.num_blocks
         s = self._current()  # a move during this query affects the next one
         loop = self._loop()
-        try:
-            if loop is None:
-                raise LoopClosedError("no loop")
-            plan, reason = loop.call(lambda: self._plan(s, split))
-        except LoopClosedError:  # the agent closed: nothing else runs, plan right here
-            plan, reason = self._plan(s, split)
-            loop = None
+        plan, reason = self._plan(s, split)  # snapshots: no hop into the loop for this
+        if loop is not None and split is None and not plan.offloads:
+            try:  # planned local: maybe explore (one hop; local work dwarfs it)
+                explored = loop.call(lambda: self._explore(s, plan))
+            except LoopClosedError:
+                explored, loop = None, None
+            if explored is not None:
+                plan, reason = explored
+        elif loop is not None:
+            loop.post(self._mark_query)
         t0 = time.perf_counter()
         y = x
         front_ms = 0.0
@@ -268,14 +319,11 @@ class QueryRunner:
             end=end,
             deadline_ms=deadline,
         )
-        try:
-            return loop.run(self.remote(s, start, end, rid, payload, deadline, info))
-        except (LoopClosedError, concurrent.futures.CancelledError):
-            return "agent closed"
+        return self._remote(loop, s, start, end, rid, payload, deadline, info)
 
-    # on the loop ------------------------------------------------------------------------------
-    async def remote(
+    def _remote(
         self,
+        loop: AgentLoop,
         s: EdgeSession,
         start: int,
         end: int,
@@ -284,36 +332,38 @@ class QueryRunner:
         deadline: float,
         info: dict[str, float],
     ) -> Array | str:
-        """Run [start, end) on edge ``s``: the output, or why not."""
-        fut = self.pending.add(rid, s.edge_id, deadline / 1e3)
+        """Run [start, end) on edge ``s`` (caller's thread): the output, or why not.
+
+        The pending reply is registered by a post *before* the publish, so it is in place
+        when the reply (posted by paho's thread after it) reaches the loop; the caller waits
+        on a thread-safe future that the loop resolves (reply, deadline, offline, close)."""
+        fut: concurrent.futures.Future[Reply] = concurrent.futures.Future()
         t_send = time.perf_counter()
-        clean = s.query_started()
-        try:
-            s.link.publish(self.topics.edge_query(s.edge_id), payload, expiry_s=deadline / 1e3)
-            reply = await fut
-        finally:
-            s.query_done()
-            self.pending.resolve(rid, "cancelled")  # no-op unless we were cancelled
-        rt_ms = (time.perf_counter() - t_send) * 1e3
+        loop.post(self.pending.add, rid, s, deadline, fut, (start, end, len(payload), t_send))
+        s.link.publish(self.topics.edge_query(s.edge_id), payload, expiry_s=deadline / 1e3)
+        try:  # the loop answers by the deadline; the margin covers a loop that went away
+            reply = fut.result(deadline / 1e3 + 5.0)
+        except concurrent.futures.TimeoutError:
+            reply = "agent closed"
         if isinstance(reply, Error):
             return f"edge error: {reply.code}"
         if isinstance(reply, str):
-            if reply == "deadline passed":
-                if not s.online:
-                    return "edge went offline"
-                s.observe(lambda e: e.observe_timeout(deadline))
-                s.misses.append(time.monotonic())
-                self._on_miss()
             return reply
         h, body = reply
         y = np.array(tensor_of(h, body))
         info["queue_ms"] = info.get("queue_ms", 0.0) + h.queue_ms
         info["exec_ms"] = info.get("exec_ms", 0.0) + h.exec_ms
         info["wire_bytes"] = info.get("wire_bytes", 0.0) + len(payload)
+        return y
+
+    def _learn(self, p: _Pending, h: Result) -> None:
+        """On the loop, as a reply arrives in time: keep the estimates fresh from the reply
+        itself (LoADPart), before the caller wakes."""
         self.last_reply = time.monotonic()
-        base = sum(s.inputs.profile.edge_ms[start:end])
-        if clean:  # a reply that queued behind upload chunks says nothing about the link
-            nbytes, wire_ms = len(payload) + y.nbytes, rt_ms - h.queue_ms - h.exec_ms
+        s = p.session
+        base = sum(s.inputs.profile.edge_ms[p.start : p.end])
+        if p.clean:  # a reply that queued behind upload chunks says nothing about the link
+            nbytes = p.sent_bytes + h.tensor.nbytes
+            wire_ms = (time.perf_counter() - p.t_send) * 1e3 - h.queue_ms - h.exec_ms
             s.observe(lambda e: e.observe_round_trip(nbytes, wire_ms))
         s.observe(lambda e: e.observe_reply(h.exec_ms, base, h.queue_ms))
-        return y

@@ -2,8 +2,8 @@
 their results (counted, then sent).
 
 Owned by the edge's loop: the queue, ``in_flight`` and the idle event change only there. A
-query runs on an ``edge-worker`` thread; its result is posted back to the loop, counted, and
-only then published, so a device that has its answer sees it counted.
+query runs on an ``edge-worker`` thread, which posts its result back to the loop to be counted
+and then sends it to the device itself (the answer does not wait for the loop).
 """
 
 from __future__ import annotations
@@ -133,22 +133,31 @@ class QueryQueue:
             if fut is None:  # the edge is stopping
                 break
             self._stats.in_flight += 1
-            fut.add_done_callback(
-                functools.partial(self._threads.post, self._query_done, job, queue_ms)
-            )
+            fut.add_done_callback(functools.partial(self._worker_done, job, queue_ms))
         if self._queue or self._stats.in_flight:
             self._idle.clear()
         else:
             self._idle.set()
 
+    def _worker_done(
+        self, job: _QueryJob, queue_ms: float, fut: concurrent.futures.Future[tuple[bytes, float]]
+    ) -> None:
+        """On the worker, as its run ends: the result goes to the loop to be counted, then
+        straight to the device (paho's publish is thread-safe). Posted before it is sent, so
+        whoever has the answer and then asks the loop sees it counted; sent from here, so the
+        answer does not wait for the loop."""
+        self._threads.post(self._query_done, job, queue_ms, fut)
+        if not fut.cancelled() and fut.exception() is None:
+            self._replies.publish(job.header.device, fut.result()[0])
+
     def _query_done(
         self, job: _QueryJob, queue_ms: float, fut: concurrent.futures.Future[tuple[bytes, float]]
     ) -> None:
-        """A worker's result, back on the loop: count it, then answer."""
+        """A worker's result, back on the loop: count it (the worker sent it)."""
         self._stats.in_flight -= 1
         h = job.header
         try:
-            frame, exec_ms = fut.result()
+            _, exec_ms = fut.result()
         except concurrent.futures.CancelledError:
             pass
         except ProtocolError as e:
@@ -169,5 +178,4 @@ class QueryQueue:
             s.queue_ms_ewma += EWMA_ALPHA * (queue_ms - s.queue_ms_ewma)
             s.exec_ms_ewma += EWMA_ALPHA * (exec_ms - s.exec_ms_ewma)
             self._ran(h.model_id, range(h.start, h.end))
-            self._replies.publish(h.device, frame)
         self._pump()

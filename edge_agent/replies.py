@@ -29,7 +29,8 @@ def device_of(h: Header) -> str | None:
 
 
 class Replies:
-    """Owned by the edge's loop (it counts into the loop's ``EdgeStats``)."""
+    """Owned by the edge's loop (it counts into the loop's ``EdgeStats``); ``publish`` alone
+    touches no state and the workers call it too."""
 
     def __init__(
         self,

@@ -115,13 +115,34 @@ def test_a_late_reply_is_counted_exactly_once(mobilenet: ModelPackage, mosq: Mos
         edge.close()
 
 
+class _Session:
+    """What PendingReplies needs of an edge session."""
+
+    edge_id = "e"
+    online = True
+
+    def __init__(self) -> None:
+        self.queries, self.misses, self.timeouts = 0, [], 0
+
+    def query_started(self) -> bool:
+        self.queries += 1
+        return True
+
+    def query_done(self) -> None:
+        self.queries -= 1
+
+    def observe(self, _update: object) -> None:
+        self.timeouts += 1
+
+
 def test_pending_reply_race_has_one_winner() -> None:
     """A reply and the deadline in the same loop step: exactly one answers the query; the
-    reply that lost is counted as late once."""
+    reply that lost is counted as late once; an offline edge and close answer the rest."""
+    s = _Session()
 
-    async def scenario() -> tuple[object, int, int]:
+    async def scenario() -> tuple[object, object, object, int]:
         p = PendingReplies()
-        fut = p.add("r1", "e", 0.0)  # the deadline fires on the next loop iteration
+        fut = p.add("r1", s, 0.0)  # type: ignore[arg-type]  # the deadline fires next iteration
         await asyncio.sleep(0.01)
         res = Result(
             request_id="r1",
@@ -131,9 +152,13 @@ def test_pending_reply_race_has_one_winner() -> None:
         )
         p.on_result(res, memoryview(b"\0\0\0\0"))
         p.on_result(res, memoryview(b"\0\0\0\0"))  # a duplicate delivery (QoS 1)
-        fut2 = p.add("r2", "e", 5.0)
+        fut2 = p.add("r2", s, 5.0)  # type: ignore[arg-type]
         p.release("e")  # the edge went offline
-        return await fut, p.late_answers, len(p) + (0 if fut2.done() else 1)
+        fut3 = p.add("r3", s, 5.0)  # type: ignore[arg-type]
+        p.close()  # the agent closes
+        assert len(p) == 0
+        return fut.result(0), fut2.result(0), fut3.result(0), p.late_answers
 
-    answer, late, left = asyncio.run(scenario())
-    assert answer == "deadline passed" and late == 2 and left == 0
+    first, second, third, late = asyncio.run(scenario())
+    assert (first, second, third) == ("deadline passed", "edge went offline", "agent closed")
+    assert late == 2 and s.queries == 0 and len(s.misses) == 1 and s.timeouts == 1
