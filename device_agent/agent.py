@@ -129,12 +129,50 @@ class DeviceAgent:
         self._connected = False
         self._watcher: EdgeWatcher | None = None
         self._monitor: concurrent.futures.Future[None] | None = None
+        url = str(BrokerURL.parse(broker_url))
+        check_id("edge", edge_id)
+        if protocol not in (5, 311):
+            raise ValueError("protocol must be 5 or 311")
         self._loop = AgentLoop(f"device-{self.device_id}")
+        try:
+            self._assemble(
+                url,
+                edge_id,
+                handoff,
+                split,
+                deadline_ms,
+                explore_s,
+                explore_margin,
+                upload_rate_Bps,
+                probe_interval,
+                transfer,
+                proactive,
+                proactive_rate_Bps,
+            )
+        except BaseException:
+            self._loop.close()  # a constructor that raises leaves no thread behind
+            raise
+
+    def _assemble(
+        self,
+        url: str,
+        edge_id: str,
+        handoff: HandoffPolicy | None,
+        split: int | None,
+        deadline_ms: float | None,
+        explore_s: float | None,
+        explore_margin: float,
+        upload_rate_Bps: float | None,  # noqa: N803
+        probe_interval: float,
+        transfer: bool,
+        proactive: bool,
+        proactive_rate_Bps: float,  # noqa: N803
+    ) -> None:
+        pkg = self.pkg
         self.connections = Connections(self._loop, self._make_link)
         self.router = InboundRouter(self)
         self.candidates = Candidates()
-        url = str(BrokerURL.parse(broker_url))
-        self.candidates.seen(check_id("edge", edge_id), url, "config")
+        self.candidates.seen(edge_id, url, "config")
         self.sessions: dict[str, EdgeSession] = {}
         self.session = self._new_session(edge_id, url, self._base_inputs)
         self.queries = QueryRunner(
@@ -344,10 +382,10 @@ class DeviceAgent:
         self._stopping = True
         with contextlib.suppress(LoopClosedError, TimeoutError):  # waiting queries: local
             self._loop.call(self.queries.pending.close, timeout=5.0)
+        self._loop.close()  # joins its executor: a watcher start in progress has finished
         watcher, self._watcher = self._watcher, None
         if watcher:
             watcher.close()
-        self._loop.close()
         self.connections.close_all()
 
     # handoff --------------------------------------------------------------------------------
@@ -415,6 +453,8 @@ class DeviceAgent:
         blocks; return when done. Follows handoffs: after a move it goes on with the new edge."""
         self.start_upload(progress, block_timeout)
         self.wait_upload()
+        if self.uploads.failure is not None:
+            raise self.uploads.failure
 
     # queries --------------------------------------------------------------------------------
     def query(self, x: Array, index: int = 0, split: int | None = None) -> QueryOutcome:

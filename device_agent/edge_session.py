@@ -26,6 +26,7 @@ from iotoffload.transport.frame import (
     Announce,
     BlockInfo,
     Error,
+    ErrorCode,
     Hello,
     Inventory,
     Transfer,
@@ -130,6 +131,9 @@ class EdgeSession:
         self._peer_progress = 0.0
 
     # what the edge holds --------------------------------------------------------------------
+    def _chunks(self, i: int) -> int:
+        return -(-self.pkg.blocks[i].onnx_bytes // self.chunk_size)
+
     def has(self, start: int, end: int) -> bool:
         stored = self.stored
         return all(i in stored for i in range(start, end))
@@ -228,7 +232,11 @@ class EdgeSession:
         self._unacked.clear()  # the inventory is the edge's whole state: resend from it
         self.known = h.known
         self.stored, self._loaded = frozenset(h.stored), frozenset(h.loaded)
-        self._partial = dict(h.partial)
+        self._partial = {  # a hostile list must not make a chunk we cannot build
+            i: sorted({c for c in missing if 0 <= c < self._chunks(i)})
+            for i, missing in h.partial.items()
+            if 0 <= i < self.pkg.num_blocks
+        }
         for i, ms in h.block_ms.items():
             self.update_edge_profile(i, ms)
         if self._hello_sent is not None:
@@ -292,7 +300,8 @@ class EdgeSession:
         elif h.block is not None:
             block = h.block
             self._unacked = {u for u in self._unacked if u[0] != block}
-            self._block_failed[block] = f"{h.code}: {h.message}"
+            if h.code != ErrorCode.STORE_FAILED:  # the edge's disk: a later retry may work
+                self._block_failed[block] = f"{h.code}: {h.message}"
         self._changed.notify()
 
     def on_status(self, online: bool, queue_ms: float) -> None:

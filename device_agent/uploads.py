@@ -39,6 +39,7 @@ class UploadCoordinator:
         self._task: asyncio.Task[None] | None = None
         self._fill: asyncio.Task[None] | None = None
         self.fill_target: str | None = None
+        self.failure: BaseException | None = None  # why the last upload task died, if it did
         self._idle = threading.Event()  # no main upload running (read by waiting threads)
         self._idle.set()
         self.started_at: float | None = None
@@ -65,7 +66,14 @@ class UploadCoordinator:
             return
         self._idle.clear()
         self.finished_at = None
+        self.failure = None
         self._task = asyncio.get_running_loop().create_task(self._run(), name="upload")
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.failure = task.exception()
+            log.error("upload failed", exc_info=self.failure)
 
     async def _run(self) -> None:
         try:
@@ -114,6 +122,12 @@ class UploadCoordinator:
         self._fill = asyncio.get_running_loop().create_task(
             self._run_fill(target, transfer, rate_Bps), name="proactive"
         )
+        self._fill.add_done_callback(self._fill_ended)
+
+    def _fill_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("proactive fill failed", exc_info=task.exception())
+            self.fill_target = None  # another edge (or this one) may be filled later
 
     async def _run_fill(
         self,

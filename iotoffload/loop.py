@@ -117,12 +117,21 @@ class AgentLoop:
 
         async def _shutdown() -> None:
             me = asyncio.current_task()
-            tasks = [t for t in asyncio.all_tasks() if t is not me]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for _ in range(10):  # a cancelled task may start another: until none is left
+                tasks = [t for t in asyncio.all_tasks() if t is not me]
+                if not tasks:
+                    break
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
-        if self._thread.is_alive() and not self.in_loop():
+        if self.in_loop():  # from a callback of its own: cancel and stop, join nothing
+            for t in asyncio.all_tasks(self._loop):
+                t.cancel()
+            self._loop.call_soon(self._loop.stop)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            return
+        if self._thread.is_alive():
             try:
                 asyncio.run_coroutine_threadsafe(_shutdown(), self._loop).result(timeout)
             except (concurrent.futures.TimeoutError, RuntimeError):

@@ -19,6 +19,7 @@ from zeroconf import (
     Zeroconf,
 )
 
+from iotoffload.ids import is_id
 from iotoffload.transport.frame import FRAME_VERSION
 from iotoffload.transport.mqtt import BrokerURL
 
@@ -97,6 +98,8 @@ def _record(info: ServiceInfo) -> EdgeRecord | None:
         (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
         for k, v in (info.properties or {}).items()
     }
+    if not is_id(p.get("id")):  # it becomes a topic level: no wildcards, no separators
+        return None
     try:
         return EdgeRecord(
             id=str(p["id"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -53,6 +54,8 @@ class Estimates:
 
     def _toward(self, field_: str, sample: float) -> Estimates:
         old: float = getattr(self, field_)
+        if not math.isfinite(sample):  # a poisoned sample must not poison the estimate
+            return self
         return replace(self, **{field_: old + self.alpha * (sample - old)})
 
     def observe_rtt(self, ms: float) -> Estimates:

@@ -99,7 +99,8 @@ class FrameError(ProtocolError):
 
 
 class _H(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # a non-finite float (JSON 1e400, NaN) would poison every estimate made from it
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class WireTensor(_H):

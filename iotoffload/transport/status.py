@@ -17,7 +17,7 @@ MAX_STATUS_BYTES = 64 * 1024
 
 
 class _S(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
 
 class EdgeLoad(_S):
