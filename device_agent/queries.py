@@ -231,8 +231,17 @@ class QueryRunner:
         explore = self.exploration(s, plan)
         return None if explore is None else (explore, "explore")
 
-    def _mark_query(self) -> None:
+    def _register(
+        self,
+        rid: str,
+        s: EdgeSession,
+        deadline: float,
+        fut: concurrent.futures.Future[Reply],
+        what: tuple[int, int, int, float],
+    ) -> None:
+        """On the loop: the query is on its way; its reply is awaited."""
         self.last_query = time.monotonic()
+        self.pending.add(rid, s, deadline, fut, what)
 
     @staticmethod
     def why_not_remote(s: EdgeSession, start: int, end: int) -> str:
@@ -259,8 +268,7 @@ class QueryRunner:
                 explored, loop = None, None
             if explored is not None:
                 plan, reason = explored
-        elif loop is not None:
-            loop.post(self._mark_query)
+        # an offloaded query marks itself when its pending reply is registered (one post)
         t0 = time.perf_counter()
         y = x
         front_ms = 0.0
@@ -339,7 +347,7 @@ class QueryRunner:
         on a thread-safe future that the loop resolves (reply, deadline, offline, close)."""
         fut: concurrent.futures.Future[Reply] = concurrent.futures.Future()
         t_send = time.perf_counter()
-        loop.post(self.pending.add, rid, s, deadline, fut, (start, end, len(payload), t_send))
+        loop.post(self._register, rid, s, deadline, fut, (start, end, len(payload), t_send))
         s.link.publish(self.topics.edge_query(s.edge_id), payload, expiry_s=deadline / 1e3)
         try:  # the loop answers by the deadline; the margin covers a loop that went away
             reply = fut.result(deadline / 1e3 + 5.0)
