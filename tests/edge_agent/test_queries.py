@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 
+from edge_agent.stats import EdgeStats
 from iotoffload.transport.frame import (
     Query,
     encode_tensor_frame,
@@ -104,3 +105,33 @@ def test_stats_hammered_from_many_threads_lose_nothing(harness: Harness) -> None
     assert s.queries == n_threads * good
     assert s.error_codes == {"unknown_model": n_threads * bad}
     assert s.in_flight == 0 and edge.load_factor() == 0
+
+
+def test_stats_are_written_on_the_edge_loop_only(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One owner: every write to the edge's counters (uploads, queries, errors) happens on
+    ``edge-loop`` — a write from a network or worker thread could lose an update."""
+    model = tiny_model()
+    edge = harness.edge(workers=2)
+    own = edge._stats
+    writers: list[str] = []
+    setattr_ = EdgeStats.__setattr__
+
+    def spy(self: EdgeStats, name: str, value: object) -> None:
+        if self is own:
+            writers.append(threading.current_thread().name)
+        setattr_(self, name, value)
+
+    monkeypatch.setattr(EdgeStats, "__setattr__", spy)
+    dev = harness.client("dev0")
+    dev.control(model.announce(dev.device))
+    dev.inventory()
+    dev.upload(model)
+    for j in range(10):
+        dev.send(harness.topics.edge_query("edge1"), dev.query_frame(model, f"w{j}", X))
+    for j in range(10):
+        dev.result(f"w{j}")
+    dev.send(harness.topics.edge_query("edge1"), b"junk")  # an error is counted too
+    wait_until(lambda: edge.stats.errors >= 1, 5)
+    assert writers and set(writers) == {"edge-loop"}, sorted(set(writers))
