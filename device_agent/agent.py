@@ -21,7 +21,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
-import time
 import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -282,9 +281,6 @@ class DeviceAgent:
         return order + [i for i in range(n) if i not in order]  # the rest, later
 
     # hops into the loop ---------------------------------------------------------------------
-    def _on_loop(self, fn: Any) -> Any:
-        return self._loop.call(fn)
-
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return self._loop.run(coro, timeout)
 
@@ -397,13 +393,13 @@ class DeviceAgent:
             self.candidates.seen(edge, broker, "config")
             self.mobility.wake()
 
-        self._on_loop(add)
+        self._loop.call(add)
 
     def set_prefer(self, edge: str | None) -> None:
         """Force the device onto ``edge`` whenever it is online (None: the policy decides)."""
         if edge:
             check_id("edge", edge)
-        self._on_loop(lambda: self.set_prefer_now(edge))
+        self._loop.call(lambda: self.set_prefer_now(edge))
 
     def set_prefer_now(self, edge: object) -> None:
         """On the loop: ``edge`` from a control message (checked here)."""
@@ -431,7 +427,7 @@ class DeviceAgent:
     # upload ---------------------------------------------------------------------------------
     def start_upload(self, progress: Progress | None = None, block_timeout: float = 30.0) -> None:
         """Upload in the background (it follows handoffs); ``wait_upload`` waits for it."""
-        self._on_loop(lambda: self.uploads.start(progress, block_timeout))
+        self._loop.call(lambda: self.uploads.start(progress, block_timeout))
 
     def wait_upload(self, timeout: float | None = None) -> bool:
         return self.uploads.wait(timeout)
@@ -461,10 +457,3 @@ class DeviceAgent:
         """Run one query by the current plan; an edge segment that fails (deadline, error,
         edge offline) is finished on the device. Exactly one answer, always."""
         return self.queries.query(x, index, split)
-
-    def wait_idle(self, timeout: float = 5.0) -> bool:
-        """True once no query waits for an edge (tests, benches)."""
-        end = time.monotonic() + timeout
-        while self._on_loop(lambda: len(self.queries.pending)) and time.monotonic() < end:
-            time.sleep(0.01)
-        return not self._on_loop(lambda: len(self.queries.pending))

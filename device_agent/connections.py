@@ -48,9 +48,6 @@ class Connections:
             self.opened += 1
         return link
 
-    def links(self) -> list[Link]:
-        return list(self._links.values())
-
     def _connect(self, url: str, link: Link, timeout: float) -> None:
         """On a connect thread: a first connect, or a wait for paho's own reconnect."""
         if url not in self._connected_once:

@@ -23,7 +23,7 @@ import numpy as np
 from device_agent.edge_session import EdgeSession
 from iotoffload.loop import AgentLoop, LoopClosedError
 from iotoffload.model.package import ModelPackage
-from iotoffload.planning import Plan, Planner, single_split_plan
+from iotoffload.planning import Estimates, Plan, Planner, single_split_plan
 from iotoffload.runtime.base import Array
 from iotoffload.runtime.tflite import TFLiteExecutor
 from iotoffload.transport.frame import Error, Query, Result, encode_tensor_frame, tensor_of
@@ -370,8 +370,12 @@ class QueryRunner:
         self.last_reply = time.monotonic()
         s = p.session
         base = sum(s.inputs.profile.edge_ms[p.start : p.end])
-        if p.clean:  # a reply that queued behind upload chunks says nothing about the link
-            nbytes = p.sent_bytes + h.tensor.nbytes
-            wire_ms = (time.perf_counter() - p.t_send) * 1e3 - h.queue_ms - h.exec_ms
-            s.observe(lambda e: e.observe_round_trip(nbytes, wire_ms))
-        s.observe(lambda e: e.observe_reply(h.exec_ms, base, h.queue_ms))
+        nbytes = p.sent_bytes + h.tensor.nbytes
+        wire_ms = (time.perf_counter() - p.t_send) * 1e3 - h.queue_ms - h.exec_ms
+
+        def learn(e: Estimates) -> Estimates:  # one new snapshot per reply
+            if p.clean:  # a reply that queued behind upload chunks says nothing of the link
+                e = e.observe_round_trip(nbytes, wire_ms)
+            return e.observe_reply(h.exec_ms, base, h.queue_ms)
+
+        s.observe(learn)

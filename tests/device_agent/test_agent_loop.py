@@ -16,8 +16,9 @@ import pytest
 from device_agent.agent import DeviceAgent
 from device_agent.queries import PendingReplies
 from iotoffload.model import ModelPackage
-from iotoffload.transport.frame import Result, WireTensor
-from tests.device_agent.helpers import ScriptedEdge
+from iotoffload.transport.frame import Inventory, Result, WireTensor
+from iotoffload.transport.status import EdgeStatus
+from tests.device_agent.helpers import ScriptedEdge, inject, inject_message
 from tests.integration.conftest import Mosquitto
 
 
@@ -162,3 +163,30 @@ def test_pending_reply_race_has_one_winner() -> None:
     first, second, third, late = asyncio.run(scenario())
     assert (first, second, third) == ("deadline passed", "edge went offline", "agent closed")
     assert late == 2 and s.queries == 0 and len(s.misses) == 1 and s.timeouts == 1
+
+
+def test_forged_status_and_hostile_inventory_are_refused(mobilenet: ModelPackage) -> None:
+    """A status naming another edge than its topic is ignored (one edge cannot speak for
+    another); an inventory's chunk lists are bounded to what the block can have."""
+    dev = _device(mobilenet, "mqtt://127.0.0.1:9", "e1")
+    try:
+        forged = EdgeStatus(state="online", edge="e1", broker="mqtt://127.0.0.1:666")
+        inject_message(dev, "status", dev.topics.edge_status("evil"), forged.to_json())
+        c = dev.candidates.get("e1")
+        assert c is not None and c.broker == "mqtt://127.0.0.1:9"  # unchanged
+        offline = EdgeStatus(state="offline", edge="e1", broker="mqtt://127.0.0.1:9")
+        inject_message(dev, "status", dev.topics.edge_status("evil"), offline.to_json())
+        assert dev.candidates.get("e1").online  # type: ignore[union-attr]
+        inject_message(dev, "status", dev.topics.edge_status("e1"), offline.to_json())
+        assert not dev.candidates.get("e1").online  # type: ignore[union-attr]  # the real one
+        n = -(-mobilenet.blocks[0].onnx_bytes // dev.chunk_size)
+        inv = Inventory(
+            model_id=mobilenet.manifest.model_id,
+            known=True,
+            edge="e1",
+            partial={0: [-1, 0, 0, n, 10**9], 9999: [0]},
+        )
+        inject(dev, inv)
+        assert dev.loop.call(lambda: dict(dev.session._partial)) == {0: [0]}
+    finally:
+        dev.close()

@@ -3,6 +3,7 @@ wire protocol with ``MqttLink`` and ``frame`` encode/decode (no DeviceAgent)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import socket
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import edge_agent.store
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
 from iotoffload.model.manifest import TensorSpec, compute_model_id
@@ -309,3 +311,15 @@ def harness(mosquitto_url: str, tmp_path: Path) -> Iterator[Harness]:
         h.close()
     left = [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
     assert not left, f"threads left behind: {left}"
+
+
+def full_disk(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Writes under a path part ``where`` (e.g. "partial", "blocks") fail with ENOSPC."""
+    real = edge_agent.store._atomic_write
+
+    def write(path: Path, data: bytes) -> None:
+        if where in path.parts:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(edge_agent.store, "_atomic_write", write)

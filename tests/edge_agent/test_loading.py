@@ -3,34 +3,19 @@ chunk is kept for a retry, and the edge keeps serving."""
 
 from __future__ import annotations
 
-import errno
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-import edge_agent.store
 from iotoffload.transport.frame import (
     ErrorCode,
     Hello,
     UploadAck,
 )
-from tests.edge_agent.conftest import Harness, tiny_model
+from tests.edge_agent.conftest import Harness, full_disk, tiny_model
 
 pytestmark = pytest.mark.integration
 
 X = np.arange(4, dtype=np.float32).reshape(1, 4)
-
-
-def _disk_full_for(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
-    real = edge_agent.store._atomic_write
-
-    def full(path: Path, data: bytes) -> None:
-        if where in path.parts:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data)
-
-    monkeypatch.setattr(edge_agent.store, "_atomic_write", full)
 
 
 def test_a_full_disk_answers_store_failed_and_the_edge_keeps_serving(
@@ -42,7 +27,7 @@ def test_a_full_disk_answers_store_failed_and_the_edge_keeps_serving(
     dev.control(model.announce(dev.device))
     dev.inventory()
     chunks = model.chunks(dev.device, 0)
-    _disk_full_for(monkeypatch, "partial")  # no chunk can be written
+    full_disk(monkeypatch, "partial")  # no chunk can be written
     dev.upload_chunk(*chunks[0])
     e = dev.error()
     assert (e.code, e.block, e.chunk, e.request_id) == (ErrorCode.STORE_FAILED, 0, 0, None)
@@ -50,7 +35,7 @@ def test_a_full_disk_answers_store_failed_and_the_edge_keeps_serving(
     dev.control(Hello(device=dev.device, model_id=model.model_id))
     assert dev.inventory().known  # still answering
     monkeypatch.undo()
-    _disk_full_for(monkeypatch, "blocks")  # the chunks fit, the assembled block does not
+    full_disk(monkeypatch, "blocks")  # the chunks fit, the assembled block does not
     for h, body in chunks:
         dev.upload_chunk(h, body)
     e = dev.error()

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-import edge_agent.store
 from edge_agent.store import BlockStore, StoreError
 from iotoffload.transport.frame import ErrorCode, UploadChunk
+from tests.edge_agent.conftest import full_disk
 
 
 def _chunks(n: int, seed: bytes = b"") -> tuple[str, list[tuple[UploadChunk, bytes]]]:
@@ -113,17 +113,6 @@ def test_received_chunks_are_read_from_disk_once_after_a_restart(
     assert again.block_path(sha).read_bytes() == b"".join(b for _, b in chunks)
 
 
-def _full_disk(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
-    real = edge_agent.store._atomic_write
-
-    def write(path: Path, data: bytes) -> None:
-        if where in path.parts:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data)
-
-    monkeypatch.setattr(edge_agent.store, "_atomic_write", write)
-
-
 def test_a_chunk_on_a_full_disk_is_store_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -152,7 +141,7 @@ def test_the_chunks_stay_until_the_block_is_written(
     sha, chunks = _chunks(4)
     for h, body in chunks[:-1]:
         s.put_chunk(h, body)
-    _full_disk(monkeypatch, "blocks")
+    full_disk(monkeypatch, "blocks")
     with pytest.raises(StoreError) as e:
         s.put_chunk(*chunks[-1])  # every chunk is here; the block itself does not fit
     assert e.value.code is ErrorCode.STORE_FAILED

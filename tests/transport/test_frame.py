@@ -197,3 +197,14 @@ def test_every_protocol_error_code_is_an_error_code() -> None:
     for err in (FrameError(ErrorCode.MALFORMED, "m"), StoreError(ErrorCode.DIGEST_MISMATCH, "d")):
         assert isinstance(err, ProtocolError) and isinstance(err.code, ErrorCode)
         assert Error.of(err, edge="e1").code == err.code
+
+
+def test_non_finite_floats_are_refused() -> None:
+    """A result claiming an infinite queue time would poison the device's estimates."""
+    for bad in (b"1e400", b"NaN", b"-Infinity"):
+        hb = b'{"type":"result","request_id":"r1","queue_ms":%s,"exec_ms":1.0,' % bad
+        hb += b'"tensor":{"dtype":"float32","shape":[1]}}'
+        raw = MAGIC + bytes([1]) + len(hb).to_bytes(4, "big") + hb + b"\0" * 4
+        with pytest.raises(FrameError) as e:
+            decode(raw)
+        assert e.value.code == ErrorCode.INVALID_HEADER, bad

@@ -30,6 +30,8 @@ def test_junk_and_malformed_statuses_are_refused() -> None:
         b'{"state": "online", "edge": "bad/id"}',
         b'{"state": "online", "edge": "e1", "load": {"queue": -1}}',
         b"[" * 100_000,
+        b'{"state": "online", "edge": "e1", "load": {"queue_ms": 1e400}}',  # inf
+        b'{"state": "online", "edge": "e1", "load": {"exec_ms": NaN}}',
         json.dumps({"state": "online", "edge": "e1", "pad": "x" * MAX_STATUS_BYTES}).encode(),
     ):
         assert EdgeStatus.parse(junk) is None
