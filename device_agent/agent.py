@@ -49,7 +49,7 @@ from iotoffload.runtime.base import Array
 from iotoffload.runtime.profiling import measure_device_ms
 from iotoffload.runtime.tflite import TFLiteExecutor
 from iotoffload.transport.frame import Inventory
-from iotoffload.transport.link import Link, Message
+from iotoffload.transport.link import Link
 from iotoffload.transport.mqtt import BrokerURL, MqttLink
 from iotoffload.transport.topics import Topics
 
@@ -287,10 +287,11 @@ class DeviceAgent:
     # links and sessions (on the loop) ----------------------------------------------------------
     def _make_link(self, url: str) -> Link:
         """One connection per broker; each carries my inbox, my control topic and every edge's
-        status on that broker. Its callbacks only post to the loop."""
+        status on that broker. Its callbacks post to the loop (a result
+        answers its caller on the network thread: ``InboundRouter.on_inbox_message``)."""
         link = MqttLink(url, f"device-{self.device_id}", protocol=self.protocol)
         post = self._loop.post
-        link.subscribe(self.topics.device_inbox(self.device_id), lambda m: post(self._inbox, m))
+        link.subscribe(self.topics.device_inbox(self.device_id), self.router.on_inbox_message)
         link.subscribe(self.topics.edge_status_all(), lambda m: post(self.router.status, m))
         link.subscribe(
             self.topics.device_control(self.device_id), lambda m: post(self.router.control, m)
@@ -306,9 +307,6 @@ class DeviceAgent:
         # closing, or a busy loop: the upload's own retries cover the rest
         with contextlib.suppress(LoopClosedError, TimeoutError):
             self._loop.call(lambda: self._after_reconnect(link), timeout=2.0)
-
-    def _inbox(self, m: Message) -> None:
-        self.router.inbox(m)
 
     def _new_session(self, edge_id: str, url: str, inputs: PlanningInputs) -> EdgeSession:
         s = EdgeSession(

@@ -1,25 +1,30 @@
 """Queries: the plan for each one, the device's segments on TFLite, the edge's segments over
 MQTT, and the pending replies.
 
-``QueryRunner.query`` runs on the caller's thread (TFLite runs there, off the loop). It hops
-into the agent's loop twice at most: once to plan (the loop owns the estimates and the
-exploration clock) and once per edge segment (publish, then await the reply there). Pending
-replies are futures owned by the loop: a reply, its deadline and an edge going offline race
-on the loop alone, so each query gets exactly one answer and a late one is counted once.
+``QueryRunner.query`` runs on the caller's thread (TFLite runs there, off the loop). It plans
+from frozen snapshots (a hop into the loop only to explore when the plan is local), posts each
+edge segment's deadline to the loop, publishes it and waits on its slot in ``Answers``. The
+edge's result answers the caller straight from paho's network thread (one thread handoff, as
+few as a broker client allows); the loop owns the deadlines and the learning. A reply, its
+deadline, an edge going offline and ``close`` all answer through ``Answers``, so each query
+gets exactly one answer and a late one is counted once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from device_agent.answers import Answers
 from device_agent.edge_session import EdgeSession
 from iotoffload.loop import AgentLoop, LoopClosedError
 from iotoffload.model.package import ModelPackage
@@ -31,6 +36,7 @@ from iotoffload.transport.topics import Topics
 
 log = logging.getLogger(__name__)
 
+SETTLE_WAIT_S = 0.5  # at most, for the loop to learn from the caller's last reply
 # what a pending query ends with: the edge's result, its error, or why neither came
 Reply = tuple[Result, memoryview] | Error | str
 
@@ -54,7 +60,6 @@ class QueryOutcome:
 
 @dataclass
 class _Pending:
-    future: concurrent.futures.Future[Reply]  # the caller's thread waits on it
     session: EdgeSession
     timer: asyncio.TimerHandle
     deadline_ms: float
@@ -63,20 +68,33 @@ class _Pending:
     end: int = 0
     sent_bytes: int = 0
     t_send: float = 0.0  # perf_counter() just before the publish
+    # set once the query is finished on the loop (and its reply learned from): the caller's
+    # next plan waits for it, so it sees every reply its caller got
+    settled: concurrent.futures.Future[None] | None = None
+
+
+def _settle(f: concurrent.futures.Future[None] | None) -> None:
+    if f is not None and not f.done():
+        f.set_result(None)
 
 
 class PendingReplies:
-    """Requests waiting for an edge. Owned by the device agent's loop; the futures are the
-    thread-safe kind, so the caller's thread waits on them without another hop."""
+    """Requests waiting for an edge: their deadlines, sessions and what to learn from their
+    replies. Owned by the device agent's loop. Their answers go through ``answers`` (any
+    thread), so a result reaches its caller straight from the network thread; the loop hears
+    of it next (``on_result``) and learns from it."""
 
     def __init__(
         self,
+        answers: Answers[Reply] | None = None,
         on_miss: Callable[[], None] = lambda: None,
-        learn: Callable[[_Pending, Result], None] = lambda _p, _h: None,
+        learn: Callable[[_Pending, Result, float], None] = lambda _p, _h, _t: None,
     ) -> None:
+        self.answers: Answers[Reply] = answers if answers is not None else Answers()
         self._pending: dict[str, _Pending] = {}
         self._on_miss = on_miss
-        self._learn = learn  # a reply in time, before its caller wakes: the next plan knows
+        self._learn = learn  # (pending, reply, perf_counter() at its arrival)
+        self._closed = False
         self.late_answers = 0  # results that came after their query was answered otherwise
 
     def __len__(self) -> int:
@@ -87,48 +105,61 @@ class PendingReplies:
         rid: str,
         s: EdgeSession,
         deadline_ms: float,
-        fut: concurrent.futures.Future[Reply] | None = None,
         what: tuple[int, int, int, float] = (0, 0, 0, 0.0),
-    ) -> concurrent.futures.Future[Reply]:
-        """Wait for ``rid`` (sent to ``s``): a reply, or the deadline, whichever first.
-        ``what``: (start, end, bytes sent, send time) of the query, for learning."""
-        fut = fut or concurrent.futures.Future()
-        if fut.done():  # answered already (the agent closed)
-            return fut
+        settled: concurrent.futures.Future[None] | None = None,
+    ) -> None:
+        """``rid`` (opened in ``answers``, sent to ``s``) waits for a reply or its deadline,
+        whichever first. ``what``: (start, end, bytes sent, send time), for learning;
+        ``settled`` is set once the query is finished here.
+
+        Its result may have answered it already (it overtook this post): ``on_result``,
+        posted after this, then finishes it."""
+        if self._closed:  # answered "agent closed" by the registry
+            _settle(settled)
+            return
         timer = asyncio.get_running_loop().call_later(deadline_ms / 1e3, self._expire, rid)
-        self._pending[rid] = _Pending(fut, s, timer, deadline_ms, s.query_started(), *what)
-        return fut
+        p = _Pending(s, timer, deadline_ms, s.query_started(), *what, settled=settled)
+        self._pending[rid] = p
+
+    def _finish(self, rid: str, reply: Result | None = None, arrived: float = 0.0) -> None:
+        """The query is done: its deadline cleared, its session told, what its ``reply``
+        says learned; then its caller's next plan may go ahead."""
+        p = self._pending.pop(rid, None)
+        if p is None:
+            return
+        p.timer.cancel()
+        p.session.query_done()
+        try:
+            if reply is not None:
+                self._learn(p, reply, arrived)
+        finally:
+            _settle(p.settled)
 
     def _expire(self, rid: str) -> None:
         p = self._pending.get(rid)
         if p is None:
             return
         s = p.session
-        if not s.online:
-            self.resolve(rid, "edge went offline")
-            return
-        self.resolve(rid, "deadline passed")
-        s.observe(lambda e: e.observe_timeout(p.deadline_ms))
-        s.misses.append(time.monotonic())
-        self._on_miss()
+        if not self.resolve(rid, "deadline passed" if s.online else "edge went offline"):
+            return  # its result won the race; its on_result is on the way
+        if s.online:
+            s.observe(lambda e: e.observe_timeout(p.deadline_ms))
+            s.misses.append(time.monotonic())
+            self._on_miss()
 
     def resolve(self, rid: str, value: Reply) -> bool:
         """Answer ``rid`` with ``value``; False when it has its answer already."""
-        p = self._pending.pop(rid, None)
-        if p is None:
+        if not self.answers.answer(rid, value):
             return False
-        p.timer.cancel()
-        p.session.query_done()
-        if not p.future.done():
-            p.future.set_result(value)
+        self._finish(rid)
         return True
 
-    def on_result(self, h: Result, body: memoryview) -> None:
-        p = self._pending.get(h.request_id)
-        if p is not None:
-            self._learn(p, h)
-        if not self.resolve(h.request_id, (h, body)):
+    def on_result(self, h: Result, won: bool, arrived: float) -> None:
+        """A result reached ``answers`` (``won``: it answered its query) at ``arrived``."""
+        if not won:
             self.late_answers += 1  # ignored: the query already has its one answer
+            return
+        self._finish(h.request_id, h, arrived)
 
     def on_error(self, h: Error) -> bool:
         """True when the error answered a pending query."""
@@ -140,9 +171,11 @@ class PendingReplies:
             self.resolve(rid, "edge went offline")
 
     def close(self) -> None:
-        """The agent closes: every waiting query finishes locally."""
+        """The agent closes: every waiting query, and any opened later, finishes locally."""
+        self._closed = True
+        self.answers.close("agent closed")
         for rid in list(self._pending):
-            self.resolve(rid, "agent closed")
+            self._finish(rid)
 
 
 class QueryRunner:
@@ -181,8 +214,9 @@ class QueryRunner:
         self._current = current
         self._loop = loop
         self._on_miss = on_miss
-        self.pending = PendingReplies(on_miss, self._learn)
+        self.pending = PendingReplies(Answers(), on_miss, self._learn)
         self._ids = itertools.count()
+        self._caller = threading.local()  # per caller thread: its last query's ``settled``
         self.last_reply = time.monotonic()
         self.last_query = 0.0
 
@@ -236,12 +270,12 @@ class QueryRunner:
         rid: str,
         s: EdgeSession,
         deadline: float,
-        fut: concurrent.futures.Future[Reply],
         what: tuple[int, int, int, float],
+        settled: concurrent.futures.Future[None],
     ) -> None:
-        """On the loop: the query is on its way; its reply is awaited."""
+        """On the loop: the query is on its way; its reply or its deadline, whichever first."""
         self.last_query = time.monotonic()
-        self.pending.add(rid, s, deadline, fut, what)
+        self.pending.add(rid, s, deadline, what, settled)
 
     @staticmethod
     def why_not_remote(s: EdgeSession, start: int, end: int) -> str:
@@ -258,6 +292,7 @@ class QueryRunner:
         """Run one query by the current plan; an edge segment that fails (deadline, error,
         edge offline) is finished on the device. Exactly one answer, always."""
         n = self.pkg.num_blocks
+        self._settle_previous()
         s = self._current()  # a move during this query affects the next one
         loop = self._loop()
         plan, reason = self._plan(s, split)  # snapshots: no hop into the loop for this
@@ -305,6 +340,16 @@ class QueryRunner:
         out.wire_bytes = int(info.get("wire_bytes", 0))
         return out
 
+    def _settle_previous(self) -> None:
+        """Wait (briefly: the loop does it as the reply arrives) until the estimates have
+        learned from this thread's last reply, so this plan sees it. A result reaches its
+        caller before the loop learns from it; that is the price of one handoff fewer."""
+        settled: concurrent.futures.Future[None] | None = getattr(self._caller, "settled", None)
+        if settled is not None:
+            self._caller.settled = None
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                settled.result(SETTLE_WAIT_S)
+
     def _run_remote(
         self,
         loop: AgentLoop,
@@ -342,17 +387,24 @@ class QueryRunner:
     ) -> Array | str:
         """Run [start, end) on edge ``s`` (caller's thread): the output, or why not.
 
-        The pending reply is registered by a post *before* the publish, so it is in place
-        when the reply (posted by paho's thread after it) reaches the loop; the caller waits
-        on a thread-safe future that the loop resolves (reply, deadline, offline, close)."""
-        fut: concurrent.futures.Future[Reply] = concurrent.futures.Future()
+        The query's slot in ``answers`` is opened and its deadline registered (a post) *before*
+        the publish, so both are in place when the reply comes. The result answers the caller
+        straight from the network thread; the loop answers a deadline, an edge going offline
+        or the agent closing. Whichever is first is the one answer."""
+        answers = self.pending.answers
+        fut = answers.open(rid)
+        if fut.done():  # the agent has closed
+            return str(fut.result())
         t_send = time.perf_counter()
-        loop.post(self._register, rid, s, deadline, fut, (start, end, len(payload), t_send))
+        settled: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._caller.settled = settled  # this thread's next plan waits for it
+        what = (start, end, len(payload), t_send)
+        loop.post(self._register, rid, s, deadline, what, settled)
         s.link.publish(self.topics.edge_query(s.edge_id), payload, expiry_s=deadline / 1e3)
         try:  # the loop answers by the deadline; the margin covers a loop that went away
             reply = fut.result(deadline / 1e3 + 5.0)
         except concurrent.futures.TimeoutError:
-            reply = "agent closed"
+            reply = "agent closed" if answers.answer(rid, "agent closed") else fut.result(0)
         if isinstance(reply, Error):
             return f"edge error: {reply.code}"
         if isinstance(reply, str):
@@ -364,14 +416,15 @@ class QueryRunner:
         info["wire_bytes"] = info.get("wire_bytes", 0.0) + len(payload)
         return y
 
-    def _learn(self, p: _Pending, h: Result) -> None:
-        """On the loop, as a reply arrives in time: keep the estimates fresh from the reply
-        itself (LoADPart), before the caller wakes."""
+    def _learn(self, p: _Pending, h: Result, arrived: float) -> None:
+        """On the loop, right after a reply in time answered its query: keep the estimates
+        fresh from the reply itself (LoADPart). The caller's next plan waits for this
+        (``_settle_previous``), so it sees the reply."""
         self.last_reply = time.monotonic()
         s = p.session
         base = sum(s.inputs.profile.edge_ms[p.start : p.end])
         nbytes = p.sent_bytes + h.tensor.nbytes
-        wire_ms = (time.perf_counter() - p.t_send) * 1e3 - h.queue_ms - h.exec_ms
+        wire_ms = (arrived - p.t_send) * 1e3 - h.queue_ms - h.exec_ms
 
         def learn(e: Estimates) -> Estimates:  # one new snapshot per reply
             if p.clean:  # a reply that queued behind upload chunks says nothing of the link

@@ -1,16 +1,27 @@
 """Inbound messages of the device: decoded and dispatched to the session, the pending query or
 the mobility controller they concern.
 
-Owned by the device agent's loop: paho's network threads only post each ``Message`` here.
+Owned by the device agent's loop. paho's network threads run ``on_inbox_message``: it decodes
+the frame (pure), hands a result straight to its waiting caller through ``Answers`` and posts
+everything else here; status and control messages are posted as they come.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import TYPE_CHECKING
 
-from iotoffload.transport.frame import Error, FrameError, Inventory, Result, UploadAck, decode
+from iotoffload.transport.frame import (
+    Error,
+    FrameError,
+    Header,
+    Inventory,
+    Result,
+    UploadAck,
+    decode,
+)
 from iotoffload.transport.link import Message
 from iotoffload.transport.status import EdgeStatus
 
@@ -30,13 +41,35 @@ class InboundRouter:
     def _session_of(self, edge: str | None) -> EdgeSession | None:
         return self._a.sessions.get(edge) if edge else self._a.session
 
-    def inbox(self, m: Message) -> None:
-        a = self._a
+    # paho's network thread -------------------------------------------------------------------
+    def on_inbox_message(self, m: Message) -> None:
+        """Decode here; a result answers its caller at once (the loop learns from it next),
+        anything else goes to the loop."""
         try:
             h, body = decode(m.payload)
         except FrameError as e:
             log.warning("bad frame from an edge: %s", e)
             return
+        post = self._a.loop.post
+        if isinstance(h, Result):
+            pending = self._a.queries.pending
+            won = pending.answers.answer(h.request_id, (h, body))
+            post(pending.on_result, h, won, time.perf_counter())
+        else:
+            post(self.dispatch, h, body)
+
+    # the loop ----------------------------------------------------------------------------------
+    def inbox(self, m: Message) -> None:
+        """A whole inbox message, on the loop (as ``on_inbox_message`` would hand it on)."""
+        try:
+            h, body = decode(m.payload)
+        except FrameError as e:
+            log.warning("bad frame from an edge: %s", e)
+            return
+        self.dispatch(h, body)
+
+    def dispatch(self, h: Header, body: memoryview) -> None:
+        a = self._a
         if isinstance(h, Inventory | UploadAck):
             s = self._session_of(h.edge)
             if s is None or h.model_id != a.pkg.manifest.model_id:
@@ -46,7 +79,9 @@ class InboundRouter:
             else:
                 s.on_ack(h)
         elif isinstance(h, Result):
-            a.queries.pending.on_result(h, body)
+            pending = a.queries.pending
+            won = pending.answers.answer(h.request_id, (h, body))
+            pending.on_result(h, won, time.perf_counter())
         elif isinstance(h, Error) and not a.queries.pending.on_error(h):
             log.warning("edge %s error %s: %s", h.edge or "?", h.code, h.message)
             self._session_error(h)

@@ -81,6 +81,7 @@ class EdgeAgent:
         self.queries = QueryQueue(
             config.workers, self._stats, self.replies, self.threads, ran=self.loader.mark_loaded
         )
+        self.loader.settle = self.queries.count
         self.peers = PeerTransfers(
             config.id,
             self.topics,
@@ -215,6 +216,7 @@ class EdgeAgent:
         self._stopping = True
         await self.status.end()
         await self.queries.drain(STOP_DRAIN_S)
+        self.queries.count()
 
     # reads and hops (from any thread) -----------------------------------------------------
     def load_factor(self) -> float:
@@ -232,5 +234,10 @@ class EdgeAgent:
 
     @property
     def stats(self) -> EdgeStats:
-        """A copy of the counters, taken on the loop."""
-        return self.threads.call(self._stats.copy)
+        """A copy of the counters, taken on the loop (``in_flight`` as of now)."""
+
+        def copy() -> EdgeStats:
+            self.queries.count()
+            return self._stats.copy(in_flight=self.queries.in_flight)
+
+        return self.threads.call(copy)

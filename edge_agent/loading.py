@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -43,7 +43,8 @@ def _load_blocks(ex: OnnxExecutor, indices: list[int], profile: bool) -> float |
 
 class BlockLoader:
     """Owned by the edge's loop: the executors, their loaded blocks, the block profiles and
-    the blocks being finished are touched only there."""
+    the blocks being finished are touched only there. The executors' mapping is replaced,
+    never changed, so the network threads may read it (``ready``)."""
 
     def __init__(
         self,
@@ -63,13 +64,22 @@ class BlockLoader:
         self._threads = threads
         self._session_threads = session_threads  # ONNX Runtime threads per session
         self._publish_status = publish_status
-        self._executors: dict[str, OnnxExecutor] = {}
+        self._executors: Mapping[str, OnnxExecutor] = {}  # copy on write (``ready``)
         self._loaded: dict[str, set[int]] = {}  # model id -> blocks whose session exists
         self._block_ms: dict[str, float] = {}  # sha256 -> unloaded time, ms
         self._finishing: dict[str, asyncio.Task[ProtocolError | None]] = {}  # sha256 -> task
+        # counts the results the workers sent (which marks their blocks loaded): set by the
+        # edge to ``QueryQueue.count``, run before the loaded blocks are read
+        self.settle: Callable[[], None] = lambda: None
 
     # what the edge holds ------------------------------------------------------------------
+    def ready(self, model_id: str) -> OnnxExecutor | None:
+        """The model's executor if it exists already (any thread: a read of the current
+        snapshot, never a creation)."""
+        return self._executors.get(model_id)
+
     def executor(self, model_id: str) -> OnnxExecutor | None:
+        """The model's executor, made on first use (on the loop)."""
         ex = self._executors.get(model_id)
         if ex is None:
             a = self.store.model(model_id)
@@ -79,7 +89,7 @@ class BlockLoader:
                 BlockFile(self.store.block_path(b.onnx_sha256), b.input, b.output) for b in a.blocks
             ]
             ex = OnnxExecutor(files, threads=self._session_threads)  # sessions come later
-            self._executors[model_id] = ex
+            self._executors = {**self._executors, model_id: ex}
         return ex
 
     def mark_loaded(self, model_id: str, indices: Iterable[int]) -> None:
@@ -87,6 +97,7 @@ class BlockLoader:
         self._loaded.setdefault(model_id, set()).update(indices)
 
     def inventory(self, model_id: str) -> Inventory:
+        self.settle()
         a = self.store.model(model_id)
         if a is None:
             return Inventory(model_id=model_id, known=False, edge=self.edge_id)

@@ -2,8 +2,11 @@
 the query queue or the peer transfers they concern; anything else is refused with a typed
 error frame.
 
-Owned by the edge's loop: paho's network threads only call the ``on_*_message`` handlers,
-which post the payload there and do nothing else.
+Owned by the edge's loop: paho's network threads call the ``on_*_message`` handlers. The
+control and upload handlers post the payload there and do nothing else. The query handler is
+the hot path: it decodes and checks the query on the network thread, against what the store's
+index and the loader's executors (thread-safe reads) say now, and hands it straight to the
+workers; refusals, and a model whose executor is not made yet, go to the loop.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from edge_agent.replies import Replies
 from edge_agent.status import StatusReporter
 from edge_agent.store import BlockStore, StoreError
 from edge_agent.threads import EdgeThreads
+from iotoffload.runtime.onnx import OnnxExecutor
 from iotoffload.transport.frame import (
     Announce,
     ErrorCode,
@@ -72,7 +76,25 @@ class InboundRouter:
         self._threads.post(self._upload, m.payload)
 
     def on_query_message(self, m: Message) -> None:
-        self._threads.post(self._query, m.payload, time.perf_counter())
+        arrived = time.perf_counter()
+        if self._stopping():  # a bool the loop sets: no more queries taken
+            return
+        post = self._threads.post
+        try:
+            h, body = decode(m.payload, max_body=self._max_body)
+        except FrameError as e:
+            post(self._replies.error, e)
+            return
+        if not isinstance(h, Query):
+            post(self._replies.unexpected, h, "query")
+            return
+        checked = self._check_query(h, self._loader.ready(h.model_id))
+        if isinstance(checked, ProtocolError):
+            post(self._replies.error, checked)
+        elif checked is None:  # the model's executor is made on the loop, first
+            post(self._query, h, body, arrived)
+        else:
+            self._queries.submit(h, body, arrived, checked)
 
     # on the loop --------------------------------------------------------------------------
     def _decode(self, payload: bytes) -> tuple[Header, memoryview] | None:
@@ -153,34 +175,36 @@ class InboundRouter:
             return
         self._loader.chunk(h, body)
 
-    def _query(self, payload: bytes, arrived: float) -> None:
-        if self._stopping() or (d := self._decode(payload)) is None:
+    def _query(self, h: Query, body: memoryview, arrived: float) -> None:
+        """On the loop: a query of a model without an executor yet (it is made here)."""
+        if self._stopping():
             return
-        h, body = d
-        if not isinstance(h, Query):
-            self._replies.unexpected(h, "query")
-            return
+        checked = self._check_query(h, self._loader.executor(h.model_id))
+        if isinstance(checked, ProtocolError):
+            self._replies.error(checked)
+        elif checked is not None:
+            self._queries.submit(h, body, arrived, checked)
+
+    def _check_query(
+        self, h: Query, ex: OnnxExecutor | None
+    ) -> OnnxExecutor | ProtocolError | None:
+        """Any thread: the executor to run ``h`` on, why it is refused, or None when the model
+        is announced but has no executor yet. Reads only the store's index (thread-safe)."""
+
+        def refuse(code: ErrorCode, message: str) -> ProtocolError:
+            return ProtocolError(code, message, request_id=h.request_id, device=h.device)
+
         a = self.store.model(h.model_id)
-        ex = self._loader.executor(h.model_id)
-
-        def refuse(code: ErrorCode, message: str) -> None:
-            self._replies.error(
-                ProtocolError(code, message, request_id=h.request_id, device=h.device)
-            )
-
-        if a is None or ex is None:
-            refuse(ErrorCode.UNKNOWN_MODEL, f"model {h.model_id[:12]}… is not announced")
-            return
+        if a is None:
+            return refuse(ErrorCode.UNKNOWN_MODEL, f"model {h.model_id[:12]}… is not announced")
         if not 0 <= h.start < h.end <= len(a.blocks):
-            refuse(
+            return refuse(
                 ErrorCode.BAD_RANGE,
                 f"block range [{h.start}, {h.end}) outside [0, {len(a.blocks)})",
             )
-            return
         missing = [
             i for i in range(h.start, h.end) if not self.store.has_block(a.blocks[i].onnx_sha256)
         ]
         if missing:
-            refuse(ErrorCode.BLOCKS_MISSING, f"blocks {missing} are not uploaded")
-            return
-        self._queries.submit(h, body, arrived, ex)
+            return refuse(ErrorCode.BLOCKS_MISSING, f"blocks {missing} are not uploaded")
+        return ex

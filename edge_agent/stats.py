@@ -17,8 +17,8 @@ class EdgeStats:
     blocks_from_peers: int = 0
     queue_ms_ewma: float = 0.0
     exec_ms_ewma: float = 0.0
-    in_flight: int = 0
+    in_flight: int = 0  # queries running now: filled in by ``copy`` (the workers' gauge)
     error_codes: dict[str, int] = field(default_factory=dict)
 
-    def copy(self) -> EdgeStats:
-        return replace(self, error_codes=dict(self.error_codes))
+    def copy(self, **now: int) -> EdgeStats:
+        return replace(self, error_codes=dict(self.error_codes), **now)

@@ -59,6 +59,7 @@ class StatusReporter:
         self._advertiser: EdgeAdvertiser | None = None
 
     def status_json(self, state: Literal["online", "offline"]) -> bytes:
+        self._queries.count()
         s = self._stats
         return EdgeStatus(
             state=state,
@@ -68,7 +69,7 @@ class StatusReporter:
             protocol=self.config.protocol,
             load=EdgeLoad(
                 queue=self._queries.queued,
-                in_flight=s.in_flight,
+                in_flight=self._queries.in_flight,
                 queue_ms=round(s.queue_ms_ewma, 3),
                 exec_ms=round(s.exec_ms_ewma, 3),
             ),
@@ -102,9 +103,11 @@ class StatusReporter:
 
     async def _run(self) -> None:
         advertised = 0.0
+        self._queries.count()
         served = self._stats.queries
         while True:
             await asyncio.sleep(self.config.status_interval)
+            self._queries.count()
             s = self._stats
             if s.queries == served and not self._queries.queued:
                 # idle since the last status: the queueing estimate fades out

@@ -27,7 +27,7 @@ T = TypeVar("T")
 class EdgeThreads:
     """The loop and the pools. Made (``open``) and joined (``shutdown_*``, ``close``) by the
     edge's owner in ``start``/``stop``; ``post`` and ``call`` from any thread; ``spawn`` and
-    the ``on_*`` submits on the loop."""
+    the ``on_*`` submits on the loop (``on_worker`` from any thread)."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
@@ -106,11 +106,13 @@ class EdgeThreads:
 
     def on_worker(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T] | None:
         """``fn(*args)`` on a worker, as a plain future (its done callback posts back); None
-        when the edge is stopping."""
-        if self._worker is None:
+        when the edge is stopping. From any thread: the pool's queue is thread-safe (the
+        network threads submit queries here directly)."""
+        pool = self._worker
+        if pool is None:
             return None
         try:
-            return self._worker.submit(fn, *args)
+            return pool.submit(fn, *args)
         except RuntimeError:  # shut down: the edge is stopping
             return None
 

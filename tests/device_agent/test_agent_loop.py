@@ -138,31 +138,65 @@ class _Session:
 
 def test_pending_reply_race_has_one_winner() -> None:
     """A reply and the deadline in the same loop step: exactly one answers the query; the
-    reply that lost is counted as late once; an offline edge and close answer the rest."""
+    reply that lost is counted as late once; an offline edge and close answer the rest, and a
+    query opened after close is answered at once."""
     s = _Session()
+    res = Result(
+        request_id="r1",
+        tensor=WireTensor(dtype="float32", shape=(1,)),
+        queue_ms=0.0,
+        exec_ms=0.0,
+    )
+    body = memoryview(b"\0\0\0\0")
 
-    async def scenario() -> tuple[object, object, object, int]:
+    async def scenario() -> tuple[object, ...]:
         p = PendingReplies()
-        fut = p.add("r1", s, 0.0)  # type: ignore[arg-type]  # the deadline fires next iteration
+        fut = p.answers.open("r1")
+        p.add("r1", s, 0.0)  # type: ignore[arg-type]  # the deadline fires next iteration
         await asyncio.sleep(0.01)
-        res = Result(
-            request_id="r1",
-            tensor=WireTensor(dtype="float32", shape=(1,)),
-            queue_ms=0.0,
-            exec_ms=0.0,
-        )
-        p.on_result(res, memoryview(b"\0\0\0\0"))
-        p.on_result(res, memoryview(b"\0\0\0\0"))  # a duplicate delivery (QoS 1)
-        fut2 = p.add("r2", s, 5.0)  # type: ignore[arg-type]
+        for _ in range(2):  # the reply, then a duplicate delivery (QoS 1), as the router does
+            p.on_result(res, p.answers.answer("r1", (res, body)), time.perf_counter())
+        fut2 = p.answers.open("r2")
+        p.add("r2", s, 5.0)  # type: ignore[arg-type]
         p.release("e")  # the edge went offline
-        fut3 = p.add("r3", s, 5.0)  # type: ignore[arg-type]
+        fut3 = p.answers.open("r3")
+        p.add("r3", s, 5.0)  # type: ignore[arg-type]
         p.close()  # the agent closes
-        assert len(p) == 0
-        return fut.result(0), fut2.result(0), fut3.result(0), p.late_answers
+        fut4 = p.answers.open("r4")
+        p.add("r4", s, 5.0)  # type: ignore[arg-type]
+        assert len(p) == 0 and len(p.answers) == 0
+        return fut.result(0), fut2.result(0), fut3.result(0), fut4.result(0), p.late_answers
 
-    first, second, third, late = asyncio.run(scenario())
-    assert (first, second, third) == ("deadline passed", "edge went offline", "agent closed")
+    *answers, late = asyncio.run(scenario())
+    assert answers == ["deadline passed", "edge went offline", "agent closed", "agent closed"]
     assert late == 2 and s.queries == 0 and len(s.misses) == 1 and s.timeouts == 1
+
+
+def test_result_that_overtakes_its_registration_is_learned_once() -> None:
+    """The network thread answers a query before the loop has run its registration (the
+    post that precedes the publish): the caller has the result, the loop then registers and
+    finishes it in order, learns from it once, and its deadline answers nothing."""
+    s = _Session()
+    learned: list[str] = []
+    res = Result(
+        request_id="r1",
+        tensor=WireTensor(dtype="float32", shape=(1,)),
+        queue_ms=0.0,
+        exec_ms=0.0,
+    )
+
+    async def scenario() -> object:
+        p = PendingReplies(learn=lambda _p, h, _t: learned.append(h.request_id))
+        fut = p.answers.open("r1")
+        won = p.answers.answer("r1", (res, memoryview(b"\0\0\0\0")))  # network thread
+        p.add("r1", s, 1.0)  # type: ignore[arg-type]  # the registration, posted first
+        p.on_result(res, won, time.perf_counter())  # the result's post, after it
+        await asyncio.sleep(0.02)  # past the deadline
+        assert len(p) == 0 and p.late_answers == 0
+        return fut.result(0)
+
+    h, _ = asyncio.run(scenario())  # type: ignore[misc]
+    assert h is res and learned == ["r1"] and s.queries == 0 and s.misses == []
 
 
 def test_forged_status_and_hostile_inventory_are_refused(mobilenet: ModelPackage) -> None:
