@@ -172,10 +172,12 @@ def test_pending_reply_race_has_one_winner() -> None:
     assert late == 2 and s.queries == 0 and len(s.misses) == 1 and s.timeouts == 1
 
 
-def test_result_that_overtakes_its_registration_is_learned_once() -> None:
-    """The network thread answers a query before the loop has run its registration (the
-    post that precedes the publish): the caller has the result, the loop then registers and
-    finishes it in order, learns from it once, and its deadline answers nothing."""
+@pytest.mark.parametrize("result_post_first", [False, True])
+def test_result_that_overtakes_its_registration_is_learned_once(result_post_first: bool) -> None:
+    """The network thread answers a query before the loop has run its registration (posted
+    right after the publish); its own post may even reach the loop first. Either way the
+    caller has the result, the loop finishes the query once, learns from it once, and its
+    deadline answers nothing."""
     s = _Session()
     learned: list[str] = []
     res = Result(
@@ -189,10 +191,14 @@ def test_result_that_overtakes_its_registration_is_learned_once() -> None:
         p = PendingReplies(learn=lambda _p, h, _t: learned.append(h.request_id))
         fut = p.answers.open("r1")
         won = p.answers.answer("r1", (res, memoryview(b"\0\0\0\0")))  # network thread
-        p.add("r1", s, 1.0)  # type: ignore[arg-type]  # the registration, posted first
-        p.on_result(res, won, time.perf_counter())  # the result's post, after it
+        if result_post_first:
+            p.on_result(res, won, time.perf_counter())
+            p.add("r1", s, 1.0)  # type: ignore[arg-type]
+        else:
+            p.add("r1", s, 1.0)  # type: ignore[arg-type]
+            p.on_result(res, won, time.perf_counter())
         await asyncio.sleep(0.02)  # past the deadline
-        assert len(p) == 0 and p.late_answers == 0
+        assert len(p) == 0 and p.late_answers == 0 and not p._early
         return fut.result(0)
 
     h, _ = asyncio.run(scenario())  # type: ignore[misc]
