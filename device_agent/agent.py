@@ -221,6 +221,9 @@ class DeviceAgent:
 
     @property
     def inputs(self) -> PlanningInputs:
+        """The current edge's planning inputs, having learned from every reply this thread
+        got."""
+        self.queries.settle()
         return self.session.inputs
 
     @property

@@ -302,7 +302,7 @@ class QueryRunner:
         """Run one query by the current plan; an edge segment that fails (deadline, error,
         edge offline) is finished on the device. Exactly one answer, always."""
         n = self.pkg.num_blocks
-        self._settle_previous()
+        self.settle()
         s = self._current()  # a move during this query affects the next one
         loop = self._loop()
         plan, reason = self._plan(s, split)  # snapshots: no hop into the loop for this
@@ -350,9 +350,10 @@ class QueryRunner:
         out.wire_bytes = int(info.get("wire_bytes", 0))
         return out
 
-    def _settle_previous(self) -> None:
+    def settle(self) -> None:
         """Wait (briefly: the loop does it as the reply arrives) until the estimates have
-        learned from this thread's last reply, so this plan sees it. A result reaches its
+        learned from this thread's last reply, so a plan (or a read of the estimates) on this
+        thread sees it. A result reaches its
         caller before the loop learns from it; that is the price of one handoff fewer."""
         settled: concurrent.futures.Future[None] | None = getattr(self._caller, "settled", None)
         if settled is not None:
@@ -432,7 +433,7 @@ class QueryRunner:
     def _learn(self, p: _Pending, h: Result, arrived: float) -> None:
         """On the loop, right after a reply in time answered its query: keep the estimates
         fresh from the reply itself (LoADPart). The caller's next plan waits for this
-        (``_settle_previous``), so it sees the reply."""
+        (``settle``), so it sees the reply."""
         self.last_reply = time.monotonic()
         s = p.session
         base = sum(s.inputs.profile.edge_ms[p.start : p.end])
