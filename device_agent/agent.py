@@ -50,7 +50,7 @@ from iotoffload.runtime.profiling import measure_device_ms
 from iotoffload.runtime.tflite import TFLiteExecutor
 from iotoffload.transport.frame import Inventory
 from iotoffload.transport.link import Link
-from iotoffload.transport.mqtt import BrokerURL, MqttLink
+from iotoffload.transport.mqtt import BrokerURL, MqttLink, MqttSecurity
 from iotoffload.transport.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -94,13 +94,15 @@ class DeviceAgent:
         peer_stall_s: float = 3.0,
         explore_s: float | None = 5.0,
         explore_margin: float = 0.25,
+        security: MqttSecurity | None = None,
     ) -> None:
         """``handoff``: the move policy (None: never move on its own; ``move_to`` and
         ``prefer`` still work). ``interface``: watch zeroconf there for more edges.
         ``transfer``: at a move, have the new edge fetch blocks from the old one.
         ``proactive``: once the current edge has the model, fill the likely next edge in the
         background (by transfer, or at ``proactive_rate_Bps`` from the device).
-        ``upload_rate_Bps``: cap the device's own upload (leaves the link to queries)."""
+        ``upload_rate_Bps``: cap the device's own upload (leaves the link to queries).
+        ``security``: TLS and credentials for every broker (default: ``IOTOFFLOAD_MQTT_*``)."""
         self.pkg = pkg
         self.device_id = check_id("device", device_id or f"dev-{uuid.uuid4().hex[:8]}")
         n = pkg.num_blocks
@@ -111,6 +113,7 @@ class DeviceAgent:
         self.fixed_split = split  # a fixed split overrides the planner's per-query choice
         self.topics = Topics(prefix)
         self.protocol = protocol
+        self.security = security if security is not None else MqttSecurity()
         self.chunk_size = chunk_size
         self.tfl = TFLiteExecutor.from_package(pkg, threads=tflite_threads)
         self.planner = make_planner(planner)
@@ -292,7 +295,9 @@ class DeviceAgent:
         """One connection per broker; each carries my inbox, my control topic and every edge's
         status on that broker. Its callbacks post to the loop (a result
         answers its caller on the network thread: ``InboundRouter.on_inbox_message``)."""
-        link = MqttLink(url, f"device-{self.device_id}", protocol=self.protocol)
+        link = MqttLink(
+            url, f"device-{self.device_id}", protocol=self.protocol, security=self.security
+        )
         post = self._loop.post
         link.subscribe(self.topics.device_inbox(self.device_id), self.router.on_inbox_message)
         link.subscribe(self.topics.edge_status_all(), lambda m: post(self.router.status, m))

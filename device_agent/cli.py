@@ -22,9 +22,18 @@ from device_agent.agent import DeviceAgent
 from device_agent.config import DeviceConfig
 from device_agent.session import NoEdgeError, SessionSummary, find_edge, iter_inputs, run_session
 from iotoffload.cli._console import console, err_console, rich_progress
+from iotoffload.cli._security import (
+    CaFile,
+    CertFile,
+    KeyFile,
+    PasswordFile,
+    TlsInsecure,
+    Username,
+    load_security,
+)
 from iotoffload.model.cache import ModelCache
 from iotoffload.model.errors import ModelError
-from iotoffload.transport.mqtt import BrokerUnavailableError
+from iotoffload.transport.mqtt import BrokerAuthError, BrokerUnavailableError
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
@@ -54,7 +63,9 @@ def main_command(
         typer.Option(help="Package name (built on first use) or directory. [default: mobilenet]"),
     ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with a \\[device] table.")] = None,
-    broker: Annotated[str | None, typer.Option(help="mqtt://HOST:PORT (skips zeroconf).")] = None,
+    broker: Annotated[
+        str | None, typer.Option(help="mqtt://HOST:PORT or mqtts://HOST:PORT (skips zeroconf).")
+    ] = None,
     edge: Annotated[str | None, typer.Option(help="Edge id, or auto.")] = None,
     interface: Annotated[
         str | None, typer.Option(help="Address zeroconf browses on. Default: 127.0.0.1.")
@@ -138,6 +149,12 @@ def main_command(
         float | None, typer.Option(help="Cap my own upload at this many Mbit/s.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per query.")] = False,
+    ca_file: CaFile = None,
+    cert_file: CertFile = None,
+    key_file: KeyFile = None,
+    username: Username = None,
+    password_file: PasswordFile = None,
+    tls_insecure: TlsInsecure = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Run MODEL's queries on this device with the help of a nearby edge.
@@ -147,6 +164,8 @@ def main_command(
     the edge cannot serve yet run locally; a query whose answer misses its deadline finishes
     locally. Every query gets exactly one answer. Without --broker the edge is found by
     zeroconf on --interface; with --broker and --edge auto, by the edges' retained status.
+    A secured broker: --broker mqtts://HOST:8883 with --ca-file, and --username with
+    --password-file, or --cert-file/--key-file (or the [mqtt] table of --config).
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
     try:
@@ -170,9 +189,18 @@ def main_command(
             proactive=proactive,
             upload_mbps=upload_mbps,
         )
+        security = load_security(
+            config,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            username=username,
+            password_file=password_file,
+            tls_insecure=tls_insecure,
+        )
         with rich_progress() as progress:
             pkg = ModelCache.from_settings().resolve(cfg.model, progress=progress)
-        url, edge_id = find_edge(cfg)
+        url, edge_id = find_edge(cfg, security)
         agent = DeviceAgent(
             pkg,
             url,
@@ -196,9 +224,14 @@ def main_command(
             proactive=cfg.proactive,
             proactive_rate_Bps=cfg.proactive_mbps * 1e6 / 8,
             upload_rate_Bps=None if cfg.upload_mbps is None else cfg.upload_mbps * 1e6 / 8,
+            security=security,
         )
-        inv = agent.connect()
-    except (ModelError, NoEdgeError, BrokerUnavailableError, ValueError) as e:
+        try:
+            inv = agent.connect()
+        except BaseException:
+            agent.close()
+            raise
+    except (ModelError, NoEdgeError, BrokerUnavailableError, BrokerAuthError, ValueError) as e:
         err_console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from e
     if inv is None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from iotoffload.loop import AgentLoop
 from iotoffload.transport.link import Link
-from iotoffload.transport.mqtt import BrokerUnavailableError
+from iotoffload.transport.mqtt import BrokerAuthError, BrokerUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class Connections:
 
     async def ensure(self, url: str, timeout: float = 5.0) -> Link:
         """A connected link to ``url``; raises BrokerUnavailableError when the broker cannot
-        be reached (the link stays: a later call tries again on the same one)."""
+        be reached (the link stays: a later call tries again on the same one) and
+        BrokerAuthError when it and this device do not trust each other."""
         link = self.link_for(url)
         if link.connected:
             return link
@@ -71,7 +72,7 @@ class Connections:
                 self._pool, self._connect, url, link, timeout
             )
         except BaseException as e:
-            if isinstance(e, BrokerUnavailableError):
+            if isinstance(e, BrokerUnavailableError | BrokerAuthError):
                 fut.set_exception(e)
                 fut.exception()  # retrieved: no "never retrieved" warning if nobody waits
             else:  # cancelled (the agent closes): so are the callers waiting with us
@@ -88,6 +89,9 @@ class Connections:
             return await self.ensure(url, timeout)
         except BrokerUnavailableError as e:
             log.warning("%s", e)
+            return None
+        except BrokerAuthError as e:  # an edge on a broker we cannot log in to: not a candidate
+            log.error("%s", e)
             return None
 
     def close_all(self) -> None:

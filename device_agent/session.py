@@ -20,7 +20,7 @@ from iotoffload.model.errors import ModelError
 from iotoffload.model.package import ModelPackage
 from iotoffload.model.preprocess import IMAGE_SUFFIXES, load_input, sample_photos, top_k
 from iotoffload.runtime.base import Array
-from iotoffload.transport.mqtt import Message, MqttLink
+from iotoffload.transport.mqtt import Message, MqttLink, MqttSecurity
 from iotoffload.transport.status import EdgeStatus
 from iotoffload.transport.topics import Topics
 
@@ -29,12 +29,12 @@ class NoEdgeError(RuntimeError):
     pass
 
 
-def find_edge(cfg: DeviceConfig) -> tuple[str, str]:
+def find_edge(cfg: DeviceConfig, security: MqttSecurity | None = None) -> tuple[str, str]:
     """(broker URL, edge id): as configured, from retained status, or by zeroconf."""
     if cfg.broker and cfg.edge != "auto":
         return cfg.broker, cfg.edge
     if cfg.broker:
-        online = edges_from_status(cfg.broker, cfg.prefix, cfg.protocol)
+        online = edges_from_status(cfg.broker, cfg.prefix, cfg.protocol, security=security)
         if not online:
             raise NoEdgeError(f"no edge reports itself online on {cfg.broker}")
         return cfg.broker, online[0]
@@ -51,10 +51,18 @@ def find_edge(cfg: DeviceConfig) -> tuple[str, str]:
     return found[0].broker, found[0].id
 
 
-def edges_from_status(broker: str, prefix: str, protocol: int, wait: float = 1.0) -> list[str]:
+def edges_from_status(
+    broker: str,
+    prefix: str,
+    protocol: int,
+    wait: float = 1.0,
+    *,
+    security: MqttSecurity | None = None,
+) -> list[str]:
     """Edge ids whose retained status says online, least loaded first."""
     seen: dict[str, float] = {}
-    link = MqttLink(broker, f"probe-{time.monotonic_ns() % 10**9}", protocol=protocol)
+    cid = f"probe-{time.monotonic_ns() % 10**9}"
+    link = MqttLink(broker, cid, protocol=protocol, security=security)
 
     def on_status(m: Message) -> None:  # paho's thread; ``seen`` is read after close()
         s = EdgeStatus.parse(m.payload)

@@ -45,7 +45,7 @@ from iotoffload.loop import LoopClosedError
 from iotoffload.runtime.onnx import OnnxExecutor
 from iotoffload.transport.frame import Inventory
 from iotoffload.transport.link import Message
-from iotoffload.transport.mqtt import MqttLink
+from iotoffload.transport.mqtt import MqttLink, MqttSecurity
 from iotoffload.transport.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,11 @@ class EdgeAgent:
     """One edge. Owned by its caller (``start``/``stop`` from the owner's thread); its state
     is owned by its loop (``edge-loop``) from ``start`` to ``stop``."""
 
-    def __init__(self, config: EdgeConfig) -> None:
+    def __init__(self, config: EdgeConfig, security: MqttSecurity | None = None) -> None:
+        """``security``: TLS and credentials for its broker and its peers' brokers (default:
+        ``IOTOFFLOAD_MQTT_*``)."""
         self.config = config
+        self.security = security if security is not None else MqttSecurity()
         self.topics = Topics(config.prefix)
         self.store = BlockStore(
             config.store, max_block_bytes=config.max_block_bytes, screen=screen_onnx
@@ -94,6 +97,7 @@ class EdgeAgent:
             allowed_brokers=config.peer_brokers,
             protocol=config.protocol,
             chunk_bytes=config.transfer_chunk_bytes,
+            security=self.security,
         )
         self.status = StatusReporter(
             config,
@@ -163,6 +167,7 @@ class EdgeAgent:
                 f"edge-{cid}",
                 protocol=self.config.protocol,
                 will=(self.topics.edge_status(cid), will, True),
+                security=self.security,
             )
             self.link.subscribe(self.topics.edge_control(cid), self._on_control_message)
             self.link.subscribe(self.topics.edge_upload(cid), self._on_upload_message)

@@ -15,7 +15,16 @@ from broker.embedded import EmbeddedBroker
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
 from iotoffload.cli._console import console, err_console
-from iotoffload.transport.mqtt import BrokerUnavailableError
+from iotoffload.cli._security import (
+    CaFile,
+    CertFile,
+    KeyFile,
+    PasswordFile,
+    TlsInsecure,
+    Username,
+    load_security,
+)
+from iotoffload.transport.mqtt import BrokerAuthError, BrokerUnavailableError
 
 app = typer.Typer(
     add_completion=False, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False
@@ -33,8 +42,8 @@ def start(
     broker: Annotated[
         str | None,
         typer.Option(
-            help="mqtt://HOST:PORT of the broker; without it the embedded broker is started on "
-            "--interface:--port."
+            help="mqtt://HOST:PORT or mqtts://HOST:PORT of the broker; without it the embedded "
+            "broker is started on --interface:--port."
         ),
     ] = None,
     edge_id: Annotated[str | None, typer.Option("--id", help="Edge id (a topic level).")] = None,
@@ -58,9 +67,18 @@ def start(
             "its own broker is always allowed; '*' allows any).",
         ),
     ] = None,
+    ca_file: CaFile = None,
+    cert_file: CertFile = None,
+    key_file: KeyFile = None,
+    username: Username = None,
+    password_file: PasswordFile = None,
+    tls_insecure: TlsInsecure = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
-    """Start the edge agent and serve until Ctrl-C (or SIGTERM)."""
+    """Start the edge agent and serve until Ctrl-C (or SIGTERM).
+
+    A secured broker: --broker mqtts://HOST:8883 with --ca-file, and --username with
+    --password-file, or --cert-file/--key-file (or the [mqtt] table of --config)."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         stream=sys.stderr,
@@ -79,6 +97,15 @@ def start(
             threads=threads,
             peer_brokers=peer_broker or None,
         )
+        security = load_security(
+            config,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            username=username,
+            password_file=password_file,
+            tls_insecure=tls_insecure,
+        )
     except (ValueError, OSError) as e:
         err_console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from e
@@ -93,10 +120,15 @@ def start(
             raise typer.Exit(2) from e
         url = embedded.url
         cfg = cfg.model_copy(update={"protocol": 311})  # amqtt speaks MQTT 3.1.1
-    agent = EdgeAgent(cfg)
+    agent = EdgeAgent(cfg, security)
+    # installed before the start: a SIGTERM the moment the edge is online (its status is
+    # retained, so a supervisor may act on it at once) still stops it cleanly
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         agent.start(url)
-    except (BrokerUnavailableError, ValueError) as e:
+    except (BrokerUnavailableError, BrokerAuthError, ValueError) as e:
         err_console.print(f"[bold red]error:[/] {e}")
         if embedded:
             embedded.stop()
@@ -106,9 +138,6 @@ def start(
         f"{', embedded broker' if embedded else ''}); store {cfg.store}; "
         f"{'advertised on ' + cfg.interface if cfg.advertise else 'not advertised'}"
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     console.print("shutting down: publishing offline, unregistering")
     agent.stop()

@@ -29,7 +29,7 @@ from iotoffload.transport.frame import (
     encode,
 )
 from iotoffload.transport.link import Handler, Link
-from iotoffload.transport.mqtt import BrokerURL, MqttLink
+from iotoffload.transport.mqtt import BrokerURL, MqttLink, MqttSecurity
 from iotoffload.transport.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class PeerTransfers:
         protocol: int,
         chunk_bytes: int,
         connect_timeout: float = 5.0,
+        security: MqttSecurity | None = None,
     ) -> None:
         self.edge_id = edge_id
         self.topics = topics
@@ -74,6 +75,7 @@ class PeerTransfers:
         self._post = post  # run a function on the loop (from any thread)
         self._allowed = allowed_brokers
         self._protocol = protocol
+        self._security = security  # the edge's own credentials, on its peers' brokers too
         self._chunk = chunk_bytes
         self.connect_timeout = connect_timeout
         self._links: dict[str, MqttLink] = {}
@@ -166,7 +168,9 @@ class PeerTransfers:
 
     def _open_link(self, key: str) -> MqttLink:
         """On a connect thread: a link to a peer's broker, subscribed to our upload topic."""
-        link = MqttLink(key, f"edge-{self.edge_id}-peer", protocol=self._protocol)
+        link = MqttLink(
+            key, f"edge-{self.edge_id}-peer", protocol=self._protocol, security=self._security
+        )
         link.subscribe(self.topics.edge_upload(self.edge_id), self._on_upload)
         link.connect(self.connect_timeout)
         return link

@@ -1,5 +1,6 @@
-"""A small wrapper over paho-mqtt: URL parsing, MQTT 5 or 3.1.1, a Last Will, handlers per
-topic filter, and a network thread that reconnects by itself.
+"""A small wrapper over paho-mqtt: URL parsing, MQTT 5 or 3.1.1, TLS and credentials
+(``MqttSecurity``), a Last Will, handlers per topic filter, and a network thread that
+reconnects by itself.
 
 Handlers run on paho's network thread: they must be quick (hand heavy work to a queue).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -23,8 +25,23 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from iotoffload.transport.link import Handler, Message
+from iotoffload.transport.security import (
+    BrokerAuthError,
+    MqttSecurity,
+    SecurityConfigError,
+    tls_failure,
+)
 
-__all__ = ["BrokerURL", "BrokerUnavailableError", "Handler", "Message", "MqttLink"]
+__all__ = [
+    "BrokerAuthError",
+    "BrokerURL",
+    "BrokerUnavailableError",
+    "Handler",
+    "Message",
+    "MqttLink",
+    "MqttSecurity",
+    "SecurityConfigError",
+]
 log = logging.getLogger(__name__)
 
 
@@ -32,20 +49,33 @@ class BrokerUnavailableError(ConnectionError):
     pass
 
 
+# a refused CONNECT that retrying cannot fix (MQTT 5 reason codes; paho maps 3.1.1's too)
+_AUTH_REFUSALS = ("not authorized", "bad user name or password", "banned", "bad authentication")
+
+
 @dataclass(frozen=True)
 class BrokerURL:
+    """``mqtt://HOST[:1883]`` or, with TLS, ``mqtts://HOST[:8883]``."""
+
     host: str
     port: int
+    tls: bool = False
 
     @classmethod
     def parse(cls, url: str) -> BrokerURL:
         u = urlparse(url if "://" in url else f"mqtt://{url}")
-        if u.scheme not in ("mqtt", "tcp") or not u.hostname:
-            raise ValueError(f"broker URL {url!r}: expected mqtt://HOST:PORT")
-        return cls(u.hostname, u.port or 1883)
+        tls = u.scheme in ("mqtts", "ssl")
+        if (u.scheme not in ("mqtt", "tcp") and not tls) or not u.hostname:
+            raise ValueError(f"broker URL {url!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT")
+        try:
+            port = u.port
+        except ValueError as e:
+            raise ValueError(f"broker URL {url!r}: {e}") from None
+        return cls(u.hostname, port or (8883 if tls else 1883), tls)
 
     def __str__(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
 class MqttLink:
@@ -60,10 +90,20 @@ class MqttLink:
         protocol: int = 5,
         will: tuple[str, bytes, bool] | None = None,
         keepalive: int = 15,
+        security: MqttSecurity | None = None,
     ) -> None:
         if protocol not in (5, 311):
             raise ValueError("protocol must be 5 or 311")
         self.url = BrokerURL.parse(url)
+        self.security = security or MqttSecurity()
+        if self.security.uses_tls_settings and not self.url.tls:
+            raise SecurityConfigError(
+                f"TLS settings (CA, certificate, key) are given but the broker URL {self.url} "
+                "is plain MQTT: use mqtts://"
+            )
+        # checked once, here: a missing file or a bad key is a setup error, not a retry
+        self._tls = self.security.ssl_context() if self.url.tls else None
+        self._password = self.security.read_password()
         self.protocol = protocol
         self._client_id = client_id
         self._will = will
@@ -71,6 +111,7 @@ class MqttLink:
         self._connected = threading.Event()
         self._refused = threading.Event()
         self._refusal = ""
+        self._tls_dropped = False  # a TLS link closed by the broker before any CONNACK
         self._keepalive = keepalive
         self._connects = 0
         self.on_reconnect: list[Callable[[], None]] = []  # run after every reconnect
@@ -88,6 +129,12 @@ class MqttLink:
         c.max_inflight_messages_set(64)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(0.2, 2)  # type: ignore[arg-type]
+        if self._tls is not None:
+            c.tls_set_context(self._tls)
+            if self.security.tls_insecure:
+                c.tls_insecure_set(True)
+        if self.security.username:
+            c.username_pw_set(self.security.username, self._password)
         if self._will:
             c.will_set(self._will[0], self._will[1], qos=1, retain=self._will[2])
         c.on_socket_open = self._on_socket_open
@@ -101,16 +148,24 @@ class MqttLink:
         return self._connected.is_set()
 
     def connect(self, timeout: float = 10.0) -> None:
-        """Connect; an MQTT 5 client falls back to 3.1.1 when the broker speaks only that."""
+        """Connect; an MQTT 5 client falls back to 3.1.1 when the broker speaks only that.
+
+        Raises ``BrokerAuthError`` (never retried) when TLS verification fails either way or
+        the broker refuses the credentials, ``BrokerUnavailableError`` when it is not there."""
         self._refused.clear()
+        self._tls_dropped = False
         try:
             self.client.connect(self.url.host, self.url.port, keepalive=self._keepalive)
+        except ssl.SSLError as e:
+            self._close_quietly()
+            raise tls_failure(e, str(self.url), self.security) from None
         except OSError as e:
+            self._close_quietly()
             raise BrokerUnavailableError(f"cannot reach the broker at {self.url}: {e}") from e
         self.client.loop_start()
         deadline = time.monotonic() + timeout
         while not self._connected.is_set() and time.monotonic() < deadline:
-            if self._refused.wait(0.05):
+            if self._refused.wait(0.05) or self._tls_dropped:
                 break
         if self._connected.is_set():
             return
@@ -120,6 +175,16 @@ class MqttLink:
             self.protocol = 311
             self.client = self._make_client()
             return self.connect(max(0.5, deadline - time.monotonic()))
+        if self._refused.is_set() and any(r in self._refusal.lower() for r in _AUTH_REFUSALS):
+            raise BrokerAuthError(
+                f"broker {self.url} refused the connection: {self._refusal} "
+                f"(this client presented {self.security.describe()})"
+            )
+        if not self._refused.is_set() and self._tls_dropped:
+            raise BrokerAuthError(
+                f"broker {self.url} closed the TLS connection before accepting it: most likely "
+                f"it does not accept this client's certificate ({self.security.describe()})"
+            )
         why = f"refused: {self._refusal}" if self._refused.is_set() else "no CONNACK"
         raise BrokerUnavailableError(f"broker {self.url} {why} (within {timeout:g} s)")
 
@@ -154,6 +219,13 @@ class MqttLink:
             self.client.loop_stop()
             self._connected.clear()
 
+    def _close_quietly(self) -> None:
+        """After a failed connect: paho's socket closed, no network thread left."""
+        try:
+            self.close()
+        except Exception:  # nothing was connected
+            log.debug("closing a link that never connected", exc_info=True)
+
     # paho callbacks (network thread) -------------------------------------------------------
     @staticmethod
     def _on_socket_open(_c: mqtt.Client, _u: Any, sock: Any) -> None:
@@ -182,6 +254,10 @@ class MqttLink:
                     log.exception("reconnect hook failed")
 
     def _on_disconnect(self, *_a: Any) -> None:
+        if self._tls is not None and self._connects == 0:
+            # TLS 1.3 finishes the handshake before the broker checks our certificate: a
+            # refusal arrives as the connection closing before its CONNACK
+            self._tls_dropped = True
         self._connected.clear()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:

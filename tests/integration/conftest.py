@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from broker.embedded import EmbeddedBroker, free_port
+from tests.integration.secure import SecureMosquitto, wait_listening
 
 
 class Mosquitto:
@@ -36,14 +35,7 @@ class Mosquitto:
 
     def start(self) -> None:
         self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
+        wait_listening(self.proc, self.port)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -68,12 +60,25 @@ class BrokerUnderTest:
     protocol: int  # MQTT 5 or 3.1.1 (311) for every client of the test
 
 
-@pytest.fixture(params=["embedded-v311", "mosquitto-v5", "mosquitto-v311"])
-def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerUnderTest]:
+@pytest.fixture(params=["embedded-v311", "mosquitto-v5", "mosquitto-v311", "mosquitto-tls-v5"])
+def broker(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[BrokerUnderTest]:
+    """The broker every client of the test uses. ``mosquitto-tls``: TLS, no anonymous
+    clients, a password per client; every link the test makes (agents, spies) gets the
+    credentials from ``IOTOFFLOAD_MQTT_*``, as a deployed agent would from its config."""
     kind, proto = request.param.split("-v")
     if kind == "embedded":  # amqtt speaks 3.1.1 only
         with EmbeddedBroker() as b:
             yield BrokerUnderTest(b.url, int(proto))
+    elif kind == "mosquitto-tls":
+        secure = SecureMosquitto(tmp_path / "tls", client_certs=False)
+        who = secure.add("tester")
+        monkeypatch.setenv("IOTOFFLOAD_MQTT_CA_FILE", str(secure.ca_file))
+        monkeypatch.setenv("IOTOFFLOAD_MQTT_USERNAME", who.name)
+        monkeypatch.setenv("IOTOFFLOAD_MQTT_PASSWORD_FILE", str(who.password_file))
+        with secure:
+            yield BrokerUnderTest(secure.url, int(proto))
     else:
         with Mosquitto(tmp_path) as m:
             yield BrokerUnderTest(m.url, int(proto))
