@@ -270,8 +270,7 @@ class Harness:
                 broker=url or self.url,
                 store=self.tmp_path / f"store-{edge_id}",
                 advertise=False,
-                status_interval=0.2,
-                **config,
+                **{"status_interval": 0.2, **config},
             )
         )
         e.start()

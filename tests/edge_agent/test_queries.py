@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 
+from edge_agent.queries import COUNT_EVERY
 from edge_agent.stats import EdgeStats
 from iotoffload.transport.frame import (
     Query,
@@ -138,3 +139,22 @@ def test_stats_are_written_on_the_edge_loop_only(
     dev.send(harness.topics.edge_query("edge1"), b"junk")  # an error is counted too
     wait_until(lambda: edge.stats.errors >= 1, 5)
     assert writers and set(writers) == {"edge-loop"}, sorted(set(writers))
+
+
+def test_results_not_yet_counted_stay_bounded_without_status_reads(harness: Harness) -> None:
+    """A flood of queries on an edge whose loop never reads its counters (no status task
+    tick): the results waiting to be counted stay below COUNT_EVERY, and none is lost."""
+    model = tiny_model()
+    edge = harness.edge(status_interval=3600.0)
+    dev = harness.client()
+    dev.control(model.announce(dev.device))
+    dev.inventory()
+    dev.upload(model)
+    n = COUNT_EVERY + 60
+    for j in range(n):
+        dev.send(harness.topics.edge_query("edge1"), dev.query_frame(model, f"f{j}", X))
+    for j in range(n):
+        dev.result(f"f{j}")
+    wait_until(lambda: edge.load_factor() == 0, 5, "no query outstanding")
+    assert edge.queries._done.qsize() < COUNT_EVERY  # the workers asked the loop to count
+    assert edge.stats.queries == n
