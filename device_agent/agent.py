@@ -51,7 +51,7 @@ from iotoffload.runtime.tflite import TFLiteExecutor
 from iotoffload.transport.frame import Inventory
 from iotoffload.transport.link import Link
 from iotoffload.transport.mqtt import BrokerURL, MqttLink, MqttSecurity
-from iotoffload.transport.topics import Topics
+from iotoffload.transport.topics import ANY, DEFAULT_PREFIX, Topics
 
 log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_CHUNK", "DeviceAgent", "HandoffEvent", "QueryOutcome"]
@@ -72,7 +72,7 @@ class DeviceAgent:
         device_id: str | None = None,
         split: int | None = None,
         protocol: int = 5,
-        prefix: str = "iotoffload/v1",
+        prefix: str = DEFAULT_PREFIX,
         chunk_size: int = DEFAULT_CHUNK,
         deadline_ms: float | None = None,
         tflite_threads: int = 1,
@@ -95,6 +95,8 @@ class DeviceAgent:
         explore_s: float | None = 5.0,
         explore_margin: float = 0.25,
         security: MqttSecurity | None = None,
+        allowed_edges: list[str] | None = None,
+        operators: list[str] | None = None,
     ) -> None:
         """``handoff``: the move policy (None: never move on its own; ``move_to`` and
         ``prefer`` still work). ``interface``: watch zeroconf there for more edges.
@@ -102,7 +104,10 @@ class DeviceAgent:
         ``proactive``: once the current edge has the model, fill the likely next edge in the
         background (by transfer, or at ``proactive_rate_Bps`` from the device).
         ``upload_rate_Bps``: cap the device's own upload (leaves the link to queries).
-        ``security``: TLS and credentials for every broker (default: ``IOTOFFLOAD_MQTT_*``)."""
+        ``security``: TLS and credentials for every broker (default: ``IOTOFFLOAD_MQTT_*``).
+        ``allowed_edges``: the only edges it uses and moves to (None: any the broker lets
+        publish a status); ``operators``: who may command it on its control topic (None: any
+        the broker lets publish there; the broker's ACL is the boundary)."""
         self.pkg = pkg
         self.device_id = check_id("device", device_id or f"dev-{uuid.uuid4().hex[:8]}")
         n = pkg.num_blocks
@@ -126,6 +131,8 @@ class DeviceAgent:
         )
         self.interface = interface
         self.prefer = check_id("edge", prefer) if prefer else None
+        self._allowed_edges = allowed_edges
+        self.operators = None if operators is None or "*" in operators else frozenset(operators)
         self.peer_stall_s = peer_stall_s  # a transfer without progress this long: upload myself
         self._stopping = False
         self._connected = False
@@ -173,7 +180,7 @@ class DeviceAgent:
         pkg = self.pkg
         self.connections = Connections(self._loop, self._make_link)
         self.router = InboundRouter(self)
-        self.candidates = Candidates()
+        self.candidates = Candidates(self._allowed_edges)
         self.candidates.seen(edge_id, url, "config")
         self.sessions: dict[str, EdgeSession] = {}
         self.session = self._new_session(edge_id, url, self._base_inputs)
@@ -299,10 +306,10 @@ class DeviceAgent:
             url, f"device-{self.device_id}", protocol=self.protocol, security=self.security
         )
         post = self._loop.post
-        link.subscribe(self.topics.device_inbox(self.device_id), self.router.on_inbox_message)
+        link.subscribe(self.topics.device_inbox(self.device_id, ANY), self.router.on_inbox_message)
         link.subscribe(self.topics.edge_status_all(), lambda m: post(self.router.status, m))
         link.subscribe(
-            self.topics.device_control(self.device_id), lambda m: post(self.router.control, m)
+            self.topics.device_control(self.device_id, ANY), lambda m: post(self.router.control, m)
         )
         link.on_reconnect.append(lambda: self._resync_barrier(link))
         return link
@@ -419,11 +426,16 @@ class DeviceAgent:
         return self._run(self.mobility.move_to(edge_id, reason, timeout))
 
     def _on_zeroconf(self, rec: EdgeRecord) -> None:
-        self.candidates.seen(rec.id, rec.broker, "zeroconf", load=rec.load)
+        try:
+            self.candidates.seen(rec.id, rec.broker, "zeroconf", load=rec.load)
+        except ValueError as e:  # not allowed, or a broker URL we cannot use
+            log.info("ignored zeroconf record of %s: %s", rec.id, e)
+            return
         self.mobility.wake()
 
     def _on_zeroconf_gone(self, edge: str) -> None:
-        self.candidates.gone(edge)
+        if not self.candidates.gone(edge):
+            return  # its status on the broker still says online: a goodbye alone is not enough
         s = self.sessions.get(edge)
         if s is not None:
             s.online = False

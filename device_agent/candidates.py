@@ -26,8 +26,14 @@ class Candidates:
     Owned by the device agent's loop (zeroconf and MQTT callbacks post to it); other threads
     may read entries, which are frozen."""
 
-    def __init__(self) -> None:
+    def __init__(self, allowed: list[str] | None = None) -> None:
+        """``allowed``: the edge ids this device may use (offload to, upload to, move to);
+        None or ``["*"]`` for any edge the broker vouches for."""
         self._edges: dict[str, EdgeCandidate] = {}
+        self._allowed = None if allowed is None or "*" in allowed else frozenset(allowed)
+
+    def allows(self, edge: str) -> bool:
+        return self._allowed is None or edge in self._allowed
 
     def seen(
         self,
@@ -39,6 +45,10 @@ class Candidates:
         queue_ms: float | None = None,
         load: float | None = None,
     ) -> EdgeCandidate:
+        """Merge what ``source`` says of ``edge``. ValueError for an edge this device's
+        policy does not allow or a broker URL it cannot use."""
+        if not self.allows(edge):
+            raise ValueError(f"edge {edge} is not in this device's allowed edges")
         broker = str(BrokerURL.parse(broker))
         old = self._edges.get(edge) or EdgeCandidate(edge, broker)
         new = replace(
@@ -68,11 +78,21 @@ class Candidates:
         except ValueError:  # not a broker URL we can use
             return None
 
-    def gone(self, edge: str) -> None:
-        """zeroconf removed it: offline until it is seen again."""
+    def gone(self, edge: str) -> bool:
+        """zeroconf removed it (an mDNS goodbye, which anyone on the link can send): offline
+        until it is seen again, unless its retained status on the broker (which only that edge
+        may write, on a secured broker) still says online. True when it went offline."""
         old = self._edges.get(edge)
-        if old is not None:
-            self._edges[edge] = replace(old, online=False, last_seen=time.monotonic())
+        if old is None:
+            return False
+        still = old.online and "status" in old.sources
+        self._edges[edge] = replace(
+            old,
+            online=still,
+            sources=old.sources - {"zeroconf"},
+            last_seen=time.monotonic(),
+        )
+        return not still
 
     def get(self, edge: str) -> EdgeCandidate | None:
         return self._edges.get(edge)

@@ -205,7 +205,7 @@ def main_command(
             pkg,
             url,
             edge_id,
-            device_id=cfg.id,
+            device_id=cfg.id or security.identity(),
             protocol=cfg.protocol,
             prefix=cfg.prefix,
             split=None if cfg.split == "auto" else int(cfg.split),
@@ -225,6 +225,8 @@ def main_command(
             proactive_rate_Bps=cfg.proactive_mbps * 1e6 / 8,
             upload_rate_Bps=None if cfg.upload_mbps is None else cfg.upload_mbps * 1e6 / 8,
             security=security,
+            allowed_edges=cfg.edges,
+            operators=cfg.operators,
         )
         try:
             inv = agent.connect()

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from device_agent.handoff import HandoffPolicy
 from iotoffload.config import settings_from_toml
-from iotoffload.ids import ID_PATTERN
+from iotoffload.ids import ID_PATTERN, is_id
 from iotoffload.transport.topics import DEFAULT_PREFIX
 
 
@@ -40,6 +40,15 @@ class DeviceConfig(BaseSettings):
     deadline_ms: float | None = Field(default=None, gt=0, description="per-query; auto if unset")
     chunk_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
     tflite_threads: int = Field(default=1, ge=1, le=64)
+    # who this device trusts (protocol v2: identities are topic levels the broker vouches for)
+    edges: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="edge ids this device may use and move to; '*' any edge on the broker",
+    )
+    operators: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="who may command it on its control topic; '*' anyone the broker's ACL lets",
+    )
     # handoff between edges
     handoff: bool = Field(default=True, description="move to a better edge on my own")
     prefer: str | None = Field(
@@ -58,6 +67,14 @@ class DeviceConfig(BaseSettings):
     proactive: bool = Field(default=False, description="fill the likely next edge beforehand")
     proactive_mbps: float = Field(default=8.0, gt=0, description="cap of a proactive upload")
     upload_mbps: float | None = Field(default=None, gt=0, description="cap of the upload")
+
+    @field_validator("edges", "operators")
+    @classmethod
+    def _ids(cls, v: list[str]) -> list[str]:
+        for x in v:
+            if x != "*" and not is_id(x):
+                raise ValueError(f"{x!r} is neither an id ({ID_PATTERN}) nor '*'")
+        return v
 
     def policy(self) -> HandoffPolicy | None:
         if not self.handoff:

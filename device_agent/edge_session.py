@@ -181,7 +181,7 @@ class EdgeSession:
         )
         t0 = time.perf_counter()
         seen = self._inventory_count
-        self.link.publish(self.topics.edge_control(self.edge_id), encode(announce))
+        self.link.publish(self.topics.edge_control(self.edge_id, self.device_id), encode(announce))
         if not await self._changed.wait_for(lambda: self._inventory_count > seen, timeout):
             log.warning("edge %s did not answer the announce", self.edge_id)
             return None
@@ -198,7 +198,7 @@ class EdgeSession:
         self._last_hello = time.monotonic()
         self._hello_sent = time.perf_counter()
         hello = Hello(device=self.device_id, model_id=self.pkg.manifest.model_id)
-        self.link.publish(self.topics.edge_control(self.edge_id), encode(hello))
+        self.link.publish(self.topics.edge_control(self.edge_id, self.device_id), encode(hello))
 
     async def probe(self, timeout: float = 2.0) -> float | None:
         t0 = time.perf_counter()
@@ -221,7 +221,7 @@ class EdgeSession:
             source_broker=source.broker,
             blocks=blocks,
         )
-        self.link.publish(self.topics.edge_control(self.edge_id), encode(t))
+        self.link.publish(self.topics.edge_control(self.edge_id, self.device_id), encode(t))
 
     def after_reconnect(self) -> None:
         self._awaiting_resync = True
@@ -495,7 +495,9 @@ class EdgeSession:
             )
             if not last:
                 self._unacked.add((i, c))
-            self.link.publish(self.topics.edge_upload(self.edge_id), encode(h, body))
+            self.link.publish(
+                self.topics.edge_upload(self.edge_id, self.device_id), encode(h, body)
+            )
             if rate_Bps:
                 self._pace_until = max(self._pace_until, time.monotonic()) + len(body) / rate_Bps
             self.bytes_uploaded += len(body)

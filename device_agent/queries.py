@@ -404,13 +404,16 @@ class QueryRunner:
         deadline, an edge going offline or the agent closing. Whichever is first is the one
         answer."""
         answers = self.pending.answers
-        fut = answers.open(rid)
+        out = self.pkg.manifest.blocks[end - 1].output
+        fut = answers.open(rid, s.edge_id, (out.dtype, tuple(out.shape)))
         if fut.done():  # the agent has closed
             return str(fut.result())
         t_send = time.perf_counter()
         settled: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._caller.settled = settled  # this thread's next plan waits for it
-        s.link.publish(self.topics.edge_query(s.edge_id), payload, expiry_s=deadline / 1e3)
+        s.link.publish(
+            self.topics.edge_query(s.edge_id, self.device_id), payload, expiry_s=deadline / 1e3
+        )
         # registered after the publish, so the loop's wake-up does not compete with the
         # query's way out (0.2-0.3 ms on loopback); an answer that overtakes it waits for it
         what = (start, end, len(payload), t_send)

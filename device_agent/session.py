@@ -37,9 +37,15 @@ def find_edge(cfg: DeviceConfig, security: MqttSecurity | None = None) -> tuple[
         online = edges_from_status(cfg.broker, cfg.prefix, cfg.protocol, security=security)
         if not online:
             raise NoEdgeError(f"no edge reports itself online on {cfg.broker}")
-        return cfg.broker, online[0]
-    if cfg.edge == "auto":
+        allowed = [e for e in online if "*" in cfg.edges or e in cfg.edges]
+        if not allowed:
+            raise NoEdgeError(f"no allowed edge (edges = {cfg.edges}) is online on {cfg.broker}")
+        return cfg.broker, allowed[0]
+    if cfg.edge == "auto" and "*" in cfg.edges:
         found = browse_edges(cfg.interface, cfg.discovery_timeout, want=1)
+    elif cfg.edge == "auto":
+        found = browse_edges(cfg.interface, cfg.discovery_timeout)
+        found = [r for r in found if r.id in cfg.edges]
     else:  # other edges may answer first: wait for this one
         found = browse_edges(cfg.interface, cfg.discovery_timeout, edge_id=cfg.edge)
         found = [r for r in found if r.id == cfg.edge]

@@ -46,7 +46,7 @@ from iotoffload.runtime.onnx import OnnxExecutor
 from iotoffload.transport.frame import Inventory
 from iotoffload.transport.link import Message
 from iotoffload.transport.mqtt import MqttLink, MqttSecurity
-from iotoffload.transport.topics import Topics
+from iotoffload.transport.topics import ANY, Topics
 
 log = logging.getLogger(__name__)
 __all__ = ["STOP_DRAIN_S", "EdgeAgent", "EdgeStats"]
@@ -95,6 +95,8 @@ class EdgeAgent:
             reply_error=self.replies.error,
             post=self.threads.post,
             allowed_brokers=config.peer_brokers,
+            allowed_peers=config.peer_edges,
+            announced_by=self.store.announced_by,
             protocol=config.protocol,
             chunk_bytes=config.transfer_chunk_bytes,
             security=self.security,
@@ -119,6 +121,7 @@ class EdgeAgent:
             self.status,
             self.peers,
             self.threads,
+            self.topics,
             max_body=config.max_block_bytes,
             stopping=lambda: self._stopping,
         )
@@ -169,9 +172,9 @@ class EdgeAgent:
                 will=(self.topics.edge_status(cid), will, True),
                 security=self.security,
             )
-            self.link.subscribe(self.topics.edge_control(cid), self._on_control_message)
-            self.link.subscribe(self.topics.edge_upload(cid), self._on_upload_message)
-            self.link.subscribe(self.topics.edge_query(cid), self._on_query_message)
+            self.link.subscribe(self.topics.edge_control(cid, ANY), self._on_control_message)
+            self.link.subscribe(self.topics.edge_upload(cid, ANY), self._on_upload_message)
+            self.link.subscribe(self.topics.edge_query(cid, ANY), self._on_query_message)
             # a restarted broker lost the retained status (a hook on the network thread)
             self.link.on_reconnect.append(lambda: self.threads.post(self.status.publish))
             self.link.connect()

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from iotoffload.config import settings_from_toml
-from iotoffload.ids import ID_PATTERN
+from iotoffload.ids import ID_PATTERN, is_id
 from iotoffload.transport.topics import DEFAULT_PREFIX
 
 
@@ -43,7 +43,20 @@ class EdgeConfig(BaseSettings):
         description="brokers of peer edges this edge may pull blocks from at a handoff, besides "
         "its own; '*' allows any",
     )
+    peer_edges: list[str] = Field(
+        default_factory=list,
+        description="edges this edge exchanges blocks with at a handoff (pushes to, pulls "
+        "from), by id; '*' allows any edge the broker lets publish",
+    )
     transfer_chunk_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
+
+    @field_validator("peer_edges")
+    @classmethod
+    def _peer_ids(cls, v: list[str]) -> list[str]:
+        for x in v:
+            if x != "*" and not is_id(x):
+                raise ValueError(f"{x!r} is neither an edge id ({ID_PATTERN}) nor '*'")
+        return v
 
     @field_validator("store")
     @classmethod

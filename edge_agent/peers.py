@@ -6,6 +6,12 @@ topic there and sends A a ``PeerFetch``. A pushes each block, chunked like a dev
 B's upload topic on A's broker, in the device's name, after checking the block's digest again.
 B stores the chunks through the same path as a device upload (digest, screening) and acks the
 device, which therefore sees the blocks arrive exactly as if it had sent them.
+
+Authorisation (protocol v2: identities are topic levels the broker binds to the client): A
+pushes only to an edge in its ``peer_edges`` whose identity is the fetch's sender, only blocks
+of a model the named device announced to A itself (B checked that it announced it to B before
+asking), each block at most once per fetch. B asks only edges in its own ``peer_edges`` and
+accepts a pushed chunk only from the edge it asked, for a block it asked for, for a while.
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ from iotoffload.transport.frame import (
 )
 from iotoffload.transport.link import Handler, Link
 from iotoffload.transport.mqtt import BrokerURL, MqttLink, MqttSecurity
-from iotoffload.transport.topics import Topics
+from iotoffload.transport.topics import ANY, Topics
 
 log = logging.getLogger(__name__)
 
 PUSH_BLOCK_TIMEOUT_S = 30.0  # every chunk of one pushed block acknowledged by the broker
+EXPECT_S = 300.0  # how long a pulled block is accepted from its source edge
 
 
 class PeerTransfers:
@@ -60,6 +67,8 @@ class PeerTransfers:
         reply_error: Callable[[ProtocolError], None],
         post: Callable[..., None],
         allowed_brokers: list[str],
+        allowed_peers: list[str],
+        announced_by: Callable[[str, str], bool],
         protocol: int,
         chunk_bytes: int,
         connect_timeout: float = 5.0,
@@ -74,6 +83,10 @@ class PeerTransfers:
         self._reply_error = reply_error  # on the loop
         self._post = post  # run a function on the loop (from any thread)
         self._allowed = allowed_brokers
+        self._peers = frozenset(allowed_peers)
+        self._announced_by = announced_by  # (model id, device) -> announced here (any thread)
+        # (device, model id, source edge, block) -> accepted until (monotonic), on the loop
+        self._expected: dict[tuple[str, str, str, int], float] = {}
         self._protocol = protocol
         self._security = security  # the edge's own credentials, on its peers' brokers too
         self._chunk = chunk_bytes
@@ -86,6 +99,7 @@ class PeerTransfers:
         self._pusher: ThreadPoolExecutor | None = None
         self.blocks_pushed = 0
         self.refused_digest = 0
+        self.refused_fetches = 0  # peer fetches refused (not a peer, forged, not announced)
 
     def open(self) -> None:
         """Make the threads' executors (threads start on first use). From the edge's start."""
@@ -102,9 +116,38 @@ class PeerTransfers:
         allowed = {str(BrokerURL.parse(b)) for b in self._allowed if b != "*"}
         return "*" in self._allowed or u == str(BrokerURL.parse(self._own_broker())) or u in allowed
 
+    def peer_allowed(self, edge: str) -> bool:
+        return edge != self.edge_id and ("*" in self._peers or edge in self._peers)
+
+    def expects(self, h: UploadChunk, sender: str) -> bool:
+        """On the loop: whether a pushed chunk is one we asked ``sender`` for (and it says
+        so itself)."""
+        if h.source != sender:
+            return False
+        until = self._expected.get((h.device, h.model_id, sender, h.block))
+        return until is not None and time.monotonic() < until
+
+    def _expect(self, t: Transfer) -> None:
+        now = time.monotonic()
+        for k in [k for k, until in self._expected.items() if until <= now]:
+            del self._expected[k]
+        for i in t.blocks:
+            self._expected[(t.device, t.model_id, t.source_edge, i)] = now + EXPECT_S
+
     def pull(self, t: Transfer) -> None:
         """Ask the old edge to push ``t.blocks`` to us; returns at once (the connect to its
-        broker, when needed, runs on a connect thread)."""
+        broker, when needed, runs on a connect thread). ``t`` comes from its device (checked
+        by the router), which announced the model here."""
+        if not self.peer_allowed(t.source_edge):
+            self._reply_error(
+                ProtocolError(
+                    ErrorCode.TRANSFER_REFUSED,
+                    f"edge {t.source_edge} is not a peer of {self.edge_id} (edge peer_edges)",
+                    device=t.device,
+                    peer=t.source_edge,
+                )
+            )
+            return
         if not self.broker_allowed(t.source_broker):
             self._reply_error(
                 ProtocolError(
@@ -115,6 +158,7 @@ class PeerTransfers:
                 )
             )
             return
+        self._expect(t)
         task = asyncio.get_running_loop().create_task(self._pull(t))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -133,7 +177,7 @@ class PeerTransfers:
             )
             return
         fetch = PeerFetch(peer=self.edge_id, device=t.device, model_id=t.model_id, blocks=t.blocks)
-        link.publish(self.topics.edge_control(t.source_edge), encode(fetch))
+        link.publish(self.topics.edge_control(t.source_edge, self.edge_id), encode(fetch))
         log.info(
             "asked %s for %d blocks of %s… for %s",
             t.source_edge,
@@ -171,17 +215,36 @@ class PeerTransfers:
         link = MqttLink(
             key, f"edge-{self.edge_id}-peer", protocol=self._protocol, security=self._security
         )
-        link.subscribe(self.topics.edge_upload(self.edge_id), self._on_upload)
+        link.subscribe(self.topics.edge_upload(self.edge_id, ANY), self._on_upload)
         link.connect(self.connect_timeout)
         return link
 
     # the old edge: push -------------------------------------------------------------------
-    def push(self, f: PeerFetch) -> None:
-        """Queue a peer's fetch (on the loop; returns at once): the pusher thread sends the
-        blocks one after the other."""
+    def push(self, f: PeerFetch, sender: str) -> None:
+        """Queue a peer's fetch (on the loop; returns at once) once it is authorised: the
+        pusher thread sends the blocks one after the other, each once."""
         if self._closing.is_set() or self._pusher is None:
             return
-        self._pusher.submit(self._push_all, f)
+        why = self._refusal(f, sender)
+        if why is not None:
+            self.refused_fetches += 1
+            log.warning("refused a peer fetch from %s: %s", sender, why)
+            if f.peer == sender:  # tell the device, so it uploads the blocks itself
+                self._reply_error(
+                    ProtocolError(ErrorCode.TRANSFER_REFUSED, why, device=f.device, peer=f.peer)
+                )
+            return
+        blocks = list(dict.fromkeys(f.blocks))  # each block at most once per fetch
+        self._pusher.submit(self._push_all, f.model_copy(update={"blocks": blocks}))
+
+    def _refusal(self, f: PeerFetch, sender: str) -> str | None:
+        if f.peer != sender:
+            return f"the fetch names peer {f.peer!r} but {sender!r} sent it"
+        if not self.peer_allowed(sender):
+            return f"edge {sender} is not a peer of {self.edge_id} (edge peer_edges)"
+        if not self._announced_by(f.model_id, f.device):
+            return f"device {f.device} did not announce model {f.model_id[:12]}… here"
+        return None
 
     def _push_all(self, f: PeerFetch) -> None:
         for i in f.blocks:
@@ -220,7 +283,9 @@ class PeerTransfers:
                 source=self.edge_id,
             )
             body = data[c * self._chunk : (c + 1) * self._chunk]
-            infos.append(link.publish(self.topics.edge_upload(f.peer), encode(h, body)))
+            infos.append(
+                link.publish(self.topics.edge_upload(f.peer, self.edge_id), encode(h, body))
+            )
         deadline = time.monotonic() + PUSH_BLOCK_TIMEOUT_S
         for info in infos:  # one block in flight at a time: queries keep their share
             while not info.is_published():

@@ -48,7 +48,7 @@ class Replies:
         """An encoded frame to ``device``'s inbox."""
         link = self._link()
         if link is not None:
-            link.publish(self.topics.device_inbox(device), frame)
+            link.publish(self.topics.device_inbox(device, self.edge_id), frame)
 
     def reply(self, device: str, header: Inventory | UploadAck | Error) -> None:
         self.publish(device, encode(header))
@@ -65,6 +65,9 @@ class Replies:
     def chunk_error(self, h: UploadChunk, code: ErrorCode, message: str) -> None:
         self.error(ProtocolError(code, message, device=h.device, block=h.block, chunk=h.chunk))
 
-    def unexpected(self, h: Header, topic: str) -> None:
+    def unexpected(self, h: Header, topic: str, sender: str | None = None) -> None:
+        """A valid frame of a type ``topic`` does not take; answered to ``sender`` (the topic's
+        identity) when known."""
         msg = f"{h.type} on the {topic} topic"
-        self.error(ProtocolError(ErrorCode.UNEXPECTED, msg, device=device_of(h)))
+        who = sender if sender is not None else device_of(h)
+        self.error(ProtocolError(ErrorCode.UNEXPECTED, msg, device=who))

@@ -2,6 +2,9 @@
 the query queue or the peer transfers they concern; anything else is refused with a typed
 error frame.
 
+Every frame's sender is the last level of its topic (protocol v2: on a secured broker the ACL
+binds it to the authenticated client); a frame that names another device is refused.
+
 Owned by the edge's loop: paho's network threads call the ``on_*_message`` handlers. The
 control and upload handlers post the payload there and do nothing else. The query handler is
 the hot path: it decodes and checks the query on the network thread, against what the store's
@@ -39,6 +42,18 @@ from iotoffload.transport.frame import (
     decode,
 )
 from iotoffload.transport.link import Message
+from iotoffload.transport.topics import Topics
+
+
+def forged(h: Announce | Hello | Transfer | Query | UploadChunk, sender: str) -> ProtocolError:
+    """A frame whose ``device`` is not the identity its topic (and the broker) names: refused,
+    and the refusal goes to the sender, never to the device it claims to be."""
+    return ProtocolError(
+        ErrorCode.FORBIDDEN,
+        f"{h.type} claims device {h.device!r} but was sent by {sender!r}",
+        request_id=getattr(h, "request_id", None),
+        device=sender,
+    )
 
 
 class InboundRouter:
@@ -53,6 +68,7 @@ class InboundRouter:
         status: StatusReporter,
         peers: PeerTransfers,
         threads: EdgeThreads,
+        topics: Topics,
         *,
         max_body: int,
         stopping: Callable[[], bool],
@@ -64,29 +80,39 @@ class InboundRouter:
         self._status = status
         self._peers = peers
         self._threads = threads
+        self._topics = topics
         self._max_body = max_body
         self._stopping = stopping
         self._announcing: dict[str, asyncio.Future[None]] = {}  # model id -> put_model
 
     # network threads: hand the message to the loop, nothing else --------------------------
     def on_control_message(self, m: Message) -> None:
-        self._threads.post(self._control, m.payload)
+        if (sender := self._topics.sender(m.topic)) is not None:
+            self._threads.post(self._control, sender, m.payload)
 
     def on_upload_message(self, m: Message) -> None:
-        self._threads.post(self._upload, m.payload)
+        if (sender := self._topics.sender(m.topic)) is not None:
+            self._threads.post(self._upload, sender, m.payload)
 
     def on_query_message(self, m: Message) -> None:
         arrived = time.perf_counter()
         if self._stopping():  # a bool the loop sets: no more queries taken
             return
+        sender = self._topics.sender(m.topic)
+        if sender is None:  # not addressed as the tree says: nobody to answer
+            return
         post = self._threads.post
         try:
             h, body = decode(m.payload, max_body=self._max_body)
         except FrameError as e:
+            e.device = sender  # answer the identity the broker vouches for, not the header
             post(self._replies.error, e)
             return
         if not isinstance(h, Query):
-            post(self._replies.unexpected, h, "query")
+            post(self._replies.unexpected, h, "query", sender)
+            return
+        if h.device != sender:
+            post(self._replies.error, forged(h, sender))
             return
         checked = self._check_query(h, self._loader.ready(h.model_id))
         if isinstance(checked, ProtocolError):
@@ -97,29 +123,33 @@ class InboundRouter:
             self._queries.submit(h, body, arrived, checked)
 
     # on the loop --------------------------------------------------------------------------
-    def _decode(self, payload: bytes) -> tuple[Header, memoryview] | None:
+    def _decode(self, sender: str, payload: bytes) -> tuple[Header, memoryview] | None:
         try:
             return decode(payload, max_body=self._max_body)
         except FrameError as e:
+            e.device = sender
             self._replies.error(e)
             return None
 
-    def _control(self, payload: bytes) -> None:
-        if self._stopping() or (d := self._decode(payload)) is None:
+    def _control(self, sender: str, payload: bytes) -> None:
+        if self._stopping() or (d := self._decode(sender, payload)) is None:
             return
         h = d[0]
-        if isinstance(h, Announce):
+        if isinstance(h, PeerFetch):  # from a peer edge: checked by the transfers
+            self._peers.push(h, sender)
+            return
+        if not isinstance(h, Announce | Hello | Transfer):
+            self._replies.unexpected(h, "control", sender)
+        elif h.device != sender:
+            self._replies.error(forged(h, sender))
+        elif isinstance(h, Announce):
             fut = self._threads.on_store(self.store.put_model, h)
             self._announcing[h.model_id] = fut
             self._threads.spawn(self._announced(h, fut))
         elif isinstance(h, Hello):
             self._after_announce(h.model_id, functools.partial(self._hello, h))
-        elif isinstance(h, Transfer):
-            self._after_announce(h.model_id, functools.partial(self._transfer, h))
-        elif isinstance(h, PeerFetch):
-            self._peers.push(h)
         else:
-            self._replies.unexpected(h, "control")
+            self._after_announce(h.model_id, functools.partial(self._transfer, h))
 
     async def _announced(self, h: Announce, fut: asyncio.Future[None]) -> None:
         try:
@@ -155,23 +185,36 @@ class InboundRouter:
         self._replies.reply(h.device, self._loader.inventory(h.model_id))
 
     def _transfer(self, h: Transfer) -> None:
-        if self.store.model(h.model_id) is None:
+        if not self.store.announced_by(h.model_id, h.device):
             self._replies.error(
                 ProtocolError(
                     ErrorCode.UNKNOWN_MODEL,
-                    "announce the model before a transfer",
+                    "announce the model (from this device) before a transfer",
                     device=h.device,
                 )
             )
             return
         self._peers.pull(h)
 
-    def _upload(self, payload: bytes) -> None:
-        if self._stopping() or (d := self._decode(payload)) is None:
+    def _upload(self, sender: str, payload: bytes) -> None:
+        if self._stopping() or (d := self._decode(sender, payload)) is None:
             return
         h, body = d
         if not isinstance(h, UploadChunk):
-            self._replies.unexpected(h, "upload")
+            self._replies.unexpected(h, "upload", sender)
+            return
+        if h.source is None and h.device != sender:
+            self._replies.error(forged(h, sender))
+            return
+        if h.source is not None and not self._peers.expects(h, sender):
+            # a push nobody asked for (or claiming another pusher): counted, not answered;
+            # the device it names did not ask for it either
+            self._replies.error(
+                ProtocolError(
+                    ErrorCode.FORBIDDEN,
+                    f"block {h.block} pushed by {sender} (source {h.source}) was not requested",
+                )
+            )
             return
         self._loader.chunk(h, body)
 

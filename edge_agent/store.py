@@ -3,6 +3,8 @@
     root/blocks/<sha256>.onnx        complete blocks (digest checked, screened)
     root/partial/<sha256>/meta.json  an upload in progress, and one file per received chunk
     root/models/<model_id>.json      model chains announced by devices
+    root/models/<model_id>.devices   the devices that announced it (JSON list; edge-to-edge
+                                     transfers are only for a model its device announced)
 
 A block any device uploaded before is never uploaded again; an interrupted upload resumes from
 its missing chunks.
@@ -26,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iotoffload.ids import is_id
 from iotoffload.model.manifest import compute_model_id
 from iotoffload.transport.frame import Announce, ErrorCode, ProtocolError, UploadChunk
 
@@ -103,6 +106,7 @@ class BlockStore:
         self._lock = threading.Lock()  # the index below: memory operations only
         self._blocks: set[str] = set()
         self._models: dict[str, Announce] = {}  # parsed once: a model id names one chain
+        self._announcers: dict[str, frozenset[str]] = {}  # model id -> devices (persisted)
         self._partials: dict[str, _Partial] = {}
         for sub in ("blocks", "partial", "models"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -119,6 +123,7 @@ class BlockStore:
                 continue
             if a.model_id == p.stem:
                 self._models[a.model_id] = a
+                self._announcers[a.model_id] = self._read_announcers(p.with_suffix(".devices"))
         for d in (self.root / "partial").iterdir():
             partial = self._read_partial(d) if d.is_dir() and d.name not in self._blocks else None
             if partial is None:  # finished already, or unreadable: nothing to resume
@@ -289,15 +294,34 @@ class BlockStore:
                 )
         with self._lock:
             known = a.model_id in self._models
-        if not known:
-            try:
-                _atomic_write(
-                    self.root / "models" / f"{a.model_id}.json", a.model_dump_json().encode()
-                )
-            except OSError as e:
-                raise _io_failed("model", e) from e
-            with self._lock:
-                self._models[a.model_id] = a
+            devices = self._announcers.get(a.model_id, frozenset())
+        base = self.root / "models" / a.model_id
+        try:
+            if not known:
+                _atomic_write(base.with_suffix(".json"), a.model_dump_json().encode())
+            if a.device not in devices:
+                devices = devices | {a.device}
+                _atomic_write(base.with_suffix(".devices"), json.dumps(sorted(devices)).encode())
+        except OSError as e:
+            raise _io_failed("model", e) from e
+        with self._lock:
+            self._models.setdefault(a.model_id, a)
+            self._announcers[a.model_id] = devices
+
+    @staticmethod
+    def _read_announcers(path: Path) -> frozenset[str]:
+        try:
+            got = json.loads(path.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return frozenset()
+        if not isinstance(got, list):
+            return frozenset()
+        return frozenset(d for d in got if is_id(d))
+
+    def announced_by(self, model_id: str, device: str) -> bool:
+        """Whether ``device`` announced the model here (any thread)."""
+        with self._lock:
+            return device in self._announcers.get(model_id, frozenset())
 
     def model(self, model_id: str) -> Announce | None:
         """The announced chain (from memory: every query asks)."""

@@ -25,7 +25,7 @@ from iotoffload.model.manifest import DType, TensorSpec, tensor_nbytes
 from iotoffload.runtime.base import Array
 
 MAGIC = b"IOTO"
-FRAME_VERSION = 1
+FRAME_VERSION = 2  # protocol v2: identities in the topics (iotoffload.transport.topics)
 _PREFIX = struct.Struct(">4sBI")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -44,6 +44,7 @@ class ErrorCode(StrEnum):
     TOO_LARGE = "too_large"
     SIZE_MISMATCH = "size_mismatch"
     UNEXPECTED = "unexpected"  # a valid frame of a type this topic does not take
+    FORBIDDEN = "forbidden"  # the frame claims another identity than its topic, or is not allowed
     # models and uploads
     INVALID_MODEL = "invalid_model"
     UNKNOWN_MODEL = "unknown_model"

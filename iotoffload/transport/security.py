@@ -20,6 +20,8 @@ from typing import Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from iotoffload.ids import is_id
+
 __all__ = ["BrokerAuthError", "MqttSecurity", "SecurityConfigError"]
 
 
@@ -102,6 +104,24 @@ class MqttSecurity(BaseSettings):
 
     def _has_pw(self) -> bool:
         return self.password is not None or self.password_file is not None
+
+    def identity(self) -> str | None:
+        """Who the broker will take this client for, when the settings say it: the username,
+        else the common name of the client certificate (mosquitto's
+        ``use_identity_as_username``). Agents use it as their id by default (protocol v2 topics
+        carry it, and the broker's ACL checks it). None when it is not a valid agent id."""
+        who = self.username
+        if who is None and self.cert_file is not None:
+            from cryptography import x509
+            from cryptography.x509.oid import NameOID
+
+            try:
+                cert = x509.load_pem_x509_certificate(self.cert_file.read_bytes())
+            except (OSError, ValueError) as e:
+                raise SecurityConfigError(f"{self.cert_file}: not a PEM certificate: {e}") from e
+            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            who = str(names[0].value) if names else None
+        return who if is_id(who) else None
 
     def read_password(self) -> str | None:
         if self.password is not None:

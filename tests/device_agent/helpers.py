@@ -21,12 +21,21 @@ from iotoffload.transport.frame import (
 )
 from iotoffload.transport.link import Message
 from iotoffload.transport.mqtt import MqttLink
-from iotoffload.transport.topics import Topics
+from iotoffload.transport.topics import DEFAULT_PREFIX, Topics
 
 
-def inject(dev: DeviceAgent, frame: Header, body: bytes = b"", *, topic: str | None = None) -> None:
-    """Deliver ``frame`` to the device's inbox handler on its loop and wait until handled."""
-    m = Message(topic or dev.topics.device_inbox(dev.device_id), encode(frame, body))
+def inject(
+    dev: DeviceAgent,
+    frame: Header,
+    body: bytes = b"",
+    *,
+    topic: str | None = None,
+    sender: str | None = None,
+) -> None:
+    """Deliver ``frame`` to the device's inbox handler on its loop and wait until handled; as
+    sent by ``sender`` (default: the edge the frame names, else the device's current edge)."""
+    who = sender or getattr(frame, "edge", None) or dev.session.edge_id
+    m = Message(topic or dev.topics.device_inbox(dev.device_id, who), encode(frame, body))
     dev.loop.call(lambda: dev.router.inbox(m))
 
 
@@ -55,19 +64,19 @@ class ScriptedEdge:
         *,
         delay_s: float = 0.0,
         protocol: int = 5,
-        prefix: str = "iotoffload/v1",
+        prefix: str = DEFAULT_PREFIX,
     ) -> None:
         self.edge_id, self.pkg, self.delay_s = edge_id, pkg, delay_s
         self.topics = Topics(prefix)
         self.queries = 0
         self._timers: list[threading.Timer] = []
         self.link = MqttLink(url, f"scripted-{edge_id}", protocol=protocol)
-        self.link.subscribe(self.topics.edge_control(edge_id), self._on_control)
-        self.link.subscribe(self.topics.edge_query(edge_id), self._on_query)
+        self.link.subscribe(self.topics.edge_control(edge_id, "+"), self._on_control)
+        self.link.subscribe(self.topics.edge_query(edge_id, "+"), self._on_query)
         self.link.connect()
 
     def _inbox(self, device: str) -> str:
-        return self.topics.device_inbox(device)
+        return self.topics.device_inbox(device, self.edge_id)
 
     def _on_control(self, m: Message) -> None:
         h, _ = decode(m.payload)

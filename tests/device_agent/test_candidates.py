@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from device_agent.candidates import Candidates
 
 
@@ -34,11 +36,33 @@ def test_offline_status_and_zeroconf_removal_mark_the_edge_offline() -> None:
     c.from_status(_status("b"))
     c.from_status(_status("b", "offline"))
     assert c.get("b") is not None and not c.get("b").online  # type: ignore[union-attr]
+    c.seen("z", "127.0.0.1:1884", "zeroconf")  # known by zeroconf alone
+    assert c.gone("z") and not c.get("z").online  # type: ignore[union-attr]
+    assert not c.gone("never-seen")  # nothing to mark
+    assert [e.id for e in c.all()] == ["b", "z"]
+
+
+def test_an_mdns_goodbye_alone_does_not_drop_an_edge_whose_status_says_online() -> None:
+    """Anyone on the link can send an mDNS goodbye; the edge's retained status (written only by
+    that edge on a secured broker) still saying online keeps it online."""
+    c = Candidates()
+    c.seen("b", "127.0.0.1:1884", "zeroconf")
     c.from_status(_status("b"))
-    c.gone("b")
+    assert not c.gone("b")
+    e = c.get("b")
+    assert e is not None and e.online and e.sources == {"status"}
+    c.from_status(_status("b", "offline"))  # the edge itself says so: offline
     assert not c.get("b").online  # type: ignore[union-attr]
-    c.gone("never-seen")  # nothing to mark
-    assert [e.id for e in c.all()] == ["b"]
+
+
+def test_edges_outside_the_allow_list_are_never_candidates() -> None:
+    c = Candidates(["a"])
+    with pytest.raises(ValueError, match="allowed edges"):
+        c.seen("evil", "127.0.0.1:1884", "zeroconf")
+    assert c.from_status(_status("evil")) is None
+    c.seen("a", "127.0.0.1:1884", "config")
+    assert [e.id for e in c.all()] == ["a"] and not c.allows("evil")
+    assert Candidates(["*"]).allows("anyone") and Candidates().allows("anyone")
 
 
 def test_junk_status_is_ignored() -> None:

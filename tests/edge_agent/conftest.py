@@ -129,7 +129,7 @@ class RawClient:
         self._cond = threading.Condition()
         self._frames: list[tuple[Header, bytes]] = []
         self.link = MqttLink(url, f"raw-{device}-{next(_ids)}-{time.monotonic_ns()}")
-        self.link.subscribe(topics.device_inbox(device), self._on)
+        self.link.subscribe(topics.device_inbox(device, "+"), self._on)
         self.link.connect()
 
     def _on(self, m: Message) -> None:
@@ -172,10 +172,10 @@ class RawClient:
         self.link.publish(topic, frame)
 
     def control(self, header: Header) -> None:
-        self.send(self.topics.edge_control(self.edge), encode(header))
+        self.send(self.topics.edge_control(self.edge, self.device), encode(header))
 
     def upload_chunk(self, h: UploadChunk, body: bytes) -> None:
-        self.send(self.topics.edge_upload(self.edge), encode(h, body))
+        self.send(self.topics.edge_upload(self.edge, self.device), encode(h, body))
 
     def upload(self, model: TinyModel, timeout: float = 20.0) -> None:
         """Upload every block and wait until each is stored and loaded."""

@@ -47,7 +47,7 @@ def test_a_full_disk_answers_store_failed_and_the_edge_keeps_serving(
     ack, _ = dev.take(lambda h: isinstance(h, UploadAck) and h.block_done)
     assert isinstance(ack, UploadAck) and ack.loaded
     dev.upload(model)
-    dev.send(harness.topics.edge_query("edge1"), dev.query_frame(model, "q", X))
+    dev.send(harness.topics.edge_query("edge1", dev.device), dev.query_frame(model, "q", X))
     np.testing.assert_allclose(dev.result("q"), model.expected(X, 0, 3))
     s = edge.stats
     assert s.error_codes == {"store_failed": 2} and s.blocks_stored == 3

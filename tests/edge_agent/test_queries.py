@@ -38,7 +38,7 @@ def test_concurrent_queries_from_several_clients_are_all_counted(harness: Harnes
             xs = [X + k * 100 + j for j in range(per_client)]
             for j, x in enumerate(xs):  # all sent at once: they queue on the edge
                 dev.send(
-                    harness.topics.edge_query("edge1"),
+                    harness.topics.edge_query("edge1", dev.device),
                     dev.query_frame(model, f"q{k}-{j}", x.astype(np.float32)),
                 )
             for j, x in enumerate(xs):
@@ -74,7 +74,7 @@ def test_stats_hammered_from_many_threads_lose_nothing(harness: Harness) -> None
     dev.control(model.announce(dev.device))
     dev.inventory()
     dev.upload(model)
-    topic = harness.topics.edge_query("edge1")
+    topic = harness.topics.edge_query("edge1", dev.device)
     good, bad, n_threads = 150, 25, 8
     unknown = "0" * 64
     go = threading.Barrier(n_threads)
@@ -89,7 +89,7 @@ def test_stats_hammered_from_many_threads_lose_nothing(harness: Harness) -> None
                 Query,
                 X,
                 request_id=f"b{k}-{j}",
-                device="nobody",
+                device=dev.device,
                 model_id=unknown,
                 start=0,
                 end=1,
@@ -133,10 +133,10 @@ def test_stats_are_written_on_the_edge_loop_only(
     dev.inventory()
     dev.upload(model)
     for j in range(10):
-        dev.send(harness.topics.edge_query("edge1"), dev.query_frame(model, f"w{j}", X))
+        dev.send(harness.topics.edge_query("edge1", dev.device), dev.query_frame(model, f"w{j}", X))
     for j in range(10):
         dev.result(f"w{j}")
-    dev.send(harness.topics.edge_query("edge1"), b"junk")  # an error is counted too
+    dev.send(harness.topics.edge_query("edge1", dev.device), b"junk")  # an error is counted too
     wait_until(lambda: edge.stats.errors >= 1, 5)
     assert writers and set(writers) == {"edge-loop"}, sorted(set(writers))
 
@@ -152,7 +152,7 @@ def test_results_not_yet_counted_stay_bounded_without_status_reads(harness: Harn
     dev.upload(model)
     n = COUNT_EVERY + 60
     for j in range(n):
-        dev.send(harness.topics.edge_query("edge1"), dev.query_frame(model, f"f{j}", X))
+        dev.send(harness.topics.edge_query("edge1", dev.device), dev.query_frame(model, f"f{j}", X))
     for j in range(n):
         dev.result(f"f{j}")
     wait_until(lambda: edge.load_factor() == 0, 5, "no query outstanding")

@@ -42,18 +42,19 @@ def test_upload_errors_name_the_block_and_chunk(harness: Harness) -> None:
     assert (e.code, e.block, e.chunk, e.request_id) == (ErrorCode.DIGEST_MISMATCH, 0, last, None)
     # a frame of the wrong type on a topic
     dev.send(
-        harness.topics.edge_upload("edge1"),
+        harness.topics.edge_upload("edge1", dev.device),
         encode(Hello(device=dev.device, model_id=model.model_id)),
     )
     e = dev.error()
     assert (e.code, e.block, e.chunk) == (ErrorCode.UNEXPECTED, None, None)
-    dev.send(harness.topics.edge_control("edge1"), dev.query_frame(model, "on-control", X))
+    on_control = dev.query_frame(model, "on-control", X)
+    dev.send(harness.topics.edge_control("edge1", dev.device), on_control)
     e = dev.error()
     assert (e.code, e.request_id, e.block) == (ErrorCode.UNEXPECTED, None, None)
     inv = edge.inventory(model.model_id)
     assert inv.stored == [] and 0 not in inv.partial  # the rotten upload was dropped
     dev.upload(model)  # and the edge keeps serving
-    dev.send(harness.topics.edge_query("edge1"), dev.query_frame(model, "ok", X))
+    dev.send(harness.topics.edge_query("edge1", dev.device), dev.query_frame(model, "ok", X))
     np.testing.assert_allclose(dev.result("ok"), model.expected(X, 0, 3))
     assert edge.stats.error_codes == {"size_mismatch": 1, "digest_mismatch": 1, "unexpected": 2}
 

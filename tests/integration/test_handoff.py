@@ -250,7 +250,7 @@ def test_b_holding_the_model_first_query_after_the_move_is_offloaded_on_b(
         # the move is asked for on the device's control topic, as another app would
         ctl = MqttLink(broker.url, _uid("ctl"), protocol=311)
         ctl.connect()
-        ctl.publish(dev.topics.device_control(dev.device_id), json.dumps({"prefer": b_id}))
+        ctl.publish(dev.topics.device_control(dev.device_id, "ops"), json.dumps({"prefer": b_id}))
         _wait(lambda: dev.edge_id == b_id, 15, "the move to B")
         ctl.close()
         first = dev.query(x, 1)

@@ -140,11 +140,11 @@ def test_bad_input_gets_error_frames_and_the_edge_keeps_serving(
     mobilenet: ModelPackage, edge: EdgeAgent, broker: BrokerUnderTest
 ) -> None:
     dev = _device(mobilenet, broker, split=17)
-    spy = InboxSpy(broker, edge.topics.device_inbox(dev.device_id))
+    spy = InboxSpy(broker, edge.topics.device_inbox(dev.device_id, "+"))
     try:
         dev.upload()
         t, link, mid = edge.topics, dev.link, mobilenet.manifest.model_id
-        q = t.edge_query("edge1")
+        q = t.edge_query("edge1", dev.device_id)
         link.publish(q, b"garbage")  # no device named: logged and dropped
         # an unknown frame version still names its sender: answered
         hdr = json.dumps({"type": "query", "request_id": "v9", "device": dev.device_id}).encode()
@@ -179,7 +179,7 @@ def test_bad_input_gets_error_frames_and_the_edge_keeps_serving(
             ),
         )
         # an upload whose bytes do not match the announced digest
-        up = t.edge_upload("edge1")
+        up = t.edge_upload("edge1", dev.device_id)
         chunk = UploadChunk(
             device=dev.device_id,
             model_id=mid,
@@ -249,13 +249,13 @@ def test_a_query_that_expired_in_the_edge_queue_is_not_run(
     mobilenet: ModelPackage, edge: EdgeAgent, broker: BrokerUnderTest
 ) -> None:
     dev = _device(mobilenet, broker, split=17)
-    spy = InboxSpy(broker, edge.topics.device_inbox(dev.device_id))
+    spy = InboxSpy(broker, edge.topics.device_inbox(dev.device_id, "+"))
     try:
         dev.upload()
         before = edge.stats.queries
         # a deadline shorter than any queueing: 0.001 ms
         dev.link.publish(
-            edge.topics.edge_query("edge1"),
+            edge.topics.edge_query("edge1", dev.device_id),
             encode_tensor_frame(
                 Query,
                 np.zeros((1, 7, 7, 320), np.float32),

@@ -60,7 +60,7 @@ def test_high_edge_load_moves_the_split_toward_the_device(
             # load: 40 whole-model queries queued at the edge (one worker) at once
             for i in range(40):
                 noisy.link.publish(
-                    edge.topics.edge_query("busy"),
+                    edge.topics.edge_query("busy", noisy.device_id),
                     encode_tensor_frame(
                         Query,
                         x,

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iotoffload.transport.frame import (
+    FRAME_VERSION,
     MAGIC,
     Error,
     ErrorCode,
@@ -64,14 +65,14 @@ def test_chunk_round_trip() -> None:
     ("payload", "code"),
     [
         (b"", "malformed"),
-        (b"IOTO\x01", "malformed"),
+        (b"IOTO\x02", "malformed"),
         (b"NOPE\x01\x00\x00\x00\x02{}", "malformed"),
         (b"IOTO\x07\x00\x00\x00\x02{}", "unsupported_version"),
-        (b"IOTO\x01\xff\xff\xff\xff{}", "malformed"),
-        (b"IOTO\x01\x00\x00\x00\x05{}", "malformed"),  # header length past the end
-        (b"IOTO\x01\x00\x00\x00\x03{x}", "malformed"),
-        (b"IOTO\x01\x00\x00\x00\x02[]", "invalid_header"),
-        (b'IOTO\x01\x00\x00\x00\x0f{"type":"nope"}', "invalid_header"),
+        (b"IOTO\x02\xff\xff\xff\xff{}", "malformed"),
+        (b"IOTO\x02\x00\x00\x00\x05{}", "malformed"),  # header length past the end
+        (b"IOTO\x02\x00\x00\x00\x03{x}", "malformed"),
+        (b"IOTO\x02\x00\x00\x00\x02[]", "invalid_header"),
+        (b'IOTO\x02\x00\x00\x00\x0f{"type":"nope"}', "invalid_header"),
     ],
 )
 def test_malformed_frames_raise_frame_errors(payload: bytes, code: str) -> None:
@@ -108,7 +109,7 @@ def test_invalid_fields_name_the_field_and_keep_the_request_id() -> None:
     }
     raw = json.dumps(hdr).encode()
     with pytest.raises(FrameError) as e:
-        decode(MAGIC + struct.pack(">BI", 1, len(raw)) + raw + b"\0" * 4)
+        decode(MAGIC + struct.pack(">BI", FRAME_VERSION, len(raw)) + raw + b"\0" * 4)
     assert e.value.code == "invalid_header" and "model_id" in str(e.value)
     assert e.value.request_id == "q9"
 
@@ -123,14 +124,14 @@ def test_huge_declared_shape_is_refused_without_allocating() -> None:
     }
     raw = json.dumps(hdr).encode()
     with pytest.raises(FrameError) as e:
-        decode(MAGIC + struct.pack(">BI", 1, len(raw)) + raw + b"\0" * 16)
+        decode(MAGIC + struct.pack(">BI", FRAME_VERSION, len(raw)) + raw + b"\0" * 16)
     assert e.value.code == "size_mismatch"
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_never_crash_the_decoder(data: bytes) -> None:
-    for payload in (data, MAGIC + b"\x01" + data):
+    for payload in (data, MAGIC + bytes([FRAME_VERSION]) + data):
         with contextlib.suppress(FrameError):
             decode(payload)
 
@@ -160,12 +161,12 @@ def test_handoff_frames_round_trip_and_reject_bad_ids() -> None:
     bad = json.loads(t.model_dump_json()) | {"source_edge": "a/b"}  # would be a topic level
     hb = json.dumps(bad).encode()
     with pytest.raises(FrameError) as e:
-        decode(MAGIC + struct.pack(">BI", 1, len(hb)) + hb)
+        decode(MAGIC + struct.pack(">BI", FRAME_VERSION, len(hb)) + hb)
     assert e.value.code == "invalid_header" and e.value.device == "d1"
     empty = json.loads(f.model_dump_json()) | {"blocks": []}
     hb = json.dumps(empty).encode()
     with pytest.raises(FrameError):
-        decode(MAGIC + struct.pack(">BI", 1, len(hb)) + hb)
+        decode(MAGIC + struct.pack(">BI", FRAME_VERSION, len(hb)) + hb)
 
 
 def test_error_frames_carry_typed_fields_and_known_codes_only() -> None:
@@ -186,7 +187,7 @@ def test_error_frames_carry_typed_fields_and_known_codes_only() -> None:
 def test_a_deeply_nested_header_is_malformed_not_a_crash() -> None:
     hb = b"[" * 65536
     with pytest.raises(FrameError) as e:
-        decode(MAGIC + bytes([1]) + len(hb).to_bytes(4, "big") + hb)
+        decode(MAGIC + bytes([FRAME_VERSION]) + len(hb).to_bytes(4, "big") + hb)
     assert e.value.code == ErrorCode.MALFORMED
 
 
@@ -204,7 +205,7 @@ def test_non_finite_floats_are_refused() -> None:
     for bad in (b"1e400", b"NaN", b"-Infinity"):
         hb = b'{"type":"result","request_id":"r1","queue_ms":%s,"exec_ms":1.0,' % bad
         hb += b'"tensor":{"dtype":"float32","shape":[1]}}'
-        raw = MAGIC + bytes([1]) + len(hb).to_bytes(4, "big") + hb + b"\0" * 4
+        raw = MAGIC + bytes([FRAME_VERSION]) + len(hb).to_bytes(4, "big") + hb + b"\0" * 4
         with pytest.raises(FrameError) as e:
             decode(raw)
         assert e.value.code == ErrorCode.INVALID_HEADER, bad
