@@ -56,9 +56,18 @@ def run_mode(
     with ExitStack() as stack:
         url_a, proto = stack.enter_context(broker(kind))
         url_b, _ = stack.enter_context(broker(kind))
-        stack.enter_context(edge_on(url_a, proto, edge_id="bench-a", status_interval=0.5))
+        stack.enter_context(
+            edge_on(url_a, proto, edge_id="bench-a", status_interval=0.5, peer_edges=["bench-b"])
+        )
         edge_b = stack.enter_context(
-            edge_on(url_b, proto, edge_id="bench-b", status_interval=0.5, peer_brokers=[url_a])
+            edge_on(
+                url_b,
+                proto,
+                edge_id="bench-b",
+                status_interval=0.5,
+                peer_brokers=[url_a],
+                peer_edges=["bench-a"],
+            )
         )
         dev = DeviceAgent(
             pkg,

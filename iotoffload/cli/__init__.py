@@ -9,6 +9,7 @@ from iotoffload.cli.bench_cmd import app as bench_app
 from iotoffload.cli.model_cmd import app as model_app
 from iotoffload.cli.plan_cmd import plan
 from iotoffload.cli.run_cmd import broker, demo
+from iotoffload.cli.security_cmd import app as security_app
 
 app = typer.Typer(
     help="iotoffload: run DNNs on IoT devices with the help of nearby edge servers.",
@@ -18,6 +19,7 @@ app = typer.Typer(
 )
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
+app.add_typer(security_app, name="security")
 app.command()(broker)
 app.command()(demo)
 app.command()(plan)

@@ -66,3 +66,50 @@ def test_a_hello_right_after_an_announce_sees_the_model(harness: Harness) -> Non
     dev.control(model.announce(dev.device))
     dev.control(Hello(device=dev.device, model_id=model.model_id))  # not waiting in between
     assert dev.inventory().known and dev.inventory().known
+
+
+def test_frames_claiming_another_device_are_refused_to_their_sender(harness: Harness) -> None:
+    """mallory sends, on its own topics (the only ones the broker lets it use), frames that
+    name dev1: an announce, a hello, a chunk and a query. Each is refused as forbidden, the
+    refusal goes to mallory, dev1 hears nothing, and nothing is stored, run or announced."""
+    model = tiny_model()
+    edge = harness.edge()
+    victim = harness.client("dev1")
+    mallory = harness.client("mallory")
+    t = harness.topics
+    mallory.send(t.edge_control("edge1", "mallory"), encode(model.announce("dev1")))
+    e = mallory.error()
+    assert e.code == ErrorCode.FORBIDDEN and "dev1" in e.message
+    assert edge.store.model(model.model_id) is None
+    mallory.send(
+        t.edge_control("edge1", "mallory"),
+        encode(Hello(device="dev1", model_id=model.model_id)),
+    )
+    assert mallory.error().code == ErrorCode.FORBIDDEN
+    victim.control(model.announce("dev1"))
+    victim.inventory()
+    h, body = model.chunks("dev1", 0)[0]
+    mallory.send(t.edge_upload("edge1", "mallory"), encode(h, body))
+    assert mallory.error().code == ErrorCode.FORBIDDEN
+    victim.upload(model)
+    mallory.send(t.edge_query("edge1", "mallory"), victim.query_frame(model, "steal", X))
+    e = mallory.error()
+    assert (e.code, e.request_id) == (ErrorCode.FORBIDDEN, "steal")
+    s = edge.stats
+    assert s.error_codes == {"forbidden": 4} and s.queries == 0
+    victim.send(t.edge_query("edge1", "dev1"), victim.query_frame(model, "mine", X))
+    np.testing.assert_allclose(victim.result("mine"), model.expected(X, 0, 3))
+    with pytest.raises(AssertionError):  # nothing else reached dev1
+        victim.error(timeout=0.3)
+    # the announce dev1 made is recorded as dev1's, mallory's forgery is not
+    assert edge.store.announced_by(model.model_id, "dev1")
+    assert not edge.store.announced_by(model.model_id, "mallory")
+
+
+def test_a_message_on_a_topic_without_a_sender_level_is_ignored(harness: Harness) -> None:
+    edge = harness.edge()
+    dev = harness.client()
+    dev.send("iotoffload/v2/edges/edge1/query", b"junk")  # the v1 topic: nobody to answer
+    dev.send(harness.topics.edge_query("edge1", "dev1"), b"junk")  # answered: malformed
+    assert dev.error().code == ErrorCode.MALFORMED
+    assert edge.stats.error_codes == {"malformed": 1}

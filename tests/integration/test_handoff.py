@@ -51,7 +51,7 @@ def _edge(eid: str, url: str, store: Path, protocol: int = 5, **kw: object) -> E
             interface=IFACE,
             protocol=protocol,
             status_interval=0.5,
-            **kw,
+            **{"peer_edges": ["*"], **kw},
         )
     )  # type: ignore[arg-type]
     a.start()

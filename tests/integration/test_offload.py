@@ -145,7 +145,7 @@ def test_bad_input_gets_error_frames_and_the_edge_keeps_serving(
         dev.upload()
         t, link, mid = edge.topics, dev.link, mobilenet.manifest.model_id
         q = t.edge_query("edge1", dev.device_id)
-        link.publish(q, b"garbage")  # no device named: logged and dropped
+        link.publish(q, b"garbage")  # answered to the topic's sender: malformed
         # an unknown frame version still names its sender: answered
         hdr = json.dumps({"type": "query", "request_id": "v9", "device": dev.device_id}).encode()
         link.publish(q, MAGIC + struct.pack(">BI", 9, len(hdr)) + hdr)
@@ -213,6 +213,7 @@ def test_bad_input_gets_error_frames_and_the_edge_keeps_serving(
             "bad_range",
             "bad_tensor",
             "digest_mismatch",
+            "malformed",
             "rejected_block",
             "too_large",
             "unknown_model",

@@ -24,8 +24,10 @@ pytestmark = pytest.mark.integration
 def test_high_edge_load_moves_the_split_toward_the_device(
     mobilenet: ModelPackage, tmp_path: Path
 ) -> None:
-    # A slow device (its measured block times x8, like a small board against this core)
-    slow = [8 * v for v in measure_device_ms(mobilenet, TFLiteExecutor.from_package(mobilenet))]
+    # A slow device (its measured block times x4, like a small board against this core); the
+    # burst below queues several times its whole local time at the edge, so the margin holds
+    # on a loaded machine too
+    slow = [4 * v for v in measure_device_ms(mobilenet, TFLiteExecutor.from_package(mobilenet))]
     x = np.zeros((1, 224, 224, 3), np.float32)
     with EmbeddedBroker() as b:
         edge = EdgeAgent(
@@ -57,8 +59,8 @@ def test_high_edge_load_moves_the_split_toward_the_device(
             assert all(o.offloaded for o in idle), [o.reason for o in idle]
             split_idle = idle[-1].split
             assert split_idle < mobilenet.num_blocks
-            # load: 40 whole-model queries queued at the edge (one worker) at once
-            for i in range(40):
+            # load: 60 whole-model queries queued at the edge (one worker) at once
+            for i in range(60):
                 noisy.link.publish(
                     edge.topics.edge_query("busy", noisy.device_id),
                     encode_tensor_frame(

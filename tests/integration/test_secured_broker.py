@@ -1,0 +1,455 @@
+"""The secured deployment end to end: `iotoffload security init` writes the PKI, the ACL and
+the mosquitto configuration; a real mosquitto runs it; every role connects and does its job;
+and every attack class of the threat model fails (each test fails if its attack succeeds).
+
+Identities: edges e1 and e2, device d1, app app1, operator ops, and mallory: a device of
+the deployment gone rogue (authenticated, with a device's rights, nothing more).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import shutil
+import subprocess
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from broker.embedded import free_port
+from device_agent.agent import DeviceAgent
+from edge_agent.agent import EdgeAgent
+from edge_agent.config import EdgeConfig
+from iotoffload.deploy.lab import LabPlan, agents_by_role, init_lab
+from iotoffload.model import ModelPackage
+from iotoffload.runtime import TFLiteExecutor
+from iotoffload.transport.frame import (
+    Error,
+    Hello,
+    Inventory,
+    PeerFetch,
+    Query,
+    Result,
+    decode,
+    encode,
+    encode_tensor_frame,
+)
+from iotoffload.transport.mqtt import Message, MqttLink
+from iotoffload.transport.security import BrokerAuthError, MqttSecurity
+from iotoffload.transport.status import EdgeStatus
+from iotoffload.transport.topics import Topics
+from tests.integration.secure import wait_listening
+
+pytestmark = pytest.mark.integration
+T = Topics()
+
+
+@dataclass
+class Lab:
+    url: str
+    dir: Path
+    proc: subprocess.Popen[bytes]
+
+    def security(self, who: str) -> MqttSecurity:
+        table = tomllib.loads((self.dir / "agents" / f"{who}.toml").read_text())["mqtt"]
+        return MqttSecurity.load(table)
+
+    def link(self, who: str, client_id: str | None = None) -> MqttLink:
+        link = MqttLink(self.url, client_id or f"{who}-raw", security=self.security(who))
+        return link
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(exe).exists():
+        pytest.skip("mosquitto is not installed (.ci/run installs it)")
+    d = tmp_path_factory.mktemp("lab")
+    port = free_port()
+    agents = agents_by_role(
+        edges=["e1", "e2"], devices=["d1", "mallory"], apps=["app1"], operators=["ops"]
+    )
+    r = init_lab(LabPlan(d, agents, port=port))
+    conf = r.conf.read_text() + f"persistence false\nuser {getpass.getuser()}\n"
+    r.conf.write_text(conf)
+    proc = subprocess.Popen([exe, "-c", str(r.conf)], stderr=subprocess.PIPE)
+    try:
+        wait_listening(proc, port)
+        yield Lab(f"mqtts://127.0.0.1:{port}", d, proc)
+    finally:
+        proc.terminate()
+        proc.wait(5)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+class Inbox:
+    """Everything a raw client receives on its subscriptions (paho's thread appends)."""
+
+    def __init__(self, link: MqttLink, *topics: str) -> None:
+        self.link = link
+        self.got: list[Message] = []
+        self._cond = threading.Condition()
+        for t in topics:
+            link.subscribe(t, self._on)
+        link.connect()
+
+    def _on(self, m: Message) -> None:
+        with self._cond:
+            self.got.append(m)
+            self._cond.notify_all()
+
+    def frames(self) -> list[object]:
+        with self._cond:
+            return [decode(m.payload)[0] for m in self.got if m.payload[:4] == b"IOTO"]
+
+    def wait_for(self, pred: object, timeout: float = 10.0) -> Message:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for m in self.got:
+                    if pred(m):  # type: ignore[operator]
+                        return m
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"nothing matching within {timeout} s: {self.got!r}")
+                self._cond.wait(left)
+
+
+@pytest.fixture
+def edge(lab: Lab, tmp_path: Path) -> Iterator[EdgeAgent]:
+    e = EdgeAgent(
+        EdgeConfig(
+            id="e1",
+            broker=lab.url,
+            store=tmp_path / "e1",
+            advertise=False,
+            peer_edges=["e2"],
+            status_interval=0.5,
+        ),
+        lab.security("e1"),
+    )
+    e.start()
+    yield e
+    e.stop()
+
+
+@pytest.fixture
+def device(lab: Lab, edge: EdgeAgent, mobilenet: ModelPackage) -> Iterator[DeviceAgent]:
+    d = DeviceAgent(
+        mobilenet,
+        lab.url,
+        "e1",
+        device_id="d1",
+        split=9,
+        deadline_ms=5000,
+        security=lab.security("d1"),
+        operators=["ops"],
+        allowed_edges=["e1", "e2"],
+    )
+    try:
+        assert d.connect() is not None
+        d.upload()
+        assert not d.upload_errors
+        yield d
+    finally:
+        d.close()
+
+
+X = np.random.default_rng(7).uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32)
+
+
+def _offloads(dev: DeviceAgent, mobilenet: ModelPackage, n: int = 3) -> None:
+    """``n`` queries, each offloaded and equal to the local result."""
+    want = TFLiteExecutor.from_package(mobilenet).run(0, mobilenet.num_blocks, X)
+    for i in range(n):
+        out = dev.query(X, i)
+        assert out.offloaded and out.edge == "e1", out.reason
+        np.testing.assert_allclose(out.output, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
+
+
+# every role works -------------------------------------------------------------------------------
+
+
+def test_every_role_connects_and_does_its_job(
+    lab: Lab, edge: EdgeAgent, device: DeviceAgent, mobilenet: ModelPackage
+) -> None:
+    _offloads(device, mobilenet)
+    # an app: the model's inventory and a whole-model query, answered in its own inbox
+    app = Inbox(lab.link("app1"), T.device_inbox("app1", "+"), T.device_results("+"))
+    try:
+        mid = mobilenet.manifest.model_id
+        app.link.publish(T.edge_control("e1", "app1"), encode(Hello(device="app1", model_id=mid)))
+        app.wait_for(lambda m: isinstance(decode(m.payload)[0], Inventory))
+        q = encode_tensor_frame(
+            Query,
+            X,
+            request_id="app-1",
+            device="app1",
+            model_id=mid,
+            start=0,
+            end=mobilenet.num_blocks,
+            deadline_ms=10_000,
+        )
+        app.link.publish(T.edge_query("e1", "app1"), q)
+        got = app.wait_for(lambda m: isinstance(decode(m.payload)[0], Result))
+        assert got.topic == T.device_inbox("app1", "e1")
+    finally:
+        app.link.close()
+    # an operator moves the device's preference (to an edge its policy allows)
+    ops = lab.link("ops")
+    ops.connect()
+    try:
+        ops.publish(T.device_control("d1", "ops"), json.dumps({"prefer": "e2"}))
+        _wait(lambda: device.prefer == "e2", "the operator's command taken")
+        ops.publish(T.device_control("d1", "ops"), json.dumps({"prefer": None}))
+        _wait(lambda: device.prefer is None, "released")
+    finally:
+        ops.close()
+
+
+def _wait(cond: object, what: str, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_a_wrong_password_or_a_stranger_certificate_is_refused(lab: Lab, tmp_path: Path) -> None:
+    import trustme
+
+    other = trustme.CA()
+    leaf = other.issue_cert("x.test", common_name="d1")  # the right name, the wrong CA
+    cert, key = tmp_path / "x.pem", tmp_path / "x.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    sec = MqttSecurity(ca_file=lab.dir / "ca.crt", cert_file=cert, key_file=key)
+    with pytest.raises(BrokerAuthError):
+        MqttLink(lab.url, "x", security=sec).connect(5)
+    anon = MqttSecurity(ca_file=lab.dir / "ca.crt")  # TLS, no client certificate
+    with pytest.raises(BrokerAuthError):
+        MqttLink(lab.url, "y", security=anon).connect(5)
+
+
+# the attacks ------------------------------------------------------------------------------------
+
+
+def test_forged_results_never_answer_a_query(
+    lab: Lab,
+    edge: EdgeAgent,
+    device: DeviceAgent,
+    mobilenet: ModelPackage,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Request ids are guessable (d1-1, d1-2, ...). For each query, while its slot is open and
+    before the real query leaves, mallory (a device) forges e1's result into d1's inbox (the
+    ACL must drop it) and e2 (a real edge, not asked) sends its own (the device must drop it).
+    Every query still gets e1's correct answer."""
+    bad = np.full(mobilenet.manifest.blocks[-1].output.shape, 1e6, np.float32)
+    mallory, e2 = lab.link("mallory"), lab.link("e2")
+    for link in (mallory, e2):
+        link.connect()
+    answers = device.queries.pending.answers
+    real_open = answers.open
+    forged = 0
+
+    def open_and_forge(rid: str, source: str | None = None, expect: object = None) -> object:
+        nonlocal forged
+        fut = real_open(rid, source, expect)
+        frame = encode_tensor_frame(Result, bad, request_id=rid, queue_ms=0, exec_ms=0)
+        seen = device.router.refused
+        mallory.publish(T.device_inbox("d1", "e1"), frame).wait_for_publish(2)
+        e2.publish(T.device_inbox("d1", "e2"), frame).wait_for_publish(2)
+        _wait(lambda: device.router.refused > seen, "e2's forged result dropped by the device")
+        forged += 1
+        return fut
+
+    monkeypatch.setattr(answers, "open", open_and_forge)
+    try:
+        _offloads(device, mobilenet, n=5)
+    finally:
+        monkeypatch.undo()
+        mallory.close()
+        e2.close()
+    assert forged == 5 and device.router.refused >= 5
+
+
+def test_a_result_of_the_wrong_shape_from_the_edge_asked_is_refused(
+    device: DeviceAgent, mobilenet: ModelPackage
+) -> None:
+    """Even the edge asked cannot answer with another shape than the manifest's (unit level:
+    the device's router, as paho's thread calls it)."""
+    answers = device.queries.pending.answers
+    out = mobilenet.manifest.blocks[-1].output
+    fut = answers.open("d1-x", "e1", (out.dtype, tuple(out.shape)))
+    wrong = encode_tensor_frame(
+        Result, np.zeros((1, 3), np.float32), request_id="d1-x", queue_ms=0, exec_ms=0
+    )
+    device.router.on_inbox_message(Message(T.device_inbox("d1", "e1"), wrong))
+    assert not fut.done()
+    right = encode_tensor_frame(
+        Result, np.zeros(out.shape, np.float32), request_id="d1-x", queue_ms=0, exec_ms=0
+    )
+    device.router.on_inbox_message(Message(T.device_inbox("d1", "e2"), right))  # not asked
+    assert not fut.done()
+    device.router.on_inbox_message(Message(T.device_inbox("d1", "e1"), right))
+    assert fut.done()
+
+
+def test_forged_status_offline_inventory_and_errors_change_nothing(
+    lab: Lab, edge: EdgeAgent, device: DeviceAgent, mobilenet: ModelPackage
+) -> None:
+    mallory = lab.link("mallory")
+    mallory.connect()
+    mid = mobilenet.manifest.model_id
+    try:
+        offline = EdgeStatus(edge="e1", state="offline").model_dump_json()
+        mallory.publish(T.edge_status("e1"), offline, retain=True)
+        evil = EdgeStatus(
+            edge="evil", state="online", broker="mqtt://127.0.0.1:1"
+        ).model_dump_json()
+        mallory.publish(T.edge_status("evil"), evil, retain=True)
+        inv = Inventory(model_id=mid, known=False, edge="e1")
+        mallory.publish(T.device_inbox("d1", "e1"), encode(inv))
+        err = Error(code="internal", message="forged", edge="e1", block=0, chunk=0)
+        mallory.publish(T.device_inbox("d1", "e1"), encode(err))
+        time.sleep(1.0)
+    finally:
+        mallory.close()
+    # the retained status is still the edge's own, and nobody sees the forged edge
+    seen = Inbox(lab.link("ops"), T.edge_status_all())
+    try:
+        m = seen.wait_for(lambda m: m.topic == T.edge_status("e1"))
+        st = EdgeStatus.parse(m.payload)
+        assert st is not None and st.state == "online"
+        time.sleep(0.3)
+        assert all(m.topic != T.edge_status("evil") for m in seen.got)
+    finally:
+        seen.link.close()
+    assert device.candidates.get("evil") is None
+    c = device.candidates.get("e1")
+    assert c is not None and c.online
+    assert device.session.known and not device.upload_errors
+    _offloads(device, mobilenet)
+
+
+def test_a_move_cannot_be_forced_through_the_control_topic(
+    lab: Lab, edge: EdgeAgent, device: DeviceAgent, mobilenet: ModelPackage
+) -> None:
+    mallory = lab.link("mallory")
+    mallory.connect()
+    try:
+        cmd = json.dumps({"prefer": "e2"})
+        mallory.publish(T.device_control("d1", "mallory"), cmd)  # ACL: not an operator
+        mallory.publish(T.device_control("d1", "ops"), cmd)  # ACL: not its identity
+        time.sleep(1.0)
+    finally:
+        mallory.close()
+    assert device.prefer is None
+    # an operator cannot move it to an edge its policy does not allow either
+    ops = lab.link("ops")
+    ops.connect()
+    try:
+        ops.publish(T.device_control("d1", "ops"), json.dumps({"prefer": "evil"}))
+        ops.publish(T.device_control("d1", "ops"), json.dumps({"prefer": "e1"}))
+        _wait(lambda: device.prefer == "e1", "the allowed command after the refused one")
+    finally:
+        ops.close()
+    _offloads(device, mobilenet, n=1)
+
+
+def test_a_peer_fetch_from_a_non_peer_pushes_nothing(
+    lab: Lab, edge: EdgeAgent, device: DeviceAgent
+) -> None:
+    mid = device.pkg.manifest.model_id
+    spy = Inbox(lab.link("mallory"), T.edge_upload("mallory", "+"), T.edge_upload("e2", "+"))
+    try:
+        fetch = PeerFetch(peer="mallory", device="d1", model_id=mid, blocks=list(range(18)))
+        spy.link.publish(T.edge_control("e1", "mallory"), encode(fetch))
+        as_e2 = PeerFetch(peer="e2", device="d1", model_id=mid, blocks=[0])
+        spy.link.publish(T.edge_control("e1", "mallory"), encode(as_e2))  # claims e2
+        spy.link.publish(T.edge_control("e1", "e2"), encode(as_e2))  # ACL: not its identity
+        _wait(lambda: edge.peers.refused_fetches == 2, "both fetches refused")
+        time.sleep(0.5)
+        assert edge.peers.blocks_pushed == 0 and spy.got == []
+    finally:
+        spy.link.close()
+
+
+def test_a_client_id_takeover_neither_kicks_the_edge_nor_fires_its_will(
+    lab: Lab, edge: EdgeAgent, device: DeviceAgent, mobilenet: ModelPackage
+) -> None:
+    watch = Inbox(lab.link("ops"), T.edge_status("e1"))
+    try:
+        watch.wait_for(lambda m: True)  # the retained online status
+        for cid in ("edge-e1", "e1", "device-d1", "d1"):
+            thief = lab.link("mallory", client_id=cid)
+            thief.connect()
+            thief.close()
+        time.sleep(1.0)
+        states = [EdgeStatus.parse(m.payload) for m in watch.got]
+        assert all(s is not None and s.state == "online" for s in states), [
+            s and s.state for s in states
+        ]
+        assert edge.link is not None and edge.link.connected
+    finally:
+        watch.link.close()
+    _offloads(device, mobilenet, n=2)
+
+
+def test_another_devices_inbox_cannot_be_read(
+    lab: Lab, edge: EdgeAgent, device: DeviceAgent, mobilenet: ModelPackage
+) -> None:
+    spy = Inbox(
+        lab.link("mallory"),
+        T.device_inbox("d1", "+"),
+        "iotoffload/v2/devices/#",
+        "#",
+        T.edge_query("e1", "+"),
+        T.edge_upload("e1", "+"),
+    )
+    try:
+        _offloads(device, mobilenet, n=3)
+        time.sleep(0.3)
+        leaked = [m.topic for m in spy.got if m.topic != T.edge_status("e1")]
+        assert all(not t.startswith(T.prefix + "/edges/e1/status") for t in leaked)
+        assert not [t for t in leaked if "/d1/" in t or t.endswith("/d1")], leaked
+    finally:
+        spy.link.close()
+
+
+def test_a_device_cannot_publish_as_another_device(
+    lab: Lab, edge: EdgeAgent, device: DeviceAgent, mobilenet: ModelPackage
+) -> None:
+    mid = mobilenet.manifest.model_id
+    spy = Inbox(lab.link("mallory"), T.device_inbox("mallory", "+"))
+    try:
+        x = np.zeros(mobilenet.manifest.input.shape, np.float32)
+        q = encode_tensor_frame(
+            Query,
+            x,
+            request_id="m-1",
+            device="d1",
+            model_id=mid,
+            start=0,
+            end=18,
+            deadline_ms=5000,
+        )
+        before = edge.stats.queries
+        spy.link.publish(T.edge_query("e1", "d1"), q)  # ACL: dropped
+        spy.link.publish(T.edge_query("e1", "mallory"), q)  # claims d1: refused, to mallory
+        m = spy.wait_for(lambda m: isinstance(decode(m.payload)[0], Error))
+        e = decode(m.payload)[0]
+        assert isinstance(e, Error) and e.code == "forbidden" and e.request_id == "m-1"
+        assert edge.stats.queries == before
+        assert edge.stats.error_codes.get("forbidden") == 1
+    finally:
+        spy.link.close()
+    _offloads(device, mobilenet, n=1)
