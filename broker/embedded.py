@@ -1,8 +1,15 @@
-"""The embedded broker: amqtt (MQTT 3.1.1) in a background thread with its own event loop."""
+"""The embedded broker: amqtt (MQTT 3.1.1) in a background thread with its own event loop.
+
+It is for loopback labs: no TLS, no passwords, no ACLs (amqtt's own would need its config
+format and a second ACL of ours to keep true), so anyone who reaches it can speak as anyone.
+It refuses to listen anywhere but on loopback; a real deployment runs mosquitto with the
+configuration ``iotoffload security init`` writes.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import threading
@@ -15,10 +22,34 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class EmbeddedBroker:
-    """``with EmbeddedBroker(port=...) as b: b.url`` — stops cleanly on exit."""
+class InsecureBindError(ValueError):
+    """The embedded broker was asked to listen beyond loopback."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class EmbeddedBroker:
+    """``with EmbeddedBroker(port=...) as b: b.url`` — stops cleanly on exit.
+
+    ``isolated_network``: the caller vouches that ``host`` is on a network nobody else can
+    reach (the bench's own network namespaces); otherwise only loopback is allowed."""
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int | None = None, *, isolated_network: bool = False
+    ) -> None:
+        if not is_loopback(host) and not isolated_network:
+            raise InsecureBindError(
+                f"the embedded broker has no TLS, passwords or ACLs and listens on loopback "
+                f"only, not on {host}: run mosquitto with the configuration of "
+                f"`iotoffload security init` and give the agents --broker mqtts://..."
+            )
         self.host = host
         self.port = port or free_port(host)
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from broker.embedded import EmbeddedBroker
+from broker.embedded import EmbeddedBroker, InsecureBindError
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
 from iotoffload.cli._console import console, err_console
@@ -112,10 +112,10 @@ def start(
     embedded = None
     url = cfg.broker
     if url is None:
-        embedded = EmbeddedBroker(cfg.interface, cfg.embedded_broker_port)
         try:
+            embedded = EmbeddedBroker(cfg.interface, cfg.embedded_broker_port)
             embedded.start()
-        except RuntimeError as e:
+        except (RuntimeError, InsecureBindError) as e:
             err_console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from e
         url = embedded.url

@@ -120,6 +120,10 @@ class BlockLoader:
             partial=partial,
             block_ms=block_ms,
             edge=self.edge_id,
+            name=a.name[:256],
+            blocks=len(a.blocks),
+            input=a.blocks[0].input,
+            output=a.blocks[-1].output,
         )
 
     # chunks, blocks, sessions -------------------------------------------------------------

@@ -6,6 +6,11 @@ prints the top-5 of the result, or the error frame. It does not upload blocks: r
 ``device-agent --wait-upload`` first if the inventory says some are missing.
 
     python examples/third_party_client.py --edge EDGE --package PACKAGE_DIR
+
+On a secured broker (``iotoffload security init``): ``--broker mqtts://HOST:8883 --ca-file
+ca.crt`` and either ``--cert-file/--key-file`` (the certificate's CN is the client's id) or
+``--username`` with the password in ``$IOTOFFLOAD_MQTT_PASSWORD``. Protocol v2: the client's
+id is the last level of every topic it publishes on, and must be its broker identity.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from __future__ import annotations
 import argparse
 import array
 import json
+import os
 import queue
 import random
+import socket
 import struct
 import sys
 import uuid
@@ -27,7 +34,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-PREFIX = "iotoffload/v1"
+PREFIX = "iotoffload/v2"
+FRAME_VERSION = 2
 PRELUDE = struct.Struct(">4sBI")  # magic b"IOTO", frame version, header length (big-endian)
 TYPECODES = {"float32": "f", "int8": "b", "uint8": "B", "int32": "i", "int64": "q"}
 Frame = tuple[dict[str, Any], bytes]
@@ -35,13 +43,13 @@ Frame = tuple[dict[str, Any], bytes]
 
 def encode(header: dict[str, Any], body: bytes = b"") -> bytes:
     raw = json.dumps(header).encode()
-    return PRELUDE.pack(b"IOTO", 1, len(raw)) + raw + body
+    return PRELUDE.pack(b"IOTO", FRAME_VERSION, len(raw)) + raw + body
 
 
 def decode(payload: bytes) -> Frame:
     magic, version, hlen = PRELUDE.unpack_from(payload)
-    if magic != b"IOTO" or version != 1:
-        raise ValueError(f"not an iotoffload v1 frame: {magic!r} v{version}")
+    if magic != b"IOTO" or version != FRAME_VERSION:
+        raise ValueError(f"not an iotoffload v2 frame: {magic!r} v{version}")
     end = PRELUDE.size + hlen
     return json.loads(payload[PRELUDE.size : end]), payload[end:]
 
@@ -64,6 +72,10 @@ def main() -> int:
     ap.add_argument("--protocol", type=int, choices=(5, 311), default=311)
     ap.add_argument("--device-id", default="thirdparty-app")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds to wait per answer")
+    ap.add_argument("--ca-file", help="CA that signed the broker's certificate (mqtts://)")
+    ap.add_argument("--cert-file", help="client certificate (its CN must be --device-id)")
+    ap.add_argument("--key-file", help="the client certificate's key")
+    ap.add_argument("--username", help="password from $IOTOFFLOAD_MQTT_PASSWORD")
     args = ap.parse_args()
 
     manifest = json.loads((args.package / "manifest.json").read_text())
@@ -72,8 +84,9 @@ def main() -> int:
     if spec["dtype"] not in TYPECODES:
         sys.exit(f"input dtype {spec['dtype']} is not handled by this example")
     url = urlparse(args.broker)
-    control = f"{PREFIX}/edges/{args.edge}/control"
-    inbox_topic = f"{PREFIX}/devices/{args.device_id}/inbox"
+    me = args.device_id
+    control = f"{PREFIX}/edges/{args.edge}/control/{me}"
+    inbox_topic = f"{PREFIX}/devices/{me}/inbox/+"  # the last level: the edge that answers
 
     inbox: queue.Queue[Frame] = queue.Queue()
     ready: queue.Queue[str] = queue.Queue()  # "" once subscribed, else why the broker refused
@@ -86,20 +99,29 @@ def main() -> int:
     def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
         if rc.is_failure:
             ready.put(str(rc))
-        else:
-            c.subscribe(inbox_topic, qos=1)
+            return
+        # Nagle off: with it on (paho's default, and MQTT.js's) a small frame waits ~40 ms
+        sock = c.socket()
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.subscribe(inbox_topic, qos=1)
 
     def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic != inbox_topic:  # amqtt may send other retained messages on connect
+        if not mqtt.topic_matches_sub(inbox_topic, msg.topic):  # amqtt: other retained ones
             return
         try:
             inbox.put(decode(bytes(msg.payload)))
         except (ValueError, struct.error) as e:  # never let a bad frame kill paho's thread
             print(f"ignored a bad frame: {e}")
 
+    if url.scheme in ("mqtts", "ssl"):  # hostname verification stays on
+        client.tls_set(ca_certs=args.ca_file, certfile=args.cert_file, keyfile=args.key_file)
+    if args.username:
+        client.username_pw_set(args.username, os.environ.get("IOTOFFLOAD_MQTT_PASSWORD"))
     client.on_connect, client.on_message = on_connect, on_message
     client.on_subscribe = lambda *_: ready.put("")
-    client.connect(url.hostname or "127.0.0.1", url.port or 1883)
+    default_port = 8883 if url.scheme in ("mqtts", "ssl") else 1883
+    client.connect(url.hostname or "127.0.0.1", url.port or default_port)
     client.loop_start()
     try:
         if refused := ready.get(timeout=args.timeout):
@@ -138,7 +160,7 @@ def main() -> int:
             "tensor": {"dtype": spec["dtype"], "shape": spec["shape"]},
         }
         payload = encode(query, array.array(code, xs).tobytes())
-        client.publish(f"{PREFIX}/edges/{args.edge}/query", payload, qos=1)
+        client.publish(f"{PREFIX}/edges/{args.edge}/query/{me}", payload, qos=1)
         header, body = wait_for(inbox, {"result", "error"}, "request_id", rid, args.timeout)
     except queue.Empty:
         print(f"no answer from edge {args.edge} within {args.timeout:g} s")

@@ -22,7 +22,7 @@ from edge_agent.config import EdgeConfig
 @contextmanager
 def _broker(host: str, port: int) -> Iterator[str]:
     if mosquitto_exe() is None:
-        with EmbeddedBroker(host, port) as b:
+        with EmbeddedBroker(host, port, isolated_network=True) as b:  # our own namespace
             yield b.url
         return
     with mosquitto_running(host, port) as url:

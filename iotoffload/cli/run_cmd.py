@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,9 +34,14 @@ def broker(
 ) -> None:
     """Run an MQTT broker for iotoffload until Ctrl-C: the embedded one (amqtt, MQTT 3.1.1)
     or, with --mosquitto, mosquitto with the settings of configs/mosquitto.conf."""
-    from broker.embedded import EmbeddedBroker
+    from broker.embedded import EmbeddedBroker, is_loopback
     from broker.mosquitto import run_mosquitto
 
+    if not is_loopback(host):  # both run without TLS or passwords
+        raise ValueError(
+            f"this broker lets anyone in and listens on loopback only, not on {host}; for a "
+            "network, `iotoffload security init DIR ...` then `mosquitto -c DIR/mosquitto.conf`"
+        )
     if mosquitto:
         raise typer.Exit(run_mosquitto(host, port))
 
@@ -75,39 +81,61 @@ def demo(
         ),
     ] = "photos",
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of tables.")] = False,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            "--secure",
+            help="Run on a secured mosquitto instead (TLS, a certificate per agent, the ACL of "
+            "`iotoffload security init`); needs mosquitto.",
+        ),
+    ] = False,
 ) -> None:
-    """All in one on loopback: embedded broker, an edge agent, and a device agent that finds
-    the edge by zeroconf (127.0.0.1), uploads the model while offloading queries, then prints
-    a summary."""
+    """All in one on loopback: a broker, an edge agent, and a device agent that finds the
+    edge by zeroconf (127.0.0.1), uploads the model while offloading queries, then prints a
+    summary. The broker is the embedded one, or with --secure a secured mosquitto."""
     from broker.embedded import EmbeddedBroker
+    from broker.secured import secured_mosquitto
     from device_agent.agent import DeviceAgent
     from device_agent.cli import summary_table
     from device_agent.config import DeviceConfig
     from device_agent.session import find_edge, iter_inputs, run_session
     from edge_agent.agent import EdgeAgent
     from edge_agent.config import EdgeConfig
+    from iotoffload.deploy.acl import Role
+    from iotoffload.transport.security import MqttSecurity
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     with rich_progress() as progress:
         pkg = ModelCache.from_settings().resolve(model, progress=progress)
     store = Path(tempfile.mkdtemp(prefix="iotoffload-demo-store-"))
-    with EmbeddedBroker("127.0.0.1") as b:
-        edge_id = f"demo-edge-{os.getpid()}"  # two demos on one network must not collide
+    edge_id = f"demo-edge-{os.getpid()}"  # two demos on one network must not collide
+    with contextlib.ExitStack() as stack:
+        proto = 5 if secure else 311  # amqtt speaks MQTT 3.1.1
+        if secure:
+            agents = {edge_id: Role.EDGE, "demo-device": Role.DEVICE}
+            sb = stack.enter_context(secured_mosquitto(agents))
+            url0, edge_sec, dev_sec = sb.url, sb.security(edge_id), sb.security("demo-device")
+            err_console.print(f"secured mosquitto at {url0} (TLS, client certificates, ACL)")
+        else:
+            url0 = stack.enter_context(EmbeddedBroker("127.0.0.1")).url
+            edge_sec = dev_sec = MqttSecurity()
         edge = EdgeAgent(
-            EdgeConfig(id=edge_id, broker=b.url, store=store, interface="127.0.0.1", protocol=311)
+            EdgeConfig(id=edge_id, broker=url0, store=store, interface="127.0.0.1", protocol=proto),
+            edge_sec,
         )
         edge.start()
         try:
-            cfg = DeviceConfig(interface="127.0.0.1", split=split, protocol=311, edge=edge_id)
-            url, edge_id = find_edge(cfg)
+            cfg = DeviceConfig(interface="127.0.0.1", split=split, protocol=proto, edge=edge_id)
+            url, edge_id = find_edge(cfg, dev_sec)
             err_console.print(f"discovered edge {edge_id} at {url} over zeroconf on 127.0.0.1")
             dev = DeviceAgent(
                 pkg,
                 url,
                 edge_id,
                 device_id="demo-device",
-                protocol=311,
+                protocol=proto,
                 split=None if split == "auto" else int(split),
+                security=dev_sec,
             )
             dev.connect()
 
@@ -138,7 +166,9 @@ def demo(
     else:
         console.print(
             summary_table(
-                s, f"demo: {pkg.name}, {pkg.num_blocks} blocks, split {dev.split}, embedded broker"
+                s,
+                f"demo: {pkg.name}, {pkg.num_blocks} blocks, split {dev.split}, "
+                + ("secured mosquitto (TLS, ACL)" if secure else "embedded broker"),
             )
         )
         if pkg.manifest.weights == "seeded":

@@ -128,7 +128,7 @@ class Announce(_H):
     type: Literal["announce"] = "announce"
     device: str = Field(pattern=_ID)
     model_id: str = Field(pattern=_SHA)
-    name: str = ""
+    name: str = Field(default="", max_length=256)
     blocks: list[BlockInfo] = Field(min_length=1, max_length=1024)
 
 
@@ -143,6 +143,11 @@ class Inventory(_H):
     partial: dict[int, list[int]] = {}  # block -> chunk indices still missing
     block_ms: dict[int, float] = {}  # the edge's unloaded time of each loaded block (profile)
     edge: str | None = Field(default=None, pattern=_ID)  # who answers (a device may use several)
+    # what an app needs to query the whole model (from the announce; None while unknown)
+    name: str = Field(default="", max_length=256)
+    blocks: int | None = Field(default=None, ge=1, le=1024)
+    input: TensorSpec | None = None
+    output: TensorSpec | None = None
 
 
 class UploadChunk(_H):

@@ -453,3 +453,68 @@ def test_a_device_cannot_publish_as_another_device(
     finally:
         spy.link.close()
     _offloads(device, mobilenet, n=1)
+
+
+# apps -------------------------------------------------------------------------------------------
+
+
+def test_the_app_client_finds_the_edge_learns_the_model_and_queries_it(
+    lab: Lab, edge: EdgeAgent, device: DeviceAgent, mobilenet: ModelPackage
+) -> None:
+    from iotoffload.client import AppClient, QueryError
+
+    mid = mobilenet.manifest.model_id
+    with AppClient(lab.url, security=lab.security("app1")) as app:
+        assert app.id == "app1"  # from its certificate's CN
+        online = app.edges()
+        assert [s.edge for s in online] == ["e1"] and mid in online[0].models
+        inv = app.inventory("e1", mid)
+        assert inv.known and inv.blocks == mobilenet.num_blocks
+        assert inv.name == mobilenet.manifest.name
+        assert inv.input is not None and tuple(inv.input.shape) == (1, 224, 224, 3)
+        want = TFLiteExecutor.from_package(mobilenet).run(0, mobilenet.num_blocks, X)
+        y = app.query("e1", mid, X, inventory=inv)
+        np.testing.assert_allclose(y, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
+        with pytest.raises(QueryError) as e:
+            app.query("e1", "0" * 64, X, inventory=inv)
+        assert e.value.code == "unknown_model"
+        with pytest.raises(ValueError, match="shape"):
+            app.query("e1", mid, X[:, :10], inventory=inv)
+
+
+def test_the_third_party_example_runs_on_the_secured_broker(
+    lab: Lab, edge: EdgeAgent, device: DeviceAgent, mobilenet: ModelPackage
+) -> None:
+    """examples/third_party_client.py (plain paho, no iotoffload import) with the app's
+    certificate: the inventory and a whole-model query's top-5."""
+    import sys
+
+    d = lab.dir / "agents"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parents[2] / "examples" / "third_party_client.py"),
+            "--broker",
+            lab.url,
+            "--edge",
+            "e1",
+            "--package",
+            str(mobilenet.root),
+            "--device-id",
+            "app1",
+            "--protocol",
+            "5",
+            "--ca-file",
+            str(lab.dir / "ca.crt"),
+            "--cert-file",
+            str(d / "app1.crt"),
+            "--key-file",
+            str(d / "app1.key"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "inventory: known=True" in out.stdout and "1. " in out.stdout
