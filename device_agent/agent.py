@@ -180,7 +180,9 @@ class DeviceAgent:
         pkg = self.pkg
         self.connections = Connections(self._loop, self._make_link)
         self.router = InboundRouter(self)
-        self.candidates = Candidates(self._allowed_edges)
+        sec = self.security
+        tls = sec.uses_tls_settings or sec.username is not None or sec.password_file is not None
+        self.candidates = Candidates(self._allowed_edges, require_tls=tls)
         self.candidates.seen(edge_id, url, "config")
         self.sessions: dict[str, EdgeSession] = {}
         self.session = self._new_session(edge_id, url, self._base_inputs)
@@ -429,7 +431,7 @@ class DeviceAgent:
         try:
             self.candidates.seen(rec.id, rec.broker, "zeroconf", load=rec.load)
         except ValueError as e:  # not allowed, or a broker URL we cannot use
-            log.info("ignored zeroconf record of %s: %s", rec.id, e)
+            log.warning("ignored the zeroconf record of %s: %s", rec.id, e)
             return
         self.mobility.wake()
 

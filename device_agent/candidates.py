@@ -26,10 +26,13 @@ class Candidates:
     Owned by the device agent's loop (zeroconf and MQTT callbacks post to it); other threads
     may read entries, which are frozen."""
 
-    def __init__(self, allowed: list[str] | None = None) -> None:
+    def __init__(self, allowed: list[str] | None = None, *, require_tls: bool = False) -> None:
         """``allowed``: the edge ids this device may use (offload to, upload to, move to);
-        None or ``["*"]`` for any edge the broker vouches for."""
+        None or ``["*"]`` for any edge the broker vouches for. ``require_tls``: only edges on
+        ``mqtts://`` brokers (a device with a CA or credentials never sends them, nor its
+        tensors, to a plain broker a spoofed record names)."""
         self._edges: dict[str, EdgeCandidate] = {}
+        self._require_tls = require_tls
         self._allowed = None if allowed is None or "*" in allowed else frozenset(allowed)
 
     def allows(self, edge: str) -> bool:
@@ -49,7 +52,13 @@ class Candidates:
         policy does not allow or a broker URL it cannot use."""
         if not self.allows(edge):
             raise ValueError(f"edge {edge} is not in this device's allowed edges")
-        broker = str(BrokerURL.parse(broker))
+        url = BrokerURL.parse(broker)
+        if self._require_tls and not url.tls:
+            raise ValueError(
+                f"edge {edge} is on the plain broker {url}: this device connects only over "
+                "TLS (mqtts://) with its credentials"
+            )
+        broker = str(url)
         old = self._edges.get(edge) or EdgeCandidate(edge, broker)
         new = replace(
             old,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from iotoffload.loop import AgentLoop
 from iotoffload.transport.link import Link
 from iotoffload.transport.mqtt import BrokerAuthError, BrokerUnavailableError
+from iotoffload.transport.security import SecurityConfigError
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,9 @@ class Connections:
             return None
         except BrokerAuthError as e:  # an edge on a broker we cannot log in to: not a candidate
             log.error("%s", e)
+            return None
+        except SecurityConfigError as e:  # e.g. a plain URL for credentials that need TLS
+            log.error("not connecting to %s: %s", url, e)
             return None
 
     def close_all(self) -> None:

@@ -67,6 +67,13 @@ def start(
             "its own broker is always allowed; '*' allows any).",
         ),
     ] = None,
+    peer_edge: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Handoff: a peer edge (by id) this edge exchanges blocks with, pushing to it "
+            "and pulling from it (repeatable; none by default; '*' allows any edge).",
+        ),
+    ] = None,
     ca_file: CaFile = None,
     cert_file: CertFile = None,
     key_file: KeyFile = None,
@@ -96,6 +103,7 @@ def start(
             protocol=protocol,
             threads=threads,
             peer_brokers=peer_broker or None,
+            peer_edges=peer_edge or None,
         )
         security = load_security(
             config,
@@ -106,6 +114,9 @@ def start(
             password_file=password_file,
             tls_insecure=tls_insecure,
         )
+        who = security.identity()
+        if "id" not in cfg.model_fields_set and who:  # protocol v2: my id is my identity
+            cfg = cfg.model_copy(update={"id": who})
     except (ValueError, OSError) as e:
         err_console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from e

@@ -77,3 +77,12 @@ def test_junk_status_is_ignored() -> None:
     ):
         assert c.from_status(junk) is None
     assert c.all() == []
+
+
+def test_a_device_with_credentials_never_takes_an_edge_on_a_plain_broker() -> None:
+    """A spoofed zeroconf record (or status) naming mqtt://: the device's credentials and
+    tensors would go to a broker nobody verified."""
+    c = Candidates(require_tls=True)
+    with pytest.raises(ValueError, match="TLS"):
+        c.seen("e1", "mqtt://127.0.0.1:1883", "zeroconf")
+    assert c.seen("e1", "mqtts://127.0.0.1:8883", "zeroconf").broker == "mqtts://127.0.0.1:8883"

@@ -518,3 +518,76 @@ def test_the_third_party_example_runs_on_the_secured_broker(
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "inventory: known=True" in out.stdout and "1. " in out.stdout
+
+
+# discovery --------------------------------------------------------------------------------------
+
+
+def test_spoofed_zeroconf_records_and_goodbyes_do_not_move_the_device(
+    lab: Lab,
+    edge: EdgeAgent,
+    mobilenet: ModelPackage,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Real zeroconf on 127.0.0.1. An attacker advertises e2 on a broker of its own (TLS with
+    another CA) and on a plain broker, and sends an mDNS goodbye for e1: the device verifies
+    the first against its CA and refuses it with one log line, ignores the plain one, and keeps
+    e1, whose retained status still says online."""
+    from iotoffload.discovery.zc import EdgeAdvertiser
+    from tests.integration.secure import SecureMosquitto
+
+    dev = DeviceAgent(
+        mobilenet,
+        lab.url,
+        "e1",
+        device_id="d1",
+        split=9,
+        deadline_ms=5000,
+        security=lab.security("d1"),
+        allowed_edges=["e1", "e2", "e3"],
+        interface="127.0.0.1",
+    )
+    gone: list[tuple[str, bool]] = []
+    real_gone = dev.candidates.gone
+
+    def spy_gone(edge_id: str) -> bool:
+        went = real_gone(edge_id)
+        gone.append((edge_id, went))
+        return went
+
+    monkeypatch.setattr(dev.candidates, "gone", spy_gone)
+    ads: list[EdgeAdvertiser] = []
+    with SecureMosquitto(tmp_path / "evil") as evil:
+        try:
+            assert dev.connect() is not None
+            dev.upload()
+            _offloads(dev, mobilenet, n=1)
+            for eid, url in (("e2", evil.url), ("e3", "mqtt://127.0.0.1:1883")):
+                ad = EdgeAdvertiser(eid, url, "127.0.0.1")
+                ad.register()
+                ads.append(ad)
+            fake_e1 = EdgeAdvertiser("e1", lab.url, "127.0.0.1")
+            fake_e1.register()
+            _wait(
+                lambda: (c := dev.candidates.get("e1")) is not None and "zeroconf" in c.sources,
+                "the device saw the e1 record",
+            )
+            fake_e1.close()  # the goodbye
+            _wait(lambda: ("e1", False) in gone, "the goodbye reached the device", 15)
+            _wait(
+                lambda: any("fails verification" in r.getMessage() for r in caplog.records),
+                "the device refused e2's broker at its TLS check",
+                20,
+            )
+            assert any("e3" in r.getMessage() and "plain" in r.getMessage() for r in caplog.records)
+            assert dev.candidates.get("e3") is None
+            c = dev.candidates.get("e1")
+            assert c is not None and c.online
+            _offloads(dev, mobilenet, n=2)
+            assert dev.session.edge_id == "e1"
+        finally:
+            for ad in ads:
+                ad.close()
+            dev.close()
