@@ -109,7 +109,10 @@ class DeviceAgent:
         publish a status); ``operators``: who may command it on its control topic (None: any
         the broker lets publish there; the broker's ACL is the boundary)."""
         self.pkg = pkg
-        self.device_id = check_id("device", device_id or f"dev-{uuid.uuid4().hex[:8]}")
+        self.security = security if security is not None else MqttSecurity()
+        # protocol v2: on a secured broker my id is my identity (the ACL checks it)
+        who = device_id or self.security.identity() or f"dev-{uuid.uuid4().hex[:8]}"
+        self.device_id = check_id("device", who)
         n = pkg.num_blocks
         if split is not None and not 0 <= split <= n:
             raise ValueError(f"split must be within 0..{n}")
@@ -118,7 +121,6 @@ class DeviceAgent:
         self.fixed_split = split  # a fixed split overrides the planner's per-query choice
         self.topics = Topics(prefix)
         self.protocol = protocol
-        self.security = security if security is not None else MqttSecurity()
         self.chunk_size = chunk_size
         self.tfl = TFLiteExecutor.from_package(pkg, threads=tflite_threads)
         self.planner = make_planner(planner)

@@ -229,7 +229,10 @@ class PeerTransfers:
         if why is not None:
             self.refused_fetches += 1
             log.warning("refused a peer fetch from %s: %s", sender, why)
-            if f.peer == sender:  # tell the device, so it uploads the blocks itself
+            if f.peer == sender and self.peer_allowed(sender):
+                # a peer's fetch for a model the device did not announce here: tell the
+                # device, so it uploads the blocks itself (a stranger's fetch gets no answer:
+                # the device it names did not ask)
                 self._reply_error(
                     ProtocolError(ErrorCode.TRANSFER_REFUSED, why, device=f.device, peer=f.peer)
                 )

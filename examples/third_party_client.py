@@ -109,6 +109,9 @@ def main() -> int:
     def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if not mqtt.topic_matches_sub(inbox_topic, msg.topic):  # amqtt: other retained ones
             return
+        if msg.topic.rsplit("/", 1)[-1] != args.edge:  # v2: the last level is the sender
+            print(f"ignored a frame from {msg.topic.rsplit('/', 1)[-1]}: not the edge asked")
+            return
         try:
             inbox.put(decode(bytes(msg.payload)))
         except (ValueError, struct.error) as e:  # never let a bad frame kill paho's thread

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,35 +24,75 @@ import numpy as np
 
 from broker.embedded import EmbeddedBroker, free_port
 from broker.mosquitto import mosquitto_running
+from broker.secured import SecuredBroker, secured_mosquitto
 from device_agent.agent import DeviceAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
 from iotoffload.bench.netns import CGROUP_CPU, check_testbed
+from iotoffload.deploy.acl import Role
 from iotoffload.model.package import ModelPackage
 from iotoffload.planning import Estimates, Objective, PlanningInputs, best_plan, chain_profile
 from iotoffload.runtime.profiling import measure_device_ms
 from iotoffload.runtime.tflite import TFLiteExecutor
 from iotoffload.transport.mqtt import Message, MqttLink
+from iotoffload.transport.security import MqttSecurity
+from iotoffload.transport.topics import Topics
 
 
 def p95(xs: list[float]) -> float:
     return float(np.percentile(xs, 95)) if xs else float("nan")
 
 
+BENCH_AGENTS = {
+    "bench-edge": Role.EDGE,
+    "bench-sink": Role.EDGE,  # link_throughput's subscriber
+    "bench-device": Role.DEVICE,
+    "bench-source": Role.APP,  # link_throughput's publisher
+}
+
+
+@dataclass(frozen=True)
+class BenchBroker:
+    """A fresh broker on loopback; unpacks as (url, MQTT protocol)."""
+
+    url: str
+    protocol: int
+    secured: SecuredBroker | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.url, self.protocol))
+
+    def security(self, who: str) -> MqttSecurity:
+        """``who``'s credentials (one of BENCH_AGENTS) on a secured broker, else none."""
+        return self.secured.security(who) if self.secured else MqttSecurity()
+
+
 @contextmanager
-def broker(kind: str) -> Iterator[tuple[str, int]]:
-    """(url, MQTT protocol) of a fresh broker on loopback: ``mosquitto`` or ``embedded``."""
+def broker(kind: str) -> Iterator[BenchBroker]:
+    """A fresh broker on loopback: ``mosquitto``, ``embedded`` or ``mosquitto-tls`` (the
+    secured setup of ``iotoffload security init``: TLS, client certificates, the ACL)."""
     if kind == "embedded":
         with EmbeddedBroker() as b:
-            yield b.url, 311
+            yield BenchBroker(b.url, 311)
         return
+    if kind == "mosquitto-tls":
+        with secured_mosquitto(BENCH_AGENTS) as sb:
+            yield BenchBroker(sb.url, 5, sb)
+        return
+    if kind != "mosquitto":
+        raise ValueError(f"broker kind {kind!r}: mosquitto, mosquitto-tls or embedded")
     with mosquitto_running("127.0.0.1", free_port()) as url:
-        yield url, 5
+        yield BenchBroker(url, 5)
 
 
 @contextmanager
 def edge_on(
-    url: str, protocol: int, workers: int = 1, edge_id: str = "bench-edge", **config: Any
+    url: str,
+    protocol: int,
+    workers: int = 1,
+    edge_id: str = "bench-edge",
+    security: MqttSecurity | None = None,
+    **config: Any,
 ) -> Iterator[EdgeAgent]:
     """An edge agent with a fresh store of its own (removed afterwards)."""
     store = Path(tempfile.mkdtemp(prefix=f"iotoffload-{edge_id}-"))
@@ -64,7 +105,8 @@ def edge_on(
             protocol=protocol,
             workers=workers,
             **config,
-        )
+        ),
+        security,
     )
     edge.start()
     try:
@@ -256,8 +298,15 @@ def scale(
     return rows
 
 
-def link_throughput(url: str, protocol: int, size: int = 600_000, count: int = 30) -> float:
-    """Bytes per second through the broker, publisher to subscriber, QoS 1."""
+def link_throughput(
+    url: str,
+    protocol: int,
+    size: int = 600_000,
+    count: int = 30,
+    b: BenchBroker | None = None,
+) -> float:
+    """Bytes per second through the broker, publisher to subscriber, QoS 1 (on a secured
+    broker, as an app querying an edge: the topic the ACL gives them)."""
     got = threading.Event()
     seen = [0]
 
@@ -266,14 +315,16 @@ def link_throughput(url: str, protocol: int, size: int = 600_000, count: int = 3
         if seen[0] == count:
             got.set()
 
-    sub = MqttLink(url, "bench-sub", protocol=protocol)
-    sub.subscribe("bench/bulk", on_msg)
+    sec = b.security if b is not None else (lambda _who: MqttSecurity())
+    topic = Topics().edge_query("bench-sink", "bench-source")
+    sub = MqttLink(url, "bench-sink", protocol=protocol, security=sec("bench-sink"))
+    sub.subscribe(topic, on_msg)
     sub.connect()
-    pub = MqttLink(url, "bench-pub", protocol=protocol)
+    pub = MqttLink(url, "bench-source", protocol=protocol, security=sec("bench-source"))
     pub.connect()
     t0 = time.perf_counter()
     for _ in range(count):
-        pub.publish("bench/bulk", b"x" * size)
+        pub.publish(topic, b"x" * size)
     got.wait(30)
     dt = time.perf_counter() - t0
     pub.close()
@@ -281,16 +332,35 @@ def link_throughput(url: str, protocol: int, size: int = 600_000, count: int = 3
     return size * seen[0] / dt
 
 
-def overhead(pkg: ModelPackage, kind: str, repeat: int, splits: list[int]) -> dict[str, Any]:
-    """Per query: end-to-end minus front compute, edge execution and the bytes' time."""
+def overhead(
+    pkg: ModelPackage,
+    kind: str,
+    repeat: int,
+    splits: list[int],
+    upload_mbit: float | None = None,
+) -> dict[str, Any]:
+    """Per query: end-to-end minus front compute, edge execution and the bytes' time.
+    ``upload_mbit``: cap the device's upload (its pacing) to measure upload throughput at
+    that rate."""
     n = pkg.num_blocks
     x = np.random.default_rng(0).uniform(-1, 1, pkg.manifest.input.shape).astype(np.float32)
-    with broker(kind) as (url, proto), edge_on(url, proto) as _edge:
-        dev = _device(pkg, url, proto, split=0, deadline_ms=5000)
+    with broker(kind) as b, edge_on(b.url, b.protocol, security=b.security("bench-edge")):
+        url, proto = b.url, b.protocol
+        rate = None if upload_mbit is None else upload_mbit * 1e6 / 8
+        dev = _device(
+            pkg,
+            url,
+            proto,
+            split=0,
+            deadline_ms=5000,
+            device_id="bench-device",
+            security=b.security("bench-device"),
+            upload_rate_Bps=rate,
+        )
         t0 = time.perf_counter()
         dev.upload()
         upload_s = time.perf_counter() - t0
-        bps = link_throughput(url, proto)
+        bps = link_throughput(url, proto, b=b)
         local = []
         for _ in range(repeat):
             t = time.perf_counter()
@@ -299,8 +369,10 @@ def overhead(pkg: ModelPackage, kind: str, repeat: int, splits: list[int]) -> di
         rows = []
         for k in splits:
             e2e, over = [], []
+            offloaded = 0
             for _ in range(repeat):
                 o = dev.query(x, split=k)
+                offloaded += o.offloaded
                 wire = (o.wire_bytes + pkg.blocks[-1].output_bytes + 300) / bps * 1e3
                 e2e.append(o.latency_ms)
                 over.append(o.latency_ms - o.front_ms - (o.edge_exec_ms or 0.0) - wire)
@@ -309,6 +381,7 @@ def overhead(pkg: ModelPackage, kind: str, repeat: int, splits: list[int]) -> di
                     "split": k,
                     "e2e_ms": statistics.median(e2e),
                     "overhead_ms": statistics.median(over),
+                    "offloaded": offloaded / repeat,
                 }
             )
         dev.close()
@@ -321,5 +394,6 @@ def overhead(pkg: ModelPackage, kind: str, repeat: int, splits: list[int]) -> di
         "best_e2e_ms": best["e2e_ms"],
         "overhead_ms": statistics.median(r["overhead_ms"] for r in rows),
         "upload_MBps": dev.bytes_uploaded / upload_s / 1e6,
+        "upload_cap_mbit": upload_mbit,
         "broker_MBps": bps / 1e6,
     }

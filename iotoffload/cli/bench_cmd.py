@@ -207,17 +207,31 @@ def energy(
 @user_errors
 def overhead(
     model: ModelOpt = "mobilenet",
-    brokers: Annotated[str, typer.Option(help="mosquitto,embedded")] = "mosquitto,embedded",
+    brokers: Annotated[
+        str,
+        typer.Option(
+            help="mosquitto, embedded, mosquitto-tls (TLS, client certificates and the ACL "
+            "of `iotoffload security init`)"
+        ),
+    ] = "mosquitto,embedded",
     repeat: Annotated[int, typer.Option(min=1)] = 30,
     splits: Annotated[str, typer.Option()] = "0,3,6,10,13,16,17",
+    upload_mbit: Annotated[
+        float | None,
+        typer.Option(
+            help="Cap the device's upload at this rate (upload_MBps then says what "
+            "it reaches at that rate)."
+        ),
+    ] = None,
     out: OutOpt = Path("bench-results"),
 ) -> None:
-    """The middleware's own cost per query on each broker (loopback)."""
+    """The middleware's own cost per query on each broker (loopback), and the upload's
+    throughput. mosquitto,mosquitto-tls in one run gives the cost of TLS and the ACL."""
     from iotoffload.bench.scenarios import overhead as run
 
     pkg = ModelCache.from_settings().resolve(model)
     ks = [int(k) for k in splits.split(",") if int(k) <= pkg.num_blocks]
-    results = [run(pkg, b.strip(), repeat, ks) for b in brokers.split(",")]
+    results = [run(pkg, b.strip(), repeat, ks, upload_mbit) for b in brokers.split(",")]
     _save(out, "overhead", {"scenario": "overhead", "model": pkg.name, "results": results})
     _bars(
         out,

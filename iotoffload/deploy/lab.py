@@ -253,6 +253,8 @@ def _agent_config(
         lines += ["[device]", f'id = "{who}"', f'broker = "{url}"', f'prefix = "{plan.prefix}"']
         ops = sorted(w for w, r in plan.agents.items() if r is Role.OPERATOR)
         lines.append("operators = [" + ", ".join(f'"{o}"' for o in ops) + "]")
+        edges = sorted(w for w, r in plan.agents.items() if r is Role.EDGE)
+        lines.append("edges = [" + ", ".join(f'"{e}"' for e in edges) + "]")
     lines += ["", "[mqtt]", f'ca_file = "{d / "ca.crt"}"', *mqtt, ""]
     path.write_text("\n".join(lines))
     return path

@@ -56,6 +56,30 @@ def test_overhead_smoke(env: ModelPackage, tmp_path: Path) -> None:
     assert res["broker"] == "embedded" and len(res["splits"]) == 2 and res["broker_MBps"] > 1
 
 
+def test_overhead_on_the_secured_broker_smoke(env: ModelPackage, tmp_path: Path) -> None:
+    """The bench's own agents on the secured setup (TLS, certificates, the ACL): every query
+    offloaded, the throughput probe through the ACL, the upload paced at the cap."""
+    _run(
+        [
+            "overhead",
+            "--brokers",
+            "mosquitto-tls",
+            "--repeat",
+            "2",
+            "--splits",
+            "0",
+            "--upload-mbit",
+            "400",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    res = json.loads((tmp_path / "overhead.json").read_text())["results"][0]
+    assert res["broker"] == "mosquitto-tls" and res["broker_MBps"] > 1
+    assert [r["offloaded"] for r in res["splits"]] == [1.0]
+    assert res["upload_cap_mbit"] == 400 and 0 < res["upload_MBps"] <= 50 * 1.05
+
+
 def test_load_and_scale_smoke(env: ModelPackage, tmp_path: Path) -> None:
     _run(["load", "--steps", "0,1", "--queries", "3", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "load.json").read_text())["rows"]

@@ -194,11 +194,24 @@ def test_a_fetch_from_an_edge_not_in_the_allow_list_pushes_nothing(harness: Harn
     stolen = _pushes(harness, "mallory")
     fetch = PeerFetch(peer="mallory", device="dev1", model_id=model.model_id, blocks=[0, 1, 2])
     _fetch_as(harness, "mallory", fetch)
-    e = dev.error(lambda e: e.code == ErrorCode.TRANSFER_REFUSED)
-    assert e.peer == "mallory" and "not a peer" in e.message
     wait_until(lambda: a.peers.refused_fetches == 1, 5, "the refusal counted")
     time.sleep(0.3)
     assert stolen == [] and a.peers.blocks_pushed == 0
+    with pytest.raises(AssertionError):  # a stranger's fetch: dev1 did not ask, is not told
+        dev.error(timeout=0.3)
+
+
+def test_a_peer_fetch_for_a_model_not_announced_tells_the_device(harness: Harness) -> None:
+    """A real peer asks for a model dev1 never announced to edge-a: refused, and dev1 hears
+    why (so a real handoff falls back to its own upload at once)."""
+    model = tiny_model()
+    a = harness.edge("edge-a", peer_edges=["edge-b"])
+    dev = harness.client("dev1", "edge-a")
+    fetch = PeerFetch(peer="edge-b", device="dev1", model_id=model.model_id, blocks=[0])
+    _fetch_as(harness, "edge-b", fetch)
+    e = dev.error(lambda e: e.code == ErrorCode.TRANSFER_REFUSED)
+    assert e.peer == "edge-b" and "did not announce" in e.message
+    assert a.peers.refused_fetches == 1
 
 
 def test_a_fetch_naming_another_peer_than_its_sender_is_refused_silently(
