@@ -165,7 +165,7 @@ def main_command(
     locally. Every query gets exactly one answer. Without --broker the edge is found by
     zeroconf on --interface; with --broker and --edge auto, by the edges' retained status.
     A secured broker: --broker mqtts://HOST:8883 with --ca-file, and --username with
-    --password-file, or --cert-file/--key-file (or the [mqtt] table of --config).
+    --password-file, or --cert-file/--key-file (or the \\[mqtt] table of --config).
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
     try:

@@ -85,7 +85,7 @@ def start(
     """Start the edge agent and serve until Ctrl-C (or SIGTERM).
 
     A secured broker: --broker mqtts://HOST:8883 with --ca-file, and --username with
-    --password-file, or --cert-file/--key-file (or the [mqtt] table of --config)."""
+    --password-file, or --cert-file/--key-file (or the \\[mqtt] table of --config)."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         stream=sys.stderr,

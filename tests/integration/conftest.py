@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from broker.embedded import EmbeddedBroker, free_port
-from tests.integration.secure import SecureMosquitto, wait_listening
+from iotoffload.transport.security import MqttSecurity
+from tests.integration.secure import SecuredLab, SecureMosquitto, wait_listening
 
 
 class Mosquitto:
@@ -58,19 +59,48 @@ class Mosquitto:
 class BrokerUnderTest:
     url: str
     protocol: int  # MQTT 5 or 3.1.1 (311) for every client of the test
+    lab: SecuredLab | None = None  # the secured deployment: one identity per client
+
+    def security(self, who: str) -> MqttSecurity | None:
+        """``who``'s credentials on the secured deployment (None elsewhere: the agents take
+        them, if any, from ``IOTOFFLOAD_MQTT_*``)."""
+        return self.lab.security(who) if self.lab is not None else None
 
 
-@pytest.fixture(params=["embedded-v311", "mosquitto-v5", "mosquitto-v311", "mosquitto-tls-v5"])
+# the identities of the secured deployment (security init), for the tests that take ``broker``
+LAB_IDS = {
+    "edges": ("edge1", "edge2"),
+    "devices": ("dev1", "dev2", "dev3", "spy"),
+    "operators": ("ops",),
+}
+
+
+@pytest.fixture(
+    params=[
+        "embedded-v311",
+        "mosquitto-v5",
+        "mosquitto-v311",
+        "mosquitto-tls-v5",
+        "secured-v5",
+        "secured-v311",
+    ]
+)
 def broker(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[BrokerUnderTest]:
     """The broker every client of the test uses. ``mosquitto-tls``: TLS, no anonymous
     clients, a password per client; every link the test makes (agents, spies) gets the
-    credentials from ``IOTOFFLOAD_MQTT_*``, as a deployed agent would from its config."""
+    credentials from ``IOTOFFLOAD_MQTT_*``, as a deployed agent would from its config.
+    ``secured``: the deployment `iotoffload security init` writes (client certificates, the
+    ACL by role, the identity bound to the client id): each client connects as its own
+    identity (``broker.security(who)``) and may do only what its role may."""
     kind, proto = request.param.split("-v")
     if kind == "embedded":  # amqtt speaks 3.1.1 only
         with EmbeddedBroker() as b:
             yield BrokerUnderTest(b.url, int(proto))
+    elif kind == "secured":
+        with SecuredLab(tmp_path / "lab", **LAB_IDS) as lab:
+            yield BrokerUnderTest(lab.url, int(proto), lab)
     elif kind == "mosquitto-tls":
         secure = SecureMosquitto(tmp_path / "tls", client_certs=False)
         who = secure.add("tester")

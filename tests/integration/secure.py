@@ -168,3 +168,73 @@ def tls_handshake_ok(port: int, ca: Path) -> bool:
         ctx.wrap_socket(raw, server_hostname="127.0.0.1"),
     ):
         return True
+
+
+class SecuredLab:
+    """What ``iotoffload security init`` writes (lab CA, a certificate per identity, the ACL
+    by role, the mosquitto configuration), run by ``brokers`` real mosquittos on free loopback
+    ports that share the PKI and the ACL (an edge per broker, a device holding both)."""
+
+    def __init__(
+        self, workdir: Path, *, brokers: int = 1, auth: str = "cert", **ids: tuple[str, ...]
+    ) -> None:
+        from iotoffload.deploy.lab import LabPlan, agents_by_role, init_lab
+
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(exe).exists():
+            pytest.skip("mosquitto is not installed (.ci/run installs it)")
+        self.exe = exe
+        self.dir = workdir
+        self.ports = [free_port() for _ in range(brokers)]
+        r = init_lab(LabPlan(workdir, agents_by_role(**ids), auth=auth, port=self.ports[0]))
+        base = r.conf.read_text() + f"persistence false\nuser {getpass.getuser()}\n"
+        first = f"listener {self.ports[0]} 127.0.0.1"
+        self.confs = []
+        for i, port in enumerate(self.ports):
+            conf = workdir / f"mosquitto-{i}.conf"
+            conf.write_text(base.replace(first, f"listener {port} 127.0.0.1"))
+            self.confs.append(conf)
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"mqtts://127.0.0.1:{p}" for p in self.ports]
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    def config(self, who: str) -> Path:
+        """The agent's ``--config`` file (its broker URL is the first broker's)."""
+        return self.dir / "agents" / f"{who}.toml"
+
+    def security(self, who: str) -> MqttSecurity:
+        import tomllib
+
+        return MqttSecurity.load(tomllib.loads(self.config(who).read_text())["mqtt"])
+
+    def start(self) -> None:
+        for conf, port in zip(self.confs, self.ports, strict=True):
+            proc = subprocess.Popen([self.exe, "-c", str(conf)], stderr=subprocess.PIPE)
+            self.procs.append(proc)
+            wait_listening(proc, port)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(5)
+            if proc.stderr:
+                proc.stderr.close()
+        self.procs.clear()
+
+    def __enter__(self) -> SecuredLab:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()

@@ -1,4 +1,8 @@
-"""Handoff between two real edges on loopback: real brokers, real zeroconf on 127.0.0.1."""
+"""Handoff between two real edges on loopback: real brokers, real zeroconf on 127.0.0.1.
+
+Each test runs on plain brokers and on the secured deployment (``iotoffload security init``:
+TLS, a client certificate per identity, the ACL by role), where the edges fetch and push
+blocks through the ACL with their own credentials."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +28,9 @@ from iotoffload.model import ModelPackage
 from iotoffload.runtime import TFLiteExecutor
 from iotoffload.runtime.base import Array
 from iotoffload.transport.mqtt import MqttLink
+from iotoffload.transport.security import MqttSecurity
 from tests.integration.conftest import Mosquitto
+from tests.integration.secure import SecuredLab
 
 pytestmark = pytest.mark.integration
 IFACE = os.environ["IOTOFFLOAD_INTERFACE"]
@@ -42,29 +49,82 @@ def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _edge(eid: str, url: str, store: Path, protocol: int = 5, **kw: object) -> EdgeAgent:
-    a = EdgeAgent(
-        EdgeConfig(
-            id=eid,
-            broker=url,
-            store=store,
-            interface=IFACE,
-            protocol=protocol,
-            status_interval=0.5,
-            **{"peer_edges": ["*"], **kw},
+@dataclass(frozen=True)
+class Net:
+    """Where a test's two edges run: edge A on ``url_a``, edge B on ``url_b`` (one broker
+    when they are equal), and, on the secured deployment, each identity's credentials."""
+
+    url_a: str
+    url_b: str
+    protocol: int
+    a_id: str
+    b_id: str
+    lab: SecuredLab | None = None
+
+    def sec(self, who: str) -> MqttSecurity | None:
+        return self.lab.security(who) if self.lab is not None else None
+
+    def edge(self, eid: str, url: str, store: Path, **kw: object) -> EdgeAgent:
+        a = EdgeAgent(
+            EdgeConfig(
+                id=eid,
+                broker=url,
+                store=store,
+                interface=IFACE,
+                protocol=self.protocol,
+                status_interval=0.5,
+                **{"peer_edges": ["*"], **kw},  # type: ignore[arg-type]
+            ),
+            self.sec(eid),
         )
-    )  # type: ignore[arg-type]
-    a.start()
-    return a
+        a.start()
+        return a
+
+    def device(self, pkg: ModelPackage, edge: str, who: str = "dev", **kw: object) -> DeviceAgent:
+        return DeviceAgent(
+            pkg,
+            self.url_a,
+            edge,
+            split=SPLIT,
+            protocol=self.protocol,
+            device_id=who,
+            security=self.sec(who),
+            **kw,  # type: ignore[arg-type]
+        )
 
 
-@pytest.fixture
-def two_brokers(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """Each edge behind its own mosquitto (the device holds a connection to both)."""
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    with Mosquitto(tmp_path / "a") as ma, Mosquitto(tmp_path / "b") as mb:
-        yield ma.url, mb.url
+def _net(kind: str, tmp_path: Path, stack: ExitStack) -> Net:
+    a_id, b_id = _uid("edge-a"), _uid("edge-b")  # unique: zeroconf on 127.0.0.1 is shared
+    if kind == "own-mosquittos":  # each edge behind its own broker; the device holds both
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        ma = stack.enter_context(Mosquitto(tmp_path / "a"))
+        mb = stack.enter_context(Mosquitto(tmp_path / "b"))
+        return Net(ma.url, mb.url, 5, a_id, b_id)
+    if kind == "shared-embedded":
+        url = stack.enter_context(EmbeddedBroker()).url
+        return Net(url, url, 311, a_id, b_id)  # amqtt speaks MQTT 3.1.1
+    ids = {"edges": (a_id, b_id), "devices": ("dev", "seeder"), "operators": ("ops",)}
+    if kind == "own-secured":  # two brokers, one PKI and ACL
+        lab = stack.enter_context(SecuredLab(tmp_path / "lab", brokers=2, **ids))
+        return Net(lab.urls[0], lab.urls[1], 5, a_id, b_id, lab)
+    assert kind == "shared-secured"
+    lab = stack.enter_context(SecuredLab(tmp_path / "lab", **ids))
+    return Net(lab.url, lab.url, 5, a_id, b_id, lab)
+
+
+@pytest.fixture(params=["own-mosquittos", "own-secured"])
+def two_brokers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Net]:
+    """Each edge behind its own broker (the device holds a connection to both)."""
+    with ExitStack() as stack:
+        yield _net(request.param, tmp_path, stack)
+
+
+@pytest.fixture(params=["shared-embedded", "shared-secured"])
+def one_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Net]:
+    """Both edges and the device on one broker."""
+    with ExitStack() as stack:
+        yield _net(request.param, tmp_path, stack)
 
 
 def _local(pkg: ModelPackage, x: Array) -> Array:
@@ -76,18 +136,20 @@ def _run(dev: DeviceAgent, x: Array, first: int, count: int) -> list[QueryOutcom
 
 
 def test_edge_killed_mid_stream_every_query_answered_and_device_moves_to_b(
-    mobilenet: ModelPackage, two_brokers: tuple[str, str], tmp_path: Path
+    mobilenet: ModelPackage, two_brokers: Net, tmp_path: Path
 ) -> None:
-    url_a, url_b = two_brokers
-    a_id, b_id = _uid("edge-a"), _uid("edge-b")
+    net = two_brokers
+    a_id, b_id = net.a_id, net.b_id
+    secured = ["--config", str(net.lab.config(a_id))] if net.lab is not None else []
     edge_a = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "edge_agent",
             "start",
+            *secured,
             "--broker",
-            url_a,
+            net.url_a,
             "--id",
             a_id,
             "--store",
@@ -100,13 +162,11 @@ def test_edge_killed_mid_stream_every_query_answered_and_device_moves_to_b(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    edge_b = _edge(b_id, url_b, tmp_path / "sb")  # advertised by zeroconf on 127.0.0.1
+    edge_b = net.edge(b_id, net.url_b, tmp_path / "sb")  # advertised by zeroconf on 127.0.0.1
     policy = HandoffPolicy(miss_limit=2, hold_s=0)
-    dev = DeviceAgent(
+    dev = net.device(
         mobilenet,
-        url_a,
         a_id,
-        split=SPLIT,
         deadline_ms=400,
         interface=IFACE,
         handoff=policy,
@@ -152,37 +212,26 @@ def test_edge_killed_mid_stream_every_query_answered_and_device_moves_to_b(
         edge_b.stop()
 
 
-@pytest.mark.parametrize("layout", ["own-brokers", "shared-embedded"])
+@pytest.mark.parametrize("layout", ["own-mosquittos", "shared-embedded", "own-secured"])
 def test_graceful_move_b_gets_blocks_from_a_and_device_sends_none_twice(
     mobilenet: ModelPackage, tmp_path: Path, layout: str
 ) -> None:
     with ExitStack() as stack:
-        proto = 5
-        if layout == "own-brokers":
-            (tmp_path / "a").mkdir()
-            (tmp_path / "b").mkdir()
-            url_a = stack.enter_context(Mosquitto(tmp_path / "a")).url
-            url_b = stack.enter_context(Mosquitto(tmp_path / "b")).url
-        else:
-            url_a = url_b = stack.enter_context(EmbeddedBroker()).url
-            proto = 311  # amqtt speaks MQTT 3.1.1
-        a_id, b_id = _uid("edge-a"), _uid("edge-b")
-        edge_a = _edge(a_id, url_a, tmp_path / "sa", proto, advertise=False)
+        net = _net(layout, tmp_path, stack)
+        a_id, b_id = net.a_id, net.b_id
+        edge_a = net.edge(a_id, net.url_a, tmp_path / "sa", advertise=False)
         stack.callback(edge_a.stop)
-        edge_b = _edge(b_id, url_b, tmp_path / "sb", proto, peer_brokers=[url_a])
+        edge_b = net.edge(b_id, net.url_b, tmp_path / "sb", peer_brokers=[net.url_a])
         stack.callback(edge_b.stop)
         # A's copy of one block rots on disk: it must not be pushed; the device sends it
         # a long stall time: the block A refuses must come from the device at once, on A's
         # error, not after the push stalls
-        dev = DeviceAgent(
+        dev = net.device(
             mobilenet,
-            url_a,
             a_id,
-            split=SPLIT,
             deadline_ms=5000,
             interface=IFACE,
             probe_interval=0.5,
-            protocol=proto,
             handoff=HandoffPolicy(dwell_s=0.5, hold_s=0),
             peer_stall_s=120,
         )
@@ -221,34 +270,27 @@ def test_graceful_move_b_gets_blocks_from_a_and_device_sends_none_twice(
 
 
 def test_b_holding_the_model_first_query_after_the_move_is_offloaded_on_b(
-    mobilenet: ModelPackage, tmp_path: Path
+    mobilenet: ModelPackage, one_broker: Net, tmp_path: Path
 ) -> None:
-    with EmbeddedBroker() as broker, ExitStack() as stack:
-        a_id, b_id = _uid("edge-a"), _uid("edge-b")
+    net = one_broker
+    a_id, b_id = net.a_id, net.b_id
+    with ExitStack() as stack:
         for eid in (a_id, b_id):
-            e = _edge(eid, broker.url, tmp_path / eid, 311, advertise=False)
+            e = net.edge(eid, net.url_a, tmp_path / eid, advertise=False)
             stack.callback(e.stop)
-        seeder = DeviceAgent(mobilenet, broker.url, b_id, split=SPLIT, protocol=311)
+        seeder = net.device(mobilenet, b_id, "seeder")
         stack.callback(seeder.close)
         assert seeder.connect() is not None
         seeder.upload()  # another device left the model on B
-        dev = DeviceAgent(
-            mobilenet,
-            broker.url,
-            a_id,
-            split=SPLIT,
-            deadline_ms=5000,
-            probe_interval=0.5,
-            protocol=311,
-        )
+        dev = net.device(mobilenet, a_id, deadline_ms=5000, probe_interval=0.5)
         stack.callback(dev.close)
         assert dev.connect() is not None
         dev.start_upload()
         assert dev.wait_upload(60)
         x = np.zeros((1, 224, 224, 3), np.float32)
         assert dev.query(x, 0).edge == a_id
-        # the move is asked for on the device's control topic, as another app would
-        ctl = MqttLink(broker.url, _uid("ctl"), protocol=311)
+        # the move is asked for on the device's control topic, as an operator's app would
+        ctl = MqttLink(net.url_a, "ops", protocol=net.protocol, security=net.sec("ops"))
         ctl.connect()
         ctl.publish(dev.topics.device_control(dev.device_id, "ops"), json.dumps({"prefer": b_id}))
         _wait(lambda: dev.edge_id == b_id, 15, "the move to B")
@@ -261,19 +303,20 @@ def test_b_holding_the_model_first_query_after_the_move_is_offloaded_on_b(
 
 
 def test_refused_transfer_falls_back_to_the_device_upload(
-    mobilenet: ModelPackage, two_brokers: tuple[str, str], tmp_path: Path
+    mobilenet: ModelPackage, two_brokers: Net, tmp_path: Path
 ) -> None:
-    url_a, url_b = two_brokers
-    a_id, b_id = _uid("edge-a"), _uid("edge-b")
+    net = two_brokers
+    a_id, b_id = net.a_id, net.b_id
     with ExitStack() as stack:
-        stack.callback(_edge(a_id, url_a, tmp_path / "sa", advertise=False).stop)
-        edge_b = _edge(b_id, url_b, tmp_path / "sb", advertise=False)  # A's broker not allowed
+        stack.callback(net.edge(a_id, net.url_a, tmp_path / "sa", advertise=False).stop)
+        # A's broker not allowed
+        edge_b = net.edge(b_id, net.url_b, tmp_path / "sb", advertise=False)
         stack.callback(edge_b.stop)
-        dev = DeviceAgent(mobilenet, url_a, a_id, split=SPLIT, deadline_ms=5000)
+        dev = net.device(mobilenet, a_id, deadline_ms=5000)
         stack.callback(dev.close)
         assert dev.connect() is not None
         dev.upload()
-        dev.add_edge(b_id, url_b)
+        dev.add_edge(b_id, net.url_b)
         assert dev.move_to(b_id, "test")
         full = frozenset(range(mobilenet.num_blocks))
         _wait(lambda: dev.sessions[b_id].stored == full, 60, "every block on B")
@@ -287,26 +330,20 @@ def test_refused_transfer_falls_back_to_the_device_upload(
 
 
 def test_graceful_stop_of_a_moves_at_once_to_b_holding_the_model(
-    mobilenet: ModelPackage, tmp_path: Path
+    mobilenet: ModelPackage, one_broker: Net, tmp_path: Path
 ) -> None:
-    with EmbeddedBroker() as broker, ExitStack() as stack:
-        a_id, b_id = _uid("edge-a"), _uid("edge-b")
-        edge_a = _edge(a_id, broker.url, tmp_path / "a", 311, advertise=False)
-        edge_b = _edge(b_id, broker.url, tmp_path / "b", 311, advertise=False)
+    net = one_broker
+    a_id, b_id = net.a_id, net.b_id
+    with ExitStack() as stack:
+        edge_a = net.edge(a_id, net.url_a, tmp_path / "a", advertise=False)
+        edge_b = net.edge(b_id, net.url_a, tmp_path / "b", advertise=False)
         stack.callback(edge_b.stop)
-        seeder = DeviceAgent(mobilenet, broker.url, b_id, split=SPLIT, protocol=311)
+        seeder = net.device(mobilenet, b_id, "seeder")
         stack.callback(seeder.close)
         assert seeder.connect() is not None
         seeder.upload()
-        dev = DeviceAgent(
-            mobilenet,
-            broker.url,
-            a_id,
-            split=SPLIT,
-            deadline_ms=5000,
-            protocol=311,
-            handoff=HandoffPolicy(),
-            probe_interval=0.5,
+        dev = net.device(
+            mobilenet, a_id, deadline_ms=5000, handoff=HandoffPolicy(), probe_interval=0.5
         )
         stack.callback(dev.close)
         assert dev.connect() is not None

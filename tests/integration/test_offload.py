@@ -29,6 +29,7 @@ from iotoffload.transport.frame import (
     encode_tensor_frame,
 )
 from iotoffload.transport.mqtt import Message, MqttLink
+from iotoffload.transport.topics import Topics
 from tests.integration.conftest import BrokerUnderTest
 
 pytestmark = pytest.mark.integration
@@ -38,7 +39,8 @@ def _edge(broker: BrokerUnderTest, store: Path) -> EdgeAgent:
     a = EdgeAgent(
         EdgeConfig(
             id="edge1", broker=broker.url, store=store, advertise=False, protocol=broker.protocol
-        )
+        ),
+        broker.security("edge1"),
     )
     a.start()
     return a
@@ -51,8 +53,20 @@ def edge(broker: BrokerUnderTest, tmp_path: Path) -> Iterator[EdgeAgent]:
     a.stop()
 
 
-def _device(pkg: ModelPackage, broker: BrokerUnderTest, **kw: object) -> DeviceAgent:
-    d = DeviceAgent(pkg, broker.url, "edge1", protocol=broker.protocol, deadline_ms=5000, **kw)  # type: ignore[arg-type]
+def _device(
+    pkg: ModelPackage, broker: BrokerUnderTest, who: str = "dev1", **kw: object
+) -> DeviceAgent:
+    """Device ``who`` (its own identity on the secured deployment)."""
+    d = DeviceAgent(
+        pkg,
+        broker.url,
+        "edge1",
+        protocol=broker.protocol,
+        deadline_ms=5000,
+        device_id=who,
+        security=broker.security(who),
+        **kw,  # type: ignore[arg-type]
+    )
     inv = d.connect()
     assert inv is not None and inv.known
     return d
@@ -82,18 +96,18 @@ def test_offloaded_results_equal_local_at_several_splits(
 def test_second_device_uploads_nothing_and_store_survives_restart(
     mobilenet: ModelPackage, edge: EdgeAgent, broker: BrokerUnderTest, tmp_path: Path
 ) -> None:
-    d1 = _device(mobilenet, broker, split=9)
+    d1 = _device(mobilenet, broker, "dev1", split=9)
     d1.upload()
     assert d1.bytes_uploaded == sum(b.onnx_bytes for b in mobilenet.blocks)
     d1.close()
-    d2 = _device(mobilenet, broker, split=9)
+    d2 = _device(mobilenet, broker, "dev2", split=9)
     d2.upload()
     assert d2.bytes_uploaded == 0
     d2.close()
     edge.stop()
     again = _edge(broker, tmp_path / "store")
     try:
-        d3 = _device(mobilenet, broker, split=9)
+        d3 = _device(mobilenet, broker, "dev3", split=9)
         assert d3.inventory.stored == list(range(18))
         out = d3.query(np.zeros((1, 224, 224, 3), np.float32))
         assert out.offloaded
@@ -114,13 +128,17 @@ def test_queries_before_upload_run_locally(
         dev.close()
 
 
-class InboxSpy:
-    """A second subscriber on a device's inbox: collects the error frames the edge sends."""
+class Stranger:
+    """Client ``spy`` (a device of its own on the secured deployment): sends what it likes to
+    the edge as itself and collects the error frames the edge answers to its inbox."""
 
-    def __init__(self, broker: BrokerUnderTest, inbox: str) -> None:
+    def __init__(self, broker: BrokerUnderTest, who: str = "spy") -> None:
+        self.who = who
         self.errors: list[Error] = []
-        self.link = MqttLink(broker.url, f"spy-{time.monotonic_ns()}", protocol=broker.protocol)
-        self.link.subscribe(inbox, self._on)
+        self.link = MqttLink(
+            broker.url, who, protocol=broker.protocol, security=broker.security(who)
+        )
+        self.link.subscribe(Topics().device_inbox(who, "+"), self._on)
         self.link.connect()
 
     def _on(self, m: Message) -> None:
@@ -139,15 +157,17 @@ class InboxSpy:
 def test_bad_input_gets_error_frames_and_the_edge_keeps_serving(
     mobilenet: ModelPackage, edge: EdgeAgent, broker: BrokerUnderTest
 ) -> None:
+    """A stranger's bad frames (as itself: on the secured deployment it can be no one else)
+    are answered to the stranger with typed errors; the device's service goes on."""
     dev = _device(mobilenet, broker, split=17)
-    spy = InboxSpy(broker, edge.topics.device_inbox(dev.device_id, "+"))
+    spy = Stranger(broker)
     try:
         dev.upload()
-        t, link, mid = edge.topics, dev.link, mobilenet.manifest.model_id
-        q = t.edge_query("edge1", dev.device_id)
+        t, link, mid, me = edge.topics, spy.link, mobilenet.manifest.model_id, spy.who
+        q = t.edge_query("edge1", me)
         link.publish(q, b"garbage")  # answered to the topic's sender: malformed
         # an unknown frame version still names its sender: answered
-        hdr = json.dumps({"type": "query", "request_id": "v9", "device": dev.device_id}).encode()
+        hdr = json.dumps({"type": "query", "request_id": "v9", "device": me}).encode()
         link.publish(q, MAGIC + struct.pack(">BI", 9, len(hdr)) + hdr)
         x = np.zeros((1, 7, 7, 320), np.float32)
         for start, end, model in ((17, 19, mid), (17, 18, "0" * 64)):
@@ -157,7 +177,7 @@ def test_bad_input_gets_error_frames_and_the_edge_keeps_serving(
                     Query,
                     x,
                     request_id=f"bad-{start}-{end}",
-                    device=dev.device_id,
+                    device=me,
                     model_id=model,
                     start=start,
                     end=end,
@@ -171,7 +191,7 @@ def test_bad_input_gets_error_frames_and_the_edge_keeps_serving(
                 Query,
                 np.zeros((1, 7, 7, 3), np.float32),
                 request_id="shape",
-                device=dev.device_id,
+                device=me,
                 model_id=mid,
                 start=17,
                 end=18,
@@ -179,9 +199,9 @@ def test_bad_input_gets_error_frames_and_the_edge_keeps_serving(
             ),
         )
         # an upload whose bytes do not match the announced digest
-        up = t.edge_upload("edge1", dev.device_id)
+        up = t.edge_upload("edge1", me)
         chunk = UploadChunk(
-            device=dev.device_id,
+            device=me,
             model_id=mid,
             block=0,
             block_sha256="ab" * 32,
@@ -250,18 +270,18 @@ def test_a_query_that_expired_in_the_edge_queue_is_not_run(
     mobilenet: ModelPackage, edge: EdgeAgent, broker: BrokerUnderTest
 ) -> None:
     dev = _device(mobilenet, broker, split=17)
-    spy = InboxSpy(broker, edge.topics.device_inbox(dev.device_id, "+"))
+    spy = Stranger(broker)
     try:
         dev.upload()
         before = edge.stats.queries
         # a deadline shorter than any queueing: 0.001 ms
-        dev.link.publish(
-            edge.topics.edge_query("edge1", dev.device_id),
+        spy.link.publish(
+            edge.topics.edge_query("edge1", spy.who),
             encode_tensor_frame(
                 Query,
                 np.zeros((1, 7, 7, 320), np.float32),
                 request_id="late",
-                device=dev.device_id,
+                device=spy.who,
                 model_id=mobilenet.manifest.model_id,
                 start=17,
                 end=18,
@@ -280,6 +300,8 @@ def test_edges_are_found_from_their_retained_status(
 ) -> None:
     from device_agent.session import edges_from_status
 
-    assert edges_from_status(broker.url, edge.topics.prefix, broker.protocol) == ["edge1"]
+    sec = broker.security("ops")
+    found = edges_from_status(broker.url, edge.topics.prefix, broker.protocol, security=sec)
+    assert found == ["edge1"]
     edge.stop()  # publishes offline (retained): no longer offered
-    assert edges_from_status(broker.url, edge.topics.prefix, broker.protocol) == []
+    assert edges_from_status(broker.url, edge.topics.prefix, broker.protocol, security=sec) == []

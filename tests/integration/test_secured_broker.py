@@ -591,3 +591,49 @@ def test_spoofed_zeroconf_records_and_goodbyes_do_not_move_the_device(
             for ad in ads:
                 ad.close()
             dev.close()
+
+
+# handoff ----------------------------------------------------------------------------------------
+
+
+def test_a_handoff_on_the_secured_broker_moves_the_blocks_edge_to_edge(
+    lab: Lab, edge: EdgeAgent, device: DeviceAgent, mobilenet: ModelPackage, tmp_path: Path
+) -> None:
+    """e1 and e2 are each other's peers (security init's configs say so); an operator moves
+    d1 to e2, which fetches every block from e1 through the ACL (fetch on e1's control topic
+    as e2, pushes on e2's upload topic as e1); no query is lost, none is answered twice."""
+    e2 = EdgeAgent(
+        EdgeConfig(
+            id="e2",
+            broker=lab.url,
+            store=tmp_path / "e2",
+            advertise=False,
+            peer_edges=["e1"],
+            status_interval=0.5,
+        ),
+        lab.security("e2"),
+    )
+    e2.start()
+    ops = lab.link("ops")
+    ops.connect()
+    try:
+        _offloads(device, mobilenet, n=2)
+        _wait(lambda: "e2" in device.sessions, "the device saw e2's status")
+        ops.publish(T.device_control("d1", "ops"), json.dumps({"prefer": "e2"}))
+        _wait(lambda: device.edge_id == "e2", "the move to e2", 15)
+        full = frozenset(range(mobilenet.num_blocks))
+        _wait(lambda: device.sessions["e2"].stored == full, "every block on e2", 30)
+        want = TFLiteExecutor.from_package(mobilenet).run(0, mobilenet.num_blocks, X)
+        for i in range(3):
+            out = device.query(X, 10 + i)
+            assert out.offloaded and out.edge == "e2", out.reason
+            np.testing.assert_allclose(
+                out.output, want, rtol=0, atol=1e-4 * float(np.abs(want).max())
+            )
+        assert e2.stats.blocks_from_peers == mobilenet.num_blocks
+        assert edge.peers.blocks_pushed == mobilenet.num_blocks
+        assert device.sessions["e2"].bytes_uploaded == 0  # the device sent e2 nothing
+        assert device.queries.pending.late_answers == 0
+    finally:
+        ops.close()
+        e2.stop()
