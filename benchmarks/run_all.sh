@@ -9,7 +9,7 @@ out="${1:-bench-results}"
 bin=.venv/bin
 cmd="iotoffload bench upload --model resnet50 --bandwidths 20,50,80 --cpu 25 --rtt-ms 10 --duration 100 --after-upload 8 --interval 0.25
 iotoffload bench load --model resnet50 --steps 0,2,4,8 --queries 10 --cpu 25
-iotoffload bench overhead --repeat 30
+iotoffload bench overhead --brokers mosquitto,mosquitto-tls,embedded --upload-mbit 80 --repeat 30
 iotoffload bench energy --model resnet50 --bandwidths 5,20,80 --edge-speed 4 --device-slowdown 4
 iotoffload bench scale --devices 1,2,4,8 --seconds 5
 iotoffload bench handoff --rate 10 --before 3 --after 8 --uplink 20"

@@ -109,6 +109,22 @@ def _handoff(d: dict[str, Any]) -> tuple[str, list[str]]:
     return text, heads
 
 
+def _tls_cost(res: list[dict[str, Any]]) -> list[str]:
+    """What TLS, client certificates and the ACL cost, from one run of both brokers."""
+    by = {r["broker"]: r for r in res}
+    plain, tls = by.get("mosquitto"), by.get("mosquitto-tls")
+    if plain is None or tls is None:
+        return []
+    cap = tls.get("upload_cap_mbit")
+    at = f" at {cap:g} Mbit/s" if cap else ""
+    return [
+        f"TLS cost per query (mosquitto-tls vs mosquitto): "
+        f"{tls['overhead_ms'] - plain['overhead_ms']:+.2f} ms overhead, best e2e "
+        f"{tls['best_e2e_ms'] / plain['best_e2e_ms']:.2f}×; upload{at} "
+        f"{tls['upload_MBps'] / plain['upload_MBps']:.3f}× the throughput"
+    ]
+
+
 def build_report(results: Path, doc: Path, command: str) -> list[str]:
     """Write ``doc`` (and copy the PNGs next to it); returns the headline lines."""
     assets = doc.parent / "benchmarks"
@@ -184,6 +200,7 @@ def build_report(results: Path, doc: Path, command: str) -> list[str]:
             + "\n\n![overhead](benchmarks/overhead.png)\n"
         )
         heads += [f"overhead per query on {r['broker']}: {r['overhead_ms']:.2f} ms" for r in res]
+        heads += _tls_cost(res)
     if (results / "scale.json").is_file():
         rows = load("scale")["rows"]
         parts.append(

@@ -22,8 +22,20 @@ from iotoffload.model.cache import ModelCache
 
 @user_errors
 def broker(
-    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 1883,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Address to bind. Default: 127.0.0.1, or with --secured the setup's host.",
+            show_default=False,
+        ),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="TCP port. Default: 1883, or with --secured the setup's TLS port.",
+            show_default=False,
+        ),
+    ] = None,
     mosquitto: Annotated[
         bool,
         typer.Option(
@@ -31,22 +43,46 @@ def broker(
             "instead of the embedded broker."
         ),
     ] = False,
+    secured: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run the embedded broker secured with the setup `iotoffload security init "
+            "DIR` wrote: TLS, an identity per agent (certificate or password) bound to its "
+            "client id, the ACL by role. Then any address may be bound.",
+            metavar="DIR",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Run an MQTT broker for iotoffload until Ctrl-C: the embedded one (amqtt, MQTT 3.1.1)
-    or, with --mosquitto, mosquitto with the settings of configs/mosquitto.conf."""
-    from broker.embedded import EmbeddedBroker, is_loopback
+    """Run an MQTT broker for iotoffload until Ctrl-C: the embedded one (amqtt, MQTT 3.1.1),
+    plain on loopback or --secured DIR on any address, or with --mosquitto a plain mosquitto
+    with the settings of configs/mosquitto.conf (on a network: `mosquitto -c
+    DIR/mosquitto.conf`)."""
+    from broker.embedded import EmbeddedBroker, EmbeddedSecurity, is_loopback
     from broker.mosquitto import run_mosquitto
 
-    if not is_loopback(host):  # both run without TLS or passwords
+    security = None
+    if secured is not None:
+        if mosquitto:
+            raise ValueError(f"a secured mosquitto runs as `mosquitto -c {secured}/mosquitto.conf`")
+        from iotoffload.deploy.lab import LabRecord
+
+        security = EmbeddedSecurity.from_lab(secured)
+        lab = LabRecord.load(secured.expanduser().resolve())
+        host, port = host or lab.host, port or lab.port
+    host, port = host or "127.0.0.1", port or 1883
+    if security is None and not is_loopback(host):  # no TLS or passwords
         raise ValueError(
             f"this broker lets anyone in and listens on loopback only, not on {host}; for a "
-            "network, `iotoffload security init DIR ...` then `mosquitto -c DIR/mosquitto.conf`"
+            "network, `iotoffload security init DIR ...` then `iotoffload broker --secured DIR`"
+            " or `mosquitto -c DIR/mosquitto.conf`"
         )
     if mosquitto:
         raise typer.Exit(run_mosquitto(host, port))
 
-    b = EmbeddedBroker(host, port).start()
-    console.print(f"embedded broker listening on {b.url} (MQTT 3.1.1); Ctrl-C stops it")
+    b = EmbeddedBroker(host, port, security=security).start()
+    how = "TLS, identities, ACL" if security is not None else "anyone may connect"
+    console.print(f"embedded broker listening on {b.url} (MQTT 3.1.1; {how}); Ctrl-C stops it")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -31,14 +31,27 @@ def init(
     apps: Annotated[str | None, Ids] = None,
     operators: Annotated[str | None, Ids] = None,
     auth: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="cert: a client certificate per agent (its CN is the identity); "
-            "password: a username and a random password per agent."
+            "password: a username and a random password per agent. Default: cert, or what "
+            "DIRECTORY already uses.",
+            show_default=False,
         ),
-    ] = "cert",
-    host: Annotated[str, typer.Option(help="Address the broker listens on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TLS port of the broker.")] = 8883,
+    ] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Address the broker listens on. Default: 127.0.0.1, or DIRECTORY's.",
+            show_default=False,
+        ),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="TLS port of the broker. Default: 8883, or DIRECTORY's.", show_default=False
+        ),
+    ] = None,
     name: Annotated[
         list[str] | None,
         typer.Option(help="Extra DNS name or IP of the broker's certificate (repeatable)."),
@@ -49,12 +62,13 @@ def init(
     ACL by role and a mosquitto configuration to DIRECTORY, plus one config file per agent
     for --config. Run it again with more ids to add agents: what exists is kept."""
     from iotoffload.deploy.lab import LabPlan, agents_by_role, init_lab
-    from iotoffload.transport.topics import DEFAULT_PREFIX
 
     agents = agents_by_role(
         edges=_ids(edges), devices=_ids(devices), apps=_ids(apps), operators=_ids(operators)
     )
-    names = list(dict.fromkeys(["127.0.0.1", "localhost", host, *(name or [])]))
+    names = list(
+        dict.fromkeys(["127.0.0.1", "localhost", *([host] if host else []), *(name or [])])
+    )
     plan = LabPlan(
         directory,
         agents,
@@ -62,14 +76,15 @@ def init(
         host=host,
         port=port,
         server_names=names,
-        prefix=prefix or DEFAULT_PREFIX,
+        prefix=prefix,
     )
     r = init_lab(plan)
     new = ", ".join(r.created) if r.created else "none (all kept)"
     console.print(f"secured setup in {directory}: new credentials for {new}")
     console.print(f"  broker:   mosquitto -c {r.conf}")
+    console.print(f"     or:   iotoffload broker --secured {directory} (embedded, MQTT 3.1.1)")
     for who, cfg in sorted(r.agent_configs.items()):
-        role = agents[who].value
+        role = r.roles[who].value
         if role == "edge":
             cmd = f"edge-agent start --config {cfg}"
         elif role == "device":

@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import hmac
 import ipaddress
+import json
 import os
 import secrets
 from collections.abc import Iterable
@@ -41,6 +43,23 @@ def mosquitto_password_hash(password: str, salt: bytes | None = None) -> str:
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PBKDF2_ITERATIONS, 64)
     b64 = base64.b64encode
     return f"$7${PBKDF2_ITERATIONS}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def check_mosquitto_password(password: str, entry: str) -> bool:
+    """Whether ``password`` matches a ``$7$`` hash (what the embedded broker checks against
+    the same password file mosquitto reads); any other format is a mismatch."""
+    parts = entry.split("$")
+    if len(parts) != 5 or parts[1] != "7" or not parts[2].isdigit():
+        return False
+    try:
+        salt, want = base64.b64decode(parts[3], validate=True), base64.b64decode(parts[4])
+    except ValueError:
+        return False
+    rounds = int(parts[2])
+    if not 1 <= rounds <= 1_000_000:  # a hostile file cannot make each CONNECT cost minutes
+        return False
+    got = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, rounds, len(want) or 64)
+    return hmac.compare_digest(got, want)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -152,15 +171,57 @@ class LabCA:
 
 @dataclass
 class LabPlan:
-    """What ``init`` makes."""
+    """What ``init`` makes (added to what the directory already holds)."""
 
     directory: Path
     agents: dict[str, Role]
-    auth: str = "cert"  # "cert": client certificates (CN = identity); "password"
-    host: str = "127.0.0.1"
-    port: int = 8883
+    auth: str | None = None  # "cert": client certificates (CN = identity); "password";
+    # None: the existing lab's, "cert" for a new one
+    host: str | None = None  # None: the existing lab's, else 127.0.0.1
+    port: int | None = None  # None: the existing lab's, else 8883
     server_names: list[str] = field(default_factory=lambda: ["127.0.0.1", "localhost"])
-    prefix: str = DEFAULT_PREFIX
+    prefix: str | None = None  # None: the existing lab's, else the default
+
+
+LAB_RECORD = "lab.json"  # what the directory holds: auth, prefix, every identity's role
+
+
+@dataclass(frozen=True)
+class LabRecord:
+    """``lab.json``: the identities and roles of a setup (re-runs add to it; the embedded
+    broker's ACL is made from it, as mosquitto's acl file is)."""
+
+    auth: str
+    prefix: str
+    host: str
+    port: int
+    agents: dict[str, Role]
+
+    @classmethod
+    def load(cls, d: Path) -> LabRecord:
+        path = d / LAB_RECORD
+        try:
+            raw = json.loads(path.read_text())
+            agents = {str(k): Role(v) for k, v in dict(raw["agents"]).items()}
+            return cls(
+                str(raw["auth"]), str(raw["prefix"]), str(raw["host"]), int(raw["port"]), agents
+            )
+        except FileNotFoundError:
+            raise ValueError(
+                f"{d} holds no secured setup ({LAB_RECORD}): run `iotoffload security init {d} ...`"
+            ) from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not a setup record: {e}") from None
+
+    def save(self, d: Path) -> None:
+        body = {
+            "auth": self.auth,
+            "prefix": self.prefix,
+            "host": self.host,
+            "port": self.port,
+            "agents": {k: v.value for k, v in sorted(self.agents.items())},
+        }
+        (d / LAB_RECORD).write_text(json.dumps(body, indent=2) + "\n")
 
 
 @dataclass
@@ -170,6 +231,7 @@ class LabResult:
     acl: Path
     agent_configs: dict[str, Path]
     created: list[str]  # identities whose credentials are new
+    roles: dict[str, Role]  # every identity of the setup, earlier runs' too
 
 
 def agents_by_role(**ids: Iterable[str]) -> dict[str, Role]:
@@ -190,12 +252,34 @@ def agents_by_role(**ids: Iterable[str]) -> dict[str, Role]:
     return out
 
 
+def _merged(d: Path, plan: LabPlan) -> LabRecord:
+    """The plan added to what ``d`` holds: every earlier identity keeps its role and its
+    rights (a re-run naming only the new agents must not drop the others from the ACL)."""
+    old = LabRecord.load(d) if (d / LAB_RECORD).exists() else None
+    auth = plan.auth or (old.auth if old else "cert")
+    if auth not in ("cert", "password"):
+        raise ValueError("auth must be cert or password")
+    prefix = plan.prefix or (old.prefix if old else DEFAULT_PREFIX)
+    host = plan.host or (old.host if old else "127.0.0.1")
+    port = plan.port or (old.port if old else 8883)
+    if old is None:
+        return LabRecord(auth, prefix, host, port, dict(plan.agents))
+    if auth != old.auth:
+        raise ValueError(f"{d} uses --auth {old.auth}; a setup has one kind of credential")
+    agents = dict(old.agents)
+    for who, role in plan.agents.items():
+        if agents.get(who, role) is not role:
+            raise ValueError(f"{who} is already a {agents[who].value} in {d}")
+        agents[who] = role
+    return LabRecord(auth, prefix, host, port, agents)
+
+
 def init_lab(plan: LabPlan) -> LabResult:
     """Write (or extend) the secured setup in ``plan.directory``."""
-    if plan.auth not in ("cert", "password"):
-        raise ValueError("auth must be cert or password")
     d = plan.directory.expanduser().resolve()
     d.mkdir(parents=True, exist_ok=True)
+    record = _merged(d, plan)
+    auth, agents = record.auth, record.agents
     (d / "agents").mkdir(exist_ok=True)
     ca = LabCA.load_or_create(d)
     if not (d / "broker.crt").exists() or not (d / "broker.key").exists():
@@ -205,11 +289,11 @@ def init_lab(plan: LabPlan) -> LabResult:
     created: list[str] = []
     configs: dict[str, Path] = {}
     entries: list[str] = []
-    url = f"mqtts://{plan.host}:{plan.port}"
-    for who in sorted(plan.agents):
-        role = plan.agents[who]
+    url = f"mqtts://{record.host}:{record.port}"
+    for who in sorted(agents):
+        role = agents[who]
         base = d / "agents" / who
-        if plan.auth == "cert":
+        if auth == "cert":
             if not base.with_suffix(".crt").exists():
                 crt, key = ca.issue(who)
                 base.with_suffix(".crt").write_bytes(crt)
@@ -227,33 +311,40 @@ def init_lab(plan: LabPlan) -> LabResult:
             password = pw_file.read_text().splitlines()[0]
             entries.append(f"{who}:{mosquitto_password_hash(password)}")
             mqtt = [f'username = "{who}"', f'password_file = "{pw_file}"']
-        configs[who] = _agent_config(base.with_suffix(".toml"), who, role, url, d, mqtt, plan)
+        configs[who] = _agent_config(base.with_suffix(".toml"), who, role, url, d, mqtt, record)
     passwords = None
-    if plan.auth == "password":
+    if auth == "password":
         passwords = d / "passwd"
         _write_private(passwords, ("\n".join(entries) + "\n").encode())
     acl = d / "acl"
-    acl.write_text(mosquitto_acl(plan.agents, plan.prefix))
+    acl.write_text(mosquitto_acl(agents, record.prefix))
     files = BrokerFiles(d / "ca.crt", d / "broker.crt", d / "broker.key", acl, passwords)
     conf = d / "mosquitto.conf"
-    conf.write_text(mosquitto_conf(files, port=plan.port, bind=plan.host))
-    return LabResult(conf, d / "ca.crt", acl, configs, created)
+    conf.write_text(mosquitto_conf(files, port=record.port, bind=record.host))
+    record.save(d)
+    return LabResult(conf, d / "ca.crt", acl, configs, created, dict(agents))
 
 
 def _agent_config(
-    path: Path, who: str, role: Role, url: str, d: Path, mqtt: list[str], plan: LabPlan
+    path: Path,
+    who: str,
+    role: Role,
+    url: str,
+    d: Path,
+    mqtt: list[str],
+    record: LabRecord,
 ) -> Path:
     """A config file for ``edge-agent start --config`` / ``device-agent --config``."""
     lines = [f"# {role.value} {who}, generated by `iotoffload security init`"]
     if role is Role.EDGE:
-        lines += ["[edge]", f'id = "{who}"', f'broker = "{url}"', f'prefix = "{plan.prefix}"']
-        peers = sorted(w for w, r in plan.agents.items() if r is Role.EDGE and w != who)
+        lines += ["[edge]", f'id = "{who}"', f'broker = "{url}"', f'prefix = "{record.prefix}"']
+        peers = sorted(w for w, r in record.agents.items() if r is Role.EDGE and w != who)
         lines.append("peer_edges = [" + ", ".join(f'"{p}"' for p in peers) + "]")
     elif role is Role.DEVICE:
-        lines += ["[device]", f'id = "{who}"', f'broker = "{url}"', f'prefix = "{plan.prefix}"']
-        ops = sorted(w for w, r in plan.agents.items() if r is Role.OPERATOR)
+        lines += ["[device]", f'id = "{who}"', f'broker = "{url}"', f'prefix = "{record.prefix}"']
+        ops = sorted(w for w, r in record.agents.items() if r is Role.OPERATOR)
         lines.append("operators = [" + ", ".join(f'"{o}"' for o in ops) + "]")
-        edges = sorted(w for w, r in plan.agents.items() if r is Role.EDGE)
+        edges = sorted(w for w, r in record.agents.items() if r is Role.EDGE)
         lines.append("edges = [" + ", ".join(f'"{e}"' for e in edges) + "]")
     lines += ["", "[mqtt]", f'ca_file = "{d / "ca.crt"}"', *mqtt, ""]
     path.write_text("\n".join(lines))

@@ -170,7 +170,11 @@ class MqttLink:
         if self._connected.is_set():
             return
         self.close()
-        if self._refused.is_set() and "protocol" in self._refusal.lower() and self.protocol == 5:
+        no_v5 = self._refused.is_set() and "protocol" in self._refusal.lower()
+        # a TLS broker of 3.1.1 only (amqtt) may drop an MQTT 5 CONNECT without a CONNACK, as
+        # a broker refusing the certificate does: 3.1.1 once tells the two apart
+        no_v5 = no_v5 or (self._tls_dropped and not self._refused.is_set())
+        if no_v5 and self.protocol == 5:
             log.info("broker %s speaks no MQTT 5: using 3.1.1", self.url)
             self.protocol = 311
             self.client = self._make_client()

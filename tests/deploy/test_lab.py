@@ -99,3 +99,84 @@ def test_a_rerun_adds_agents_and_keeps_every_credential(tmp_path: Path) -> None:
     assert "user e2" in (tmp_path / "acl").read_text()
     assert r.agent_configs["d1"].read_text().count("password_file") == 1
     assert Role.EDGE.value == "edge"
+
+
+def test_the_embedded_broker_checks_mosquittos_password_hashes() -> None:
+    from iotoffload.deploy.lab import check_mosquitto_password
+
+    entry = mosquitto_password_hash("s3cret")
+    assert check_mosquitto_password("s3cret", entry)
+    assert not check_mosquitto_password("s3cret ", entry)
+    assert not check_mosquitto_password("", entry)
+    for bad in (
+        "",
+        "s3cret",
+        "$6$abc$def",
+        "$7$x$AA==$AA==",
+        "$7$101$!!$AA==",
+        "$7$99999999$AA==$AA==",
+    ):
+        assert not check_mosquitto_password("s3cret", bad), bad
+
+
+def test_a_rerun_naming_only_new_agents_keeps_the_others_rights(tmp_path: Path) -> None:
+    """lab.json remembers every identity: the ACL and the password file still hold e1 and d1
+    after a run that names only e2; the auth kind and the port are the setup's."""
+    from iotoffload.deploy.lab import LabRecord
+
+    init_lab(
+        LabPlan(tmp_path, agents_by_role(edges=["e1"], devices=["d1"]), auth="password", port=18883)
+    )
+    r = init_lab(LabPlan(tmp_path, agents_by_role(edges=["e2"])))
+    assert r.created == ["e2"] and set(r.roles) == {"e1", "e2", "d1"}
+    acl = (tmp_path / "acl").read_text()
+    assert all(f"user {who}" in acl for who in ("e1", "e2", "d1"))
+    users = [ln.split(":")[0] for ln in (tmp_path / "passwd").read_text().splitlines()]
+    assert users == ["d1", "e1", "e2"]
+    rec = LabRecord.load(tmp_path)
+    assert (rec.auth, rec.port) == ("password", 18883)
+    assert rec.agents == {"d1": Role.DEVICE, "e1": Role.EDGE, "e2": Role.EDGE}
+    assert "listener 18883 127.0.0.1" in (tmp_path / "mosquitto.conf").read_text()
+    e1 = tomllib.loads((tmp_path / "agents" / "e1.toml").read_text())
+    assert e1["edge"]["peer_edges"] == ["e2"]  # e1 learns of its new peer
+    with pytest.raises(ValueError, match="one kind of credential"):
+        init_lab(LabPlan(tmp_path, agents_by_role(devices=["d2"]), auth="cert"))
+    with pytest.raises(ValueError, match="already a edge"):
+        init_lab(LabPlan(tmp_path, agents_by_role(devices=["e1"])))
+
+
+def test_a_directory_without_a_setup_is_a_clear_error(tmp_path: Path) -> None:
+    from broker.embedded import EmbeddedSecurity
+
+    with pytest.raises(ValueError, match="security init"):
+        EmbeddedSecurity.from_lab(tmp_path)
+    init_lab(LabPlan(tmp_path, agents_by_role(edges=["e1"])))
+    (tmp_path / "broker.key").unlink()
+    with pytest.raises(ValueError, match=r"broker\.key is missing"):
+        EmbeddedSecurity.from_lab(tmp_path)
+
+
+def test_the_embedded_acl_is_the_mosquitto_acl() -> None:
+    """One set of rules: every identity's topics in the embedded broker's tables are the
+    `topic` lines of its `user` section in mosquitto's acl file."""
+    import tempfile
+
+    from broker.embedded import EmbeddedSecurity
+
+    with tempfile.TemporaryDirectory() as d:
+        ids = agents_by_role(edges=["e1"], devices=["d1"], apps=["a1"], operators=["o1"])
+        init_lab(LabPlan(Path(d), ids))
+        sec = EmbeddedSecurity.from_lab(Path(d))
+        sections: dict[str, list[tuple[str, str]]] = {}
+        who = ""
+        for line in (Path(d) / "acl").read_text().splitlines():
+            if line.startswith("user "):
+                who = line.split()[1]
+                sections[who] = []
+            elif line.startswith("topic "):
+                _, access, topic = line.split()
+                sections[who].append((access, topic))
+    assert set(sections) == set(sec.publish) == set(sec.subscribe) == set(ids)
+    for who, lines in sections.items():
+        assert sec.publish[who] == [t for a, t in lines if a in ("write", "readwrite")]
+        assert sec.subscribe[who] == [t for a, t in lines if a in ("read", "readwrite")]

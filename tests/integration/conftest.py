@@ -83,6 +83,7 @@ LAB_IDS = {
         "mosquitto-tls-v5",
         "secured-v5",
         "secured-v311",
+        "embedded-secured-v311",
     ]
 )
 def broker(
@@ -95,7 +96,10 @@ def broker(
     ACL by role, the identity bound to the client id): each client connects as its own
     identity (``broker.security(who)``) and may do only what its role may."""
     kind, proto = request.param.split("-v")
-    if kind == "embedded":  # amqtt speaks 3.1.1 only
+    if kind == "embedded-secured":  # the same deployment on the embedded broker
+        with SecuredLab(tmp_path / "lab", engine="embedded", **LAB_IDS) as lab:
+            yield BrokerUnderTest(lab.url, int(proto), lab)
+    elif kind == "embedded":  # amqtt speaks 3.1.1 only
         with EmbeddedBroker() as b:
             yield BrokerUnderTest(b.url, int(proto))
     elif kind == "secured":

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from broker.embedded import free_port
+from broker.embedded import EmbeddedBroker, EmbeddedSecurity, free_port
 from iotoffload.transport.security import MqttSecurity
 
 
@@ -172,18 +172,27 @@ def tls_handshake_ok(port: int, ca: Path) -> bool:
 
 class SecuredLab:
     """What ``iotoffload security init`` writes (lab CA, a certificate per identity, the ACL
-    by role, the mosquitto configuration), run by ``brokers`` real mosquittos on free loopback
-    ports that share the PKI and the ACL (an edge per broker, a device holding both)."""
+    by role, the mosquitto configuration), run by ``brokers`` real brokers on free loopback
+    ports that share the PKI and the ACL (an edge per broker, a device holding both):
+    mosquitto with the generated configuration, or (``engine="embedded"``) the embedded
+    broker secured from the same directory (``iotoffload broker --secured DIR``)."""
 
     def __init__(
-        self, workdir: Path, *, brokers: int = 1, auth: str = "cert", **ids: tuple[str, ...]
+        self,
+        workdir: Path,
+        *,
+        brokers: int = 1,
+        auth: str = "cert",
+        engine: str = "mosquitto",
+        **ids: tuple[str, ...],
     ) -> None:
         from iotoffload.deploy.lab import LabPlan, agents_by_role, init_lab
 
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(exe).exists():
+        if engine == "mosquitto" and not Path(exe).exists():
             pytest.skip("mosquitto is not installed (.ci/run installs it)")
-        self.exe = exe
+        self.exe, self.engine = exe, engine
+        self.embedded: list[EmbeddedBroker] = []
         self.dir = workdir
         self.ports = [free_port() for _ in range(brokers)]
         r = init_lab(LabPlan(workdir, agents_by_role(**ids), auth=auth, port=self.ports[0]))
@@ -214,12 +223,20 @@ class SecuredLab:
         return MqttSecurity.load(tomllib.loads(self.config(who).read_text())["mqtt"])
 
     def start(self) -> None:
+        if self.engine == "embedded":
+            sec = EmbeddedSecurity.from_lab(self.dir)
+            for port in self.ports:
+                self.embedded.append(EmbeddedBroker(port=port, security=sec).start())
+            return
         for conf, port in zip(self.confs, self.ports, strict=True):
             proc = subprocess.Popen([self.exe, "-c", str(conf)], stderr=subprocess.PIPE)
             self.procs.append(proc)
             wait_listening(proc, port)
 
     def stop(self) -> None:
+        for b in self.embedded:
+            b.stop()
+        self.embedded.clear()
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
