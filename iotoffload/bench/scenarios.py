@@ -43,11 +43,16 @@ def p95(xs: list[float]) -> float:
     return float(np.percentile(xs, 95)) if xs else float("nan")
 
 
+SCALE_DEVICES = 16  # identities for `bench scale` on a secured broker
 BENCH_AGENTS = {
     "bench-edge": Role.EDGE,
     "bench-sink": Role.EDGE,  # link_throughput's subscriber
     "bench-device": Role.DEVICE,
     "bench-source": Role.APP,  # link_throughput's publisher
+    "bench-loadpart": Role.DEVICE,  # `bench load`'s devices
+    "bench-neurosurgeon": Role.DEVICE,
+    "bench-noise": Role.DEVICE,
+    **{f"bench-device-{i}": Role.DEVICE for i in range(SCALE_DEVICES)},
 }
 
 
@@ -142,8 +147,12 @@ def energy(
     return rows
 
 
-def _device(pkg: ModelPackage, url: str, protocol: int, **kw: Any) -> DeviceAgent:
-    dev = DeviceAgent(pkg, url, "bench-edge", protocol=protocol, **kw)
+def _device(pkg: ModelPackage, b: BenchBroker, who: str, **kw: Any) -> DeviceAgent:
+    """Device ``who`` (its own identity on a secured broker) of the bench edge."""
+    sec = b.security(who)
+    dev = DeviceAgent(
+        pkg, b.url, "bench-edge", protocol=b.protocol, device_id=who, security=sec, **kw
+    )
     if dev.connect() is None:
         raise RuntimeError("the bench edge does not answer")
     return dev
@@ -162,8 +171,8 @@ def load(
     x = np.zeros(pkg.manifest.input.shape, np.float32)
     rows: list[dict[str, Any]] = []
     with (
-        broker(kind) as (url, proto),
-        edge_on(url, proto) as _edge,
+        broker(kind) as b,
+        edge_on(b.url, b.protocol, security=b.security("bench-edge")) as _edge,
         slow_thread(cpu_percent) as limit,
     ):
         out: dict[str, Any] = {}
@@ -174,8 +183,8 @@ def load(
             devs = {
                 p: _device(
                     pkg,
-                    url,
-                    proto,
+                    b,
+                    f"bench-{p}",
                     planner=p,
                     device_ms=d,
                     deadline_ms=5000,
@@ -192,7 +201,7 @@ def load(
         t.start()
         t.join()
         devs = out["devs"]
-        noise_dev = _device(pkg, url, proto, split=0, deadline_ms=5000)
+        noise_dev = _device(pkg, b, "bench-noise", split=0, deadline_ms=5000)
         for n_bg in steps:
             stop = threading.Event()
 
@@ -262,13 +271,16 @@ def scale(
     """M devices offload back to back against one edge: throughput and p95 as M grows."""
     x = np.zeros(pkg.manifest.input.shape, np.float32)
     rows: list[dict[str, Any]] = []
-    with broker(kind) as (url, proto), edge_on(url, proto) as _edge:
-        first = _device(pkg, url, proto, split=split, deadline_ms=10_000)
+    if kind == "mosquitto-tls" and max(devices) > SCALE_DEVICES:
+        raise ValueError(f"on mosquitto-tls at most {SCALE_DEVICES} devices (identities)")
+    with broker(kind) as b, edge_on(b.url, b.protocol, security=b.security("bench-edge")):
+        first = _device(pkg, b, "bench-device-0", split=split, deadline_ms=10_000)
         first.upload()
         pool = [first]
         for m in devices:
             while len(pool) < m:
-                pool.append(_device(pkg, url, proto, split=split, deadline_ms=10_000))
+                who = f"bench-device-{len(pool)}"
+                pool.append(_device(pkg, b, who, split=split, deadline_ms=10_000))
             lat: list[list[float]] = [[] for _ in range(m)]
             end = time.perf_counter() + seconds
 
@@ -347,16 +359,7 @@ def overhead(
     with broker(kind) as b, edge_on(b.url, b.protocol, security=b.security("bench-edge")):
         url, proto = b.url, b.protocol
         rate = None if upload_mbit is None else upload_mbit * 1e6 / 8
-        dev = _device(
-            pkg,
-            url,
-            proto,
-            split=0,
-            deadline_ms=5000,
-            device_id="bench-device",
-            security=b.security("bench-device"),
-            upload_rate_Bps=rate,
-        )
+        dev = _device(pkg, b, "bench-device", split=0, deadline_ms=5000, upload_rate_Bps=rate)
         t0 = time.perf_counter()
         dev.upload()
         upload_s = time.perf_counter() - t0

@@ -161,6 +161,13 @@ def _table(title: str, rows: list[dict[str, object]]) -> Table:
 
 OutOpt = Annotated[Path, typer.Option(help="Directory for JSON and PNG.")]
 ModelOpt = Annotated[str, typer.Option(help="Package name.")]
+BrokerOpt = Annotated[
+    str,
+    typer.Option(
+        help="mosquitto, embedded, or mosquitto-tls (TLS, a client certificate per agent and "
+        "the ACL of `iotoffload security init`)."
+    ),
+]
 
 
 @app.command()
@@ -270,14 +277,15 @@ def load(
     steps: Annotated[str, typer.Option(help="Background clients per step.")] = "0,1,2,4",
     queries: Annotated[int, typer.Option(min=1)] = 20,
     cpu: Annotated[int, typer.Option(min=5, max=100, help="Device CPU quota, % (root).")] = 25,
+    broker: BrokerOpt = "mosquitto",
     out: OutOpt = Path("bench-results"),
 ) -> None:
     """LoADPart's experiment: load-aware vs load-oblivious split as background clients load
-    the edge in steps (loopback, mosquitto; the measuring device thread under a CPU quota)."""
+    the edge in steps (loopback; the measuring device thread under a CPU quota)."""
     from iotoffload.bench.scenarios import load as run
 
     pkg = ModelCache.from_settings().resolve(model)
-    rows = run(pkg, [int(s) for s in steps.split(",")], queries, cpu_percent=cpu)
+    rows = run(pkg, [int(s) for s in steps.split(",")], queries, broker, cpu_percent=cpu)
     _save(out, "load", {"scenario": "load", "model": pkg.name, "rows": rows})
     groups = sorted({f"{r['background']} clients" for r in rows}, key=lambda g: int(g.split()[0]))
     _bars(
@@ -301,13 +309,14 @@ def scale(
     devices: Annotated[str, typer.Option(help="Device counts.")] = "1,2,4,8",
     seconds: Annotated[float, typer.Option()] = 5.0,
     split: Annotated[int, typer.Option()] = 10,
+    broker: BrokerOpt = "mosquitto",
     out: OutOpt = Path("bench-results"),
 ) -> None:
     """M devices against one edge: throughput and p95 latency as M grows (loopback)."""
     from iotoffload.bench.scenarios import scale as run
 
     pkg = ModelCache.from_settings().resolve(model)
-    rows = run(pkg, [int(m) for m in devices.split(",")], seconds, split)
+    rows = run(pkg, [int(m) for m in devices.split(",")], seconds, split, broker)
     _save(out, "scale", {"scenario": "scale", "model": pkg.name, "split": split, "rows": rows})
     _bars(
         out,

@@ -95,6 +95,18 @@ def test_load_and_scale_smoke(env: ModelPackage, tmp_path: Path) -> None:
     assert (tmp_path / "load.png").is_file() and (tmp_path / "scale.png").is_file()
 
 
+def test_load_and_scale_on_the_secured_broker(env: ModelPackage, tmp_path: Path) -> None:
+    """Every bench device and the edge connect as their own identities through the ACL:
+    a device without rights, or one speaking as another, would get no answer."""
+    tls = ["--broker", "mosquitto-tls"]
+    _run(["load", "--steps", "1", "--queries", "2", *tls, "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "load.json").read_text())["rows"]
+    assert {r["planner"] for r in rows} == {"loadpart", "neurosurgeon"}
+    _run(["scale", "--devices", "1,3", "--seconds", "1", *tls, "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
+    assert [r["devices"] for r in rows] == [1, 3] and all(r["queries"] > 0 for r in rows)
+
+
 def test_report_page_from_one_run(env: ModelPackage, tmp_path: Path) -> None:
     res = tmp_path / "res"
     _run(["energy", "--bandwidths", "20", "--out", str(res)])

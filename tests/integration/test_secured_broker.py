@@ -114,21 +114,27 @@ class Inbox:
                 self._cond.wait(left)
 
 
-@pytest.fixture
-def edge(lab: Lab, tmp_path: Path) -> Iterator[EdgeAgent]:
+def _start_edge(lab: Lab, who: str, peer: str, tmp_path: Path) -> EdgeAgent:
+    """Edge ``who`` with its own credentials and ``peer`` as its one peer edge."""
     e = EdgeAgent(
         EdgeConfig(
-            id="e1",
+            id=who,
             broker=lab.url,
-            store=tmp_path / "e1",
+            store=tmp_path / who,
             advertise=False,
-            peer_edges=["e2"],
+            peer_edges=[peer],
             status_interval=0.5,
             protocol=lab.protocol,
         ),
-        lab.security("e1"),
+        lab.security(who),
     )
     e.start()
+    return e
+
+
+@pytest.fixture
+def edge(lab: Lab, tmp_path: Path) -> Iterator[EdgeAgent]:
+    e = _start_edge(lab, "e1", "e2", tmp_path)
     yield e
     e.stop()
 
@@ -597,19 +603,7 @@ def test_a_handoff_on_the_secured_broker_moves_the_blocks_edge_to_edge(
     """e1 and e2 are each other's peers (security init's configs say so); an operator moves
     d1 to e2, which fetches every block from e1 through the ACL (fetch on e1's control topic
     as e2, pushes on e2's upload topic as e1); no query is lost, none is answered twice."""
-    e2 = EdgeAgent(
-        EdgeConfig(
-            id="e2",
-            broker=lab.url,
-            store=tmp_path / "e2",
-            advertise=False,
-            peer_edges=["e1"],
-            status_interval=0.5,
-            protocol=lab.protocol,
-        ),
-        lab.security("e2"),
-    )
-    e2.start()
+    e2 = _start_edge(lab, "e2", "e1", tmp_path)
     ops = lab.link("ops")
     ops.connect()
     try:
