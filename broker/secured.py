@@ -35,21 +35,28 @@ class SecuredBroker:
 
 @contextmanager
 def secured_mosquitto(
-    agents: dict[str, Role], *, auth: str = "cert", timeout: float = 10.0
+    agents: dict[str, Role],
+    *,
+    auth: str = "cert",
+    timeout: float = 10.0,
+    directory: Path | None = None,
 ) -> Iterator[SecuredBroker]:
     """mosquitto with TLS, no anonymous clients and the ACL, on a free loopback port, until
-    the block ends; its files in a temporary directory removed afterwards."""
+    the block ends; its files in a temporary directory removed afterwards. ``directory``: a
+    setup of the caller's (kept), shared by several brokers: one PKI and one ACL for all."""
     exe = mosquitto_exe()
     if exe is None:
         raise RuntimeError("a secured broker needs mosquitto (apt-get install mosquitto)")
-    with tempfile.TemporaryDirectory(prefix="iotoffload-secured-") as d:
+    with tempfile.TemporaryDirectory(prefix="iotoffload-secured-") as tmp:
+        d = directory if directory is not None else Path(tmp)
         port = free_port()
-        r = init_lab(LabPlan(Path(d), agents, auth=auth, port=port))
+        r = init_lab(LabPlan(d, agents, auth=auth, port=port))
         extra = "persistence false\n"
         if os.geteuid() == 0:  # it would drop to user mosquitto, who cannot read our 0600 keys
             extra += f"user {getpass.getuser()}\n"
-        r.conf.write_text(r.conf.read_text() + extra)
-        proc = subprocess.Popen([exe, "-c", str(r.conf)], stderr=subprocess.PIPE)
+        conf = d / f"mosquitto-{port}.conf"  # this broker's own (the setup's is rewritten)
+        conf.write_text(r.conf.read_text() + extra)
+        proc = subprocess.Popen([exe, "-c", str(conf)], stderr=subprocess.PIPE)
         try:
             end = time.monotonic() + timeout
             while True:
@@ -61,7 +68,7 @@ def secured_mosquitto(
                         err = proc.stderr.read().decode() if proc.stderr else ""
                         raise RuntimeError(f"secured mosquitto did not start: {err}") from None
                     time.sleep(0.05)
-            yield SecuredBroker(f"mqtts://127.0.0.1:{port}", Path(d))
+            yield SecuredBroker(f"mqtts://127.0.0.1:{port}", d)
         finally:
             proc.terminate()
             proc.wait(5)

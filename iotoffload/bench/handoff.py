@@ -13,6 +13,7 @@ backhaul between the edges is the loopback, unshaped, as a wired link would be m
 from __future__ import annotations
 
 import statistics
+import tempfile
 import threading
 import time
 from contextlib import ExitStack
@@ -54,10 +55,19 @@ def run_mode(
     uplink = None if uplink_mbit is None else uplink_mbit * 1e6 / 8
     run = HandoffRun(mode)
     with ExitStack() as stack:
-        url_a, proto = stack.enter_context(broker(kind))
-        url_b, _ = stack.enter_context(broker(kind))
+        lab = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="iotoffload-lab-")))
+        ba = stack.enter_context(broker(kind, lab))  # mosquitto-tls: one PKI, one ACL
+        bb = stack.enter_context(broker(kind, lab))
+        url_a, url_b, proto = ba.url, bb.url, ba.protocol
         stack.enter_context(
-            edge_on(url_a, proto, edge_id="bench-a", status_interval=0.5, peer_edges=["bench-b"])
+            edge_on(
+                url_a,
+                proto,
+                edge_id="bench-a",
+                status_interval=0.5,
+                peer_edges=["bench-b"],
+                security=ba.security("bench-a"),
+            )
         )
         edge_b = stack.enter_context(
             edge_on(
@@ -67,12 +77,15 @@ def run_mode(
                 status_interval=0.5,
                 peer_brokers=[url_a],
                 peer_edges=["bench-a"],
+                security=bb.security("bench-b"),
             )
         )
         dev = DeviceAgent(
             pkg,
             url_a,
             "bench-a",
+            device_id="bench-device",
+            security=ba.security("bench-device"),
             protocol=proto,
             split=split,
             deadline_ms=2000,

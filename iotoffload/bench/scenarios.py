@@ -52,6 +52,8 @@ BENCH_AGENTS = {
     "bench-loadpart": Role.DEVICE,  # `bench load`'s devices
     "bench-neurosurgeon": Role.DEVICE,
     "bench-noise": Role.DEVICE,
+    "bench-a": Role.EDGE,  # `bench handoff`'s edges
+    "bench-b": Role.EDGE,
     **{f"bench-device-{i}": Role.DEVICE for i in range(SCALE_DEVICES)},
 }
 
@@ -73,15 +75,16 @@ class BenchBroker:
 
 
 @contextmanager
-def broker(kind: str) -> Iterator[BenchBroker]:
+def broker(kind: str, lab: Path | None = None) -> Iterator[BenchBroker]:
     """A fresh broker on loopback: ``mosquitto``, ``embedded`` or ``mosquitto-tls`` (the
-    secured setup of ``iotoffload security init``: TLS, client certificates, the ACL)."""
+    secured setup of ``iotoffload security init``: TLS, client certificates, the ACL; in
+    ``lab``, when given, so that several brokers share one PKI and ACL)."""
     if kind == "embedded":
         with EmbeddedBroker() as b:
             yield BenchBroker(b.url, 311)
         return
     if kind == "mosquitto-tls":
-        with secured_mosquitto(BENCH_AGENTS) as sb:
+        with secured_mosquitto(BENCH_AGENTS, directory=lab) as sb:
             yield BenchBroker(sb.url, 5, sb)
         return
     if kind != "mosquitto":

@@ -346,6 +346,13 @@ def handoff(
     uplink: Annotated[
         float, typer.Option(help="The device's uplink, Mbit/s (its upload is capped); 0: none.")
     ] = 20.0,
+    broker: Annotated[
+        str,
+        typer.Option(
+            help="mosquitto, or mosquitto-tls (both brokers share one PKI and ACL of "
+            "`iotoffload security init`; the edges transfer through it as themselves)."
+        ),
+    ] = "mosquitto",
     out: OutOpt = Path("bench-results"),
 ) -> None:
     """A device moves from edge A to edge B while it sends queries at a fixed rate; queries
@@ -366,6 +373,7 @@ def handoff(
         after_s=after,
         split=split,
         uplink_mbit=uplink or None,
+        kind=broker,
     )
     _save(
         out,

@@ -158,3 +158,32 @@ def test_handoff_smoke_every_way_loses_nothing(env: ModelPackage, tmp_path: Path
     _run(["report", "--results", str(tmp_path), "--doc", str(doc)])
     text = doc.read_text()
     assert "## Handoff" in text and "handoff transfer: 0 lost" in text
+
+
+def test_handoff_smoke_on_the_secured_brokers(env: ModelPackage, tmp_path: Path) -> None:
+    """Two secured mosquittos sharing one PKI and ACL: B fetches every block from A as
+    itself through the ACL, the device sends B nothing, no query is lost."""
+    _run(
+        [
+            "handoff",
+            "--modes",
+            "transfer",
+            "--rate",
+            "10",
+            "--before",
+            "1",
+            "--after",
+            "3",
+            "--uplink",
+            "0",
+            "--broker",
+            "mosquitto-tls",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    (run,) = json.loads((tmp_path / "handoff.json").read_text())["runs"]
+    m = run["summary"]
+    assert m["lost"] == 0 and m["answered_twice"] == 0 and m["answered"] == m["queries"]
+    assert m["blocks_from_a"] == env.num_blocks and m["device_bytes_to_b"] == 0
+    assert run["records"][-1]["edge"] == "bench-b"
