@@ -1,20 +1,19 @@
-"""amqtt plugin: who a client is, bound to its session, as the secured mosquitto does it.
+"""amqtt with identities bound to sessions, as the secured mosquitto binds them.
 
 mosquitto's setup (``security init``) takes the identity from the client certificate's CN
 (``use_identity_as_username``) or the username with its password, makes it the client id
 (``use_username_as_clientid``) and lets the ACL decide what that identity may read and write.
-amqtt has no such binding, and two of its defaults would break the ACL: a refused CONNECT
-still takes over the session of the client id it names (amqtt does the takeover before it
-looks at the authentication result), and a Last Will is published without any topic check.
-Worse, before any authentication amqtt deletes the session of the CONNECT's client id (clean
-session) or hands the new connection that session (persistent session): anyone who can open a
-TCP connection could drop a device's subscriptions. ``IdentityBroker`` therefore checks the
-credentials first, as soon as the CONNECT is read, and replaces the client id with the
-identity (or, refused, with a throwaway id that names no session); ``IdentityAuthPlugin`` then
-accepts only a bound identity with a Will on a topic it may write, and ``IdentityAclPlugin``
-checks every publish, subscribe and delivery against the role's rules. The override copies
-amqtt 0.12's ``_initialize_client_session`` with the binding added (amqtt is pinned to 0.12:
-the secured-broker tests fail if a takeover or a session deletion gets through).
+amqtt 0.12 has no such binding and three habits that would defeat the ACL: before it checks
+any credential it deletes the session of the CONNECT's client id (clean session) or hands the
+new connection that session (persistent session), so a stranger could cost a device its
+subscriptions; it publishes a Last Will without any topic check; and it keeps a session for
+every refused CONNECT. ``IdentityBroker`` checks the credentials as soon as the CONNECT is
+read and replaces the client id with the identity (or, refused, with a throwaway id that names
+no session, dropped afterwards); ``IdentityAuthPlugin`` accepts only a bound identity whose
+Will is on a topic it may write; ``IdentityAclPlugin`` checks every publish, subscribe and
+delivery against the role's rules. The override copies amqtt 0.12's
+``_initialize_client_session`` with the binding added (amqtt is pinned to 0.12; the secured
+broker tests fail if a takeover, a session deletion or a Will gets through).
 """
 
 from __future__ import annotations
