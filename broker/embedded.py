@@ -183,8 +183,16 @@ class EmbeddedBroker:
         return int(getattr(self._broker, "refused", 0))
 
     def session_ids(self) -> list[str]:
-        """The client ids of the sessions the broker holds (a snapshot)."""
-        return list(self._broker.sessions) if self._broker is not None else []
+        """The client ids of the sessions the broker holds (a snapshot taken on the broker's
+        own loop, which owns the session table)."""
+        if self._loop is None or self._broker is None or not self._loop.is_running():
+            return []
+        broker = self._broker
+
+        async def ids() -> list[str]:
+            return list(broker.sessions)
+
+        return asyncio.run_coroutine_threadsafe(ids(), self._loop).result(5)
 
     def stop(self) -> None:
         if self._loop and self._thread and self._thread.is_alive():

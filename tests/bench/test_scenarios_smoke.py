@@ -119,22 +119,14 @@ def test_report_page_from_one_run(env: ModelPackage, tmp_path: Path) -> None:
     assert (doc.parent / "benchmarks" / "energy.png").is_file()
 
 
+def _handoff_args(out: Path, *extra: str) -> list[str]:
+    """A short handoff run: 1 s on A, 3 s after the move, 10 queries/s, uplink uncapped."""
+    base = ["handoff", "--rate", "10", "--before", "1", "--after", "3", "--uplink", "0"]
+    return [*base, *extra, "--out", str(out)]
+
+
 def test_handoff_smoke_every_way_loses_nothing(env: ModelPackage, tmp_path: Path) -> None:
-    _run(
-        [
-            "handoff",
-            "--rate",
-            "10",
-            "--before",
-            "1",
-            "--after",
-            "3",
-            "--uplink",
-            "0",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    _run(_handoff_args(tmp_path))
     runs = {
         r["summary"]["mode"]: r for r in json.loads((tmp_path / "handoff.json").read_text())["runs"]
     }
@@ -163,25 +155,7 @@ def test_handoff_smoke_every_way_loses_nothing(env: ModelPackage, tmp_path: Path
 def test_handoff_smoke_on_the_secured_brokers(env: ModelPackage, tmp_path: Path) -> None:
     """Two secured mosquittos sharing one PKI and ACL: B fetches every block from A as
     itself through the ACL, the device sends B nothing, no query is lost."""
-    _run(
-        [
-            "handoff",
-            "--modes",
-            "transfer",
-            "--rate",
-            "10",
-            "--before",
-            "1",
-            "--after",
-            "3",
-            "--uplink",
-            "0",
-            "--broker",
-            "mosquitto-tls",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    _run(_handoff_args(tmp_path, "--modes", "transfer", "--broker", "mosquitto-tls"))
     (run,) = json.loads((tmp_path / "handoff.json").read_text())["runs"]
     m = run["summary"]
     assert m["lost"] == 0 and m["answered_twice"] == 0 and m["answered"] == m["queries"]

@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 import trustme
 
 from broker.embedded import EmbeddedBroker, EmbeddedSecurity, free_port
+from broker.mosquitto import mosquitto_exe
+from broker.secured import SecuredBroker, secured_mosquitto
 from iotoffload.transport.security import MqttSecurity
 
 
@@ -174,8 +177,9 @@ class SecuredLab:
     """What ``iotoffload security init`` writes (lab CA, a certificate per identity, the ACL
     by role, the mosquitto configuration), run by ``brokers`` real brokers on free loopback
     ports that share the PKI and the ACL (an edge per broker, a device holding both):
-    mosquitto with the generated configuration, or (``engine="embedded"``) the embedded
-    broker secured from the same directory (``iotoffload broker --secured DIR``)."""
+    mosquitto with the generated configuration (``broker.secured.secured_mosquitto``), or
+    (``engine="embedded"``) the embedded broker secured from the same directory
+    (``iotoffload broker --secured DIR``)."""
 
     def __init__(
         self,
@@ -186,24 +190,15 @@ class SecuredLab:
         engine: str = "mosquitto",
         **ids: tuple[str, ...],
     ) -> None:
-        from iotoffload.deploy.lab import LabPlan, agents_by_role, init_lab
+        from iotoffload.deploy.lab import agents_by_role
 
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if engine == "mosquitto" and not Path(exe).exists():
+        if engine == "mosquitto" and mosquitto_exe() is None:
             pytest.skip("mosquitto is not installed (.ci/run installs it)")
-        self.exe, self.engine = exe, engine
+        self.dir, self.engine, self.auth, self.brokers = workdir, engine, auth, brokers
+        self.agents = agents_by_role(**ids)
+        self.ports: list[int] = []
         self.embedded: list[EmbeddedBroker] = []
-        self.dir = workdir
-        self.ports = [free_port() for _ in range(brokers)]
-        r = init_lab(LabPlan(workdir, agents_by_role(**ids), auth=auth, port=self.ports[0]))
-        base = r.conf.read_text() + f"persistence false\nuser {getpass.getuser()}\n"
-        first = f"listener {self.ports[0]} 127.0.0.1"
-        self.confs = []
-        for i, port in enumerate(self.ports):
-            conf = workdir / f"mosquitto-{i}.conf"
-            conf.write_text(base.replace(first, f"listener {port} 127.0.0.1"))
-            self.confs.append(conf)
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self._stack = ExitStack()
 
     @property
     def urls(self) -> list[str]:
@@ -214,36 +209,32 @@ class SecuredLab:
         return self.urls[0]
 
     def config(self, who: str) -> Path:
-        """The agent's ``--config`` file (its broker URL is the first broker's)."""
+        """The agent's ``--config`` file (its broker URL is the last broker's)."""
         return self.dir / "agents" / f"{who}.toml"
 
     def security(self, who: str) -> MqttSecurity:
-        import tomllib
-
-        return MqttSecurity.load(tomllib.loads(self.config(who).read_text())["mqtt"])
+        return SecuredBroker(self.url, self.dir).security(who)
 
     def start(self) -> None:
         if self.engine == "embedded":
+            from iotoffload.deploy.lab import LabPlan, init_lab
+
+            init_lab(LabPlan(self.dir, self.agents, auth=self.auth, port=free_port()))
             sec = EmbeddedSecurity.from_lab(self.dir)
-            for port in self.ports:
-                self.embedded.append(EmbeddedBroker(port=port, security=sec).start())
+            for _ in range(self.brokers):
+                b = self._stack.enter_context(EmbeddedBroker(port=free_port(), security=sec))
+                self.embedded.append(b)
+                self.ports.append(b.port)
             return
-        for conf, port in zip(self.confs, self.ports, strict=True):
-            proc = subprocess.Popen([self.exe, "-c", str(conf)], stderr=subprocess.PIPE)
-            self.procs.append(proc)
-            wait_listening(proc, port)
+        for _ in range(self.brokers):
+            sb = self._stack.enter_context(
+                secured_mosquitto(self.agents, auth=self.auth, directory=self.dir)
+            )
+            self.ports.append(int(sb.url.rsplit(":", 1)[1]))
 
     def stop(self) -> None:
-        for b in self.embedded:
-            b.stop()
+        self._stack.close()
         self.embedded.clear()
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(5)
-            if proc.stderr:
-                proc.stderr.close()
-        self.procs.clear()
 
     def __enter__(self) -> SecuredLab:
         try:

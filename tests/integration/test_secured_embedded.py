@@ -144,6 +144,28 @@ def test_a_will_on_a_topic_the_client_may_not_write_is_refused(lab: SecuredLab) 
         edge.close()
 
 
+def test_a_client_that_sends_no_connect_is_closed(lab: SecuredLab) -> None:
+    """A TLS connection that never sends a CONNECT (amqtt would wait on it for good, a slot
+    held per idle socket) is closed by the broker after its CONNECT deadline."""
+    from broker._amqtt_identity import CONNECT_TIMEOUT_S
+
+    ctx = ssl.create_default_context(cafile=str(lab.security("d1").ca_file))
+    socks = []
+    try:
+        for _ in range(3):  # a few idle ones at once: each gets its own deadline
+            raw = socket.create_connection(("127.0.0.1", lab.ports[0]), 5)
+            socks.append(ctx.wrap_socket(raw, server_hostname="127.0.0.1"))
+        for s in socks:
+            s.settimeout(CONNECT_TIMEOUT_S + 5)
+            assert s.recv(1) == b""  # closed by the broker, not timed out here
+    finally:
+        for s in socks:
+            s.close()
+    link = _link(lab, "d1")  # and the broker still serves
+    link.connect(5)
+    link.close()
+
+
 def _raw_connect_with_will_then_die(lab: SecuredLab, who: str, topic: str, will: bytes) -> None:
     password = lab.security(who).read_password()
     c = mqtt.Client(
