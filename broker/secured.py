@@ -40,8 +40,11 @@ def secured_mosquitto(
     auth: str = "cert",
     timeout: float = 10.0,
     directory: Path | None = None,
+    host: str = "127.0.0.1",
+    port: int | None = None,
 ) -> Iterator[SecuredBroker]:
-    """mosquitto with TLS, no anonymous clients and the ACL, on a free loopback port, until
+    """mosquitto with TLS, no anonymous clients and the ACL, on ``host`` (loopback, or the
+    address of a network namespace of the caller's) and ``port`` (default: a free one), until
     the block ends; its files in a temporary directory removed afterwards. ``directory``: a
     setup of the caller's (kept), shared by several brokers: one PKI and one ACL for all."""
     exe = mosquitto_exe()
@@ -49,8 +52,9 @@ def secured_mosquitto(
         raise RuntimeError("a secured broker needs mosquitto (apt-get install mosquitto)")
     with tempfile.TemporaryDirectory(prefix="iotoffload-secured-") as tmp:
         d = directory if directory is not None else Path(tmp)
-        port = free_port()
-        r = init_lab(LabPlan(d, agents, auth=auth, port=port))
+        port = port or free_port(host)
+        names = list(dict.fromkeys(["127.0.0.1", "localhost", host]))
+        r = init_lab(LabPlan(d, agents, auth=auth, host=host, port=port, server_names=names))
         extra = "persistence false\n"
         if os.geteuid() == 0:  # it would drop to user mosquitto, who cannot read our 0600 keys
             extra += f"user {getpass.getuser()}\n"
@@ -61,14 +65,14 @@ def secured_mosquitto(
             end = time.monotonic() + timeout
             while True:
                 try:
-                    socket.create_connection(("127.0.0.1", port), 0.2).close()
+                    socket.create_connection((host, port), 0.2).close()
                     break
                 except OSError:
                     if proc.poll() is not None or time.monotonic() > end:
                         err = proc.stderr.read().decode() if proc.stderr else ""
                         raise RuntimeError(f"secured mosquitto did not start: {err}") from None
                     time.sleep(0.05)
-            yield SecuredBroker(f"mqtts://127.0.0.1:{port}", d)
+            yield SecuredBroker(f"mqtts://{host}:{port}", d)
         finally:
             proc.terminate()
             proc.wait(5)

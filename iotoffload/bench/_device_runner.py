@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from broker.secured import SecuredBroker
 from device_agent.agent import DeviceAgent
 from iotoffload.model.package import ModelPackage
 from iotoffload.planning import Estimates
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--after-upload", type=float, default=5.0)
     ap.add_argument("--interval", type=float, default=0.2)
     ap.add_argument("--edge-speed", type=float, default=1.0)
+    ap.add_argument("--lab", type=Path, default=None, help="secured: the setup's directory")
     a = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     pkg = ModelPackage.load(a.package)
@@ -49,6 +51,9 @@ def main() -> None:
         estimates=est,
         device_ms=d,
         edge_speed=a.edge_speed,
+        # on the secured setup: its own identity, through the ACL
+        device_id="bench-device" if a.lab else None,
+        security=SecuredBroker(a.broker, a.lab).security("bench-device") if a.lab else None,
     )
     x = np.zeros(pkg.manifest.input.shape, np.float32)
     dev.tfl.run(0, pkg.num_blocks, x)  # warm

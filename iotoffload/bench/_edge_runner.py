@@ -1,7 +1,9 @@
 """Bench helper: a broker (mosquitto when installed, else the embedded one) and an edge agent
 on one address, until stdin closes. mosquitto runs in its own process: the embedded broker
 shares this process (and its GIL) with the edge, which starves it while a 100 MB model is
-stored and loaded (PUBACK timeouts, dropped acks)."""
+stored and loaded (PUBACK timeouts, dropped acks). With ``--lab DIR`` the broker is the
+secured setup of ``iotoffload security init`` written to DIR for this address (TLS, a client
+certificate per bench agent, the ACL) and the edge connects as ``bench-edge``."""
 
 from __future__ import annotations
 
@@ -13,20 +15,36 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from broker.embedded import EmbeddedBroker
+from broker.embedded import EmbeddedBroker, EmbeddedSecurity
 from broker.mosquitto import mosquitto_exe, mosquitto_running
+from broker.secured import SecuredBroker, secured_mosquitto
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
+from iotoffload.bench.scenarios import BENCH_AGENTS
+from iotoffload.deploy.lab import LabPlan, init_lab
+from iotoffload.transport.security import MqttSecurity
 
 
 @contextmanager
-def _broker(host: str, port: int) -> Iterator[str]:
+def _broker(host: str, port: int, lab: Path | None) -> Iterator[tuple[str, MqttSecurity | None]]:
+    """(URL, the edge's credentials or None) of the broker on host:port."""
+    if lab is not None and mosquitto_exe() is not None:
+        with secured_mosquitto(BENCH_AGENTS, directory=lab, host=host, port=port) as sb:
+            yield sb.url, sb.security("bench-edge")
+        return
+    if lab is not None:
+        names = list(dict.fromkeys(["127.0.0.1", "localhost", host]))
+        init_lab(LabPlan(lab, BENCH_AGENTS, host=host, port=port, server_names=names))
+        sec = EmbeddedSecurity.from_lab(lab)
+        with EmbeddedBroker(host, port, isolated_network=True, security=sec) as b:
+            yield b.url, SecuredBroker(b.url, lab).security("bench-edge")
+        return
     if mosquitto_exe() is None:
         with EmbeddedBroker(host, port, isolated_network=True) as b:  # our own namespace
-            yield b.url
+            yield b.url, None
         return
     with mosquitto_running(host, port) as url:
-        yield url
+        yield url, None
 
 
 def main() -> None:
@@ -36,13 +54,15 @@ def main() -> None:
     ap.add_argument("--store", type=Path, required=True)
     ap.add_argument("--id", default="bench-edge")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--lab", type=Path, default=None, help="secured: the setup's directory")
     a = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    with _broker(a.host, a.port) as url:
+    with _broker(a.host, a.port, a.lab) as (url, security):
         edge = EdgeAgent(
             EdgeConfig(
                 id=a.id, broker=url, store=a.store, advertise=False, protocol=311, workers=a.workers
-            )
+            ),
+            security,
         )
         edge.start()
         print(json.dumps({"ready": True, "broker": url}), flush=True)

@@ -70,10 +70,15 @@ def run_once(
     after_upload: float,
     interval: float,
     rtt_ms: float = 0.0,
+    secured: bool = False,
 ) -> UploadRun:
     """One fresh edge, one device: the device uploads while querying; returns its records.
-    ``rtt_ms``: extra round-trip time through a delay proxy in front of the broker."""
+    ``rtt_ms``: extra round-trip time through a delay proxy in front of the broker.
+    ``secured``: the broker runs the setup of ``iotoffload security init`` (TLS, a client
+    certificate per agent, the ACL), written for this run to a temporary directory."""
     store = Path(tempfile.mkdtemp(prefix="iotoffload-bench-store-"))
+    lab = Path(tempfile.mkdtemp(prefix="iotoffload-bench-lab-")) if secured else None
+    lab_args = ["--lab", str(lab)] if lab else []
     host = testbed.edge_ip if testbed else "127.0.0.1"
     port = EDGE_PORT if testbed else free_port()
     py = sys.executable
@@ -87,6 +92,7 @@ def run_once(
         str(port),
         "--store",
         str(store),
+        *lab_args,
     ]
     dev_port = port
     proxy = None
@@ -110,7 +116,7 @@ def run_once(
         "-m",
         "iotoffload.bench._device_runner",
         "--broker",
-        f"mqtt://{host}:{dev_port}",
+        f"{'mqtts' if secured else 'mqtt'}://{host}:{dev_port}",  # TLS through the proxy
         "--package",
         str(package),
         "--planner",
@@ -125,6 +131,7 @@ def run_once(
         str(interval),
         "--edge-speed",
         str(100 / cpu_percent),
+        *lab_args,
     ]
     edge = subprocess.Popen(
         testbed.edge_cmd(*edge_args) if testbed else edge_args,
@@ -158,6 +165,8 @@ def run_once(
             _stop(proxy, 5)
         _stop(edge, 10)
         shutil.rmtree(store, ignore_errors=True)
+        if lab is not None:
+            shutil.rmtree(lab, ignore_errors=True)
     return run
 
 

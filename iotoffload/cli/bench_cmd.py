@@ -39,6 +39,13 @@ def upload(
     rtt_ms: Annotated[
         float, typer.Option(min=0, help="Extra round-trip time (delay proxy), ms.")
     ] = 0.0,
+    secured: Annotated[
+        bool,
+        typer.Option(
+            help="The broker runs the setup of `iotoffload security init` (TLS, a client "
+            "certificate per agent, the ACL); the device and the edge connect as themselves."
+        ),
+    ] = False,
     out: Annotated[Path, typer.Option(help="Directory for JSON and PNG.")] = Path("bench-results"),
 ) -> None:
     """IONN's experiment: latency over time from the first contact with a fresh edge while the
@@ -68,6 +75,7 @@ def upload(
                 after_upload=after_upload,
                 interval=interval,
                 rtt_ms=rtt_ms,
+                secured=secured,
             )
             if use_netns:
                 with Testbed(rate_mbit=rate, device_cpu_percent=cpu) as tb:
@@ -82,6 +90,7 @@ def upload(
         "cpu_percent": cpu if use_netns else 100,
         "seconds": time.perf_counter() - t0,
         "rtt_ms": rtt_ms,
+        "secured": secured,
         "runs": [r.summary() | {"records": r.records} for r in runs],
     }
     (out / "upload.json").write_text(json.dumps(result, indent=1))

@@ -121,6 +121,22 @@ def test_upload_run_over_the_emulated_network(mobilenet: ModelPackage) -> None:
     assert run.upload_s > 2.0 and run.records
 
 
+@pytest.mark.parametrize("network", ["loopback", pytest.param("netns", marks=needs_testbed)])
+def test_upload_run_on_the_secured_broker(mobilenet: ModelPackage, network: str) -> None:
+    """The secured setup written for the edge's address (its namespace's, or loopback): the
+    device verifies the broker through the delay proxy (TLS passes through it), uploads the
+    whole model as itself through the ACL and is answered."""
+    kw = dict(cpu_percent=100, duration=20, after_upload=1, interval=0.1, rtt_ms=10, secured=True)
+    if network == "netns":
+        with Testbed(rate_mbit=200, device_cpu_percent=100, tag=f"t4{os.getpid() % 1000}") as tb:
+            run = run_once(mobilenet.root, "edge", 200, testbed=tb, **kw)  # type: ignore[arg-type]
+    else:
+        run = run_once(mobilenet.root, "edge", 200, testbed=None, **kw)  # type: ignore[arg-type]
+    assert run.network == network and run.upload_s is not None
+    assert run.bytes_uploaded == sum(b.onnx_bytes for b in mobilenet.blocks)
+    assert any(r["offloaded"] for r in run.records)
+
+
 def test_unavailable_testbed_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     import iotoffload.bench.netns as netns
 
