@@ -50,6 +50,59 @@ class EdgeConfig(BaseSettings):
     )
     transfer_chunk_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
 
+    # hardening (README "Hardening"): every limit an uploaded block or a device meets
+    worker_memory_mb: int = Field(
+        default=3072,
+        ge=256,
+        description="address-space cap (RLIMIT_AS) of each ONNX Runtime worker process",
+    )
+    run_time_limit_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="one query run (or a profile): past it the "
+        "worker is killed and the block quarantined",
+    )
+    load_time_limit_s: float = Field(
+        default=60.0, gt=0, le=3600, description="loading and profiling one new block"
+    )
+    max_tensor_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024,
+        description="screening: the largest tensor a block may compute (static shapes)",
+    )
+    max_loop_iterations: int = Field(
+        default=100_000, ge=1, description="screening: a constant Loop trip count above it"
+    )
+    store_max_bytes: int = Field(
+        default=20 * 1024**3, ge=1024, description="the block store in total (then LRU eviction)"
+    )
+    device_max_bytes: int = Field(
+        default=4 * 1024**3, ge=1024, description="blocks and partial uploads per device"
+    )
+    device_max_models: int = Field(default=32, ge=1, description="models announced per device")
+    max_chunks: int = Field(default=4096, ge=1, le=65536, description="chunks per block")
+    partial_expiry_s: float = Field(
+        default=3600.0, gt=0, description="an unfinished upload untouched this long is dropped"
+    )
+    queue_per_device: int = Field(default=32, ge=1, description="queued queries per device")
+    queue_total: int = Field(default=256, ge=1, description="queued queries in total")
+    queue_max_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=1024, description="tensor bytes of queued queries in total"
+    )
+    max_deadline_ms: float = Field(
+        default=30_000.0, gt=0, description="a query's deadline is cut to this"
+    )
+    status_max_models: int = Field(
+        default=64, ge=0, description="models listed in the retained status (then counts only)"
+    )
+    require_signed: bool = Field(
+        default=False, description="serve only models signed by one of trusted_keys"
+    )
+    trusted_keys: list[Path] = Field(
+        default_factory=list, description="ed25519 public keys (PEM) whose signatures it trusts"
+    )
+
     @field_validator("peer_edges")
     @classmethod
     def _peer_ids(cls, v: list[str]) -> list[str]:
@@ -62,6 +115,11 @@ class EdgeConfig(BaseSettings):
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return Path(v).expanduser()
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _expand_keys(cls, v: list[Path]) -> list[Path]:
+        return [Path(p).expanduser() for p in v]
 
     @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> EdgeConfig:

@@ -52,11 +52,15 @@ class ErrorCode(StrEnum):
     DIGEST_MISMATCH = "digest_mismatch"
     REJECTED_BLOCK = "rejected_block"
     STORE_FAILED = "store_failed"  # the edge could not write the block (disk full, I/O error)
+    QUOTA = "quota"  # the device's (or the edge's) store quota is used up
+    QUARANTINED = "quarantined"  # the block exceeded its memory or time limit: never run again
+    UNSIGNED = "unsigned"  # the edge serves only models signed by a key it trusts
     # queries
     BAD_RANGE = "bad_range"
     BLOCKS_MISSING = "blocks_missing"
     BAD_TENSOR = "bad_tensor"
     DEADLINE_EXPIRED = "deadline_expired"
+    BUSY = "busy"  # the edge's query queue is full (for this device or in total): retry_ms
     # edge-to-edge transfer
     TRANSFER_REFUSED = "transfer_refused"
     TRANSFER_FAILED = "transfer_failed"
@@ -76,6 +80,7 @@ class ProtocolError(ValueError):
         block: int | None = None,
         chunk: int | None = None,
         peer: str | None = None,
+        retry_ms: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code = ErrorCode(code)
@@ -84,6 +89,7 @@ class ProtocolError(ValueError):
         self.block = block
         self.chunk = chunk
         self.peer = peer
+        self.retry_ms = retry_ms  # ``busy``: when the edge expects room again
 
 
 class FrameError(ProtocolError):
@@ -130,6 +136,9 @@ class Announce(_H):
     model_id: str = Field(pattern=_SHA)
     name: str = Field(default="", max_length=256)
     blocks: list[BlockInfo] = Field(min_length=1, max_length=1024)
+    # ed25519 over ``signed_message`` (iotoffload.model.signing), base64; None: unsigned
+    signature: str | None = Field(default=None, max_length=128)
+    signer: str | None = Field(default=None, pattern=r"^[0-9a-f]{16,64}$")  # key fingerprint
 
 
 class Inventory(_H):
@@ -208,6 +217,7 @@ class Error(_H):
     block: int | None = Field(default=None, ge=0)
     chunk: int | None = Field(default=None, ge=0)
     peer: str | None = Field(default=None, pattern=_ID)
+    retry_ms: float | None = Field(default=None, ge=0)  # ``busy``: try again after this long
 
     @classmethod
     def of(cls, e: ProtocolError, edge: str | None = None) -> Error:
@@ -219,6 +229,7 @@ class Error(_H):
             block=e.block,
             chunk=e.chunk,
             peer=e.peer,
+            retry_ms=e.retry_ms,
         )
 
 
