@@ -41,6 +41,7 @@ from edge_agent.stats import EdgeStats
 from edge_agent.status import StatusReporter
 from edge_agent.store import BlockStore
 from edge_agent.threads import EdgeThreads
+from edge_agent.trust import ModelTrust
 from iotoffload.loop import LoopClosedError
 from iotoffload.runtime.onnx import OnnxExecutor
 from iotoffload.transport.frame import Inventory
@@ -124,6 +125,7 @@ class EdgeAgent:
             self.topics,
             max_body=config.max_block_bytes,
             stopping=lambda: self._stopping,
+            check_announce=ModelTrust.from_config(config).check,
         )
 
     def _link(self) -> MqttLink:

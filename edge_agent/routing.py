@@ -72,6 +72,7 @@ class InboundRouter:
         *,
         max_body: int,
         stopping: Callable[[], bool],
+        check_announce: Callable[[Announce], ProtocolError | None] = lambda a: None,
     ) -> None:
         self.store = store
         self._replies = replies
@@ -83,6 +84,7 @@ class InboundRouter:
         self._topics = topics
         self._max_body = max_body
         self._stopping = stopping
+        self._check_announce = check_announce  # signed models (edge_agent.trust)
         self._announcing: dict[str, asyncio.Future[None]] = {}  # model id -> put_model
 
     # network threads: hand the message to the loop, nothing else --------------------------
@@ -143,6 +145,9 @@ class InboundRouter:
         elif h.device != sender:
             self._replies.error(forged(h, sender))
         elif isinstance(h, Announce):
+            if (refused := self._check_announce(h)) is not None:
+                self._replies.error(refused)
+                return
             fut = self._threads.on_store(self.store.put_model, h)
             self._announcing[h.model_id] = fut
             self._threads.spawn(self._announced(h, fut))
