@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 
 from iotoffload.model.package import ModelPackage
+from iotoffload.model.signing import announce_signature
 from iotoffload.planning import Estimates, PlanningInputs
 from iotoffload.transport.frame import (
     Announce,
@@ -165,6 +166,7 @@ class EdgeSession:
 
     async def announce(self, timeout: float) -> Inventory | None:
         m = self.pkg.manifest
+        signature, signer = announce_signature(self.pkg)  # (None, None): unsigned
         announce = Announce(
             device=self.device_id,
             model_id=m.model_id,
@@ -178,6 +180,8 @@ class EdgeSession:
                 )
                 for b in m.blocks
             ],
+            signature=signature,
+            signer=signer,
         )
         t0 = time.perf_counter()
         seen = self._inventory_count
@@ -302,6 +306,9 @@ class EdgeSession:
             self._unacked = {u for u in self._unacked if u[0] != block}
             if h.code != ErrorCode.STORE_FAILED:  # the edge's disk: a later retry may work
                 self._block_failed[block] = f"{h.code}: {h.message}"
+            if h.code == ErrorCode.QUARANTINED:  # the edge will never run it: plan without it
+                self.stored = self.stored - {block}
+                self._loaded = self._loaded - {block}
         self._changed.notify()
 
     def on_status(self, online: bool, queue_ms: float) -> None:

@@ -5,13 +5,17 @@
 
 - ``EdgeThreads`` (``threads.py``) — the loop, and the threads of blocking work whose results
   come back to it: ``edge-store`` (the block store's one writer), ``edge-loader`` (blocks
-  checked, screened, loaded, profiled), ``edge-worker_N`` (``config.workers`` ONNX Runtime
-  runs) and ``edge-zeroconf`` (advertisement updates);
+  checked, screened, then loaded and profiled in the probe process) and ``edge-zeroconf``
+  (advertisement updates);
+- ``WorkerProcess`` (``workers.py``) — uploaded blocks run only in worker processes with a
+  memory cap and a time limit per run: the probe (new blocks, from the loader) and one per
+  query worker; a block that breaks a limit is quarantined (``quarantine.py``);
 - ``InboundRouter`` (``routing.py``) — every inbound message, decoded, validated and
   dispatched on the loop;
 - ``BlockLoader`` (``loading.py``) — chunks stored, blocks completed, sessions and profiles,
   the inventory;
-- ``QueryQueue`` (``queries.py``) — validated queries, their workers, their results;
+- ``QueryQueue`` (``queries.py``) — validated queries in a bounded, fair queue
+  (``fair.py``), their worker threads (``edge-worker_N``, ``config.workers``), their results;
 - ``StatusReporter`` (``status.py``) — the retained status and the zeroconf advertisement;
 - ``Replies`` (``replies.py``) — answers to devices, refusals counted;
 - ``PeerTransfers`` (``peers.py``) — edge-to-edge transfer (``edge-peer-connect`` /
@@ -31,9 +35,11 @@ import logging
 from pathlib import Path
 
 from edge_agent.config import EdgeConfig
+from edge_agent.fair import QueueLimits
 from edge_agent.loading import BlockLoader
 from edge_agent.peers import PeerTransfers
-from edge_agent.queries import QueryQueue
+from edge_agent.quarantine import Quarantine
+from edge_agent.queries import QueryQueue, WorkerLimits
 from edge_agent.replies import Replies
 from edge_agent.routing import InboundRouter
 from edge_agent.screen import screen_onnx
@@ -42,8 +48,8 @@ from edge_agent.status import StatusReporter
 from edge_agent.store import BlockStore
 from edge_agent.threads import EdgeThreads
 from edge_agent.trust import ModelTrust
+from edge_agent.workers import Chain, WorkerProcess
 from iotoffload.loop import LoopClosedError
-from iotoffload.runtime.onnx import OnnxExecutor
 from iotoffload.transport.frame import Inventory
 from iotoffload.transport.link import Message
 from iotoffload.transport.mqtt import MqttLink, MqttSecurity
@@ -71,21 +77,45 @@ class EdgeAgent:
         self.broker_url = config.broker or ""
         self._stopping = False  # set on the loop at stop: no more messages taken
         self._stats = EdgeStats()
-        self.threads = EdgeThreads(config.workers)
+        self.threads = EdgeThreads()
         self.replies = Replies(config.id, self.topics, self._stats, lambda: self.link)
+        worker_limits = WorkerLimits(
+            memory_bytes=config.worker_memory_mb * 1024 * 1024,
+            run_s=config.run_time_limit_s,
+            load_s=config.load_time_limit_s,
+            session_threads=config.threads,
+        )
         self.loader = BlockLoader(
             config.id,
             self.store,
             self._stats,
             self.replies,
             self.threads,
-            session_threads=config.threads,
+            quarantine=Quarantine(config.store / "quarantine.json"),
+            probe=WorkerProcess(
+                "edge-probe", memory_bytes=worker_limits.memory_bytes, threads=config.threads
+            ),
+            load_time_limit_s=config.load_time_limit_s,
             publish_status=lambda: self.status.publish(),
         )
         self.queries = QueryQueue(
-            config.workers, self._stats, self.replies, self.threads, ran=self.loader.mark_loaded
+            config.workers,
+            self._stats,
+            self.replies,
+            self.threads,
+            ran=self.loader.mark_loaded,
+            limits=QueueLimits(
+                per_device=config.queue_per_device,
+                total=config.queue_total,
+                max_bytes=config.queue_max_bytes,
+            ),
+            worker_limits=worker_limits,
+            max_deadline_ms=config.max_deadline_ms,
+            quarantined=self.loader.quarantine.reason,
+            on_fault=self.loader.fault,
         )
         self.loader.settle = self.queries.count
+        self.loader.warm = self.queries.warm
         self.peers = PeerTransfers(
             config.id,
             self.topics,
@@ -114,6 +144,7 @@ class EdgeAgent:
             broker=lambda: self.broker_url,
             stopping=lambda: self._stopping,
         )
+        self.status.quarantined = lambda: len(self.loader.quarantine)
         self.router = InboundRouter(
             self.store,
             self.replies,
@@ -202,7 +233,9 @@ class EdgeAgent:
             log.warning("edge %s: the loop did not quiesce", self.config.id)
         self.threads.shutdown_zeroconf()
         self.status.close_advertiser()
+        self.queries.close()
         self.threads.shutdown_pools()
+        self.loader.probe.close()
         links: list[MqttLink] = []
         try:
             links = lp.run(self.peers.drain(), timeout=self.peers.connect_timeout + 5)
@@ -236,8 +269,15 @@ class EdgeAgent:
     def publish_status(self) -> None:
         self.threads.call(self.status.publish)
 
-    def executor(self, model_id: str) -> OnnxExecutor | None:
-        return self.threads.call(lambda: self.loader.executor(model_id))
+    def chain(self, model_id: str) -> Chain | None:
+        return self.threads.call(lambda: self.loader.chain(model_id))
+
+    def worker_pids(self) -> list[int]:
+        """The ONNX Runtime processes running now: the query workers' and the probe's."""
+        pids = self.queries.worker_pids()
+        if (p := self.loader.probe.pid) is not None:
+            pids.append(p)
+        return pids
 
     def inventory(self, model_id: str) -> Inventory:
         return self.threads.call(lambda: self.loader.inventory(model_id))

@@ -9,42 +9,42 @@ Owned by the edge's loop; the blocking steps run on ``edge-store`` (every write)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
-import numpy as np
-
+from edge_agent.quarantine import Quarantine
 from edge_agent.replies import Replies
 from edge_agent.stats import EdgeStats
 from edge_agent.store import BlockStore, StoreError
 from edge_agent.threads import EdgeThreads
+from edge_agent.workers import BlockFaultError, BlockRunError, Chain, WorkerProcess
 from iotoffload.runtime.base import BlockFile
-from iotoffload.runtime.onnx import OnnxExecutor
 from iotoffload.transport.frame import ErrorCode, Inventory, ProtocolError, UploadAck, UploadChunk
 
 log = logging.getLogger(__name__)
+MAX_INVENTORY_MISSING = 4096  # chunk indices listed in one inventory (the header has a cap)
 
 
-def _load_blocks(ex: OnnxExecutor, indices: list[int], profile: bool) -> float | None:
-    """On the loader: create the sessions of a block (at each index it has in the chain) and,
-    when asked, its unloaded time (median of 3 runs on zeros), the base of the load factor
-    devices compute from every reply (LoADPart)."""
-    for i in indices:
-        ex.load(i)
-    if not profile:
-        return None
-    i = indices[0]
-    b = ex.blocks[i]
-    x = np.zeros(b.input.shape, b.input.dtype)
-    times = [ex.run_timed(i, i + 1, x)[1][0] for _ in range(3)]
-    return float(np.median(times)) * 1e3
+def _probe(
+    probe: WorkerProcess, chain: Chain, indices: Sequence[int], timeout: float
+) -> float | None:
+    """On the loader: load a new block in the probe process (its own memory cap and time
+    limit) and profile its unloaded time there (median of 3 runs on zeros), the base of the
+    load factor devices compute from every reply (LoADPart); then drop the probe's sessions.
+    Raises BlockFaultError (quarantine it) or BlockRunError (ONNX Runtime refuses it)."""
+    try:
+        return probe.load(chain, indices, profile=True, timeout=timeout)
+    finally:
+        with contextlib.suppress(BlockFaultError, BlockRunError):
+            probe.forget(chain.model_id)
 
 
 class BlockLoader:
-    """Owned by the edge's loop: the executors, their loaded blocks, the block profiles and
-    the blocks being finished are touched only there. The executors' mapping is replaced,
-    never changed, so the network threads may read it (``ready``)."""
+    """Owned by the edge's loop: the chains, their loaded blocks, the block profiles, the
+    quarantine and the blocks being finished are touched only there. The chains' mapping is
+    replaced, never changed, so the network threads may read it (``ready``)."""
 
     def __init__(
         self,
@@ -54,7 +54,9 @@ class BlockLoader:
         replies: Replies,
         threads: EdgeThreads,
         *,
-        session_threads: int,
+        quarantine: Quarantine,
+        probe: WorkerProcess,
+        load_time_limit_s: float,
         publish_status: Callable[[], None],
     ) -> None:
         self.edge_id = edge_id
@@ -62,35 +64,39 @@ class BlockLoader:
         self._stats = stats
         self._replies = replies
         self._threads = threads
-        self._session_threads = session_threads  # ONNX Runtime threads per session
+        self.quarantine = quarantine
+        self.probe = probe  # used on the loader thread only
+        self._load_time_limit_s = load_time_limit_s
         self._publish_status = publish_status
-        self._executors: Mapping[str, OnnxExecutor] = {}  # copy on write (``ready``)
-        self._loaded: dict[str, set[int]] = {}  # model id -> blocks whose session exists
+        self._chains: Mapping[str, Chain] = {}  # copy on write (``ready``)
+        self._loaded: dict[str, set[int]] = {}  # model id -> blocks whose sessions exist
         self._block_ms: dict[str, float] = {}  # sha256 -> unloaded time, ms
         self._finishing: dict[str, asyncio.Task[ProtocolError | None]] = {}  # sha256 -> task
         # counts the results the workers sent (which marks their blocks loaded): set by the
         # edge to ``QueryQueue.count``, run before the loaded blocks are read
         self.settle: Callable[[], None] = lambda: None
+        # sessions made in every query worker ahead of queries: set to ``QueryQueue.warm``
+        self.warm: Callable[[Chain, list[int]], None] = lambda c, i: None
 
     # what the edge holds ------------------------------------------------------------------
-    def ready(self, model_id: str) -> OnnxExecutor | None:
-        """The model's executor if it exists already (any thread: a read of the current
+    def ready(self, model_id: str) -> Chain | None:
+        """The model's chain if it exists already (any thread: a read of the current
         snapshot, never a creation)."""
-        return self._executors.get(model_id)
+        return self._chains.get(model_id)
 
-    def executor(self, model_id: str) -> OnnxExecutor | None:
-        """The model's executor, made on first use (on the loop)."""
-        ex = self._executors.get(model_id)
-        if ex is None:
+    def chain(self, model_id: str) -> Chain | None:
+        """The model's chain, made on first use (on the loop)."""
+        ch = self._chains.get(model_id)
+        if ch is None:
             a = self.store.model(model_id)
             if a is None:
                 return None
-            files = [
+            files = tuple(
                 BlockFile(self.store.block_path(b.onnx_sha256), b.input, b.output) for b in a.blocks
-            ]
-            ex = OnnxExecutor(files, threads=self._session_threads)  # sessions come later
-            self._executors = {**self._executors, model_id: ex}
-        return ex
+            )
+            ch = Chain(model_id, files, tuple(b.onnx_sha256 for b in a.blocks))
+            self._chains = {**self._chains, model_id: ch}
+        return ch
 
     def mark_loaded(self, model_id: str, indices: Iterable[int]) -> None:
         """Blocks whose sessions exist (a query ran them)."""
@@ -102,11 +108,20 @@ class BlockLoader:
         if a is None:
             return Inventory(model_id=model_id, known=False, edge=self.edge_id)
         stored = [i for i, b in enumerate(a.blocks) if self.store.has_block(b.onnx_sha256)]
-        partial = {}
+        partial: dict[int, list[int]] = {}
+        listed = 0
+        seen: set[str] = set()
         for i, b in enumerate(a.blocks):
+            if i in stored or b.onnx_sha256 in seen:  # a digest twice: resumed once
+                continue
             missing = self.store.missing_chunks(b.onnx_sha256)
-            if missing is not None and i not in stored:
-                partial[i] = missing
+            if missing is None:
+                continue
+            seen.add(b.onnx_sha256)
+            if listed + len(missing) > MAX_INVENTORY_MISSING:
+                break  # the rest is uploaded whole (a chunk sent twice is harmless)
+            partial[i] = missing
+            listed += len(missing)
         block_ms = {
             i: self._block_ms[b.onnx_sha256]
             for i, b in enumerate(a.blocks)
@@ -125,6 +140,49 @@ class BlockLoader:
             input=a.blocks[0].input,
             output=a.blocks[-1].output,
         )
+
+    # quarantine ---------------------------------------------------------------------------
+    def fault(self, chain: Chain, f: BlockFaultError) -> None:
+        """On the loop: a worker reports a block that broke its limits."""
+        if f.block is None or not 0 <= f.block < len(chain.digests):
+            log.warning("edge %s: a worker failed outside any block: %s", self.edge_id, f)
+            return
+        self.quarantine_block(chain.digests[f.block], f.kind, str(f))
+
+    def quarantine_block(self, sha: str, kind: str, reason: str) -> None:
+        """On the loop: refuse ``sha`` from now on (persisted), drop it from the store, and
+        tell every device whose model uses it."""
+        if not self.quarantine.add(sha, kind, reason):
+            return
+        log.warning("edge %s: block %s… quarantined (%s): %s", self.edge_id, sha[:12], kind, reason)
+        self._block_ms.pop(sha, None)
+        self._threads.spawn(self._forget_block(sha, self.quarantine.snapshot()))
+        for model_id in self.store.model_ids():
+            a = self.store.model(model_id)
+            if a is None:
+                continue
+            indices = [i for i, b in enumerate(a.blocks) if b.onnx_sha256 == sha]
+            if not indices:
+                continue
+            self._loaded.get(model_id, set()).difference_update(indices)
+            for device in sorted(self.store.announcers(model_id)):
+                for i in indices:
+                    self._replies.error(
+                        ProtocolError(
+                            ErrorCode.QUARANTINED,
+                            f"block {i} quarantined ({kind}): {reason}",
+                            device=device,
+                            block=i,
+                        )
+                    )
+        self._publish_status()
+
+    async def _forget_block(self, sha: str, snapshot: bytes) -> None:
+        try:
+            await self._threads.on_store(self.quarantine.save, snapshot)
+            await self._threads.on_store(self.store.remove_block, sha)
+        except (OSError, StoreError) as e:
+            log.error("edge %s: quarantine of %s… not saved: %s", self.edge_id, sha[:12], e)
 
     # chunks, blocks, sessions -------------------------------------------------------------
     def chunk(self, h: UploadChunk, body: memoryview) -> None:
@@ -166,6 +224,9 @@ class BlockLoader:
                 return
         try:
             loaded, ms = await self._load(h.model_id, sha)
+        except ProtocolError as e:  # quarantined: this chunk's sender is told, as every device
+            replies.chunk_error(h, e.code, str(e))  # of a model using it is
+            return
         except Exception as e:  # the loader lives on; the error names no chunk (mqtt-api.md)
             log.exception("loading block %d of %s… failed", h.block, h.model_id[:12])
             msg = f"block {h.block}: {type(e).__name__}: {e}"
@@ -201,18 +262,32 @@ class BlockLoader:
         return None
 
     async def _load(self, model_id: str, sha: str) -> tuple[bool, float | None]:
-        """Sessions for a stored block in a model's executor (on the loader); (loaded,
-        the block's unloaded ms)."""
+        """A stored block, ready to serve: probed on the loader (a new block: in the probe
+        process, within its limits), then its sessions made in every query worker; (loaded,
+        the block's unloaded ms). Raises ProtocolError(QUARANTINED) when it broke a limit
+        (it is quarantined) or was quarantined before."""
+        why = self.quarantine.reason(sha)
+        if why is not None:
+            raise ProtocolError(ErrorCode.QUARANTINED, f"quarantined: {why}")
         a = self.store.model(model_id)
-        ex = self.executor(model_id)
-        if a is None or ex is None:
+        ch = self.chain(model_id)
+        if a is None or ch is None:
             return False, None
         indices = [i for i, b in enumerate(a.blocks) if b.onnx_sha256 == sha]
         if not indices:
             return False, None
-        profile = sha not in self._block_ms
-        ms = await self._threads.on_loader(_load_blocks, ex, indices, profile)
-        if ms is not None:
-            self._block_ms.setdefault(sha, ms)
+        if sha not in self._block_ms:
+            run = functools.partial(_probe, self.probe, ch, indices[:1], self._load_time_limit_s)
+            try:
+                ms = await self._threads.on_loader(run)
+            except BlockFaultError as f:
+                self.quarantine_block(sha, f.kind, str(f))
+                raise ProtocolError(ErrorCode.QUARANTINED, f"quarantined ({f.kind}): {f}") from f
+            except BlockRunError as e:  # ONNX Runtime cannot load or run it: it never will
+                self.quarantine_block(sha, "load", str(e))
+                raise ProtocolError(ErrorCode.QUARANTINED, f"quarantined (load): {e}") from e
+            if ms is not None:
+                self._block_ms.setdefault(sha, ms)
+        self.warm(ch, indices)
         self.mark_loaded(model_id, indices)
         return True, self._block_ms.get(sha)

@@ -1,10 +1,16 @@
-"""Queries: validated queries handed to the workers that run them on ONNX Runtime, and their
-results (sent, then counted).
+"""Queries: validated queries queued fairly and within bounds, run by worker threads that
+each drive one sandboxed ONNX Runtime process (``WorkerProcess``), and their results (sent,
+then counted).
 
-A query goes from paho's network thread (decoded and checked there, ``InboundRouter``) straight
-into the worker pool's queue (``submit``, thread-safe), and its ``edge-worker`` thread sends
-the result to the device itself: one thread handoff each way, as with no loop at all. The
-loop owns the counters (``EdgeStats``): results sent wait in a thread-safe queue until the
+A query goes from paho's network thread (decoded and checked there, ``InboundRouter``)
+straight into the ``FairQueue`` (``submit``: never blocks; a full queue is a ``busy`` refusal
+with a retry hint), and its ``edge-worker`` thread copies the tensor into its process's shared
+buffer, waits for the answer within the run time limit, and sends the result to the device
+itself: one thread handoff each way, as with no loop at all. A block that breaks its worker's
+limits is reported to the loop (``on_fault``: quarantined there); the query gets a
+``quarantined`` error and the worker thread goes on with a fresh process.
+
+The loop owns the counters (``EdgeStats``): results sent wait in a thread-safe queue until the
 loop next reads them (``count``); failures are posted at once, to be answered. How many
 queries are outstanding is a ``_Gauge`` of its own, so admission needs no hop.
 """
@@ -12,8 +18,6 @@ queries are outstanding is a ``_Gauge`` of its own, so admission needs no hop.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import functools
 import logging
 import queue
 import threading
@@ -21,72 +25,50 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from edge_agent.fair import FairQueue, QueueLimits
 from edge_agent.replies import Replies
 from edge_agent.stats import EdgeStats
 from edge_agent.threads import EdgeThreads
-from iotoffload.runtime.base import BlockRangeError, RuntimeInputError
-from iotoffload.runtime.onnx import OnnxExecutor
+from edge_agent.workers import BlockFaultError, BlockRunError, Chain, WorkerProcess
 from iotoffload.transport.frame import (
     ErrorCode,
     ProtocolError,
     Query,
     Result,
-    encode_tensor_frame,
-    tensor_of,
+    WireTensor,
+    encode,
 )
 
 log = logging.getLogger(__name__)
 EWMA_ALPHA = 0.2
 COUNT_EVERY = 256  # results sent and not counted before the workers ask the loop to count
+MIN_RETRY_MS = 50.0
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    memory_bytes: int = 3072 * 1024 * 1024
+    run_s: float = 10.0  # one run
+    load_s: float = 60.0  # sessions created (the first run of blocks in a process)
+    session_threads: int = 1  # ONNX Runtime intra-op threads
 
 
 @dataclass(frozen=True)
 class _QueryJob:
-    """A validated query waiting for a worker (in the loop's queue)."""
+    """A validated query waiting for a worker (in the fair queue)."""
 
     header: Query
     body: memoryview
     arrived: float  # perf_counter() on the network thread
-    executor: OnnxExecutor
-
-
-def _run_query(job: _QueryJob) -> tuple[bytes, float, float]:
-    """On a worker: run the query's blocks and encode its Result (the frame, queue ms, exec
-    ms); a query that waited past its deadline is refused instead (the device has finished it
-    locally: the work is saved)."""
-    h = job.header
-    queue_ms = (time.perf_counter() - job.arrived) * 1e3
-    if queue_ms > h.deadline_ms:
-        raise ProtocolError(
-            ErrorCode.DEADLINE_EXPIRED,
-            f"waited {queue_ms:.0f} ms in the queue, deadline {h.deadline_ms:g} ms",
-            request_id=h.request_id,
-            device=h.device,
-        )
-    try:
-        t0 = time.perf_counter()
-        y, times = job.executor.run_timed(h.start, h.end, tensor_of(h, job.body))
-        exec_ms = (time.perf_counter() - t0) * 1e3
-    except (RuntimeInputError, BlockRangeError) as e:
-        raise ProtocolError(
-            ErrorCode.BAD_TENSOR, str(e), request_id=h.request_id, device=h.device
-        ) from e
-    frame = encode_tensor_frame(
-        Result,
-        y,
-        request_id=h.request_id,
-        queue_ms=queue_ms,
-        exec_ms=exec_ms,
-        block_ms=[t * 1e3 for t in times],
-    )
-    return frame, queue_ms, exec_ms
+    chain: Chain
+    deadline_ms: float  # the query's, cut to the edge's cap
 
 
 class _Gauge:
     """How many queries are admitted and not finished: raised by the network threads as they
-    hand one to the workers, lowered by a worker as it sends the answer, read by the loop for
-    the status. A count with its own lock (memory operations only), so neither side waits
-    for the loop."""
+    queue one, lowered by a worker as it sends the answer, read by the loop for the status.
+    A count with its own lock (memory operations only), so neither side waits for the
+    loop."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -101,9 +83,24 @@ class _Gauge:
             self._value += n
 
 
+class _Worker:
+    """One worker thread and the process it drives; ``control`` takes sessions to create
+    ahead of queries (a block just uploaded)."""
+
+    def __init__(self, index: int, limits: WorkerLimits) -> None:
+        self.index = index
+        self.proc = WorkerProcess(
+            f"edge-worker-{index}",
+            memory_bytes=limits.memory_bytes,
+            threads=limits.session_threads,
+        )
+        self.control: queue.SimpleQueue[tuple[Chain, list[int]]] = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+
+
 class QueryQueue:
-    """The counters are owned by the edge's loop (``open`` from the edge's start, before the
-    loop runs); ``submit`` and the workers' callbacks run on other threads and only post or
+    """The counters are owned by the edge's loop (``open`` and ``close`` from the edge's
+    start and stop); ``submit`` and the worker threads run on other threads and only post or
     put."""
 
     def __init__(
@@ -114,13 +111,26 @@ class QueryQueue:
         threads: EdgeThreads,
         *,
         ran: Callable[[str, Iterable[int]], None],
+        limits: QueueLimits | None = None,
+        worker_limits: WorkerLimits | None = None,
+        max_deadline_ms: float = 30_000.0,
+        quarantined: Callable[[str], str | None] = lambda sha: None,
+        on_fault: Callable[[Chain, BlockFaultError], None] = lambda c, f: None,
     ) -> None:
         self.workers = workers
         self._stats = stats
         self._replies = replies
         self._threads = threads
         self._ran = ran  # (model id, blocks): their sessions exist now
+        self._limits = limits or QueueLimits()
+        self._worker_limits = worker_limits or WorkerLimits()
+        self._max_deadline_ms = max_deadline_ms
+        self._quarantined = quarantined  # sha256 -> why, when quarantined (any thread)
+        self._on_fault = on_fault  # on the loop: a block broke its limits
         self._outstanding = _Gauge()  # admitted, not finished: waiting or running
+        self._fair: FairQueue[_QueryJob] = FairQueue(self._limits)
+        self._workers: list[_Worker] = []
+        self._closing = False
         # results sent, not counted yet: (query, queue ms, exec ms), put by the workers
         self._done: queue.SimpleQueue[tuple[Query, float, float]] = queue.SimpleQueue()
 
@@ -134,9 +144,39 @@ class QueryQueue:
         """Queries running on a worker (any thread)."""
         return min(self._outstanding.value, self.workers)
 
+    def worker_pids(self) -> list[int]:
+        """The worker processes running now (any thread; for tests and operators)."""
+        return [p for w in self._workers if (p := w.proc.pid) is not None]
+
+    @property
+    def restarts(self) -> int:
+        return sum(w.proc.restarts for w in self._workers)
+
+    # lifecycle (the edge's owner) ---------------------------------------------------------
     def open(self) -> None:
-        """(Re)start: nothing is outstanding."""
+        """(Re)start: nothing is outstanding; the worker threads start (their processes on
+        first use)."""
         self._outstanding = _Gauge()
+        self._closing = False
+        self._fair = FairQueue(self._limits)
+        self._workers = [_Worker(i, self._worker_limits) for i in range(self.workers)]
+        for w in self._workers:
+            w.thread = threading.Thread(
+                target=self._serve, args=(w,), name=f"edge-worker_{w.index}", daemon=True
+            )
+            w.thread.start()
+
+    def close(self) -> None:
+        """Take no more; queued queries are dropped (their devices see the edge go offline);
+        running ones finish; join the threads and stop their processes."""
+        self._closing = True
+        left = self._fair.close()
+        self._outstanding.add(-len(left))
+        for w in self._workers:
+            if w.thread is not None:
+                w.thread.join()
+            w.proc.close()
+        self._workers = []
 
     def load_factor(self) -> float:
         """Coarse load for discovery: queued plus running queries per worker."""
@@ -148,41 +188,122 @@ class QueryQueue:
         while self._outstanding.value and time.monotonic() < end:
             await asyncio.sleep(0.01)
 
-    def submit(self, h: Query, body: memoryview, arrived: float, ex: OnnxExecutor) -> None:
-        """A validated query (any thread): to the workers' queue, run as soon as one is free.
-        Dropped when the edge is stopping (its devices see it go offline)."""
-        job = _QueryJob(h, body, arrived, ex)
+    # admission (any thread) ---------------------------------------------------------------
+    def retry_ms(self) -> float:
+        """When a refused query might find room: the queue ahead of it at the recent
+        execution time."""
+        per = max(self._stats.exec_ms_ewma, 1.0)  # a float read: no hop
+        return max(MIN_RETRY_MS, per * (len(self._fair) + self.workers) / self.workers)
+
+    def submit(self, h: Query, body: memoryview, arrived: float, chain: Chain) -> None:
+        """A validated query (any thread): into the fair queue, run as soon as a worker is
+        free; a full queue answers ``busy`` (posted to the loop, which counts it)."""
+        job = _QueryJob(h, body, arrived, chain, min(h.deadline_ms, self._max_deadline_ms))
         gauge = self._outstanding
         gauge.add(1)
-        fut = self._threads.on_worker(_run_query, job)
-        if fut is None:
-            gauge.add(-1)
+        refused = self._fair.put(h.device, job, len(body))
+        if refused is None:
             return
-        fut.add_done_callback(functools.partial(self._worker_done, job, gauge))
-
-    def _worker_done(
-        self,
-        job: _QueryJob,
-        gauge: _Gauge,
-        fut: concurrent.futures.Future[tuple[bytes, float, float]],
-    ) -> None:
-        """On the worker, as its run ends: the result straight to the device (paho's
-        publish is thread-safe). A result waits in ``_done`` for the loop to count it when it
-        next reads its counters (``count``): waking the loop for each one would compete with
-        the answer's way out (+0.25 ms a query on loopback). A failure goes to the loop now,
-        which answers it with an error frame."""
         gauge.add(-1)
-        if fut.cancelled():
+        if self._closing:
             return
-        if fut.exception() is not None:
-            self._threads.post(self._failed, job, fut)
-            return
-        frame, queue_ms, exec_ms = fut.result()
-        self._replies.publish(job.header.device, frame)
-        self._done.put((job.header, queue_ms, exec_ms))
-        if self._done.qsize() >= COUNT_EVERY:  # bounded, however rarely the loop reads
-            self._threads.post(self.count)
+        err = ProtocolError(
+            ErrorCode.BUSY,
+            f"the edge is busy: {refused}",
+            request_id=h.request_id,
+            device=h.device,
+            retry_ms=round(self.retry_ms(), 1),
+        )
+        self._threads.post(self._replies.error, err)
 
+    def warm(self, chain: Chain, indices: list[int]) -> None:
+        """Create these blocks' sessions in every worker process ahead of queries (on the
+        loop, after the loader's probe passed them)."""
+        for w in self._workers:
+            w.control.put((chain, indices))
+        self._fair.poke()
+
+    # the worker threads -------------------------------------------------------------------
+    def _serve(self, w: _Worker) -> None:
+        while True:
+            job = self._fair.get(wake=lambda: not w.control.empty())
+            self._warm(w)
+            if job is not None:
+                self._run(w, job)
+            elif self._closing:
+                return
+
+    def _warm(self, w: _Worker) -> None:
+        while True:
+            try:
+                chain, indices = w.control.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                w.proc.load(chain, indices, profile=False, timeout=self._worker_limits.load_s)
+            except BlockFaultError as f:
+                self._threads.post(self._on_fault, chain, f)
+            except BlockRunError as e:
+                log.warning("%s: sessions of %s… not created: %s", w.proc.name, chain.model_id, e)
+
+    def _refuse(self, job: _QueryJob, code: ErrorCode, message: str) -> None:
+        h = job.header
+        e = ProtocolError(code, message, request_id=h.request_id, device=h.device)
+        self._threads.post(self._replies.error, e)
+
+    def _run(self, w: _Worker, job: _QueryJob) -> None:
+        """Run a query's blocks in the worker's process and send its Result; a query that
+        waited past its deadline is refused instead (the device has finished it locally:
+        the work is saved)."""
+        h = job.header
+        try:
+            queue_ms = (time.perf_counter() - job.arrived) * 1e3
+            if queue_ms > job.deadline_ms:
+                msg = f"waited {queue_ms:.0f} ms in the queue, deadline {job.deadline_ms:g} ms"
+                self._refuse(job, ErrorCode.DEADLINE_EXPIRED, msg)
+                return
+            for i in range(h.start, h.end):
+                why = self._quarantined(job.chain.digests[i])
+                if why is not None:
+                    self._refuse(job, ErrorCode.QUARANTINED, f"block {i} is quarantined: {why}")
+                    return
+            lim = self._worker_limits
+            timeout = lim.run_s
+            if not w.proc.loaded(h.model_id, h.start, h.end):
+                timeout += lim.load_s
+            t0 = time.perf_counter()
+            try:
+                out, times = w.proc.run(job.chain, h.start, h.end, job.body, timeout=timeout)
+            except BlockFaultError as f:
+                self._threads.post(self._on_fault, job.chain, f)
+                where = "" if f.block is None else f"block {f.block} "
+                self._refuse(job, ErrorCode.QUARANTINED, f"{where}broke its worker: {f}")
+                return
+            except BlockRunError as e:
+                self._refuse(job, ErrorCode.BAD_TENSOR, str(e))
+                return
+            exec_ms = (time.perf_counter() - t0) * 1e3
+            spec = job.chain.files[h.end - 1].output
+            header = Result(
+                request_id=h.request_id,
+                tensor=WireTensor(dtype=spec.dtype, shape=spec.shape),
+                queue_ms=queue_ms,
+                exec_ms=exec_ms,
+                block_ms=[t * 1e3 for t in times],
+            )
+            frame = encode(header, out)
+            out.release()
+            self._replies.publish(h.device, frame)
+            self._done.put((h, queue_ms, exec_ms))
+            if self._done.qsize() >= COUNT_EVERY:  # bounded, however rarely the loop reads
+                self._threads.post(self.count)
+        except Exception as e:  # a bug here must not end the worker thread
+            log.exception("query %s failed", h.request_id)
+            self._refuse(job, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+        finally:
+            self._outstanding.add(-1)
+
+    # on the loop --------------------------------------------------------------------------
     def count(self) -> None:
         """On the loop: count the results the workers have sent since the last time."""
         s = self._stats
@@ -195,23 +316,3 @@ class QueryQueue:
             s.queue_ms_ewma += EWMA_ALPHA * (queue_ms - s.queue_ms_ewma)
             s.exec_ms_ewma += EWMA_ALPHA * (exec_ms - s.exec_ms_ewma)
             self._ran(h.model_id, range(h.start, h.end))
-
-    def _failed(
-        self, job: _QueryJob, fut: concurrent.futures.Future[tuple[bytes, float, float]]
-    ) -> None:
-        """A worker's failure, on the loop: answered with an error frame."""
-        h = job.header
-        try:
-            fut.result()
-        except ProtocolError as e:
-            self._replies.error(e)
-        except Exception as e:  # a job that raised: the worker lives on
-            log.exception("query %s failed", h.request_id)
-            self._replies.error(
-                ProtocolError(
-                    ErrorCode.INTERNAL,
-                    f"{type(e).__name__}: {e}",
-                    request_id=h.request_id,
-                    device=h.device,
-                )
-            )

@@ -8,8 +8,8 @@ binds it to the authenticated client); a frame that names another device is refu
 Owned by the edge's loop: paho's network threads call the ``on_*_message`` handlers. The
 control and upload handlers post the payload there and do nothing else. The query handler is
 the hot path: it decodes and checks the query on the network thread, against what the store's
-index and the loader's executors (thread-safe reads) say now, and hands it straight to the
-workers; refusals, and a model whose executor is not made yet, go to the loop.
+index and the loader's chains (thread-safe reads) say now, and hands it straight to the
+workers; refusals, and a model whose chain is not made yet, go to the loop.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from edge_agent.replies import Replies
 from edge_agent.status import StatusReporter
 from edge_agent.store import BlockStore, StoreError
 from edge_agent.threads import EdgeThreads
-from iotoffload.runtime.onnx import OnnxExecutor
+from edge_agent.workers import Chain
 from iotoffload.transport.frame import (
     Announce,
     ErrorCode,
@@ -119,7 +119,7 @@ class InboundRouter:
         checked = self._check_query(h, self._loader.ready(h.model_id))
         if isinstance(checked, ProtocolError):
             post(self._replies.error, checked)
-        elif checked is None:  # the model's executor is made on the loop, first
+        elif checked is None:  # the model's chain is made on the loop, first
             post(self._query, h, body, arrived)
         else:
             self._queries.submit(h, body, arrived, checked)
@@ -221,23 +221,26 @@ class InboundRouter:
                 )
             )
             return
+        why = self._loader.quarantine.reason(h.block_sha256)
+        if why is not None:
+            self._replies.chunk_error(h, ErrorCode.QUARANTINED, f"block {h.block}: {why}")
+            return
         self._loader.chunk(h, body)
 
     def _query(self, h: Query, body: memoryview, arrived: float) -> None:
-        """On the loop: a query of a model without an executor yet (it is made here)."""
+        """On the loop: a query of a model without a chain yet (it is made here)."""
         if self._stopping():
             return
-        checked = self._check_query(h, self._loader.executor(h.model_id))
+        checked = self._check_query(h, self._loader.chain(h.model_id))
         if isinstance(checked, ProtocolError):
             self._replies.error(checked)
         elif checked is not None:
             self._queries.submit(h, body, arrived, checked)
 
-    def _check_query(
-        self, h: Query, ex: OnnxExecutor | None
-    ) -> OnnxExecutor | ProtocolError | None:
-        """Any thread: the executor to run ``h`` on, why it is refused, or None when the model
-        is announced but has no executor yet. Reads only the store's index (thread-safe)."""
+    def _check_query(self, h: Query, ch: Chain | None) -> Chain | ProtocolError | None:
+        """Any thread: the chain to run ``h`` on, why it is refused, or None when the model
+        is announced but has no chain yet. Reads only the store's index and the quarantine's
+        snapshot (thread-safe)."""
 
         def refuse(code: ErrorCode, message: str) -> ProtocolError:
             return ProtocolError(code, message, request_id=h.request_id, device=h.device)
@@ -250,9 +253,21 @@ class InboundRouter:
                 ErrorCode.BAD_RANGE,
                 f"block range [{h.start}, {h.end}) outside [0, {len(a.blocks)})",
             )
+        want = a.blocks[h.start].input
+        if h.tensor.dtype != want.dtype or h.tensor.shape != want.shape:
+            return refuse(
+                ErrorCode.BAD_TENSOR,
+                f"block {h.start} expects {want.dtype}{list(want.shape)}, "
+                f"got {h.tensor.dtype}{list(h.tensor.shape)}",
+            )
+        q = self._loader.quarantine
+        bad = [i for i in range(h.start, h.end) if a.blocks[i].onnx_sha256 in q]
+        if bad:
+            why = q.reason(a.blocks[bad[0]].onnx_sha256)
+            return refuse(ErrorCode.QUARANTINED, f"blocks {bad} are quarantined: {why}")
         missing = [
             i for i in range(h.start, h.end) if not self.store.has_block(a.blocks[i].onnx_sha256)
         ]
         if missing:
             return refuse(ErrorCode.BLOCKS_MISSING, f"blocks {missing} are not uploaded")
-        return ex
+        return ch

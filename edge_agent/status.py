@@ -24,8 +24,10 @@ from edge_agent.threads import EdgeThreads
 from iotoffload import __version__
 from iotoffload.discovery import EdgeAdvertiser
 from iotoffload.transport.mqtt import MqttLink
-from iotoffload.transport.status import EdgeLoad, EdgeStatus, TransferCounts
+from iotoffload.transport.status import EdgeLoad, EdgeStatus, StoreCounts, TransferCounts
 from iotoffload.transport.topics import Topics
+
+MIN_PUBLISH_S = 0.25  # between two retained statuses, whatever happens meanwhile
 
 
 class StatusReporter:
@@ -55,12 +57,17 @@ class StatusReporter:
         self._link = link
         self._broker = broker
         self._stopping = stopping
+        self.quarantined: Callable[[], int] = lambda: 0  # set by the edge: the quarantine's size
         self._task: asyncio.Task[None] | None = None
+        self._last_publish = 0.0
+        self._deferred: asyncio.TimerHandle | None = None
         self._advertiser: EdgeAdvertiser | None = None
 
     def status_json(self, state: Literal["online", "offline"]) -> bytes:
         self._queries.count()
         s = self._stats
+        models = self.store.model_ids()
+        usage = self.store.usage()
         return EdgeStatus(
             state=state,
             edge=self.config.id,
@@ -73,8 +80,14 @@ class StatusReporter:
                 queue_ms=round(s.queue_ms_ewma, 3),
                 exec_ms=round(s.exec_ms_ewma, 3),
             ),
-            models=self.store.model_ids(),
-            blocks=len(self.store.block_digests()),
+            models=models[: self.config.status_max_models],
+            models_total=len(models),
+            blocks=usage.blocks,
+            store=StoreCounts(
+                bytes=usage.bytes + usage.partial_bytes,
+                partial_uploads=usage.partials,
+                quarantined=self.quarantined(),
+            ),
             transfer=TransferCounts(
                 blocks_pushed=self._peers.blocks_pushed, blocks_from_peers=s.blocks_from_peers
             ),
@@ -82,8 +95,30 @@ class StatusReporter:
         ).to_json()
 
     def publish(self) -> None:
+        """Publish the status now, or, within ``MIN_PUBLISH_S`` of the last one, once at the
+        end of that interval: a burst of announces costs subscribers one status, not one
+        each (on the loop)."""
+        if self._deferred is not None:
+            return
+        wait = self._last_publish + MIN_PUBLISH_S - time.monotonic()
+        if wait > 0:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on the loop (before start): nothing to coalesce with
+                loop = None
+            if loop is not None:
+                self._deferred = loop.call_later(wait, self._publish_deferred)
+                return
+        self._publish_now()
+
+    def _publish_deferred(self) -> None:
+        self._deferred = None
+        self._publish_now()
+
+    def _publish_now(self) -> None:
         link = self._link()
         if link and link.connected and not self._stopping():
+            self._last_publish = time.monotonic()
             link.publish(
                 self.topics.edge_status(self.config.id), self.status_json("online"), retain=True
             )
@@ -95,7 +130,10 @@ class StatusReporter:
         self._task = self._threads.spawn(self._run())
 
     async def end(self) -> None:
-        """Stop the status task (on the loop)."""
+        """Stop the status task and any deferred publish (on the loop)."""
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

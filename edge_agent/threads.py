@@ -2,10 +2,12 @@
 threads of its blocking work, whose results come back to the loop.
 
 - ``edge-store``: the block store's one writer (chunks, blocks, models);
-- ``edge-loader``: a completed block is assembled, digest-checked and screened, then its
-  sessions are created and it is profiled (a query never waits behind a 100 MB block);
-- ``edge-worker_N`` (``config.workers``): ONNX Runtime runs of queries;
+- ``edge-loader``: a completed block is assembled, digest-checked and screened, then loaded
+  and profiled in the probe process (a query never waits behind a 100 MB block);
 - ``edge-zeroconf``: advertisement updates.
+
+The query workers (``edge-worker_N``, each driving one ONNX Runtime process) are the
+``QueryQueue``'s own threads.
 """
 
 from __future__ import annotations
@@ -27,15 +29,13 @@ T = TypeVar("T")
 class EdgeThreads:
     """The loop and the pools. Made (``open``) and joined (``shutdown_*``, ``close``) by the
     edge's owner in ``start``/``stop``; ``post`` and ``call`` from any thread; ``spawn`` and
-    the ``on_*`` submits on the loop (``on_worker`` from any thread)."""
+    the ``on_*`` submits on the loop."""
 
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
+    def __init__(self) -> None:
         self.loop: AgentLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._store: ThreadPoolExecutor | None = None
         self._loader: ThreadPoolExecutor | None = None
-        self._worker: ThreadPoolExecutor | None = None
         self._zeroconf: ThreadPoolExecutor | None = None
 
     def open(self) -> AgentLoop:
@@ -44,7 +44,6 @@ class EdgeThreads:
         self.loop = lp = AgentLoop("edge-loop", workers=1)
         self._store = ThreadPoolExecutor(1, thread_name_prefix="edge-store")
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="edge-loader")
-        self._worker = ThreadPoolExecutor(self.workers, thread_name_prefix="edge-worker")
         self._zeroconf = ThreadPoolExecutor(1, thread_name_prefix="edge-zeroconf")
         return lp
 
@@ -53,9 +52,9 @@ class EdgeThreads:
             self._zeroconf.shutdown(wait=True, cancel_futures=True)
 
     def shutdown_pools(self) -> None:
-        """Join the workers, the store and the loader: running jobs finish (and post back);
-        queued ones are dropped."""
-        for pool in (self._worker, self._store, self._loader):
+        """Join the store and the loader: running jobs finish (and post back); queued ones
+        are dropped."""
+        for pool in (self._store, self._loader):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
@@ -64,7 +63,7 @@ class EdgeThreads:
         if self.loop is not None:
             self.loop.close()
         self.loop = None
-        self._store = self._loader = self._worker = self._zeroconf = None
+        self._store = self._loader = self._zeroconf = None
 
     # hopping into the loop ----------------------------------------------------------------
     def post(self, fn: Callable[..., object], *args: Any) -> None:
@@ -103,18 +102,6 @@ class EdgeThreads:
 
     def on_zeroconf(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         return self._submit(self._zeroconf, fn, *args)
-
-    def on_worker(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T] | None:
-        """``fn(*args)`` on a worker, as a plain future (its done callback posts back); None
-        when the edge is stopping. From any thread: the pool's queue is thread-safe (the
-        network threads submit queries here directly)."""
-        pool = self._worker
-        if pool is None:
-            return None
-        try:
-            return pool.submit(fn, *args)
-        except RuntimeError:  # shut down: the edge is stopping
-            return None
 
     @staticmethod
     def _submit(

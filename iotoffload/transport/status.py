@@ -32,6 +32,15 @@ class TransferCounts(_S):
     blocks_from_peers: int = Field(default=0, ge=0)
 
 
+class StoreCounts(_S):
+    """The edge's block store (``models`` above lists at most the edge's
+    ``status_max_models``; ``models_total`` says how many there are)."""
+
+    bytes: int = Field(default=0, ge=0)  # stored blocks and partial uploads
+    partial_uploads: int = Field(default=0, ge=0)
+    quarantined: int = Field(default=0, ge=0)  # blocks that broke a limit: refused for good
+
+
 class EdgeStatus(_S):
     state: Literal["online", "offline"]
     edge: str = Field(pattern=ID_PATTERN)
@@ -39,8 +48,10 @@ class EdgeStatus(_S):
     broker: str = Field(default="", max_length=256)  # where the edge listens (for a device to move)
     protocol: int = 5
     load: EdgeLoad = EdgeLoad()
-    models: list[str] = []
+    models: list[str] = []  # at most the edge's status_max_models (see models_total)
+    models_total: int = Field(default=0, ge=0)
     blocks: int = Field(default=0, ge=0)
+    store: StoreCounts = StoreCounts()
     transfer: TransferCounts = TransferCounts()
     providers: list[str] = ["CPUExecutionProvider"]
     time: float = 0.0

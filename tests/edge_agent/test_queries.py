@@ -69,7 +69,7 @@ def test_stats_hammered_from_many_threads_lose_nothing(harness: Harness) -> None
     """Messages handed to the edge's handlers from 8 threads at once, as paho threads would:
     queries and refusals counted on the loop, none lost."""
     model = tiny_model(2)
-    edge = harness.edge(workers=4)
+    edge = harness.edge(workers=4, queue_per_device=2000, queue_total=2000)  # none is busy
     dev = harness.client()
     dev.control(model.announce(dev.device))
     dev.inventory()
@@ -145,7 +145,7 @@ def test_results_not_yet_counted_stay_bounded_without_status_reads(harness: Harn
     """A flood of queries on an edge whose loop never reads its counters (no status task
     tick): the results waiting to be counted stay below COUNT_EVERY, and none is lost."""
     model = tiny_model()
-    edge = harness.edge(status_interval=3600.0)
+    edge = harness.edge(status_interval=3600.0, queue_per_device=1000, queue_total=1000)
     dev = harness.client()
     dev.control(model.announce(dev.device))
     dev.inventory()

@@ -1,0 +1,155 @@
+"""The inside of an ONNX Runtime worker process: uploaded blocks are loaded, profiled and run
+here, never in the edge's own process, under an address-space cap (RLIMIT_AS) set before the
+first session exists. The parent (``edge_agent.workers.WorkerProcess``) kills this process
+when a run exceeds its time limit, and sees it die when a block breaks it.
+
+Messages are tuples on a ``multiprocessing`` connection; tensors travel through a shared
+memory file both sides map (``map``), so a query's tensor costs one copy in and none out:
+
+    ("map", path, size)                       -> ("ok",)
+    ("define", key, [(path, in, out), ...])   -> ("ok",)      in/out: (dtype, shape)
+    ("load", key, [index, ...], profile)      -> ("ok", ms | None)
+    ("run", key, start, end, out_offset)      -> ("ok", out_nbytes, [seconds per block])
+    any of them may answer ("error", kind, message, block): kind "memory" (the cap was hit),
+    "input" (a tensor the block does not take) or "runtime" (ONNX Runtime refused it).
+
+Before each block runs, its index is written at offset 0 of the shared file (``CURRENT``):
+after a kill or a crash the parent reads which block was running.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import resource
+import signal
+import struct
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from iotoffload.model.manifest import TensorSpec
+from iotoffload.runtime.base import BlockFile, BlockRangeError, RuntimeInputError
+from iotoffload.runtime.onnx import OnnxExecutor
+
+CURRENT = struct.Struct("<q")  # the block running now (-1: none), at offset 0
+HEADER_BYTES = 64  # the input tensor starts here
+
+
+def _kind(e: BaseException) -> str:
+    if isinstance(e, RuntimeInputError | BlockRangeError):
+        return "input"
+    msg = str(e).lower()
+    if isinstance(e, MemoryError) or "alloc" in msg or "out of memory" in msg:
+        return "memory"
+    return "runtime"
+
+
+class _Worker:
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.mm: mmap.mmap | None = None
+        self.chains: dict[str, OnnxExecutor] = {}
+        self.block = -1
+
+    def set_block(self, i: int) -> None:
+        self.block = i
+        if self.mm is not None:
+            CURRENT.pack_into(self.mm, 0, i)
+
+    def handle(self, m: tuple[Any, ...]) -> tuple[Any, ...]:
+        op = m[0]
+        if op == "map":
+            _, path, size = m
+            fd = os.open(path, os.O_RDWR)
+            try:
+                mm = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+            if self.mm is not None:
+                self.mm.close()
+            self.mm = mm
+            return ("ok",)
+        if op == "define":
+            _, key, files = m
+            blocks = [
+                BlockFile(
+                    Path(p),
+                    TensorSpec(name="x", dtype=i[0], shape=tuple(i[1])),
+                    TensorSpec(name="y", dtype=o[0], shape=tuple(o[1])),
+                )
+                for p, i, o in files
+            ]
+            self.chains[key] = OnnxExecutor(blocks, threads=self.threads)
+            return ("ok",)
+        if op == "forget":  # the probe: its sessions are not needed once a block passed
+            self.chains.pop(m[1], None)
+            return ("ok",)
+        if op == "load":
+            _, key, indices, profile = m
+            ex = self.chains[key]
+            for i in indices:
+                self.set_block(i)
+                ex.load(i)
+            ms = None
+            if profile:
+                i = indices[0]
+                b = ex.blocks[i]
+                x = np.zeros(b.input.shape, b.input.dtype)
+                self.set_block(i)
+                times = [ex.run_timed(i, i + 1, x)[1][0] for _ in range(3)]
+                ms = float(np.median(times)) * 1e3
+            self.set_block(-1)
+            return ("ok", ms)
+        if op == "run":
+            _, key, start, end, out_offset = m
+            ex = self.chains[key]
+            assert self.mm is not None
+            ex.check_range(start, end)
+            spec = ex.blocks[start].input
+            count = int(np.prod(spec.shape))
+            y: np.ndarray[Any, Any] = np.frombuffer(
+                self.mm, np.dtype(spec.dtype), count, HEADER_BYTES
+            ).reshape(spec.shape)
+            times = []
+            for i in range(start, end):  # one block at a time: CURRENT names the culprit
+                self.set_block(i)
+                y, t = ex.run_timed(i, i + 1, y)
+                times.extend(t)
+            self.set_block(-1)
+            out = np.ascontiguousarray(y)
+            want = ex.blocks[end - 1].output
+            if out.dtype != np.dtype(want.dtype):
+                raise RuntimeError(f"block {end - 1} returned {out.dtype}, not {want.dtype}")
+            n = out.nbytes
+            if out_offset + n > len(self.mm):
+                raise RuntimeInputError(f"output of {n} bytes does not fit the shared buffer")
+            self.mm[out_offset : out_offset + n] = out.data.cast("B")
+            return ("ok", n, times)
+        raise ValueError(f"unknown worker message {op!r}")
+
+
+def main(conn: Connection, memory_bytes: int, threads: int) -> None:
+    """The worker process's entry point (started by ``WorkerProcess``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the edge's to handle
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    w = _Worker(threads)
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            m = conn.recv()
+        except (EOFError, OSError):  # the edge is gone
+            return
+        if m is None:
+            return
+        try:
+            reply = w.handle(m)
+        except BaseException as e:
+            reply = ("error", _kind(e), f"{type(e).__name__}: {e}"[:2000], w.block)
+            w.set_block(-1)
+        try:
+            conn.send(reply)
+        except (EOFError, OSError):
+            return

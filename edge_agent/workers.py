@@ -1,0 +1,277 @@
+"""Uploaded blocks run contained: each ``WorkerProcess`` is one ONNX Runtime process of the
+edge's (``edge_agent._worker_main``) with an address-space cap, and every call to it has a
+time limit. A call past its limit kills the process; a process that dies names the block it
+was running. Either way the caller learns which block did it (``BlockFaultError``) and the next
+call starts a fresh process: nothing else of the edge is touched.
+
+Processes come from a ``forkserver`` that has imported numpy and ONNX Runtime once, so a
+(re)start costs ~10 ms, not a Python start-up. Tensors cross through a shared memory file in
+``/dev/shm`` both sides map (unlinked as soon as both have it open): a query's input is
+copied in once, its output read where the worker wrote it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import multiprocessing
+import multiprocessing.connection
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.context import ForkServerContext
+from pathlib import Path
+from typing import Any
+
+from edge_agent import _worker_main
+from iotoffload.model.manifest import tensor_nbytes
+from iotoffload.runtime.base import BlockFile
+
+log = logging.getLogger(__name__)
+START_TIMEOUT_S = 30.0
+_MIN_SHM = 1 << 20
+_ctx_lock = threading.Lock()
+_ctx: ForkServerContext | None = None
+_names = iter(range(1 << 62))
+
+
+def _context() -> ForkServerContext:
+    global _ctx
+    with _ctx_lock:
+        if _ctx is None:
+            ctx = multiprocessing.get_context("forkserver")
+            assert isinstance(ctx, ForkServerContext)
+            # "__main__" first: the children then skip re-importing the main module each
+            ctx.set_forkserver_preload(
+                ["__main__", "numpy", "onnxruntime", "edge_agent._worker_main"]
+            )
+            _ctx = ctx
+        return _ctx
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A model as a worker runs it: its id and its blocks' files and tensors."""
+
+    model_id: str
+    files: tuple[BlockFile, ...]
+    digests: tuple[str, ...]  # each block's sha256 (what a quarantine names)
+
+    def wire(self) -> list[tuple[str, tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...]]]]:
+        return [
+            (str(b.path), (b.input.dtype, b.input.shape), (b.output.dtype, b.output.shape))
+            for b in self.files
+        ]
+
+
+class BlockFaultError(Exception):
+    """A block broke its limits: ``kind`` is ``memory`` (the cap), ``time`` (the run limit) or
+    ``crash`` (the worker died running it); ``block`` its index in the chain (None when the
+    worker died outside any block). The block is to be quarantined."""
+
+    def __init__(self, kind: str, block: int | None, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.block = block
+
+
+class BlockRunError(Exception):
+    """A run the worker refused (``kind`` ``input`` or ``runtime``): the query's fault or
+    ONNX Runtime's, not a reason to quarantine anything."""
+
+    def __init__(self, kind: str, block: int | None, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.block = block
+
+
+class WorkerProcess:
+    """One sandboxed ONNX Runtime process. Used by one thread at a time (its owner: a query
+    worker thread, or the loader); started on first use and again after a fault."""
+
+    def __init__(self, name: str, *, memory_bytes: int, threads: int = 1) -> None:
+        self.name = name
+        self.memory_bytes = memory_bytes
+        self.threads = threads
+        self.restarts = 0  # processes started after the first
+        self._proc: Any = None
+        self._conn: multiprocessing.connection.Connection | None = None
+        self._mm: mmap.mmap | None = None
+        self._defined: set[str] = set()  # chains the running process knows
+        self._loaded: set[tuple[str, int]] = set()  # (model id, block) with a session there
+        self._started = 0
+
+    @property
+    def pid(self) -> int | None:
+        p = self._proc
+        return p.pid if p is not None and p.is_alive() else None
+
+    # lifecycle ----------------------------------------------------------------------------
+    def _start(self) -> None:
+        ctx = _context()
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=_worker_main.main,
+            args=(child, self.memory_bytes, self.threads),
+            name=self.name,
+            daemon=True,
+        )
+        proc.start()
+        child.close()  # ours closed: the process's death is an EOF here
+        self._proc, self._conn = proc, parent
+        self._defined, self._loaded = set(), set()
+        if self._started:
+            self.restarts += 1
+        self._started += 1
+        try:
+            if not parent.poll(START_TIMEOUT_S):
+                raise BlockFaultError("crash", None, "the worker did not start")
+            parent.recv()
+            self._map(_MIN_SHM)
+        except (EOFError, OSError) as e:
+            self._reap()
+            raise BlockFaultError("crash", None, f"the worker died at start: {e}") from e
+
+    def _map(self, size: int) -> None:
+        """A new shared file of ``size`` bytes, mapped here and in the worker."""
+        base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        path = base / f"iotoffload-{os.getpid()}-{next(_names)}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        try:
+            self._ask(("map", str(path), size), START_TIMEOUT_S)
+        finally:
+            path.unlink(missing_ok=True)  # both have it open: nothing to leak on a crash
+        self._unmap()
+        self._mm = mm
+
+    def _unmap(self) -> None:
+        if self._mm is not None:
+            with contextlib.suppress(BufferError):  # a view still out: freed with it
+                self._mm.close()
+            self._mm = None
+
+    def _reap(self) -> None:
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        self._defined, self._loaded = set(), set()
+        if conn is not None:
+            conn.close()
+        if proc is not None:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+            with contextlib.suppress(ValueError):
+                proc.close()
+
+    def close(self) -> None:
+        """Stop the process (asked, then killed) and unmap the shared file."""
+        conn, proc = self._conn, self._proc
+        if conn is not None and proc is not None and proc.is_alive():
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(None)
+            proc.join(2)
+        self._reap()
+        self._unmap()
+
+    # calls --------------------------------------------------------------------------------
+    def _current_block(self) -> int | None:
+        if self._mm is None:
+            return None
+        i = int(_worker_main.CURRENT.unpack_from(self._mm, 0)[0])
+        return i if i >= 0 else None
+
+    def _ask(self, msg: tuple[Any, ...], timeout: float) -> tuple[Any, ...]:
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.send(msg)
+            if not conn.poll(timeout):
+                block = self._current_block()
+                self._reap()
+                raise BlockFaultError("time", block, f"no answer within {timeout:g} s: killed")
+            reply: tuple[Any, ...] = conn.recv()
+        except (EOFError, OSError) as e:
+            block = self._current_block()
+            code = self._exitcode()
+            self._reap()
+            raise BlockFaultError("crash", block, f"the worker died ({code})") from e
+        if reply[0] == "error":
+            _, kind, message, block = reply
+            block = block if isinstance(block, int) and block >= 0 else None
+            if kind == "memory":
+                self._reap()  # its heap is suspect: the next call gets a fresh process
+                raise BlockFaultError("memory", block, message)
+            raise BlockRunError(kind, block, message)
+        return reply
+
+    def _exitcode(self) -> str:
+        p = self._proc
+        if p is None:
+            return "gone"
+        p.join(2)
+        code = p.exitcode
+        if code is not None and code < 0:
+            return f"killed by signal {-code}"
+        return f"exit code {code}"
+
+    def _ready(self, chain: Chain, timeout: float) -> None:
+        if self._proc is None or not self._proc.is_alive():
+            if self._proc is not None:
+                self._reap()
+            self._start()
+        if chain.model_id not in self._defined:
+            self._ask(("define", chain.model_id, chain.wire()), timeout)
+            self._defined.add(chain.model_id)
+
+    def load(
+        self, chain: Chain, indices: Sequence[int], *, profile: bool, timeout: float
+    ) -> float | None:
+        """Create the sessions of ``indices``; with ``profile``, the first one's unloaded time
+        (median of 3 runs on zeros, ms). Raises BlockFaultError, BlockRunError."""
+        self._ready(chain, timeout)
+        reply = self._ask(("load", chain.model_id, list(indices), profile), timeout)
+        self._loaded.update((chain.model_id, i) for i in indices)
+        ms = reply[1]
+        return float(ms) if ms is not None else None
+
+    def loaded(self, model_id: str, start: int, end: int) -> bool:
+        """Whether the running process has the sessions of blocks ``[start, end)``."""
+        return all((model_id, i) in self._loaded for i in range(start, end))
+
+    def forget(self, model_id: str) -> None:
+        """Drop a chain's sessions in the process (the probe, after a block passed)."""
+        if self._conn is not None and model_id in self._defined:
+            self._ask(("forget", model_id), START_TIMEOUT_S)
+            self._defined.discard(model_id)
+            self._loaded = {k for k in self._loaded if k[0] != model_id}
+
+    def run(
+        self, chain: Chain, start: int, end: int, x: bytes | memoryview, *, timeout: float
+    ) -> tuple[memoryview, list[float]]:
+        """Run blocks ``[start, end)`` on the tensor bytes ``x`` (block ``start``'s input);
+        the output bytes (a view of the shared file, valid until the next call) and each
+        block's seconds. Raises BlockFaultError, BlockRunError."""
+        self._ready(chain, timeout)
+        out_spec = chain.files[end - 1].output
+        head = _worker_main.HEADER_BYTES
+        out_offset = head + -(-len(x) // 64) * 64
+        need = out_offset + tensor_nbytes(out_spec.dtype, out_spec.shape)
+        mm = self._mm
+        assert mm is not None
+        if need > len(mm):
+            self._map(max(need, 2 * len(mm)))
+            mm = self._mm
+            assert mm is not None
+        mm[head : head + len(x)] = x
+        reply = self._ask(("run", chain.model_id, start, end, out_offset), timeout)
+        self._loaded.update((chain.model_id, i) for i in range(start, end))
+        _, n, times = reply
+        return memoryview(mm)[out_offset : out_offset + int(n)], [float(t) for t in times]

@@ -1,0 +1,195 @@
+"""The sandbox on real worker processes and real ONNX Runtime: a block over the memory cap,
+a run past its time limit and a worker that dies are each a ``BlockFaultError`` naming the
+block; the next call gets a fresh process that serves the rest."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_agent.workers import BlockFaultError, BlockRunError, Chain, WorkerProcess
+from iotoffload.model.manifest import TensorSpec
+from iotoffload.runtime.base import BlockFile
+
+X4 = TensorSpec(name="x", shape=(1, 4))
+
+
+def _save(
+    path: Path,
+    nodes: list[object],
+    inputs: list[object],
+    outputs: list[object],
+    inits: list[object] | None = None,
+) -> Path:
+    g = helper.make_graph(nodes, path.stem, inputs, outputs, inits or [])  # type: ignore[arg-type]
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
+def _add(path: Path, k: float, shape: tuple[int, ...] = (1, 4)) -> Path:
+    c = numpy_helper.from_array(np.full(shape, k, np.float32), "c")
+    return _save(
+        path,
+        [helper.make_node("Add", ["x", "c"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+        [c],
+    )
+
+
+def _expand_bomb(path: Path) -> Path:
+    """x (1,4) -> Expand to (2^29, 4) floats (8 GiB) -> ReduceMean back to (1, 4)."""
+    s = numpy_helper.from_array(np.array([1 << 29, 4], np.int64), "s")
+    return _save(
+        path,
+        [
+            helper.make_node("Expand", ["x", "s"], ["e"]),
+            helper.make_node("ReduceMean", ["e"], ["y"], axes=[0], keepdims=1),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [s],
+    )
+
+
+def _endless_loop(path: Path) -> Path:
+    """A Loop of 2^62 iterations adding 1 to x."""
+    one = numpy_helper.from_array(np.ones((1, 4), np.float32), "one")
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 4]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 4]),
+        ],
+        [one],
+    )
+    m = numpy_helper.from_array(np.array(1 << 62, np.int64), "m")
+    c = numpy_helper.from_array(np.array(True), "c")
+    return _save(
+        path,
+        [helper.make_node("Loop", ["m", "c", "x"], ["y"], body=body)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [m, c],
+    )
+
+
+def _chain(model_id: str, *paths: Path) -> Chain:
+    return Chain(model_id, tuple(BlockFile(p, X4, X4) for p in paths), tuple(p.stem for p in paths))
+
+
+@pytest.fixture
+def worker() -> Iterator[WorkerProcess]:
+    w = WorkerProcess("test-worker", memory_bytes=1536 << 20)
+    yield w
+    w.close()
+
+
+def _x() -> bytes:
+    return np.arange(4, dtype=np.float32).reshape(1, 4).tobytes()
+
+
+def test_runs_a_chain_through_shared_memory(tmp_path: Path, worker: WorkerProcess) -> None:
+    ch = _chain("m", _add(tmp_path / "a.onnx", 1.0), _add(tmp_path / "b.onnx", 2.0))
+    assert worker.load(ch, [0, 1], profile=True, timeout=30) is not None
+    out, times = worker.run(ch, 0, 2, _x(), timeout=30)
+    assert np.frombuffer(out, np.float32).tolist() == [3.0, 4.0, 5.0, 6.0]
+    assert len(times) == 2
+    out.release()
+    out, _ = worker.run(ch, 1, 2, _x(), timeout=30)
+    assert np.frombuffer(out, np.float32).tolist() == [2.0, 3.0, 4.0, 5.0]
+    out.release()
+    assert worker.restarts == 0
+
+
+def test_a_tensor_larger_than_the_buffer_grows_it(tmp_path: Path, worker: WorkerProcess) -> None:
+    big = TensorSpec(name="x", shape=(1, 1 << 19))  # 2 MiB in and out: over the first 1 MiB
+    p = _add(tmp_path / "big.onnx", 1.0, (1, 1 << 19))
+    ch = Chain("big", (BlockFile(p, big, big),), ("big",))
+    x = np.ones((1, 1 << 19), np.float32)
+    out, _ = worker.run(ch, 0, 1, x.tobytes(), timeout=30)
+    assert np.array_equal(np.frombuffer(out, np.float32), np.full(1 << 19, 2.0, np.float32))
+    out.release()
+
+
+def test_memory_bomb_is_a_fault_and_the_next_call_is_served(
+    tmp_path: Path, worker: WorkerProcess
+) -> None:
+    good = _chain("good", _add(tmp_path / "a.onnx", 1.0))
+    bomb = _chain("bomb", _add(tmp_path / "ok.onnx", 5.0), _expand_bomb(tmp_path / "bomb.onnx"))
+    worker.load(good, [0], profile=False, timeout=30)
+    with pytest.raises(BlockFaultError) as e:
+        worker.run(bomb, 0, 2, _x(), timeout=30)
+    assert e.value.kind == "memory" and e.value.block == 1
+    out, _ = worker.run(good, 0, 1, _x(), timeout=30)  # a fresh process: sessions remade
+    assert np.frombuffer(out, np.float32).tolist() == [1.0, 2.0, 3.0, 4.0]
+    out.release()
+    assert worker.restarts == 1
+
+
+def test_endless_loop_is_killed_at_the_time_limit(tmp_path: Path, worker: WorkerProcess) -> None:
+    ch = _chain("loop", _add(tmp_path / "a.onnx", 1.0), _endless_loop(tmp_path / "loop.onnx"))
+    worker.load(ch, [0, 1], profile=False, timeout=30)
+    pid = worker.pid
+    t0 = time.monotonic()
+    with pytest.raises(BlockFaultError) as e:
+        worker.run(ch, 0, 2, _x(), timeout=1.0)
+    assert e.value.kind == "time" and e.value.block == 1
+    assert time.monotonic() - t0 < 20  # bounded, not endless
+    assert pid is not None and not _alive(pid)
+    out, _ = worker.run(ch, 0, 1, _x(), timeout=30)
+    out.release()
+    assert worker.pid != pid
+
+
+def test_a_worker_that_dies_names_the_block(tmp_path: Path, worker: WorkerProcess) -> None:
+    ch = _chain("loop", _endless_loop(tmp_path / "loop.onnx"))
+    worker.load(ch, [0], profile=False, timeout=30)
+    pid = worker.pid
+    assert pid is not None
+    killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
+    killer.start()
+    try:
+        with pytest.raises(BlockFaultError) as e:
+            worker.run(ch, 0, 1, _x(), timeout=60)
+    finally:
+        killer.join()
+    assert e.value.kind == "crash" and e.value.block == 0
+    assert "signal 9" in str(e.value)
+
+
+def test_a_block_onnx_runtime_refuses_is_a_run_error(tmp_path: Path, worker: WorkerProcess) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a protobuf at all")
+    with pytest.raises(BlockRunError) as e:
+        worker.load(_chain("bad", bad), [0], profile=False, timeout=30)
+    assert e.value.kind == "runtime"
+    assert worker.restarts == 0  # the process lives on
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
