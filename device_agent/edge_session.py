@@ -43,6 +43,10 @@ Progress = Callable[[int, int], None]
 MISS_WINDOW_S = 30.0  # deadline misses older than this no longer count toward a move
 
 
+# errors that answer an announce: the edge will not take the model as it is
+_REFUSES_MODEL = frozenset({ErrorCode.UNSIGNED, ErrorCode.INVALID_MODEL, ErrorCode.QUOTA})
+
+
 class _Signal:
     """Wakes every coroutine waiting for 'something changed' (acks, inventory, queries)."""
 
@@ -94,6 +98,7 @@ class EdgeSession:
         self.online = True
         self.announced = False
         self.known = False  # the edge has my model's chain
+        self.refused: str | None = None  # why the edge refused my announce (last one)
         self._edge_base: dict[int, float] = {}
         self.stored: frozenset[int] = frozenset()
         self._loaded: frozenset[int] = frozenset()
@@ -185,8 +190,15 @@ class EdgeSession:
         )
         t0 = time.perf_counter()
         seen = self._inventory_count
+        self.refused = None
         self.link.publish(self.topics.edge_control(self.edge_id, self.device_id), encode(announce))
-        if not await self._changed.wait_for(lambda: self._inventory_count > seen, timeout):
+        answered = await self._changed.wait_for(
+            lambda: self._inventory_count > seen or self.refused is not None, timeout
+        )
+        if self.refused is not None:  # the edge will not take this model: no use waiting
+            log.warning("edge %s refused the model: %s", self.edge_id, self.refused)
+            return None
+        if not answered:
             log.warning("edge %s did not answer the announce", self.edge_id)
             return None
         self.announced = True
@@ -301,6 +313,8 @@ class EdgeSession:
             else:  # the peer will not push this block: send it myself
                 self.peer_failed = self.peer_failed | {h.block}
             log.info("transfer to %s: %s", self.edge_id, h.message)
+        elif h.block is None and h.request_id is None and h.code in _REFUSES_MODEL:
+            self.refused = f"{h.code}: {h.message}"
         elif h.block is not None:
             block = h.block
             self._unacked = {u for u in self._unacked if u[0] != block}

@@ -31,7 +31,14 @@ from iotoffload.model.package import ModelPackage
 from iotoffload.planning import Estimates, Plan, Planner, single_split_plan
 from iotoffload.runtime.base import Array
 from iotoffload.runtime.tflite import TFLiteExecutor
-from iotoffload.transport.frame import Error, Query, Result, encode_tensor_frame, tensor_of
+from iotoffload.transport.frame import (
+    Error,
+    ErrorCode,
+    Query,
+    Result,
+    encode_tensor_frame,
+    tensor_of,
+)
 from iotoffload.transport.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -171,8 +178,18 @@ class PendingReplies:
         self._finish(h.request_id, h, arrived)
 
     def on_error(self, h: Error) -> bool:
-        """True when the error answered a pending query."""
-        return h.request_id is not None and self.resolve(h.request_id, h)
+        """True when the error answered a pending query. ``busy``: the query finishes
+        locally and the edge's queueing estimate rises toward its retry hint, so the next
+        plans lean on the device until the edge has room."""
+        if h.request_id is None:
+            return False
+        p = self._pending.get(h.request_id)
+        if not self.resolve(h.request_id, h):
+            return False
+        if p is not None and h.code == ErrorCode.BUSY:
+            wait = h.retry_ms if h.retry_ms is not None else p.deadline_ms
+            p.session.observe(lambda e: e.observe_busy(wait))
+        return True
 
     def release(self, edge: str) -> None:
         """An edge went offline: queries waiting on it finish locally at once."""

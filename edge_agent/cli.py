@@ -14,6 +14,7 @@ import typer
 from broker.embedded import EmbeddedBroker, InsecureBindError
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
+from edge_agent.trust import ModelTrust
 from iotoffload.cli._console import console, err_console
 from iotoffload.cli._security import (
     CaFile,
@@ -60,6 +61,31 @@ def start(
     ] = False,
     protocol: Annotated[int | None, typer.Option(help="MQTT 5 or 311.")] = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads per query.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Queries run in parallel, each worker its own ONNX Runtime process."),
+    ] = None,
+    worker_memory_mb: Annotated[
+        int | None,
+        typer.Option(
+            help="Address-space cap of each worker process (MiB); a block over it is "
+            "quarantined. Default: 3072.",
+        ),
+    ] = None,
+    require_signed: Annotated[
+        bool | None,
+        typer.Option(
+            "--require-signed/--no-require-signed",
+            help="Serve only models signed (`iotoffload model sign`) by a --trusted-key.",
+        ),
+    ] = None,
+    trusted_key: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="An ed25519 public key (PEM, from `iotoffload model keygen`) whose signed "
+            "models this edge serves (repeatable).",
+        ),
+    ] = None,
     peer_broker: Annotated[
         list[str] | None,
         typer.Option(
@@ -85,7 +111,9 @@ def start(
     """Start the edge agent and serve until Ctrl-C (or SIGTERM).
 
     A secured broker: --broker mqtts://HOST:8883 with --ca-file, and --username with
-    --password-file, or --cert-file/--key-file (or the \\[mqtt] table of --config)."""
+    --password-file, or --cert-file/--key-file (or the \\[mqtt] table of --config).
+    Every hardening limit (worker memory and time, screening caps, store quotas, queue
+    bounds, deadline cap) is a key of the \\[edge] table: README "Hardening"."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         stream=sys.stderr,
@@ -102,9 +130,14 @@ def start(
             advertise=False if no_advertise else None,
             protocol=protocol,
             threads=threads,
+            workers=workers,
+            worker_memory_mb=worker_memory_mb,
             peer_brokers=peer_broker or None,
             peer_edges=peer_edge or None,
+            require_signed=require_signed,
+            trusted_keys=trusted_key or None,
         )
+        ModelTrust.from_config(cfg)  # a missing or bad trusted key: a config error, now
         security = load_security(
             config,
             ca_file=ca_file,

@@ -223,7 +223,8 @@ class InboundRouter:
             return
         why = self._loader.quarantine.reason(h.block_sha256)
         if why is not None:
-            self._replies.chunk_error(h, ErrorCode.QUARANTINED, f"block {h.block}: {why}")
+            msg = f"block {h.block} is quarantined: {why}"
+            self._replies.chunk_error(h, ErrorCode.QUARANTINED, msg)
             return
         self._loader.chunk(h, body)
 

@@ -1,4 +1,4 @@
-"""``iotoffload model …``: prepare, list, show, verify and run model packages."""
+"""``iotoffload model …``: prepare, list, show, verify, sign and run model packages."""
 
 from __future__ import annotations
 
@@ -20,12 +20,23 @@ from iotoffload.model.cuts import CUT_POLICIES
 from iotoffload.model.errors import ModelError
 from iotoffload.model.package import ModelPackage
 from iotoffload.model.preprocess import load_input, top_k
+from iotoffload.model.signing import (
+    KEY_NAME,
+    SIGNATURE_NAME,
+    check_package,
+    fingerprint,
+    load_private_key,
+    sign_package,
+    write_keypair,
+)
 from iotoffload.model.verify import DEFAULT_TOLERANCE, verify_package
 from iotoffload.runtime.onnx import OnnxExecutor
 from iotoffload.runtime.tflite import TFLiteExecutor
 
 app = typer.Typer(
-    help="Prepare, inspect and run model packages.", no_args_is_help=True, add_completion=False
+    help="Prepare, inspect, sign and run model packages.",
+    no_args_is_help=True,
+    add_completion=False,
 )
 
 CacheOpt = Annotated[
@@ -79,6 +90,14 @@ def _describe(pkg: ModelPackage) -> None:
             f"verified: worst split k={v.worst_split} differs from the {v.reference} by "
             f"{v.max_rel_error:.2e} relative (tolerance {v.tolerance:g})"
         )
+    state = check_package(pkg)
+    if state.signature is None and state.problem is None:
+        console.print("unsigned")
+    elif state.signature is not None and state.problem is None:
+        console.print(f"[green]signed[/] by {state.signature.signer} ({SIGNATURE_NAME})")
+    else:
+        who = f" by {state.signature.signer}" if state.signature else ""
+        console.print(f"[bold red]signature{who} is not valid:[/] {state.problem}")
 
 
 @app.command()
@@ -282,6 +301,44 @@ def verify(
     console.print(
         f"[green]ok[/]: {pkg.num_blocks + 1} splits, worst k={v.worst_split} at "
         f"{v.max_rel_error:.2e} relative (tolerance {tolerance:g})"
+    )
+
+
+@app.command()
+@user_errors
+def keygen(
+    out: Annotated[Path, typer.Option(help="Directory for the key pair.")],
+    name: Annotated[
+        str, typer.Option(help="File name stem: NAME.pem (private) and NAME.pub.pem.")
+    ] = KEY_NAME,
+    force: Annotated[bool, typer.Option(help="Replace an existing key pair.")] = False,
+) -> None:
+    """Make an ed25519 key pair for signing packages: NAME.pem is the secret (mode 0600: keep
+    it off the edges), NAME.pub.pem goes into each edge's trusted_keys."""
+    private, public = write_keypair(out, name, force=force)
+    fp = fingerprint(load_private_key(private).public_key())
+    console.print(f"private key {private} (keep it secret)")
+    console.print(f"public key  {public} (an edge's trusted_keys)")
+    console.print(f"fingerprint {fp}")
+
+
+@app.command()
+@user_errors
+def sign(
+    name: Annotated[str, typer.Argument(help="Package name (in the cache) or directory.")],
+    key: Annotated[
+        Path, typer.Option(help="The ed25519 private key (PEM) from `iotoffload model keygen`.")
+    ],
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Sign a package (checks every block file's digest first): writes signature.json next to
+    its manifest, so edges with require_signed that trust the key serve it."""
+    private = load_private_key(key)  # a bad key fails before the package is read
+    pkg = _cache(cache_dir).resolve(name, build=False)
+    sig = sign_package(pkg, private)
+    console.print(
+        f"signed {pkg.name} (model_id {pkg.manifest.model_id[:16]}…) as {sig.signer} → "
+        f"{pkg.root / SIGNATURE_NAME}"
     )
 
 

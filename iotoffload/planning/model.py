@@ -86,6 +86,11 @@ class Estimates:
         queueing estimate toward the deadline so the next plans lean on the device."""
         return self._toward("queue_ms", max(deadline_ms, 0.0))
 
+    def observe_busy(self, retry_ms: float) -> Estimates:
+        """The edge refused a query for a full queue and expects room in ``retry_ms``: a
+        query sent now would wait about that long."""
+        return self._toward("queue_ms", max(retry_ms, 0.0))
+
     def observe_status(self, queue_ms: float) -> Estimates:
         """The edge's periodic status: lets a device that stopped offloading (and so gets no
         replies) see the load go away again."""

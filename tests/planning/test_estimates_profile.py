@@ -28,6 +28,16 @@ def test_estimates_follow_observations() -> None:
     assert small.bandwidth_Bps == 1e6
 
 
+def test_a_busy_edge_raises_the_queue_estimate_toward_its_retry_hint() -> None:
+    e = Estimates(bandwidth_Bps=1e6, rtt_ms=10.0, queue_ms=0.0)
+    once = e.observe_busy(400.0)
+    assert once.queue_ms == pytest.approx(e.alpha * 400.0)  # one EWMA step toward the hint
+    for _ in range(60):
+        e = e.observe_busy(400.0)
+    assert e.queue_ms == pytest.approx(400.0, rel=0.01)
+    assert e.observe_busy(float("nan")).queue_ms == e.queue_ms  # a poisoned hint is ignored
+
+
 def test_device_profile_is_measured_once_and_cached(
     mobilenet: ModelPackage, tmp_path: Path
 ) -> None:
