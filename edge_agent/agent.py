@@ -29,8 +29,10 @@ into the loop and wait for its answer). ``start`` starts every thread and ``stop
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 from pathlib import Path
 
@@ -42,10 +44,10 @@ from edge_agent.quarantine import Quarantine
 from edge_agent.queries import QueryQueue, WorkerLimits
 from edge_agent.replies import Replies
 from edge_agent.routing import InboundRouter
-from edge_agent.screen import screen_onnx
+from edge_agent.screen import ScreenLimits, screen_onnx
 from edge_agent.stats import EdgeStats
 from edge_agent.status import StatusReporter
-from edge_agent.store import BlockStore
+from edge_agent.store import BlockStore, StoreLimits
 from edge_agent.threads import EdgeThreads
 from edge_agent.trust import ModelTrust
 from edge_agent.workers import Chain, WorkerProcess
@@ -71,7 +73,25 @@ class EdgeAgent:
         self.security = security if security is not None else MqttSecurity()
         self.topics = Topics(config.prefix)
         self.store = BlockStore(
-            config.store, max_block_bytes=config.max_block_bytes, screen=screen_onnx
+            config.store,
+            max_block_bytes=config.max_block_bytes,
+            screen=functools.partial(
+                screen_onnx,
+                limits=ScreenLimits(
+                    max_bytes=config.max_block_bytes,
+                    max_tensor_bytes=config.max_tensor_bytes,
+                    max_total_bytes=max(config.max_tensor_bytes, ScreenLimits.max_total_bytes),
+                    max_loop_iterations=config.max_loop_iterations,
+                ),
+            ),
+            limits=StoreLimits(
+                store_max_bytes=config.store_max_bytes,
+                device_max_bytes=config.device_max_bytes,
+                device_max_models=config.device_max_models,
+                max_chunks=config.max_chunks,
+                partial_expiry_s=config.partial_expiry_s,
+            ),
+            in_use=lambda: self.loader.in_use(),
         )
         self.link: MqttLink | None = None
         self.broker_url = config.broker or ""
@@ -221,6 +241,22 @@ class EdgeAgent:
 
     async def _begin(self) -> None:
         self.status.begin()
+        self.threads.spawn(self._housekeeping())
+
+    async def _housekeeping(self) -> None:
+        """On the loop until stop: expire partial uploads (and save the models' last use)
+        on the store thread, a few times per expiry period."""
+        every = max(1.0, min(60.0, self.config.partial_expiry_s / 4))
+        while True:
+            await asyncio.sleep(every)
+            try:
+                n = await self.threads.on_store(self.store.expire_partials)
+            except OSError as e:
+                log.warning("edge %s: expiring partial uploads failed: %s", self.config.id, e)
+                continue
+            if n:
+                log.info("edge %s: %d partial uploads expired", self.config.id, n)
+                self.status.publish()
 
     def stop(self) -> None:
         """Publish offline, finish what runs, join every thread ``start`` started."""

@@ -71,6 +71,8 @@ class BlockLoader:
         self._chains: Mapping[str, Chain] = {}  # copy on write (``ready``)
         self._loaded: dict[str, set[int]] = {}  # model id -> blocks whose sessions exist
         self._block_ms: dict[str, float] = {}  # sha256 -> unloaded time, ms
+        self._in_use: frozenset[str] = frozenset()  # copy on write (``in_use``)
+        self._loading: frozenset[str] = frozenset()  # being probed or warmed: copy on write
         self._finishing: dict[str, asyncio.Task[ProtocolError | None]] = {}  # sha256 -> task
         # counts the results the workers sent (which marks their blocks loaded): set by the
         # edge to ``QueryQueue.count``, run before the loaded blocks are read
@@ -100,7 +102,21 @@ class BlockLoader:
 
     def mark_loaded(self, model_id: str, indices: Iterable[int]) -> None:
         """Blocks whose sessions exist (a query ran them)."""
-        self._loaded.setdefault(model_id, set()).update(indices)
+        have = self._loaded.setdefault(model_id, set())
+        new = [i for i in indices if i not in have]
+        if not new:
+            return
+        have.update(new)
+        ch = self._chains.get(model_id)
+        if ch is not None:
+            fresh = {ch.digests[i] for i in new if 0 <= i < len(ch.digests)}
+            if not fresh <= self._in_use:
+                self._in_use = self._in_use | fresh
+
+    def in_use(self) -> frozenset[str]:
+        """Digests of blocks with sessions in the workers, or being loaded: never evicted
+        (any thread: the snapshots are replaced, never changed)."""
+        return self._in_use | self._loading
 
     def inventory(self, model_id: str) -> Inventory:
         self.settle()
@@ -156,6 +172,7 @@ class BlockLoader:
             return
         log.warning("edge %s: block %s… quarantined (%s): %s", self.edge_id, sha[:12], kind, reason)
         self._block_ms.pop(sha, None)
+        self._in_use = self._in_use - {sha}
         self._threads.spawn(self._forget_block(sha, self.quarantine.snapshot()))
         for model_id in self.store.model_ids():
             a = self.store.model(model_id)
@@ -276,6 +293,15 @@ class BlockLoader:
         indices = [i for i, b in enumerate(a.blocks) if b.onnx_sha256 == sha]
         if not indices:
             return False, None
+        self._loading = self._loading | {sha}
+        try:
+            return await self._serve_block(model_id, sha, ch, indices)
+        finally:
+            self._loading = self._loading - {sha}
+
+    async def _serve_block(
+        self, model_id: str, sha: str, ch: Chain, indices: list[int]
+    ) -> tuple[bool, float | None]:
         if sha not in self._block_ms:
             run = functools.partial(_probe, self.probe, ch, indices[:1], self._load_time_limit_s)
             try:

@@ -122,6 +122,7 @@ class InboundRouter:
         elif checked is None:  # the model's chain is made on the loop, first
             post(self._query, h, body, arrived)
         else:
+            self.store.touch(h.model_id)  # memory only: the eviction order
             self._queries.submit(h, body, arrived, checked)
 
     # on the loop --------------------------------------------------------------------------
@@ -236,6 +237,7 @@ class InboundRouter:
         if isinstance(checked, ProtocolError):
             self._replies.error(checked)
         elif checked is not None:
+            self.store.touch(h.model_id)
             self._queries.submit(h, body, arrived, checked)
 
     def _check_query(self, h: Query, ch: Chain | None) -> Chain | ProtocolError | None:

@@ -27,3 +27,24 @@ def test_the_shipped_configs_load() -> None:
             tls_insecure=False,
         )
         assert not sec.uses_tls_settings
+
+
+def test_the_edge_example_names_every_setting() -> None:
+    """configs/edge.toml documents every key of the edge (README "Hardening" points there),
+    each at its default."""
+    import tomllib
+
+    shipped = tomllib.loads((CONFIGS / "edge.toml").read_text())["edge"]
+    missing = set(EdgeConfig.model_fields) - set(shipped) - {"broker"}  # broker: commented
+    assert not missing, f"configs/edge.toml lacks {sorted(missing)}"
+    defaults = EdgeConfig(store=Path("/tmp/x"))
+    for key in (
+        "worker_memory_mb",
+        "run_time_limit_s",
+        "store_max_bytes",
+        "queue_total",
+        "max_deadline_ms",
+        "max_chunks",
+        "require_signed",
+    ):
+        assert shipped[key] == getattr(defaults, key), key

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from iotoffload.model.manifest import compute_model_id
 from iotoffload.transport.frame import (
     ErrorCode,
     Hello,
@@ -34,9 +35,23 @@ def test_upload_errors_name_the_block_and_chunk(harness: Harness) -> None:
         None,
         "edge1",
     )
-    # every chunk of a block whose bytes are not what its digest says
+    # a chunk naming a digest the announced chain does not have: refused at once
+    h, body = model.chunks(dev.device, 0)[0]
+    dev.upload_chunk(h.model_copy(update={"block_sha256": "ab" * 32}), body)
+    e = dev.error()
+    assert (e.code, e.block, e.chunk) == (ErrorCode.INVALID_CHUNK, 0, 0)
+    # every chunk of a block whose bytes are not what its (announced) digest says
+    a = model.announce(dev.device)
+    blocks = [a.blocks[0].model_copy(update={"onnx_sha256": "ab" * 32}), *a.blocks[1:]]
+    rotten = a.model_copy(
+        update={"blocks": blocks, "model_id": compute_model_id([b.onnx_sha256 for b in blocks])}
+    )
+    dev.control(rotten)
+    dev.inventory()
     for h, body in model.chunks(dev.device, 0):
-        dev.upload_chunk(h.model_copy(update={"block_sha256": "ab" * 32}), body)
+        dev.upload_chunk(
+            h.model_copy(update={"block_sha256": "ab" * 32, "model_id": rotten.model_id}), body
+        )
     last = h.chunk
     e = dev.error()
     assert (e.code, e.block, e.chunk, e.request_id) == (ErrorCode.DIGEST_MISMATCH, 0, last, None)
@@ -56,7 +71,12 @@ def test_upload_errors_name_the_block_and_chunk(harness: Harness) -> None:
     dev.upload(model)  # and the edge keeps serving
     dev.send(harness.topics.edge_query("edge1", dev.device), dev.query_frame(model, "ok", X))
     np.testing.assert_allclose(dev.result("ok"), model.expected(X, 0, 3))
-    assert edge.stats.error_codes == {"size_mismatch": 1, "digest_mismatch": 1, "unexpected": 2}
+    assert edge.stats.error_codes == {
+        "size_mismatch": 1,
+        "invalid_chunk": 1,
+        "digest_mismatch": 1,
+        "unexpected": 2,
+    }
 
 
 def test_a_hello_right_after_an_announce_sees_the_model(harness: Harness) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from iotoffload.transport.mqtt import Message
 from iotoffload.transport.status import EdgeStatus
-from tests.edge_agent.conftest import Harness, tiny_model, wait_until
+from tests.edge_agent.conftest import Harness, TinyModel, _add_block, tiny_model, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -37,3 +37,35 @@ def test_status_is_an_edge_status(harness: Harness) -> None:
     assert st.load.in_flight == 0 and st.transfer.blocks_pushed == 0
     edge.stop()
     wait_until(lambda: got[-1].state == "offline", 5, "the offline status")
+
+
+def test_status_stays_small_and_is_not_republished_per_announce(harness: Harness) -> None:
+    """300 one-block models announced in a burst: the status lists the first
+    ``status_max_models`` and counts the rest, and subscribers get a few statuses, not one
+    per announce (3000 announces once grew it to 82 KB, each republished)."""
+    edge = harness.edge(status_interval=3600.0, status_max_models=16, device_max_models=1000)
+    got: list[tuple[int, EdgeStatus]] = []
+    lock = threading.Lock()
+
+    def on_status(m: Message) -> None:
+        st = EdgeStatus.parse(m.payload)
+        assert st is not None
+        with lock:
+            got.append((len(m.payload), st))
+
+    watcher = harness.client("watcher")
+    watcher.link.subscribe(harness.topics.edge_status("edge1"), on_status)
+    wait_until(lambda: bool(got), 5, "the first status")
+    before = len(got)
+    dev = harness.client("dev1")
+    n = 300
+    for k in range(n):
+        dev.control(TinyModel([_add_block(1000.0 + k)]).announce("dev1"))
+    for _ in range(n):
+        dev.inventory(30)
+    wait_until(lambda: got[-1][1].models_total == n, 10, "a status counting every model")
+    size, st = got[-1]
+    assert len(st.models) == 16 and size < 4096
+    statuses = len(got) - before
+    assert statuses < n / 10, f"{statuses} statuses for {n} announces"
+    assert edge.store.model_ids() and len(edge.store.model_ids()) == n

@@ -3,10 +3,11 @@ and a partial upload is dropped only once its block is written or can never be."
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import pathlib
+import resource
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,29 +19,25 @@ import pytest
 from edge_agent.store import BlockStore, StoreError
 from iotoffload.transport.frame import ErrorCode, UploadChunk
 from tests.edge_agent.conftest import full_disk
+from tests.edge_agent.test_store import chunks_of, model_of
 
 
 def _chunks(n: int, seed: bytes = b"") -> tuple[str, list[tuple[UploadChunk, bytes]]]:
-    """A block of ``n`` one-byte chunks."""
-    data = (hashlib.sha256(seed + str(n).encode()).digest() * (n // 32 + 1))[:n]
-    sha = hashlib.sha256(data).hexdigest()
-    out = [
-        (
-            UploadChunk(
-                device="d1",
-                model_id="0" * 64,
-                block=0,
-                block_sha256=sha,
-                block_bytes=n,
-                chunk=i,
-                chunks=n,
-                chunk_size=1,
-            ),
-            data[i : i + 1],
-        )
-        for i in range(n)
-    ]
-    return sha, out
+    """A block of ``n`` one-byte chunks (of MODELS[n], announced by ``_store``)."""
+    data = _data(n, seed)
+    return hashlib.sha256(data).hexdigest(), chunks_of(model_of([data]), 0, data, 1)
+
+
+def _data(n: int, seed: bytes = b"") -> bytes:
+    return (hashlib.sha256(seed + str(n).encode()).digest() * (n // 32 + 1))[:n]
+
+
+def _store(root: Path, *sizes: int) -> BlockStore:
+    """A store where models of one block of each size (``_chunks``) are announced."""
+    s = BlockStore(root)
+    for n in sizes:
+        s.put_model(model_of([_data(n)]))
+    return s
 
 
 # every way of looking at the file system: stat, existence, directory listings
@@ -78,7 +75,7 @@ def counting_looks(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
 
 
 def _looks_for_upload(tmp_path: Path, n: int, monkeypatch: pytest.MonkeyPatch) -> int:
-    store = BlockStore(tmp_path / f"s{n}")
+    store = _store(tmp_path / f"s{n}", n)
     sha, chunks = _chunks(n)
     with counting_looks(monkeypatch) as calls:
         done = [store.put_chunk(h, body, finish=False) for h, body in chunks]
@@ -100,7 +97,7 @@ def test_received_chunks_are_read_from_disk_once_after_a_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sha, chunks = _chunks(300)
-    first = BlockStore(tmp_path)
+    first = _store(tmp_path, 300)
     for h, body in chunks[::2]:
         first.put_chunk(h, body)
     again = BlockStore(tmp_path)  # the restart reads the partial upload here, once
@@ -116,13 +113,12 @@ def test_received_chunks_are_read_from_disk_once_after_a_restart(
 def test_a_chunk_on_a_full_disk_is_store_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    s = BlockStore(tmp_path)
+    s = _store(tmp_path, 3)
     sha, chunks = _chunks(3)
     s.put_chunk(*chunks[0])
-    monkeypatch.setattr(pathlib.Path, "write_bytes", _raise_enospc)
-    with pytest.raises(StoreError) as e:
+    # a real failing write (RLIMIT_FSIZE: EFBIG, where a full disk gives ENOSPC)
+    with write_limit(0), pytest.raises(StoreError) as e:
         s.put_chunk(*chunks[1])
-    monkeypatch.undo()
     assert e.value.code is ErrorCode.STORE_FAILED and not e.value.definitive
     assert s.missing_chunks(sha) == [1, 2]  # the failed chunk is not counted as received
     assert not [p for p in (tmp_path / "partial" / sha).iterdir() if ".tmp-" in p.name]
@@ -130,14 +126,23 @@ def test_a_chunk_on_a_full_disk_is_store_failed(
     assert s.put_chunk(*chunks[2]) is True
 
 
-def _raise_enospc(self: Path, data: bytes) -> int:
-    raise OSError(errno.ENOSPC, "No space left on device")
+@contextmanager
+def write_limit(nbytes: int) -> Iterator[None]:
+    """Writes past ``nbytes`` of any file fail (EFBIG) in this process, while inside."""
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    sig = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, sig)
 
 
 def test_the_chunks_stay_until_the_block_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    s = BlockStore(tmp_path)
+    s = _store(tmp_path, 4)
     sha, chunks = _chunks(4)
     for h, body in chunks[:-1]:
         s.put_chunk(h, body)
@@ -155,7 +160,7 @@ def test_the_chunks_stay_until_the_block_is_written(
 
 def test_check_then_commit_is_finish_split_over_two_threads(tmp_path: Path) -> None:
     """The edge checks a block on its loader (reads only) and commits it on the store thread."""
-    s = BlockStore(tmp_path)
+    s = _store(tmp_path, 5)
     sha, chunks = _chunks(5)
     for h, body in chunks:
         s.put_chunk(h, body, finish=False)
@@ -168,9 +173,11 @@ def test_check_then_commit_is_finish_split_over_two_threads(tmp_path: Path) -> N
 
 
 def test_a_definitive_failure_drops_only_its_own_partial(tmp_path: Path) -> None:
-    s = BlockStore(tmp_path)
     sha, chunks = _chunks(4)
-    bad = [(h.model_copy(update={"block_sha256": "ab" * 32}), b) for h, b in chunks]
+    liar = model_of([("ab" * 32, 4)])  # announces a digest its bytes do not have
+    s = _store(tmp_path, 4)
+    s.put_model(liar)
+    bad = chunks_of(liar, 0, b"".join(b for _, b in chunks), 1)
     for h, body in bad[:-1]:
         s.put_chunk(h, body)
     with pytest.raises(StoreError) as e:
@@ -178,7 +185,7 @@ def test_a_definitive_failure_drops_only_its_own_partial(tmp_path: Path) -> None
     assert e.value.code is ErrorCode.DIGEST_MISMATCH and e.value.definitive
     assert s.missing_chunks("ab" * 32) is None
     # a restarted upload of another chunking is not dropped by a stale failure
-    other = bad[0][0].model_copy(update={"chunk_size": 2, "chunks": 2, "block_bytes": 4})
+    other = bad[0][0].model_copy(update={"chunk_size": 2, "chunks": 2})
     s.put_chunk(other, b"xy")
     s.discard_partial(bad[0][0])
     assert s.missing_chunks("ab" * 32) == [1]
