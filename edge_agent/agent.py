@@ -72,6 +72,7 @@ class EdgeAgent:
         self.config = config
         self.security = security if security is not None else MqttSecurity()
         self.topics = Topics(config.prefix)
+        trust = ModelTrust.from_config(config)
         self.store = BlockStore(
             config.store,
             max_block_bytes=config.max_block_bytes,
@@ -92,6 +93,7 @@ class EdgeAgent:
                 partial_expiry_s=config.partial_expiry_s,
             ),
             in_use=lambda: self.loader.in_use(),
+            admit=lambda a: trust.check(a) is None,  # models stored before require_signed
         )
         self.link: MqttLink | None = None
         self.broker_url = config.broker or ""
@@ -176,7 +178,7 @@ class EdgeAgent:
             self.topics,
             max_body=config.max_block_bytes,
             stopping=lambda: self._stopping,
-            check_announce=ModelTrust.from_config(config).check,
+            check_announce=trust.check,
         )
 
     def _link(self) -> MqttLink:

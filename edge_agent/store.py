@@ -262,10 +262,12 @@ class BlockStore:
         limits: StoreLimits | None = None,
         in_use: Callable[[], Set[str]] = frozenset,
         clock: Callable[[], float] = time.time,
+        admit: Callable[[Announce], bool] = lambda a: True,
     ) -> None:
         self.root = Path(root)
         self.max_block_bytes = max_block_bytes
         self.limits = limits if limits is not None else StoreLimits()
+        self._admit = admit  # which stored models are indexed at open (signed models)
         self._screen = screen
         self._in_use = in_use
         self._clock = clock
@@ -354,6 +356,11 @@ class BlockStore:
                 log.warning("ignoring unreadable model file %s", p)
                 continue
             if a.model_id != p.stem:
+                continue
+            if not self._admit(a):  # e.g. unsigned, and the edge now requires signatures
+                log.warning(
+                    "not serving stored model %s…: refused by the edge's policy", p.stem[:12]
+                )
                 continue
             self._models[a.model_id] = a
             self._total += len(raw)

@@ -205,11 +205,6 @@ def test_an_edge_with_a_bad_trusted_key_does_not_start(harness: Harness, tmp_pat
         harness.edge(require_signed=True, trusted_keys=[tmp_path / "missing.pem"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the store serves models it indexed before require_signed was set: the edge "
-    "should check stored announces at start (reported to the lead)",
-)
 def test_a_model_stored_before_require_signed_is_not_served_after(
     harness: Harness, keys: tuple[Ed25519PrivateKey, Path]
 ) -> None:
