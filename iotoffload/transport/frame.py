@@ -7,20 +7,35 @@
     body                   the rest: tensor bytes (dtype/shape in the header) or a chunk
 
 Decoding trusts nothing: every length is checked against the payload and the caps before any
-allocation, and a tensor body is a zero-copy view of the payload.
+allocation, and a tensor body is a zero-copy view of the payload. Whatever the bytes, ``decode``
+returns a header or raises ``FrameError`` (the fuzz tests hold it to that): the header must be
+strict UTF-8, nest at most ``MAX_HEADER_DEPTH`` deep (checked by a linear scan before the
+recursive parser sees it), name no key twice and hold no lone UTF-16 surrogate (a header that
+passes encodes again); every integer field is bounded (block and
+chunk indices by the protocol's own limits, sizes below 2**63), so a value that passes can be
+used in arithmetic, numpy and ONNX Runtime calls without overflowing.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeAlias
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticSerializationError
 
-from iotoffload.ids import ID_PATTERN, is_id
+from iotoffload.ids import ID_PATTERN
 from iotoffload.model.manifest import DType, TensorSpec, tensor_nbytes
 from iotoffload.runtime.base import Array
 
@@ -29,8 +44,21 @@ FRAME_VERSION = 2  # protocol v2: identities in the topics (iotoffload.transport
 _PREFIX = struct.Struct(">4sBI")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 1024 * 1024
+# The deepest valid header nests 4 (announce.blocks[].input.shape[]); json.loads recurses once
+# per level, so anything deeper is refused before it runs (65,536 `[` hit the recursion limit).
+MAX_HEADER_DEPTH = 16
+MAX_BLOCKS = 1024  # blocks in a model's chain: block indices are below it
+MAX_CHUNKS = 1 << 16  # chunks in one block upload: chunk indices are below it
+MAX_DIM = 1 << 20  # one dimension of a tensor on the wire
+MAX_RANK = 8
+_MAX_SIZE = (1 << 63) - 1  # byte counts fit an int64 (numpy, struct, ONNX Runtime)
 _SHA = r"^[0-9a-f]{64}$"
 _ID = ID_PATTERN
+_ID_RE = re.compile(ID_PATTERN)
+
+_Block = Annotated[int, Field(ge=0, lt=MAX_BLOCKS)]
+_Chunk = Annotated[int, Field(ge=0, lt=MAX_CHUNKS)]
+_Size = Annotated[int, Field(ge=1, le=_MAX_SIZE)]
 
 
 class ErrorCode(StrEnum):
@@ -112,7 +140,9 @@ class _H(BaseModel):
 
 class WireTensor(_H):
     dtype: DType
-    shape: tuple[Annotated[int, Field(ge=1, le=1 << 20)], ...] = Field(min_length=1, max_length=8)
+    shape: tuple[Annotated[int, Field(ge=1, le=MAX_DIM)], ...] = Field(
+        min_length=1, max_length=MAX_RANK
+    )
 
     @property
     def nbytes(self) -> int:
@@ -123,9 +153,20 @@ class BlockInfo(_H):
     """What an edge needs to know of one block to store and run it."""
 
     onnx_sha256: str = Field(pattern=_SHA)
-    onnx_bytes: int = Field(ge=1)
+    onnx_bytes: _Size
     input: TensorSpec
     output: TensorSpec
+
+    @model_validator(mode="after")
+    def _wire_shapes(self) -> BlockInfo:
+        # a boundary tensor travels as a query or result body (a WireTensor): a shape no frame
+        # can carry is refused here, before the edge sizes buffers from it
+        for t in (self.input, self.output):
+            if len(t.shape) > MAX_RANK or any(d > MAX_DIM for d in t.shape):
+                raise ValueError(
+                    f"tensor {t.name[:64]!r}: at most {MAX_RANK} dimensions of at most {MAX_DIM}"
+                )
+        return self
 
 
 class Announce(_H):
@@ -135,7 +176,7 @@ class Announce(_H):
     device: str = Field(pattern=_ID)
     model_id: str = Field(pattern=_SHA)
     name: str = Field(default="", max_length=256)
-    blocks: list[BlockInfo] = Field(min_length=1, max_length=1024)
+    blocks: list[BlockInfo] = Field(min_length=1, max_length=MAX_BLOCKS)
     # ed25519 over ``signed_message`` (iotoffload.model.signing), base64; None: unsigned
     signature: str | None = Field(default=None, max_length=128)
     signer: str | None = Field(default=None, pattern=r"^[0-9a-f]{16,64}$")  # key fingerprint
@@ -147,14 +188,14 @@ class Inventory(_H):
     type: Literal["inventory"] = "inventory"
     model_id: str = Field(pattern=_SHA)
     known: bool  # the edge has the model's chain (an Announce)
-    stored: list[int] = []
-    loaded: list[int] = []
-    partial: dict[int, list[int]] = {}  # block -> chunk indices still missing
-    block_ms: dict[int, float] = {}  # the edge's unloaded time of each loaded block (profile)
+    stored: list[_Block] = Field(default=[], max_length=MAX_BLOCKS)
+    loaded: list[_Block] = Field(default=[], max_length=MAX_BLOCKS)
+    partial: dict[_Block, list[_Chunk]] = {}  # block -> chunk indices still missing
+    block_ms: dict[_Block, float] = {}  # the edge's unloaded time of each loaded block (profile)
     edge: str | None = Field(default=None, pattern=_ID)  # who answers (a device may use several)
     # what an app needs to query the whole model (from the announce; None while unknown)
     name: str = Field(default="", max_length=256)
-    blocks: int | None = Field(default=None, ge=1, le=1024)
+    blocks: int | None = Field(default=None, ge=1, le=MAX_BLOCKS)
     input: TensorSpec | None = None
     output: TensorSpec | None = None
 
@@ -163,20 +204,20 @@ class UploadChunk(_H):
     type: Literal["upload_chunk"] = "upload_chunk"
     device: str = Field(pattern=_ID)
     model_id: str = Field(pattern=_SHA)
-    block: int = Field(ge=0)
+    block: _Block
     block_sha256: str = Field(pattern=_SHA)
-    block_bytes: int = Field(ge=1)
-    chunk: int = Field(ge=0)
-    chunks: int = Field(ge=1, le=1 << 16)
-    chunk_size: int = Field(ge=1)
+    block_bytes: _Size
+    chunk: _Chunk
+    chunks: int = Field(ge=1, le=MAX_CHUNKS)
+    chunk_size: _Size
     source: str | None = Field(default=None, pattern=_ID)  # a peer edge pushing it (handoff)
 
 
 class UploadAck(_H):
     type: Literal["upload_ack"] = "upload_ack"
     model_id: str = Field(pattern=_SHA)
-    block: int
-    chunk: int
+    block: _Block
+    chunk: _Chunk
     block_done: bool  # every chunk arrived and the block passed its digest and screening
     loaded: bool  # a session for the block exists
     block_ms: float | None = None  # the edge's unloaded time for this block, measured at load
@@ -188,19 +229,19 @@ class Query(_H):
     request_id: str = Field(min_length=1, max_length=128)
     device: str = Field(pattern=_ID)
     model_id: str = Field(pattern=_SHA)
-    start: int = Field(ge=0)
-    end: int = Field(ge=1)
+    start: _Block
+    end: int = Field(ge=1, le=MAX_BLOCKS)
     deadline_ms: float = Field(gt=0, le=600_000)
     tensor: WireTensor
 
 
 class Result(_H):
     type: Literal["result"] = "result"
-    request_id: str
+    request_id: str = Field(min_length=1, max_length=128)
     tensor: WireTensor
     queue_ms: float
     exec_ms: float
-    block_ms: list[float] = []
+    block_ms: list[float] = Field(default=[], max_length=MAX_BLOCKS)
 
 
 class Error(_H):
@@ -214,8 +255,8 @@ class Error(_H):
     code: ErrorCode
     message: str = Field(max_length=4096)
     edge: str | None = Field(default=None, pattern=_ID)
-    block: int | None = Field(default=None, ge=0)
-    chunk: int | None = Field(default=None, ge=0)
+    block: _Block | None = None
+    chunk: _Chunk | None = None
     peer: str | None = Field(default=None, pattern=_ID)
     retry_ms: float | None = Field(default=None, ge=0)  # ``busy``: try again after this long
 
@@ -250,7 +291,7 @@ class Transfer(_H):
     model_id: str = Field(pattern=_SHA)
     source_edge: str = Field(pattern=_ID)
     source_broker: str = Field(min_length=1, max_length=256)
-    blocks: list[int] = Field(min_length=1, max_length=1024)
+    blocks: list[_Block] = Field(min_length=1, max_length=MAX_BLOCKS)
 
 
 class PeerFetch(_H):
@@ -261,7 +302,7 @@ class PeerFetch(_H):
     peer: str = Field(pattern=_ID)
     device: str = Field(pattern=_ID)
     model_id: str = Field(pattern=_SHA)
-    blocks: list[int] = Field(min_length=1, max_length=1024)
+    blocks: list[_Block] = Field(min_length=1, max_length=MAX_BLOCKS)
 
 
 Header: TypeAlias = (
@@ -282,7 +323,10 @@ _HEADER: TypeAdapter[Header] = TypeAdapter(Annotated[Header, Field(discriminator
 def encode(header: _H, body: bytes | bytearray | memoryview | Array = b"") -> bytes:
     if isinstance(body, np.ndarray):
         body = np.ascontiguousarray(body).data
-    hb = header.model_dump_json().encode()
+    try:
+        hb = header.model_dump_json().encode()
+    except PydanticSerializationError as e:  # e.g. a str with a lone surrogate, made by code
+        raise FrameError(ErrorCode.INVALID_HEADER, _clean(f"header not encodable: {e}")) from e
     if len(hb) > MAX_HEADER_BYTES:
         raise FrameError(ErrorCode.HEADER_TOO_LARGE, f"header of {len(hb)} bytes")
     return b"".join((_PREFIX.pack(MAGIC, FRAME_VERSION, len(hb)), hb, body))
@@ -293,30 +337,95 @@ def encode_tensor_frame(header_cls: type[Query] | type[Result], x: Array, **fiel
     return encode(header_cls(tensor=tensor, **fields), x)
 
 
+# JSON text: the bytes that nest ([ { +1, ] } -1), and every byte but those and the quote
+_NEST = np.zeros(256, np.int8)
+_NEST[[ord("["), ord("{")]] = 1
+_NEST[[ord("]"), ord("}")]] = -1
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep the JSON text ``raw`` nests arrays and objects, found without parsing it: a
+    linear scan (numpy, no recursion) that skips string contents. Exact for valid JSON; for
+    invalid JSON, exact up to the first error, which is where a parser stops."""
+    # Drop escaped backslashes, then escaped quotes: every quote left opens or closes a string.
+    # (Outside strings a backslash is already a JSON error, where a parser stops.)
+    s = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    a = np.frombuffer(s, np.uint8)
+    # after an odd number of quotes we are inside a string, whose brackets do not nest
+    outside = np.bitwise_and(np.cumsum(a == ord('"'), dtype=np.int32), 1, dtype=np.int32) ^ 1
+    return int(np.cumsum(_NEST[a] * outside, dtype=np.int32).max(initial=0))
+
+
+def _clean(text: str, limit: int = 512) -> str:
+    """``text`` cut to ``limit`` and encodable as UTF-8: an error frame quoting a lone surrogate
+    (a JSON escape such as "\\ud800") could not be sent. pydantic already replaces those in what
+    it quotes; this holds for every message decode builds, whatever quotes it."""
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"key {_clean(key, 64)!r} appears twice")
+            seen.add(key)
+    return obj
+
+
+_JSON = json.JSONDecoder(object_pairs_hook=_unique_keys)
+# A JSON escape of a UTF-16 surrogate (paired or not, or text that only looks like one). Strict
+# UTF-8 bytes cannot hold a lone surrogate, but "\\ud800" can; pydantic refuses it in a str
+# field with a constraint but passes it through a plain ``str`` (a TensorSpec's name), and the
+# header could then not be encoded again: stored, echoed or logged, it would raise.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def parse_json(raw: bytes, *, max_depth: int = MAX_HEADER_DEPTH) -> Any:
+    """``raw`` as JSON, or FrameError(MALFORMED) unless it is strict UTF-8, nests at most
+    ``max_depth`` deep and names no key of an object twice (two parsers could read a duplicated
+    key differently). Raises nothing else, whatever the bytes."""
+    # counting brackets is nearly free and bounds the depth: the scan runs only past the limit
+    if raw.count(b"[") + raw.count(b"{") > max_depth and (depth := json_depth(raw)) > max_depth:
+        raise FrameError(ErrorCode.MALFORMED, f"JSON nests {depth} deep, more than {max_depth}")
+    try:
+        return _JSON.decode(raw.decode("utf-8"))
+    # ValueError: JSONDecodeError, UnicodeDecodeError, an integer past Python's digit limit, a
+    # duplicated key. RecursionError cannot happen below the depth limit; kept as a backstop.
+    except (ValueError, RecursionError) as e:
+        raise FrameError(ErrorCode.MALFORMED, f"not JSON: {_clean(str(e))}") from e
+
+
 def _ids(obj: object) -> tuple[str | None, str | None]:
-    """(request_id, device) of a header, when present and well-formed."""
+    """(request_id, device) of a header that failed validation, when present and well-formed:
+    so the sender still gets an error frame that names its request."""
     if not isinstance(obj, dict):
         return None, None
     rid, dev = obj.get("request_id"), obj.get("device")
-    return (
-        rid if isinstance(rid, str) and len(rid) <= 128 else None,
-        dev if isinstance(dev, str) and is_id(dev) else None,
-    )
+    if not isinstance(rid, str) or not 1 <= len(rid) <= 128 or _clean(rid) != rid:  # UTF-8
+        rid = None
+    # fullmatch: ``$`` in ID_PATTERN also matches before a final newline
+    if not isinstance(dev, str) or _ID_RE.fullmatch(dev) is None:
+        dev = None
+    return rid, dev
 
 
 def _peek_ids(mv: memoryview, hlen: int) -> tuple[str | None, str | None]:
     if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(mv):
         return None, None
     try:
-        return _ids(json.loads(bytes(mv[_PREFIX.size : _PREFIX.size + hlen])))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return _ids(parse_json(bytes(mv[_PREFIX.size : _PREFIX.size + hlen])))
+    except FrameError:
         return None, None
 
 
 def decode(
     payload: bytes | bytearray | memoryview, *, max_body: int = MAX_BODY_BYTES
 ) -> tuple[Header, memoryview]:
-    """(header model, body view). Raises FrameError with a code for anything malformed."""
+    """(header model, body view). Raises FrameError with a code for anything malformed, and
+    nothing else for any bytes."""
     mv = memoryview(payload)
     if len(mv) < _PREFIX.size:
         raise FrameError(
@@ -335,33 +444,41 @@ def decode(
         )
     if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(mv):
         raise FrameError(ErrorCode.MALFORMED, f"header length {hlen} exceeds the frame or the cap")
-    raw = bytes(mv[_PREFIX.size : _PREFIX.size + hlen])
     body = mv[_PREFIX.size + hlen :]
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise FrameError(ErrorCode.MALFORMED, f"header is not JSON: {e}") from e
-    rid, dev = _ids(obj)
+    obj = parse_json(bytes(mv[_PREFIX.size : _PREFIX.size + hlen]))
     try:
         header = _HEADER.validate_python(obj)
     except ValidationError as e:
-        first = e.errors()[0]
+        first = e.errors(include_url=False, include_context=False, include_input=False)[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise FrameError(ErrorCode.INVALID_HEADER, f"{where}: {first['msg']}", rid, dev) from e
+        raise FrameError(
+            ErrorCode.INVALID_HEADER, _clean(f"{where}: {first['msg']}"), *_ids(obj)
+        ) from e
+    if _SURROGATE_ESCAPE.search(mv, _PREFIX.size, _PREFIX.size + hlen) is not None:
+        try:  # rare (our encoder writes UTF-8, not escapes): the exact check
+            header.model_dump_json()
+        except PydanticSerializationError as e:
+            raise FrameError(
+                ErrorCode.INVALID_HEADER, "a string holds a lone UTF-16 surrogate", *_who(header)
+            ) from e
     if len(body) > max_body:
         raise FrameError(
-            ErrorCode.TOO_LARGE, f"body of {len(body)} bytes exceeds {max_body}", rid, dev
+            ErrorCode.TOO_LARGE, f"body of {len(body)} bytes exceeds {max_body}", *_who(header)
         )
-    tensor = getattr(header, "tensor", None)
-    if tensor is not None and tensor.nbytes != len(body):
+    if isinstance(header, Query | Result) and header.tensor.nbytes != len(body):
+        t = header.tensor
         raise FrameError(
             ErrorCode.SIZE_MISMATCH,
-            f"tensor {tensor.dtype}{list(tensor.shape)} needs {tensor.nbytes} bytes, "
-            f"body has {len(body)}",
-            rid,
-            dev,
+            f"tensor {t.dtype}{list(t.shape)} needs {t.nbytes} bytes, body has {len(body)}",
+            *_who(header),
         )
     return header, body
+
+
+def _who(header: Header) -> tuple[str | None, str | None]:
+    """(request_id, device) of a validated header, for the error frame refusing it (only on
+    that path: a missing attribute costs pydantic an exception)."""
+    return getattr(header, "request_id", None), getattr(header, "device", None)
 
 
 def tensor_of(header: Query | Result, body: memoryview) -> Array:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from iotoffload.model.manifest import TensorSpec
 from iotoffload.transport.frame import (
     FRAME_VERSION,
     MAGIC,
@@ -209,3 +210,194 @@ def test_non_finite_floats_are_refused() -> None:
         with pytest.raises(FrameError) as e:
             decode(raw)
         assert e.value.code == ErrorCode.INVALID_HEADER, bad
+
+
+# --- issue 13 item 6: any bytes become a typed error -------------------------------------------
+
+
+def _frame(hb: bytes, body: bytes = b"") -> bytes:
+    return MAGIC + bytes([FRAME_VERSION]) + len(hb).to_bytes(4, "big") + hb + body
+
+
+def _reply_encodes(e: FrameError) -> None:
+    """What the edge does with a refused frame: an error frame, which must encode."""
+    h, _ = decode(encode(Error.of(e, edge="edge-1")))
+    assert isinstance(h, Error) and h.code == e.code
+
+
+@pytest.mark.parametrize(
+    ("raw", "depth"),
+    [
+        (b"", 0),
+        (b"1", 0),
+        (b"[]", 1),
+        (b'{"a":[1,[2]],"b":{}}', 3),
+        (b'"[[[{{"', 0),  # brackets inside a string do not nest
+        (b'["\\"[", [[]]]', 3),  # an escaped quote does not end the string
+        (b'["\\\\", [[]]]', 3),  # an escaped backslash does not escape the quote after it
+        (b'["\\\\\\"]]]", []]', 2),  # \\ then \" : the string goes on to the last quote
+        (b'["]]]]", [[[]]]]', 4),  # closing brackets inside a string do not un-nest
+        (b"[" * 70_000, 70_000),
+    ],
+)
+def test_json_depth_skips_strings_and_escapes(raw: bytes, depth: int) -> None:
+    from iotoffload.transport.frame import json_depth
+
+    assert json_depth(raw) == depth
+
+
+def test_a_deep_header_is_refused_by_the_depth_check_before_the_parser() -> None:
+    from iotoffload.transport.frame import MAX_HEADER_DEPTH
+
+    with pytest.raises(FrameError) as e:
+        decode(_frame(b"[" * 65_536))
+    assert e.value.code == ErrorCode.MALFORMED and "nests 65536 deep" in str(e.value)
+    assert not isinstance(e.value.__cause__, RecursionError)  # never reached json.loads
+    ok = b"[" * MAX_HEADER_DEPTH + b"]" * MAX_HEADER_DEPTH
+    with pytest.raises(FrameError) as e:
+        decode(_frame(ok))
+    assert e.value.code == ErrorCode.INVALID_HEADER  # parsed: JSON, just not a header
+    deep = b"[" * (MAX_HEADER_DEPTH + 1) + b"]" * (MAX_HEADER_DEPTH + 1)
+    with pytest.raises(FrameError) as e:
+        decode(_frame(deep))
+    assert e.value.code == ErrorCode.MALFORMED
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    """A real announce whose name is full of brackets still decodes (the slow path runs)."""
+    from iotoffload.transport.frame import Announce, BlockInfo
+
+    spec = TensorSpec(name="x", shape=(1, 4))
+    a = Announce(
+        device="dev1",
+        model_id=MID,
+        name="[[[[{{{{" * 30,
+        blocks=[BlockInfo(onnx_sha256=MID, onnx_bytes=9, input=spec, output=spec)] * 5,
+    )
+    assert decode(encode(a))[0] == a
+
+
+def test_an_integer_past_pythons_digit_limit_is_malformed() -> None:
+    """json.loads raises a bare ValueError for it: it escaped decode before issue 13."""
+    hb = b'{"type":"hello","device":"d1","model_id":' + b"9" * 5000 + b"}"
+    with pytest.raises(FrameError) as e:
+        decode(_frame(hb))
+    assert e.value.code == ErrorCode.MALFORMED
+
+
+def test_huge_integers_are_refused_in_every_index_and_size_field() -> None:
+    h = json.loads(
+        UploadChunk(
+            device="d1",
+            model_id=MID,
+            block=2,
+            block_sha256="cd" * 32,
+            block_bytes=10,
+            chunk=0,
+            chunks=1,
+            chunk_size=10,
+        ).model_dump_json()
+    )
+    for field, bad in [
+        ("block", 1024),
+        ("chunk", 1 << 16),
+        ("block_bytes", 1 << 63),
+        ("chunk_size", 10**4000),
+    ]:
+        hb = json.dumps(h | {field: bad}).encode()
+        with pytest.raises(FrameError) as e:
+            decode(_frame(hb, b"0123456789"))
+        assert e.value.code == ErrorCode.INVALID_HEADER and field in str(e.value), field
+    q = json.loads(_query(np.zeros((1, 1), np.float32))[9:-4])
+    for field, bad in [("start", 1024), ("end", 1025)]:
+        with pytest.raises(FrameError) as e:
+            decode(_frame(json.dumps(q | {field: bad}).encode(), b"\0" * 4))
+        assert e.value.code == ErrorCode.INVALID_HEADER and e.value.request_id == "r1"
+
+
+def test_an_announced_tensor_must_fit_a_wire_tensor() -> None:
+    from iotoffload.transport.frame import MAX_DIM, BlockInfo
+
+    ok = TensorSpec(name="x", shape=(1, MAX_DIM))
+    BlockInfo(onnx_sha256=MID, onnx_bytes=9, input=ok, output=ok)
+    for shape in ((1, MAX_DIM + 1), (1,) * 9, (10**300,)):
+        bad = TensorSpec(name="y", shape=shape)
+        with pytest.raises(ValueError, match="dimensions"):
+            BlockInfo(onnx_sha256=MID, onnx_bytes=9, input=ok, output=bad)
+
+
+@pytest.mark.parametrize(
+    "hb",
+    [
+        # UTF-16 (json.loads would detect and accept it): the header is UTF-8
+        json.dumps({"type": "hello", "device": "d1", "model_id": MID}).encode("utf-16"),
+        b'{"type":"hello","device":"d1","model_id":"\xed\xa0\x80"}',  # an encoded surrogate
+        b"\xef\xbb\xbf{}",  # a byte order mark
+        b'{"type":"hello","device":"d1","model_id":"%s","model_id":"x"}' % MID.encode(),
+    ],
+    ids=["utf16", "encoded-surrogate", "bom", "duplicate-key"],
+)
+def test_headers_that_are_not_strict_utf8_json_objects_are_malformed(hb: bytes) -> None:
+    with pytest.raises(FrameError) as e:
+        decode(_frame(hb))
+    assert e.value.code == ErrorCode.MALFORMED
+
+
+@pytest.mark.parametrize(
+    "hb",
+    [
+        b'{"type":"\\ud800"}',  # the validation message quotes the tag
+        b'{"type":"hello","\\udfff":1}',  # ... or the extra key
+        b'{"type":"hello","device":"d1","model_id":"%s","x\\ud800":1}' % MID.encode(),
+        b'{"type":"query","request_id":"\\ud800","device":"d1"}',  # and request_id is echoed
+    ],
+)
+def test_an_error_frame_quoting_a_lone_surrogate_still_encodes(hb: bytes) -> None:
+    with pytest.raises(FrameError) as e:
+        decode(_frame(hb))
+    assert e.value.code == ErrorCode.INVALID_HEADER
+    _reply_encodes(e.value)
+
+
+def test_the_device_of_a_refused_header_must_be_a_whole_id() -> None:
+    hb = b'{"type":"hello","device":"d1\\n","model_id":"short"}'
+    with pytest.raises(FrameError) as e:
+        decode(_frame(hb))
+    assert e.value.device is None  # re.match("^...$") would take "d1\n"
+    hb = b'{"type":"hello","device":"d1","model_id":"short"}'
+    with pytest.raises(FrameError) as e:
+        decode(_frame(hb))
+    assert e.value.device == "d1"
+
+
+def test_encoding_a_header_that_cannot_be_utf8_is_a_frame_error() -> None:
+    from iotoffload.transport.frame import Announce, BlockInfo
+
+    bad = TensorSpec(name="\ud800", shape=(1, 4))  # a plain str field: pydantic takes it
+    a = Announce(
+        device="d1",
+        model_id=MID,
+        blocks=[BlockInfo(onnx_sha256=MID, onnx_bytes=9, input=bad, output=bad)],
+    )
+    with pytest.raises(FrameError) as e:
+        encode(a)
+    assert e.value.code == ErrorCode.INVALID_HEADER
+
+
+def test_a_tensor_name_with_a_lone_surrogate_is_refused_and_a_pair_is_fine() -> None:
+    from iotoffload.transport.frame import Announce, BlockInfo
+
+    spec = TensorSpec(name="x", shape=(1, 4))
+    a = Announce(
+        device="d1",
+        model_id=MID,
+        blocks=[BlockInfo(onnx_sha256=MID, onnx_bytes=9, input=spec, output=spec)],
+    )
+    hb = a.model_dump_json().encode().replace(b'"name":"x"', b'"name":"\\ud800"', 1)
+    with pytest.raises(FrameError) as e:
+        decode(_frame(hb))
+    assert e.value.code == ErrorCode.INVALID_HEADER and e.value.device == "d1"
+    _reply_encodes(e.value)
+    paired = hb.replace(b"\\ud800", b"\\ud83d\\ude00")  # an escaped emoji (json.dumps writes it)
+    h, _ = decode(_frame(paired))
+    assert isinstance(h, Announce) and h.blocks[0].input.name == "\U0001f600"
