@@ -13,7 +13,6 @@ everything else here; status and control messages are posted as they come.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ from iotoffload.transport.frame import (
     Result,
     UploadAck,
     decode,
+    parse_json,
 )
 from iotoffload.transport.link import Message
 from iotoffload.transport.status import EdgeStatus
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from device_agent.agent import DeviceAgent
 
 log = logging.getLogger(__name__)
+MAX_CONTROL_BYTES = 1024  # {"prefer": EDGE} needs far less
 
 
 class InboundRouter:
@@ -159,7 +160,9 @@ class InboundRouter:
             log.warning("ignored a control message from %s: not an operator of this device", op)
             return
         try:
-            cmd = json.loads(m.payload)
+            if len(m.payload) > MAX_CONTROL_BYTES:
+                raise ValueError(f"control message of {len(m.payload)} bytes (at most 1024)")
+            cmd = parse_json(bytes(m.payload), max_depth=2)  # a FrameError is a ValueError
             if not isinstance(cmd, dict) or "prefer" not in cmd:
                 raise ValueError('expected {"prefer": EDGE or null}')
             target = cmd["prefer"]
@@ -167,5 +170,5 @@ class InboundRouter:
                 raise ValueError(f"edge {target} is not in this device's allowed edges")
             a.set_prefer_now(target)
             log.info("operator %s: prefer %s", op, target)
-        except (ValueError, TypeError, RecursionError) as e:
+        except (ValueError, TypeError) as e:
             log.warning("ignored control message: %s", e)

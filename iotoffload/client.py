@@ -22,7 +22,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
-import json
 import queue
 import threading
 import time
@@ -43,6 +42,7 @@ from iotoffload.transport.frame import (
     decode,
     encode,
     encode_tensor_frame,
+    parse_json,
     tensor_of,
 )
 from iotoffload.transport.mqtt import Message, MqttLink
@@ -202,8 +202,8 @@ class AppClient:
 
         def on(m: Message) -> None:
             try:
-                rec = json.loads(m.payload)
-            except (ValueError, RecursionError):
+                rec = parse_json(bytes(m.payload))  # any bytes: a value or FrameError
+            except ValueError:
                 return
             if isinstance(rec, dict):
                 q.put(rec)

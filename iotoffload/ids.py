@@ -9,7 +9,7 @@ _ID_RE = re.compile(ID_PATTERN)
 
 
 def is_id(value: object) -> bool:
-    return isinstance(value, str) and _ID_RE.match(value) is not None
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None  # not "dev1\n"
 
 
 def check_id(kind: str, value: str) -> str:

@@ -98,3 +98,20 @@ def test_control_only_from_an_operator_and_only_toward_allowed_edges(dev: Device
     assert dev.prefer is None
     inject_message(dev, "control", dev.topics.device_control("d1", "ops"), prefer)
     assert dev.prefer == "e2"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" * 100_000,  # json.loads would recurse until RecursionError
+        b'{"prefer": "e2", "prefer": "evil"}',  # a key twice: parsers may disagree
+        b'{"prefer": "e2", "pad": "' + b"x" * 2000 + b'"}',  # over the size cap
+        b"\xff\xfe{}",
+    ],
+)
+def test_hostile_control_payloads_are_ignored(dev: DeviceAgent, payload: bytes) -> None:
+    inject_message(dev, "control", dev.topics.device_control("d1", "ops"), payload)
+    assert dev.prefer is None
+    ok = json.dumps({"prefer": "e2"}).encode()
+    inject_message(dev, "control", dev.topics.device_control("d1", "ops"), ok)
+    assert dev.prefer == "e2"  # and the device still takes a good one
