@@ -273,7 +273,16 @@ class QueryQueue:
                 timeout += lim.load_s
             t0 = time.perf_counter()
             try:
-                out, times = w.proc.run(job.chain, h.start, h.end, job.body, timeout=timeout)
+                try:
+                    out, times = w.proc.run(job.chain, h.start, h.end, job.body, timeout=timeout)
+                except BlockFaultError as f:
+                    if f.block is not None:
+                        raise
+                    # the process was gone before any block ran (killed from outside, or
+                    # its server): not this query's doing, so it runs once more, afresh
+                    log.warning("%s: %s; running %s again", w.proc.name, f, h.request_id)
+                    timeout = lim.run_s + lim.load_s
+                    out, times = w.proc.run(job.chain, h.start, h.end, job.body, timeout=timeout)
             except BlockFaultError as f:
                 self._threads.post(self._on_fault, job.chain, f)
                 where = "" if f.block is None else f"block {f.block} "

@@ -4,10 +4,11 @@ time limit. A call past its limit kills the process; a process that dies names t
 was running. Either way the caller learns which block did it (``BlockFaultError``) and the next
 call starts a fresh process: nothing else of the edge is touched.
 
-Processes come from a ``forkserver`` that has imported numpy and ONNX Runtime once, so a
-(re)start costs ~10 ms, not a Python start-up. Tensors cross through a shared memory file in
-``/dev/shm`` both sides map (unlinked as soon as both have it open): a query's input is
-copied in once, its output read where the worker wrote it.
+Processes are forks of the edge's own fork server (``edge_agent._zygote``), which has
+imported numpy and ONNX Runtime once, so a (re)start costs a fork, not a Python start-up.
+Tensors cross through a shared memory file in ``/dev/shm`` both sides map (unlinked as soon
+as both have it open): a query's input is copied in once, its output read where the worker
+wrote it.
 """
 
 from __future__ import annotations
@@ -15,41 +16,70 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
-import multiprocessing
 import multiprocessing.connection
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from multiprocessing.context import ForkServerContext
 from pathlib import Path
 from typing import Any
 
-from edge_agent import _worker_main
+from edge_agent import _worker_main, _zygote
 from iotoffload.model.manifest import tensor_nbytes
 from iotoffload.runtime.base import BlockFile
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0
 _MIN_SHM = 1 << 20
-_ctx_lock = threading.Lock()
-_ctx: ForkServerContext | None = None
 _names = iter(range(1 << 62))
 
 
-def _context() -> ForkServerContext:
-    global _ctx
-    with _ctx_lock:
-        if _ctx is None:
-            ctx = multiprocessing.get_context("forkserver")
-            assert isinstance(ctx, ForkServerContext)
-            # "__main__" first: the children then skip re-importing the main module each
-            ctx.set_forkserver_preload(
-                ["__main__", "numpy", "onnxruntime", "edge_agent._worker_main"]
-            )
-            _ctx = ctx
-        return _ctx
+class _ForkServer:
+    """The edge process's one ``_zygote``: started on first use, asked for one worker at a
+    time (its lock is held for that exchange: a few microseconds of socket I/O)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+
+    def _ensure(self) -> socket.socket:
+        if self._sock is not None and self._proc is not None and self._proc.poll() is None:
+            return self._sock
+        if self._sock is not None:
+            self._sock.close()
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent._zygote", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        theirs.close()
+        self._sock = ours
+        return ours
+
+    def fork(self, conn_fd: int, memory_bytes: int, threads: int) -> int:
+        with self._lock:
+            sock = self._ensure()
+            try:
+                _zygote.send_request(sock, ("fork", memory_bytes, threads), conn_fd)
+                reply = _zygote.recv_reply(sock)
+            except (OSError, EOFError) as e:
+                sock.close()
+                self._sock = None
+                raise BlockFaultError("crash", None, f"the worker server failed: {e}") from e
+        assert isinstance(reply, tuple) and reply[0] == "pid"
+        return int(reply[1])
+
+
+_server = _ForkServer()
 
 
 @dataclass(frozen=True)
@@ -97,7 +127,7 @@ class WorkerProcess:
         self.memory_bytes = memory_bytes
         self.threads = threads
         self.restarts = 0  # processes started after the first
-        self._proc: Any = None
+        self._pid: int | None = None
         self._conn: multiprocessing.connection.Connection | None = None
         self._mm: mmap.mmap | None = None
         self._defined: set[str] = set()  # chains the running process knows
@@ -106,30 +136,25 @@ class WorkerProcess:
 
     @property
     def pid(self) -> int | None:
-        p = self._proc
-        return p.pid if p is not None and p.is_alive() else None
+        return self._pid if self._pid is not None and _alive(self._pid) else None
 
     # lifecycle ----------------------------------------------------------------------------
     def _start(self) -> None:
-        ctx = _context()
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(
-            target=_worker_main.main,
-            args=(child, self.memory_bytes, self.threads),
-            name=self.name,
-            daemon=True,
-        )
-        proc.start()
-        child.close()  # ours closed: the process's death is an EOF here
-        self._proc, self._conn = proc, parent
+        ours, theirs = socket.socketpair()
+        try:
+            pid = _server.fork(theirs.fileno(), self.memory_bytes, self.threads)
+        finally:
+            theirs.close()  # the worker has its copy: its death is an EOF here
+        conn = multiprocessing.connection.Connection(ours.detach())
+        self._pid, self._conn = pid, conn
         self._defined, self._loaded = set(), set()
         if self._started:
             self.restarts += 1
         self._started += 1
         try:
-            if not parent.poll(START_TIMEOUT_S):
+            if not conn.poll(START_TIMEOUT_S):
                 raise BlockFaultError("crash", None, "the worker did not start")
-            parent.recv()
+            conn.recv()
             self._map(_MIN_SHM)
         except (EOFError, OSError) as e:
             self._reap()
@@ -159,25 +184,26 @@ class WorkerProcess:
             self._mm = None
 
     def _reap(self) -> None:
-        proc, conn = self._proc, self._conn
-        self._proc = self._conn = None
+        """Kill the process (if it still runs) and forget it; the fork server's kernel
+        reaps it."""
+        pid, conn = self._pid, self._conn
+        self._pid = self._conn = None
         self._defined, self._loaded = set(), set()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if conn is not None:
+            with contextlib.suppress(EOFError, OSError):
+                conn.poll(2)  # its end closes as it dies
             conn.close()
-        if proc is not None:
-            if proc.is_alive():
-                proc.kill()
-            proc.join(5)
-            with contextlib.suppress(ValueError):
-                proc.close()
 
     def close(self) -> None:
         """Stop the process (asked, then killed) and unmap the shared file."""
-        conn, proc = self._conn, self._proc
-        if conn is not None and proc is not None and proc.is_alive():
+        conn = self._conn
+        if conn is not None:
             with contextlib.suppress(OSError, ValueError):
                 conn.send(None)
-            proc.join(2)
+                conn.poll(2)  # EOF once it has exited
         self._reap()
         self._unmap()
 
@@ -200,9 +226,8 @@ class WorkerProcess:
             reply: tuple[Any, ...] = conn.recv()
         except (EOFError, OSError) as e:
             block = self._current_block()
-            code = self._exitcode()
             self._reap()
-            raise BlockFaultError("crash", block, f"the worker died ({code})") from e
+            raise BlockFaultError("crash", block, "the worker process died") from e
         if reply[0] == "error":
             _, kind, message, block = reply
             block = block if isinstance(block, int) and block >= 0 else None
@@ -212,20 +237,8 @@ class WorkerProcess:
             raise BlockRunError(kind, block, message)
         return reply
 
-    def _exitcode(self) -> str:
-        p = self._proc
-        if p is None:
-            return "gone"
-        p.join(2)
-        code = p.exitcode
-        if code is not None and code < 0:
-            return f"killed by signal {-code}"
-        return f"exit code {code}"
-
     def _ready(self, chain: Chain, timeout: float) -> None:
-        if self._proc is None or not self._proc.is_alive():
-            if self._proc is not None:
-                self._reap()
+        if self._conn is None:
             self._start()
         if chain.model_id not in self._defined:
             self._ask(("define", chain.model_id, chain.wire()), timeout)
@@ -275,3 +288,13 @@ class WorkerProcess:
         self._loaded.update((chain.model_id, i) for i in range(start, end))
         _, n, times = reply
         return memoryview(mm)[out_offset : out_offset + int(n)], [float(t) for t in times]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -5,6 +5,9 @@ edge's cap. Every query gets exactly one answer."""
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -199,3 +202,23 @@ def test_an_upload_ack_reports_the_profile_from_the_probe(harness: Harness) -> N
     assert isinstance(ack, UploadAck) and ack.loaded and ack.block_ms is not None
     assert edge.loader.probe.pid is not None  # profiled in its own process
     assert edge.loader.probe.pid not in edge.queries.worker_pids()
+
+
+def test_a_worker_killed_from_outside_between_queries_costs_no_query(harness: Harness) -> None:
+    """The OOM killer (or an operator) ends a worker while it waits: the next query is run
+    again in a fresh process and answered, and nothing is quarantined."""
+    edge = harness.edge()
+    model = tiny_model(2)
+    dev = harness.client("dev1")
+    dev.control(model.announce("dev1"))
+    dev.inventory()
+    dev.upload(model)
+    q = harness.topics.edge_query("edge1", "dev1")
+    dev.send(q, dev.query_frame(model, "before", ZEROS))
+    dev.result("before")
+    (pid,) = edge.queries.worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: edge.queries.worker_pids() == [], 10, "the worker gone")
+    dev.send(q, dev.query_frame(model, "after", ONES))
+    assert np.array_equal(dev.result("after"), model.expected(ONES, 0, 2))
+    assert edge.queries.restarts == 1 and _status(edge).store.quarantined == 0

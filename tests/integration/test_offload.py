@@ -17,11 +17,15 @@ from device_agent.agent import DeviceAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
 from iotoffload.model import ModelPackage
+from iotoffload.model.manifest import TensorSpec, compute_model_id
 from iotoffload.runtime import TFLiteExecutor
 from iotoffload.transport.frame import (
     MAGIC,
+    Announce,
+    BlockInfo,
     Error,
     FrameError,
+    Inventory,
     Query,
     UploadChunk,
     decode,
@@ -135,6 +139,7 @@ class Stranger:
     def __init__(self, broker: BrokerUnderTest, who: str = "spy") -> None:
         self.who = who
         self.errors: list[Error] = []
+        self.inventories: list[Inventory] = []
         self.link = MqttLink(
             broker.url, who, protocol=broker.protocol, security=broker.security(who)
         )
@@ -146,6 +151,22 @@ class Stranger:
             h, _ = decode(m.payload)
             if isinstance(h, Error):
                 self.errors.append(h)
+            elif isinstance(h, Inventory):
+                self.inventories.append(h)
+
+    def announce_block(self, topics: Topics, edge: str, sha: str, nbytes: int) -> str:
+        """Announce a one-block model of its own (chunks are taken only for a block of a
+        model their device announced); its model id, once the edge answered."""
+        t = TensorSpec(name="x", shape=(1, 4))
+        info = BlockInfo(onnx_sha256=sha, onnx_bytes=nbytes, input=t, output=t)
+        a = Announce(device=self.who, model_id=compute_model_id([sha]), blocks=[info])
+        seen = len(self.inventories)
+        self.link.publish(topics.edge_control(edge, self.who), encode(a))
+        end = time.monotonic() + 10
+        while len(self.inventories) == seen and time.monotonic() < end:
+            time.sleep(0.01)
+        assert len(self.inventories) > seen, "the edge did not answer the announce"
+        return a.model_id
 
     def wait_codes(self, codes: list[str], timeout: float = 10.0) -> list[str]:
         end = time.monotonic() + timeout
@@ -202,7 +223,7 @@ def test_bad_input_gets_error_frames_and_the_edge_keeps_serving(
         up = t.edge_upload("edge1", me)
         chunk = UploadChunk(
             device=me,
-            model_id=mid,
+            model_id=spy.announce_block(t, "edge1", "ab" * 32, 4),
             block=0,
             block_sha256="ab" * 32,
             block_bytes=4,
@@ -213,12 +234,14 @@ def test_bad_input_gets_error_frames_and_the_edge_keeps_serving(
         link.publish(up, encode(chunk, b"abcd"))
         # an ONNX block with a custom operator domain, with a correct digest
         evil = _custom_domain_block()
+        evil_sha = hashlib.sha256(evil).hexdigest()
         link.publish(
             up,
             encode(
                 chunk.model_copy(
                     update={
-                        "block_sha256": hashlib.sha256(evil).hexdigest(),
+                        "model_id": spy.announce_block(t, "edge1", evil_sha, len(evil)),
+                        "block_sha256": evil_sha,
                         "block_bytes": len(evil),
                         "chunk_size": len(evil),
                     }
@@ -227,8 +250,18 @@ def test_bad_input_gets_error_frames_and_the_edge_keeps_serving(
             ),
         )
         # a chunk larger than the edge accepts
-        big = chunk.model_copy(update={"block_bytes": 1 << 40, "chunks": 1, "chunk_size": 1 << 40})
+        big = chunk.model_copy(
+            update={
+                "model_id": spy.announce_block(t, "edge1", "cd" * 32, 1 << 40),
+                "block_sha256": "cd" * 32,
+                "block_bytes": 1 << 40,
+                "chunks": 1,
+                "chunk_size": 1 << 40,
+            }
+        )
         link.publish(up, encode(big, b"x"))
+        # a chunk of a model it never announced
+        link.publish(up, encode(chunk.model_copy(update={"model_id": mid}), b"abcd"))
         want = [
             "bad_range",
             "bad_tensor",
@@ -236,6 +269,7 @@ def test_bad_input_gets_error_frames_and_the_edge_keeps_serving(
             "malformed",
             "rejected_block",
             "too_large",
+            "unknown_model",
             "unknown_model",
             "unsupported_version",
         ]
