@@ -12,6 +12,7 @@ from iotoffload.transport.frame import (
     ErrorCode,
     Header,
     Inventory,
+    ModelList,
     ProtocolError,
     UploadAck,
     UploadChunk,
@@ -50,7 +51,7 @@ class Replies:
         if link is not None:
             link.publish(self.topics.device_inbox(device, self.edge_id), frame)
 
-    def reply(self, device: str, header: Inventory | UploadAck | Error) -> None:
+    def reply(self, device: str, header: Inventory | UploadAck | Error | ModelList) -> None:
         self.publish(device, encode(header))
 
     def error(self, e: ProtocolError) -> None:

@@ -29,11 +29,14 @@ from edge_agent.store import BlockStore, StoreError
 from edge_agent.threads import EdgeThreads
 from edge_agent.workers import Chain
 from iotoffload.transport.frame import (
+    MODEL_PAGE,
     Announce,
     ErrorCode,
     FrameError,
     Header,
     Hello,
+    ListModels,
+    ModelList,
     PeerFetch,
     ProtocolError,
     Query,
@@ -45,7 +48,9 @@ from iotoffload.transport.link import Message
 from iotoffload.transport.topics import Topics
 
 
-def forged(h: Announce | Hello | Transfer | Query | UploadChunk, sender: str) -> ProtocolError:
+def forged(
+    h: Announce | Hello | Transfer | Query | UploadChunk | ListModels, sender: str
+) -> ProtocolError:
     """A frame whose ``device`` is not the identity its topic (and the broker) names: refused,
     and the refusal goes to the sender, never to the device it claims to be."""
     return ProtocolError(
@@ -140,6 +145,17 @@ class InboundRouter:
         h = d[0]
         if isinstance(h, PeerFetch):  # from a peer edge: checked by the transfers
             self._peers.push(h, sender)
+            return
+        if isinstance(h, ListModels):
+            if h.device != sender:
+                self._replies.error(forged(h, sender))
+                return
+            models = self.store.model_ids()
+            page = models[h.offset : h.offset + MODEL_PAGE]
+            edge = self._replies.edge_id
+            self._replies.reply(
+                sender, ModelList(edge=edge, offset=h.offset, total=len(models), models=page)
+            )
             return
         if not isinstance(h, Announce | Hello | Transfer):
             self._replies.unexpected(h, "control", sender)

@@ -37,6 +37,8 @@ from iotoffload.transport.frame import (
     FrameError,
     Hello,
     Inventory,
+    ListModels,
+    ModelList,
     Query,
     Result,
     decode,
@@ -88,6 +90,7 @@ class AppClient:
         self._statuses: dict[str, EdgeStatus] = {}
         self._waiting: dict[str, tuple[str, concurrent.futures.Future[Array | Error], Any]] = {}
         self._inventories: dict[tuple[str, str], list[concurrent.futures.Future[Inventory]]] = {}
+        self._model_lists: dict[tuple[str, int], list[concurrent.futures.Future[ModelList]]] = {}
         self._ids = itertools.count(1)
         self.link = MqttLink(broker, self.id, protocol=protocol, security=self.security)
         self.link.subscribe(self.topics.device_inbox(self.id, ANY), self._on_inbox)
@@ -104,8 +107,12 @@ class AppClient:
         with self._lock:
             waiting, self._waiting = self._waiting, {}
             inventories, self._inventories = self._inventories, {}
+            lists, self._model_lists = self._model_lists, {}
         for _, fut, _ in waiting.values():
             fut.cancel()
+        for pages in lists.values():
+            for p in pages:
+                p.cancel()
         for futs in inventories.values():
             for f in futs:
                 f.cancel()
@@ -150,6 +157,35 @@ class AppClient:
                     futs.remove(fut)
                 if not futs:
                     self._inventories.pop((edge, model_id), None)
+
+    def models(self, edge: str, timeout: float = 5.0) -> list[str]:
+        """Every model id announced to ``edge`` (the retained status lists only the first
+        ``status_max_models``): asked a page (``list_models``) at a time."""
+        check_id("edge", edge)
+        out: list[str] = []
+        while True:
+            page = self._model_page(edge, len(out), timeout)
+            out.extend(page.models)
+            if not page.models or len(out) >= page.total:
+                return out
+
+    def _model_page(self, edge: str, offset: int, timeout: float) -> ModelList:
+        fut: concurrent.futures.Future[ModelList] = concurrent.futures.Future()
+        with self._lock:
+            self._model_lists.setdefault((edge, offset), []).append(fut)
+        ask = ListModels(device=self.id, offset=offset)
+        self.link.publish(self.topics.edge_control(edge, self.id), encode(ask))
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"edge {edge} sent no model list within {timeout:g} s") from None
+        finally:
+            with self._lock:
+                futs = self._model_lists.get((edge, offset), [])
+                if fut in futs:
+                    futs.remove(fut)
+                if not futs:
+                    self._model_lists.pop((edge, offset), None)
 
     def query(
         self,
@@ -239,6 +275,13 @@ class AppClient:
                 futs = list(self._inventories.get((sender, h.model_id), []))
             for f in futs:
                 _settle(f, h)
+        elif isinstance(h, ModelList):
+            if h.edge not in (None, sender):
+                return
+            with self._lock:
+                pending = list(self._model_lists.get((sender, h.offset), []))
+            for page in pending:
+                _settle(page, h)
         elif isinstance(h, Result | Error) and h.request_id is not None:
             with self._lock:
                 entry = self._waiting.get(h.request_id)

@@ -282,6 +282,29 @@ class Hello(_H):
     model_id: str = Field(pattern=_SHA)
 
 
+MODEL_PAGE = 512  # model ids per ModelList frame (512 x 67 bytes stay far below the cap)
+
+
+class ListModels(_H):
+    """Device or app → edge: the models announced to it, ``MODEL_PAGE`` at a time from
+    ``offset`` (the retained status lists only the first ``status_max_models``)."""
+
+    type: Literal["list_models"] = "list_models"
+    device: str = Field(pattern=_ID)
+    offset: int = Field(default=0, ge=0, le=1 << 31)
+
+
+class ModelList(_H):
+    """Edge → device: one page of the model ids announced to it (sorted), and how many
+    there are in all."""
+
+    type: Literal["model_list"] = "model_list"
+    edge: str | None = Field(default=None, pattern=_ID)
+    offset: int = Field(ge=0)
+    total: int = Field(ge=0)
+    models: list[Annotated[str, Field(pattern=_SHA)]] = Field(default=[], max_length=MODEL_PAGE)
+
+
 class Transfer(_H):
     """Device → new edge (handoff): fetch these blocks of a model from the old edge over the
     backhaul instead of waiting for the device to upload them again."""
@@ -316,6 +339,8 @@ Header: TypeAlias = (
     | Hello
     | Transfer
     | PeerFetch
+    | ListModels
+    | ModelList
 )
 _HEADER: TypeAdapter[Header] = TypeAdapter(Annotated[Header, Field(discriminator="type")])
 

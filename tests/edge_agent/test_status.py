@@ -6,6 +6,8 @@ import threading
 
 import pytest
 
+from iotoffload.client import AppClient
+from iotoffload.transport.frame import ListModels, ModelList
 from iotoffload.transport.mqtt import Message
 from iotoffload.transport.status import EdgeStatus
 from tests.edge_agent.conftest import Harness, TinyModel, _add_block, tiny_model, wait_until
@@ -69,3 +71,10 @@ def test_status_stays_small_and_is_not_republished_per_announce(harness: Harness
     statuses = len(got) - before
     assert statuses < n / 10, f"{statuses} statuses for {n} announces"
     assert edge.store.model_ids() and len(edge.store.model_ids()) == n
+    # the full list on request: every model, a page at a time from an offset
+    with AppClient(harness.url, "dash") as app:
+        assert app.models("edge1") == edge.store.model_ids()
+    dev.control(ListModels(device="dev1", offset=n - 10))
+    page, _ = dev.take(lambda h: isinstance(h, ModelList), 10)
+    assert isinstance(page, ModelList)
+    assert (page.total, page.offset, page.models) == (n, n - 10, edge.store.model_ids()[-10:])

@@ -31,6 +31,8 @@ from iotoffload.transport.frame import (
     FrameError,
     Hello,
     Inventory,
+    ListModels,
+    ModelList,
     PeerFetch,
     Query,
     Result,
@@ -148,6 +150,8 @@ def _valid_frames() -> list[bytes]:
             )
         ),
         encode(PeerFetch(peer="edge-1", device="dev-1", model_id=MID, blocks=[1])),
+        encode(ListModels(device="dev-1", offset=512)),
+        encode(ModelList(edge="edge-1", offset=0, total=2, models=[MID, MID])),
     ]
     assert {decode(f)[0].type for f in frames} == {
         "announce",
@@ -160,6 +164,8 @@ def _valid_frames() -> list[bytes]:
         "hello",
         "transfer",
         "peer_fetch",
+        "list_models",
+        "model_list",
     }
     return frames
 
