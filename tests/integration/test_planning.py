@@ -44,6 +44,9 @@ def test_high_edge_load_moves_the_split_toward_the_device(
                 advertise=False,
                 protocol=311,
                 workers=1,
+                # the noisy device's burst must queue (the default bound answers it busy)
+                queue_per_device=1000,
+                queue_total=1000,
             )
         )
         edge.start()
@@ -74,16 +77,19 @@ def test_high_edge_load_moves_the_split_toward_the_device(
             assert all(o.offloaded for o in idle), ([o.reason for o in idle], local_ms)
             split_idle = idle[-1].split
             assert split_idle < mobilenet.num_blocks
-            # load: whole-model queries queued at the edge (one worker) at once
+            # load: whole-model queries queued at the edge (one worker) at once, each from a
+            # device of its own: the edge serves devices in turn, so the load one device sees
+            # is how many others wait (a burst from one device would only delay itself)
             burst = min(400, max(60, math.ceil(12 * local_ms / max(edge_ms, 0.5))))
             for i in range(burst):
+                sender = f"noisy-{i}"  # an unsecured broker: any topic level
                 noisy.link.publish(
-                    edge.topics.edge_query("busy", noisy.device_id),
+                    edge.topics.edge_query("busy", sender),
                     encode_tensor_frame(
                         Query,
                         x,
                         request_id=f"load-{i}",
-                        device=noisy.device_id,
+                        device=sender,
                         model_id=mobilenet.manifest.model_id,
                         start=0,
                         end=18,
