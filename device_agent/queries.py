@@ -59,6 +59,8 @@ class QueryOutcome:
     front_ms: float = 0.0
     edge_queue_ms: float | None = None
     edge_exec_ms: float | None = None
+    # of which ONNX Runtime itself ran the blocks (the rest: the edge's worker handoff)
+    edge_compute_ms: float | None = None
     wire_bytes: int = 0
     plan: str = ""
     predicted_ms: float = 0.0
@@ -364,6 +366,7 @@ class QueryRunner:
         out.edge = s.edge_id if offloaded else None
         out.edge_queue_ms = info.get("queue_ms")
         out.edge_exec_ms = info.get("exec_ms")
+        out.edge_compute_ms = info.get("compute_ms")
         out.wire_bytes = int(info.get("wire_bytes", 0))
         return out
 
@@ -447,6 +450,7 @@ class QueryRunner:
         y = np.array(tensor_of(h, body))
         info["queue_ms"] = info.get("queue_ms", 0.0) + h.queue_ms
         info["exec_ms"] = info.get("exec_ms", 0.0) + h.exec_ms
+        info["compute_ms"] = info.get("compute_ms", 0.0) + sum(h.block_ms)
         info["wire_bytes"] = info.get("wire_bytes", 0.0) + len(payload)
         return y
 

@@ -50,7 +50,7 @@ from edge_agent.status import StatusReporter
 from edge_agent.store import BlockStore, StoreLimits
 from edge_agent.threads import EdgeThreads
 from edge_agent.trust import ModelTrust
-from edge_agent.workers import Chain, WorkerProcess
+from edge_agent.workers import BlockFaultError, Chain, WorkerProcess
 from iotoffload.loop import LoopClosedError
 from iotoffload.transport.frame import Inventory
 from iotoffload.transport.link import Message
@@ -134,6 +134,7 @@ class EdgeAgent:
             worker_limits=worker_limits,
             max_deadline_ms=config.max_deadline_ms,
             quarantined=self.loader.quarantine.reason,
+            any_quarantined=self.loader.quarantine.__len__,
             on_fault=self.loader.fault,
         )
         self.loader.settle = self.queries.count
@@ -243,7 +244,17 @@ class EdgeAgent:
 
     async def _begin(self) -> None:
         self.status.begin()
+        self.threads.spawn(self._prestart_probe())
         self.threads.spawn(self._housekeeping())
+
+    async def _prestart_probe(self) -> None:
+        """The probe process started on the loader thread, ahead of the first block."""
+        try:
+            await self.threads.on_loader(self.loader.probe.prestart)
+        except BlockFaultError as e:
+            log.warning(
+                "edge %s: the probe did not start (%s): again on first use", self.config.id, e
+            )
 
     async def _housekeeping(self) -> None:
         """On the loop until stop: expire partial uploads (and save the models' last use)

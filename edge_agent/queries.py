@@ -115,6 +115,7 @@ class QueryQueue:
         worker_limits: WorkerLimits | None = None,
         max_deadline_ms: float = 30_000.0,
         quarantined: Callable[[str], str | None] = lambda sha: None,
+        any_quarantined: Callable[[], int] = lambda: 0,
         on_fault: Callable[[Chain, BlockFaultError], None] = lambda c, f: None,
     ) -> None:
         self.workers = workers
@@ -126,6 +127,7 @@ class QueryQueue:
         self._worker_limits = worker_limits or WorkerLimits()
         self._max_deadline_ms = max_deadline_ms
         self._quarantined = quarantined  # sha256 -> why, when quarantined (any thread)
+        self._any_quarantined = any_quarantined  # how many are (any thread)
         self._on_fault = on_fault  # on the loop: a block broke its limits
         self._outstanding = _Gauge()  # admitted, not finished: waiting or running
         self._fair: FairQueue[_QueryJob] = FairQueue(self._limits)
@@ -225,6 +227,10 @@ class QueryQueue:
 
     # the worker threads -------------------------------------------------------------------
     def _serve(self, w: _Worker) -> None:
+        try:
+            w.proc.prestart()  # ready before the first query needs it
+        except BlockFaultError as f:
+            log.warning("%s: %s (started again on first use)", w.proc.name, f)
         while True:
             job = self._fair.get(wake=lambda: not w.control.empty())
             self._warm(w)
@@ -262,11 +268,13 @@ class QueryQueue:
                 msg = f"waited {queue_ms:.0f} ms in the queue, deadline {job.deadline_ms:g} ms"
                 self._refuse(job, ErrorCode.DEADLINE_EXPIRED, msg)
                 return
-            for i in range(h.start, h.end):
-                why = self._quarantined(job.chain.digests[i])
-                if why is not None:
-                    self._refuse(job, ErrorCode.QUARANTINED, f"block {i} is quarantined: {why}")
-                    return
+            if self._any_quarantined():  # (a block may be quarantined while this waited)
+                for i in range(h.start, h.end):
+                    why = self._quarantined(job.chain.digests[i])
+                    if why is not None:
+                        msg = f"block {i} is quarantined: {why}"
+                        self._refuse(job, ErrorCode.QUARANTINED, msg)
+                        return
             lim = self._worker_limits
             timeout = lim.run_s
             if not w.proc.loaded(h.model_id, h.start, h.end):

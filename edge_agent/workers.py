@@ -13,17 +13,20 @@ wrote it.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 import mmap
-import multiprocessing.connection
 import os
+import pickle
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0
 _MIN_SHM = 1 << 20
 _names = iter(range(1 << 62))
+_FRAME = struct.Struct("!i")  # multiprocessing.Connection's length prefix
 
 
 class _ForkServer:
@@ -128,10 +132,14 @@ class WorkerProcess:
         self.threads = threads
         self.restarts = 0  # processes started after the first
         self._pid: int | None = None
-        self._conn: multiprocessing.connection.Connection | None = None
+        # our end of the worker's connection: a plain socket (``_send``/``_recv`` speak
+        # multiprocessing.Connection's framing, which the worker uses), cheaper per call than
+        # Connection.poll's selector
+        self._conn: socket.socket | None = None
         self._mm: mmap.mmap | None = None
-        self._defined: set[str] = set()  # chains the running process knows
+        self._defined: dict[str, int] = {}  # chains the running process knows: their numbers
         self._loaded: set[tuple[str, int]] = set()  # (model id, block) with a session there
+        self._ran: set[tuple[str, int, int]] = set()  # (model id, start, end) run there
         self._started = 0
 
     @property
@@ -145,16 +153,15 @@ class WorkerProcess:
             pid = _server.fork(theirs.fileno(), self.memory_bytes, self.threads)
         finally:
             theirs.close()  # the worker has its copy: its death is an EOF here
-        conn = multiprocessing.connection.Connection(ours.detach())
+        conn = ours
         self._pid, self._conn = pid, conn
-        self._defined, self._loaded = set(), set()
+        self._defined, self._loaded, self._ran = {}, set(), set()
         if self._started:
             self.restarts += 1
         self._started += 1
         try:
-            if not conn.poll(START_TIMEOUT_S):
+            if self._recv(START_TIMEOUT_S) is None:
                 raise BlockFaultError("crash", None, "the worker did not start")
-            conn.recv()
             self._map(_MIN_SHM)
         except (EOFError, OSError) as e:
             self._reap()
@@ -188,46 +195,88 @@ class WorkerProcess:
         reaps it."""
         pid, conn = self._pid, self._conn
         self._pid = self._conn = None
-        self._defined, self._loaded = set(), set()
+        self._defined, self._loaded, self._ran = {}, set(), set()
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if conn is not None:
             with contextlib.suppress(EOFError, OSError):
-                conn.poll(2)  # its end closes as it dies
+                conn.settimeout(2)
+                conn.recv(1)  # its end closes as it dies
             conn.close()
 
     def close(self) -> None:
         """Stop the process (asked, then killed) and unmap the shared file."""
-        conn = self._conn
-        if conn is not None:
-            with contextlib.suppress(OSError, ValueError):
-                conn.send(None)
-                conn.poll(2)  # EOF once it has exited
+        if self._conn is not None:
+            with contextlib.suppress(OSError, ValueError, EOFError):
+                self._send(pickle.dumps(None))
+                self._recv(2)  # EOF once it has exited
         self._reap()
         self._unmap()
 
     # calls --------------------------------------------------------------------------------
+    def _send(self, data: bytes) -> None:
+        conn = self._conn
+        assert conn is not None
+        conn.settimeout(START_TIMEOUT_S)  # a worker's socket buffer never stays full
+        conn.sendall(_FRAME.pack(len(data)) + data)
+
+    def _recv(self, timeout: float) -> bytes | None:
+        """The next message, or None when none came within ``timeout`` (EOFError: the
+        worker died)."""
+        conn = self._conn
+        assert conn is not None
+        end = time.monotonic() + timeout
+        head = self._recv_exact(conn, _FRAME.size, end)
+        if head is None:
+            return None
+        (n,) = _FRAME.unpack(head)
+        if n < 0:  # a Connection longer than 2 GiB: never ours
+            raise EOFError("the worker sent a frame it cannot")
+        return self._recv_exact(conn, n, end)
+
+    @staticmethod
+    def _recv_exact(conn: socket.socket, n: int, end: float) -> bytes | None:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            conn.settimeout(left)
+            try:
+                k = conn.recv_into(view[got:])
+            except TimeoutError:
+                return None
+            if k == 0:
+                raise EOFError("the worker closed its connection")
+            got += k
+        return bytes(buf)
+
     def _current_block(self) -> int | None:
         if self._mm is None:
             return None
         i = int(_worker_main.CURRENT.unpack_from(self._mm, 0)[0])
         return i if i >= 0 else None
 
-    def _ask(self, msg: tuple[Any, ...], timeout: float) -> tuple[Any, ...]:
-        conn = self._conn
-        assert conn is not None
+    def _ask(self, msg: tuple[Any, ...] | bytes, timeout: float) -> Any:
+        """Send ``msg`` (a tuple, pickled; or a packed ``RUN``) and wait for the answer: a
+        tuple, or the raw bytes of an ``OK``. Raises BlockFaultError, BlockRunError."""
         try:
-            conn.send(msg)
-            if not conn.poll(timeout):
+            self._send(msg if isinstance(msg, bytes) else pickle.dumps(msg))
+            raw = self._recv(timeout)
+            if raw is None:
                 block = self._current_block()
                 self._reap()
                 raise BlockFaultError("time", block, f"no answer within {timeout:g} s: killed")
-            reply: tuple[Any, ...] = conn.recv()
         except (EOFError, OSError) as e:
             block = self._current_block()
             self._reap()
             raise BlockFaultError("crash", block, "the worker process died") from e
+        if raw[:1] == b"K":
+            return raw
+        reply: tuple[Any, ...] = pickle.loads(raw)  # from our own worker
         if reply[0] == "error":
             _, kind, message, block = reply
             block = block if isinstance(block, int) and block >= 0 else None
@@ -237,12 +286,19 @@ class WorkerProcess:
             raise BlockRunError(kind, block, message)
         return reply
 
+    def prestart(self) -> None:
+        """Start the process now (its owner's thread, ahead of the first block or query:
+        the edge's fork server costs a Python start-up once, ~0.2 s)."""
+        if self._conn is None:
+            self._start()
+
     def _ready(self, chain: Chain, timeout: float) -> None:
         if self._conn is None:
             self._start()
         if chain.model_id not in self._defined:
-            self._ask(("define", chain.model_id, chain.wire()), timeout)
-            self._defined.add(chain.model_id)
+            number = len(self._defined) + 1
+            self._ask(("define", chain.model_id, chain.wire(), number), timeout)
+            self._defined[chain.model_id] = number
 
     def load(
         self, chain: Chain, indices: Sequence[int], *, profile: bool, timeout: float
@@ -257,14 +313,17 @@ class WorkerProcess:
 
     def loaded(self, model_id: str, start: int, end: int) -> bool:
         """Whether the running process has the sessions of blocks ``[start, end)``."""
+        if (model_id, start, end) in self._ran:  # the hot path: a range run before
+            return True
         return all((model_id, i) in self._loaded for i in range(start, end))
 
     def forget(self, model_id: str) -> None:
         """Drop a chain's sessions in the process (the probe, after a block passed)."""
         if self._conn is not None and model_id in self._defined:
             self._ask(("forget", model_id), START_TIMEOUT_S)
-            self._defined.discard(model_id)
+            del self._defined[model_id]
             self._loaded = {k for k in self._loaded if k[0] != model_id}
+            self._ran = {k for k in self._ran if k[0] != model_id}
 
     def run(
         self, chain: Chain, start: int, end: int, x: bytes | memoryview, *, timeout: float
@@ -284,10 +343,14 @@ class WorkerProcess:
             mm = self._mm
             assert mm is not None
         mm[head : head + len(x)] = x
-        reply = self._ask(("run", chain.model_id, start, end, out_offset), timeout)
-        self._loaded.update((chain.model_id, i) for i in range(start, end))
-        _, n, times = reply
-        return memoryview(mm)[out_offset : out_offset + int(n)], [float(t) for t in times]
+        number = self._defined[chain.model_id]
+        raw = self._ask(_worker_main.RUN.pack(b"R", number, start, end, out_offset), timeout)
+        if (chain.model_id, start, end) not in self._ran:
+            self._ran.add((chain.model_id, start, end))
+            self._loaded.update((chain.model_id, i) for i in range(start, end))
+        _, n = _worker_main.OK.unpack_from(raw)
+        times = array.array("d", raw[_worker_main.OK.size :]).tolist()
+        return memoryview(mm)[out_offset : out_offset + int(n)], times
 
 
 def _alive(pid: int) -> bool:
