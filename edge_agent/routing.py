@@ -280,7 +280,7 @@ class InboundRouter:
                 f"got {h.tensor.dtype}{list(h.tensor.shape)}",
             )
         q = self._loader.quarantine
-        bad = [i for i in range(h.start, h.end) if a.blocks[i].onnx_sha256 in q]
+        bad = [i for i in range(h.start, h.end) if a.blocks[i].onnx_sha256 in q] if len(q) else []
         if bad:
             why = q.reason(a.blocks[bad[0]].onnx_sha256)
             return refuse(ErrorCode.QUARANTINED, f"blocks {bad} are quarantined: {why}")
