@@ -82,8 +82,18 @@ def test_broker_restart_during_upload_resumes_without_resending_stored_blocks(
         dev = DeviceAgent(mobilenet, url, "e1", split=0, chunk_size=64 * 1024)
         assert dev.connect() is not None
         dev.start_upload()
-        while len(dev.inventory.stored) < 16:  # part of the model is up, big blocks to go
-            time.sleep(0.01)
+        # the restart lands inside the last (biggest) block: some of its chunks sent, most not
+        # (waiting for 16 blocks stored raced the edge finishing 16 and 17 in between)
+        last = mobilenet.num_blocks - 1
+        total = -(-mobilenet.blocks[last].onnx_bytes // (64 * 1024))
+        deadline = time.monotonic() + 60
+
+        def sent() -> int:  # read on the device's loop, which owns the counters
+            return dev.loop.call(lambda: dev.session.chunks_sent.get(last, 0))
+
+        while not 0 < sent() < total // 2:
+            assert time.monotonic() < deadline, "the upload never reached the last block"
+            time.sleep(0.002)
         stored_before = set(dev.inventory.stored)
         m.restart()
         assert dev.wait_upload(90), "upload did not finish after the broker came back"
