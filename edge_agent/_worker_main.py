@@ -42,7 +42,9 @@ from iotoffload.model.manifest import TensorSpec
 from iotoffload.runtime.base import BlockFile, BlockRangeError, RuntimeInputError
 from iotoffload.runtime.onnx import OnnxExecutor
 
-CURRENT = struct.Struct("<q")  # the block running now (-1: none), at offset 0
+# the block running now (-1: none) and since when (time.monotonic()), at offset 0: after a
+# kill or a crash the parent reads which block was running, and for how long
+CURRENT = struct.Struct("<qd")
 HEADER_BYTES = 64  # the input tensor starts here
 RUN = struct.Struct("<cIIIQ")  # b"R", chain number, start, end, output offset
 OK = struct.Struct("<cQ")  # b"K", output bytes; then one double per block
@@ -68,7 +70,25 @@ class _Worker:
     def set_block(self, i: int) -> None:
         self.block = i
         if self.mm is not None:
-            CURRENT.pack_into(self.mm, 0, i)
+            CURRENT.pack_into(self.mm, 0, i, time.monotonic())
+
+    @staticmethod
+    def check_spec(ex: OnnxExecutor, i: int) -> None:
+        """The block's real input and output are what its chain announced: a device's false
+        spec must be the device's error, never a fault blamed on the block."""
+        h = ex.load(i)
+        b = ex.blocks[i]
+        for what, got, want in (
+            ("input", h.session.get_inputs()[0], b.input),
+            ("output", h.session.get_outputs()[0], b.output),
+        ):
+            shape = tuple(got.shape)
+            dtype = _ORT_TYPES.get(got.type)
+            if shape != want.shape or dtype != want.dtype:
+                raise RuntimeInputError(
+                    f"block {i}'s {what} is {dtype}{list(shape)}, "
+                    f"announced {want.dtype}{list(want.shape)}"
+                )
 
     def handle(self, m: tuple[Any, ...]) -> tuple[Any, ...]:
         op = m[0]
@@ -108,6 +128,8 @@ class _Worker:
             for i in indices:
                 self.set_block(i)
                 ex.load(i)
+                self.set_block(-1)  # what follows is the chain's word, not the block's doing
+                self.check_spec(ex, i)
             ms = None
             if profile:
                 i = indices[0]
@@ -161,7 +183,7 @@ class _Worker:
         times = array.array("d")
         clock = time.perf_counter
         for i in range(start, end):
-            CURRENT.pack_into(mm, 0, i)  # a kill from now on names block i
+            CURRENT.pack_into(mm, 0, i, time.monotonic())  # a kill from now on names block i
             self.block = i
             h = ex.load(i)
             t0 = clock()
@@ -182,9 +204,35 @@ class _Worker:
         return OK.pack(b"K", n) + times.tobytes()
 
 
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+}
+
+
+def _die_with_parent() -> None:
+    """SIGKILL when the fork server (our parent) dies: a worker mid-run when the edge goes
+    would otherwise run on until its block ends (Linux only; elsewhere it sees EOF later)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
 def main(conn: Connection, memory_bytes: int, threads: int) -> None:
     """The worker process's entry point (started by ``WorkerProcess``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the edge's to handle
+    _die_with_parent()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash must not write 3 GiB of core
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     w = _Worker(threads)
     conn.send(("ready", os.getpid()))

@@ -180,6 +180,7 @@ class EdgeAgent:
             max_body=config.max_block_bytes,
             stopping=lambda: self._stopping,
             check_announce=trust.check,
+            max_tensor_bytes=config.max_tensor_bytes,
         )
 
     def _link(self) -> MqttLink:

@@ -19,7 +19,13 @@ from edge_agent.replies import Replies
 from edge_agent.stats import EdgeStats
 from edge_agent.store import BlockStore, StoreError
 from edge_agent.threads import EdgeThreads
-from edge_agent.workers import BlockFaultError, BlockRunError, Chain, WorkerProcess
+from edge_agent.workers import (
+    BlockFaultError,
+    BlockRunError,
+    Chain,
+    RunTimeoutError,
+    WorkerProcess,
+)
 from iotoffload.runtime.base import BlockFile
 from iotoffload.transport.frame import ErrorCode, Inventory, ProtocolError, UploadAck, UploadChunk
 
@@ -37,7 +43,7 @@ def _probe(
     try:
         return probe.load(chain, indices, profile=True, timeout=timeout)
     finally:
-        with contextlib.suppress(BlockFaultError, BlockRunError):
+        with contextlib.suppress(BlockFaultError, BlockRunError, RunTimeoutError):
             probe.forget(chain.model_id)
 
 
@@ -307,11 +313,20 @@ class BlockLoader:
             try:
                 ms = await self._threads.on_loader(run)
             except BlockFaultError as f:
+                if f.block is None:  # the probe failed outside the block: not its doing
+                    raise ProtocolError(
+                        ErrorCode.INTERNAL, f"the probe failed ({f}); send the chunk again"
+                    ) from f
                 self.quarantine_block(sha, f.kind, str(f))
                 raise ProtocolError(ErrorCode.QUARANTINED, f"quarantined ({f.kind}): {f}") from f
-            except BlockRunError as e:  # ONNX Runtime cannot load or run it: it never will
-                self.quarantine_block(sha, "load", str(e))
-                raise ProtocolError(ErrorCode.QUARANTINED, f"quarantined (load): {e}") from e
+            except RunTimeoutError as e:
+                raise ProtocolError(ErrorCode.INTERNAL, f"the probe: {e}") from e
+            except BlockRunError as e:
+                if e.kind == "input":  # the announcer's spec is not the block's: its error
+                    raise ProtocolError(ErrorCode.INVALID_MODEL, str(e)) from e
+                # ONNX Runtime cannot load or run it on zeros: refused, not quarantined (no
+                # limit was broken); the next chunk naming it is probed again
+                raise ProtocolError(ErrorCode.REJECTED_BLOCK, f"ONNX Runtime: {e}") from e
             if ms is not None:
                 self._block_ms.setdefault(sha, ms)
         self.warm(ch, indices)

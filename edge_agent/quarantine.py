@@ -70,3 +70,8 @@ class Quarantine:
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself, durable
+        finally:
+            os.close(fd)

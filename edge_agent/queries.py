@@ -29,7 +29,13 @@ from edge_agent.fair import FairQueue, QueueLimits
 from edge_agent.replies import Replies
 from edge_agent.stats import EdgeStats
 from edge_agent.threads import EdgeThreads
-from edge_agent.workers import BlockFaultError, BlockRunError, Chain, WorkerProcess
+from edge_agent.workers import (
+    BlockFaultError,
+    BlockRunError,
+    Chain,
+    RunTimeoutError,
+    WorkerProcess,
+)
 from iotoffload.transport.frame import (
     ErrorCode,
     ProtocolError,
@@ -43,6 +49,10 @@ log = logging.getLogger(__name__)
 EWMA_ALPHA = 0.2
 COUNT_EVERY = 256  # results sent and not counted before the workers ask the loop to count
 MIN_RETRY_MS = 50.0
+
+
+class _WorkerTroubleError(Exception):
+    """The worker process failed twice outside any block (its server, the machine)."""
 
 
 @dataclass(frozen=True)
@@ -229,13 +239,17 @@ class QueryQueue:
     def _serve(self, w: _Worker) -> None:
         try:
             w.proc.prestart()  # ready before the first query needs it
-        except BlockFaultError as f:
+        except (BlockFaultError, OSError) as f:
             log.warning("%s: %s (started again on first use)", w.proc.name, f)
         while True:
             job = self._fair.get(wake=lambda: not w.control.empty())
-            self._warm(w)
+            try:
+                if not self._closing:
+                    self._warm(w)
+            except Exception:  # the thread must outlive anything: queries wait on it
+                log.exception("%s: warming sessions failed", w.proc.name)
             if job is not None:
-                self._run(w, job)
+                self._run(w, job)  # answers every job, whatever happens
             elif self._closing:
                 return
 
@@ -247,9 +261,9 @@ class QueryQueue:
                 return
             try:
                 w.proc.load(chain, indices, profile=False, timeout=self._worker_limits.load_s)
-            except BlockFaultError as f:
-                self._threads.post(self._on_fault, chain, f)
-            except BlockRunError as e:
+            except (BlockFaultError, BlockRunError, RunTimeoutError) as e:
+                # the probe passed it alone: here other models' sessions share the process,
+                # so nothing is blamed; a query's run decides (in a fresh process)
                 log.warning("%s: sessions of %s… not created: %s", w.proc.name, chain.model_id, e)
 
     def _refuse(self, job: _QueryJob, code: ErrorCode, message: str) -> None:
@@ -276,25 +290,22 @@ class QueryQueue:
                         self._refuse(job, ErrorCode.QUARANTINED, msg)
                         return
             lim = self._worker_limits
-            timeout = lim.run_s
-            if not w.proc.loaded(h.model_id, h.start, h.end):
-                timeout += lim.load_s
+            # each block gets run_s of its own (its sessions made on first use included);
+            # the whole run at most twice the longer of run_s and the query's deadline
+            total = 2 * max(lim.run_s, job.deadline_ms / 1e3)
             t0 = time.perf_counter()
             try:
-                try:
-                    out, times = w.proc.run(job.chain, h.start, h.end, job.body, timeout=timeout)
-                except BlockFaultError as f:
-                    if f.block is not None:
-                        raise
-                    # the process was gone before any block ran (killed from outside, or
-                    # its server): not this query's doing, so it runs once more, afresh
-                    log.warning("%s: %s; running %s again", w.proc.name, f, h.request_id)
-                    timeout = lim.run_s + lim.load_s
-                    out, times = w.proc.run(job.chain, h.start, h.end, job.body, timeout=timeout)
+                out, times = self._attempt(w, job, total)
             except BlockFaultError as f:
                 self._threads.post(self._on_fault, job.chain, f)
                 where = "" if f.block is None else f"block {f.block} "
                 self._refuse(job, ErrorCode.QUARANTINED, f"{where}broke its worker: {f}")
+                return
+            except RunTimeoutError as e:
+                self._refuse(job, ErrorCode.DEADLINE_EXPIRED, str(e))
+                return
+            except _WorkerTroubleError as e:
+                self._refuse(job, ErrorCode.INTERNAL, str(e))
                 return
             except BlockRunError as e:
                 self._refuse(job, ErrorCode.BAD_TENSOR, str(e))
@@ -319,6 +330,27 @@ class QueryQueue:
             self._refuse(job, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
         finally:
             self._outstanding.add(-1)
+
+    def _attempt(self, w: _Worker, job: _QueryJob, total: float) -> tuple[memoryview, list[float]]:
+        """Run the query; a worker that died outside any block, or a block that hit the
+        memory cap or killed its worker, gets one more try in a fresh process (with this
+        chain alone in it: memory other models' sessions took is not this block's doing).
+        What fails twice is the block's (BlockFaultError with its index, to quarantine)."""
+        h = job.header
+        run_s = self._worker_limits.run_s
+        try:
+            return w.proc.run(job.chain, h.start, h.end, job.body, timeout=run_s, total=total)
+        except BlockFaultError as f:
+            if f.kind == "time":
+                raise  # a block over its own time limit: no second try
+            log.warning("%s: %s; running %s again in a fresh process", w.proc.name, f, h.request_id)
+        w.proc.close()  # fresh, whatever the first failure left
+        try:
+            return w.proc.run(job.chain, h.start, h.end, job.body, timeout=run_s, total=total)
+        except BlockFaultError as f:
+            if f.block is None:  # twice outside any block: the edge's trouble, not a block's
+                raise _WorkerTroubleError(f"the worker failed twice: {f}") from f
+            raise
 
     # on the loop --------------------------------------------------------------------------
     def count(self) -> None:

@@ -78,6 +78,7 @@ class InboundRouter:
         max_body: int,
         stopping: Callable[[], bool],
         check_announce: Callable[[Announce], ProtocolError | None] = lambda a: None,
+        max_tensor_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self.store = store
         self._replies = replies
@@ -90,6 +91,7 @@ class InboundRouter:
         self._max_body = max_body
         self._stopping = stopping
         self._check_announce = check_announce  # signed models (edge_agent.trust)
+        self._max_tensor_bytes = max_tensor_bytes  # what a worker's shared buffer may need
         self._announcing: dict[str, asyncio.Future[None]] = {}  # model id -> put_model
 
     # network threads: hand the message to the loop, nothing else --------------------------
@@ -271,6 +273,13 @@ class InboundRouter:
             return refuse(
                 ErrorCode.BAD_RANGE,
                 f"block range [{h.start}, {h.end}) outside [0, {len(a.blocks)})",
+            )
+        out = a.blocks[h.end - 1].output
+        if out.nbytes > self._max_tensor_bytes:  # the announce's word, sized before any run
+            return refuse(
+                ErrorCode.BAD_RANGE,
+                f"block {h.end - 1} announces an output of {out.nbytes} bytes, over the edge's "
+                f"max_tensor_bytes ({self._max_tensor_bytes})",
             )
         want = a.blocks[h.start].input
         if h.tensor.dtype != want.dtype or h.tensor.shape != want.shape:

@@ -60,27 +60,41 @@ class _ForkServer:
         ours, theirs = socket.socketpair()
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_agent._zygote", str(theirs.fileno())],
+            # -P: the working directory's modules must not shadow numpy or ours
+            [sys.executable, "-P", "-m", "edge_agent._zygote", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             env=env,
         )
         theirs.close()
+        ours.settimeout(START_TIMEOUT_S)  # a hung server must not hold the lock for good
         self._sock = ours
         return ours
 
     def fork(self, conn_fd: int, memory_bytes: int, threads: int) -> int:
         with self._lock:
-            sock = self._ensure()
             try:
+                sock = self._ensure()
                 _zygote.send_request(sock, ("fork", memory_bytes, threads), conn_fd)
                 reply = _zygote.recv_reply(sock)
-            except (OSError, EOFError) as e:
-                sock.close()
-                self._sock = None
+                if not (isinstance(reply, tuple) and reply[0] == "pid"):
+                    raise EOFError(f"unexpected answer {reply!r}")
+            except (OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+                self._drop()
                 raise BlockFaultError("crash", None, f"the worker server failed: {e}") from e
-        assert isinstance(reply, tuple) and reply[0] == "pid"
         return int(reply[1])
+
+    def _drop(self) -> None:
+        """Forget a failed server (killed): the next fork starts another."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None:
+            with contextlib.suppress(OSError):
+                self._proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(5)
+            self._proc = None
 
 
 _server = _ForkServer()
@@ -110,6 +124,11 @@ class BlockFaultError(Exception):
         super().__init__(message)
         self.kind = kind
         self.block = block
+
+
+class RunTimeoutError(Exception):
+    """A call ran past its overall bound with no block over its own limit: the worker was
+    stopped, nothing is blamed."""
 
 
 class BlockRunError(Exception):
@@ -161,9 +180,10 @@ class WorkerProcess:
         self._started += 1
         try:
             if self._recv(START_TIMEOUT_S) is None:
+                self._reap()  # a late "ready" must not answer the next request
                 raise BlockFaultError("crash", None, "the worker did not start")
             self._map(_MIN_SHM)
-        except (EOFError, OSError) as e:
+        except (EOFError, OSError, ValueError) as e:
             self._reap()
             raise BlockFaultError("crash", None, f"the worker died at start: {e}") from e
 
@@ -173,12 +193,17 @@ class WorkerProcess:
         path = base / f"iotoffload-{os.getpid()}-{next(_names)}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        try:
-            self._ask(("map", str(path), size), START_TIMEOUT_S)
+            try:
+                os.ftruncate(fd, size)
+                mm = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+            _worker_main.CURRENT.pack_into(mm, 0, -1, 0.0)  # no block yet (zeros read as 0)
+            try:
+                self._ask(("map", str(path), size), START_TIMEOUT_S)
+            except BaseException:
+                mm.close()
+                raise
         finally:
             path.unlink(missing_ok=True)  # both have it open: nothing to leak on a crash
         self._unmap()
@@ -195,9 +220,11 @@ class WorkerProcess:
         reaps it."""
         pid, conn = self._pid, self._conn
         self._pid = self._conn = None
+        if self._mm is not None:  # the next process's faults must not read this one's block
+            _worker_main.CURRENT.pack_into(self._mm, 0, -1, 0.0)
         self._defined, self._loaded, self._ran = {}, set(), set()
         if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         if conn is not None:
             with contextlib.suppress(EOFError, OSError):
@@ -254,24 +281,46 @@ class WorkerProcess:
             got += k
         return bytes(buf)
 
-    def _current_block(self) -> int | None:
+    def _current_block(self) -> tuple[int | None, float]:
+        """The block running in the worker now and since when (time.monotonic())."""
         if self._mm is None:
-            return None
-        i = int(_worker_main.CURRENT.unpack_from(self._mm, 0)[0])
-        return i if i >= 0 else None
+            return None, 0.0
+        i, since = _worker_main.CURRENT.unpack_from(self._mm, 0)
+        return (int(i), float(since)) if i >= 0 else (None, 0.0)
 
-    def _ask(self, msg: tuple[Any, ...] | bytes, timeout: float) -> Any:
+    def _wait(self, block_limit: float, total: float) -> bytes:
+        """The answer to the call just sent. Each block gets ``block_limit`` seconds of its
+        own (the worker stamps when each starts): one that runs longer is killed and blamed
+        (BlockFaultError "time"); a call that runs past ``total`` without any block over its
+        limit is killed and blames none (RunTimeoutError)."""
+        end = time.monotonic() + total
+        while True:
+            now = time.monotonic()
+            i, since = self._current_block()
+            # wake when the running block's own time is up, or at the end
+            due = since + block_limit if i is not None else now + block_limit
+            raw = self._recv(max(0.001, min(due, end) - now))
+            if raw is not None:
+                return raw
+            now = time.monotonic()
+            i, since = self._current_block()
+            if i is not None and now - since >= block_limit:
+                self._reap()
+                raise BlockFaultError("time", i, f"block {i} ran past {block_limit:g} s: killed")
+            if now >= end:
+                self._reap()
+                raise RunTimeoutError(f"no answer within {total:g} s: the worker was stopped")
+
+    def _ask(self, msg: tuple[Any, ...] | bytes, timeout: float, total: float | None = None) -> Any:
         """Send ``msg`` (a tuple, pickled; or a packed ``RUN``) and wait for the answer: a
-        tuple, or the raw bytes of an ``OK``. Raises BlockFaultError, BlockRunError."""
+        tuple, or the raw bytes of an ``OK``. ``timeout`` bounds each block's own time,
+        ``total`` the whole call (default: ``timeout``). Raises BlockFaultError,
+        BlockRunError, RunTimeoutError."""
         try:
             self._send(msg if isinstance(msg, bytes) else pickle.dumps(msg))
-            raw = self._recv(timeout)
-            if raw is None:
-                block = self._current_block()
-                self._reap()
-                raise BlockFaultError("time", block, f"no answer within {timeout:g} s: killed")
+            raw = self._wait(timeout, total if total is not None else timeout)
         except (EOFError, OSError) as e:
-            block = self._current_block()
+            block, _ = self._current_block()
             self._reap()
             raise BlockFaultError("crash", block, "the worker process died") from e
         if raw[:1] == b"K":
@@ -303,10 +352,13 @@ class WorkerProcess:
     def load(
         self, chain: Chain, indices: Sequence[int], *, profile: bool, timeout: float
     ) -> float | None:
-        """Create the sessions of ``indices``; with ``profile``, the first one's unloaded time
-        (median of 3 runs on zeros, ms). Raises BlockFaultError, BlockRunError."""
+        """Create the sessions of ``indices`` (each within ``timeout`` of its own); with
+        ``profile``, the first one's unloaded time (median of 3 runs on zeros, ms). Raises
+        BlockFaultError, BlockRunError (kind "input": the chain's spec is not the block's),
+        RunTimeoutError."""
         self._ready(chain, timeout)
-        reply = self._ask(("load", chain.model_id, list(indices), profile), timeout)
+        total = timeout * (len(indices) + (3 if profile else 0))
+        reply = self._ask(("load", chain.model_id, list(indices), profile), timeout, total)
         self._loaded.update((chain.model_id, i) for i in indices)
         ms = reply[1]
         return float(ms) if ms is not None else None
@@ -326,11 +378,20 @@ class WorkerProcess:
             self._ran = {k for k in self._ran if k[0] != model_id}
 
     def run(
-        self, chain: Chain, start: int, end: int, x: bytes | memoryview, *, timeout: float
+        self,
+        chain: Chain,
+        start: int,
+        end: int,
+        x: bytes | memoryview,
+        *,
+        timeout: float,
+        total: float | None = None,
     ) -> tuple[memoryview, list[float]]:
-        """Run blocks ``[start, end)`` on the tensor bytes ``x`` (block ``start``'s input);
-        the output bytes (a view of the shared file, valid until the next call) and each
-        block's seconds. Raises BlockFaultError, BlockRunError."""
+        """Run blocks ``[start, end)`` on the tensor bytes ``x`` (block ``start``'s input),
+        each block within ``timeout`` of its own (its session made on first use included),
+        the whole run within ``total`` (default: ``timeout`` per block); the output bytes (a
+        view of the shared file, valid until the next call) and each block's seconds.
+        Raises BlockFaultError, BlockRunError, RunTimeoutError."""
         self._ready(chain, timeout)
         out_spec = chain.files[end - 1].output
         head = _worker_main.HEADER_BYTES
@@ -344,7 +405,8 @@ class WorkerProcess:
             assert mm is not None
         mm[head : head + len(x)] = x
         number = self._defined[chain.model_id]
-        raw = self._ask(_worker_main.RUN.pack(b"R", number, start, end, out_offset), timeout)
+        msg = _worker_main.RUN.pack(b"R", number, start, end, out_offset)
+        raw = self._ask(msg, timeout, total if total is not None else timeout * (end - start))
         if (chain.model_id, start, end) not in self._ran:
             self._ran.add((chain.model_id, start, end))
             self._loaded.update((chain.model_id, i) for i in range(start, end))
