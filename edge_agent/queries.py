@@ -18,8 +18,11 @@ queries are outstanding is a ``_Gauge`` of its own, so admission needs no hop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 EWMA_ALPHA = 0.2
 COUNT_EVERY = 256  # results sent and not counted before the workers ask the loop to count
 MIN_RETRY_MS = 50.0
+STOP_GRACE_S = 5.0  # at stop, a run still going gets this long before its worker is killed
 
 
 class _WorkerTroubleError(Exception):
@@ -186,6 +190,11 @@ class QueryQueue:
         self._outstanding.add(-len(left))
         for w in self._workers:
             if w.thread is not None:
+                w.thread.join(STOP_GRACE_S)
+                if w.thread.is_alive() and (pid := w.proc.pid) is not None:
+                    # a run still going at stop: ended (and blamed on nothing: closing)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
                 w.thread.join()
             w.proc.close()
         self._workers = []
@@ -297,6 +306,9 @@ class QueryQueue:
             try:
                 out, times = self._attempt(w, job, total)
             except BlockFaultError as f:
+                if self._closing:  # killed at stop: nothing to blame
+                    self._refuse(job, ErrorCode.INTERNAL, "the edge is stopping")
+                    return
                 self._threads.post(self._on_fault, job.chain, f)
                 where = "" if f.block is None else f"block {f.block} "
                 self._refuse(job, ErrorCode.QUARANTINED, f"{where}broke its worker: {f}")
@@ -341,8 +353,8 @@ class QueryQueue:
         try:
             return w.proc.run(job.chain, h.start, h.end, job.body, timeout=run_s, total=total)
         except BlockFaultError as f:
-            if f.kind == "time":
-                raise  # a block over its own time limit: no second try
+            if f.kind == "time" or self._closing:
+                raise  # a block over its own time limit (or the stop): no second try
             log.warning("%s: %s; running %s again in a fresh process", w.proc.name, f, h.request_id)
         w.proc.close()  # fresh, whatever the first failure left
         try:

@@ -11,6 +11,7 @@ by the edge's owner, in ``start`` and ``stop``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -27,6 +28,7 @@ from iotoffload.transport.mqtt import MqttLink
 from iotoffload.transport.status import EdgeLoad, EdgeStatus, StoreCounts, TransferCounts
 from iotoffload.transport.topics import Topics
 
+log = logging.getLogger(__name__)
 MIN_PUBLISH_S = 0.25  # between two retained statuses, whatever happens meanwhile
 
 
@@ -157,7 +159,10 @@ class StatusReporter:
             adv = self._advertiser
             if adv is not None and abs(load - advertised) >= 0.5:  # TXT updates are multicast
                 advertised = load
-                await self._threads.on_zeroconf(adv.update, load)
+                try:
+                    await self._threads.on_zeroconf(adv.update, load)
+                except Exception:  # the status task must outlive zeroconf's trouble
+                    log.exception("edge %s: zeroconf update failed", self.config.id)
 
     # the advertisement (the owner's thread) -----------------------------------------------
     def advertise(self, load: float) -> None:

@@ -41,6 +41,7 @@ START_TIMEOUT_S = 30.0
 _MIN_SHM = 1 << 20
 _names = iter(range(1 << 62))
 _FRAME = struct.Struct("!i")  # multiprocessing.Connection's length prefix
+MAX_RANGES = 4096
 
 
 class _ForkServer:
@@ -159,6 +160,7 @@ class WorkerProcess:
         self._defined: dict[str, int] = {}  # chains the running process knows: their numbers
         self._loaded: set[tuple[str, int]] = set()  # (model id, block) with a session there
         self._ran: set[tuple[str, int, int]] = set()  # (model id, start, end) run there
+        self._numbers = 0  # chain numbers given out to the running process
         self._started = 0
 
     @property
@@ -345,7 +347,8 @@ class WorkerProcess:
         if self._conn is None:
             self._start()
         if chain.model_id not in self._defined:
-            number = len(self._defined) + 1
+            self._numbers += 1  # never reused within a process (a forget frees no number)
+            number = self._numbers
             self._ask(("define", chain.model_id, chain.wire(), number), timeout)
             self._defined[chain.model_id] = number
 
@@ -408,6 +411,8 @@ class WorkerProcess:
         msg = _worker_main.RUN.pack(b"R", number, start, end, out_offset)
         raw = self._ask(msg, timeout, total if total is not None else timeout * (end - start))
         if (chain.model_id, start, end) not in self._ran:
+            if len(self._ran) >= MAX_RANGES:  # a memo only: bounded whatever devices ask
+                self._ran.clear()
             self._ran.add((chain.model_id, start, end))
             self._loaded.update((chain.model_id, i) for i in range(start, end))
         _, n = _worker_main.OK.unpack_from(raw)
