@@ -140,31 +140,6 @@ class _Worker:
                 ms = float(np.median(times)) * 1e3
             self.set_block(-1)
             return ("ok", ms)
-        if op == "run":
-            _, key, start, end, out_offset = m
-            ex = self.chains[key]
-            assert self.mm is not None
-            ex.check_range(start, end)
-            spec = ex.blocks[start].input
-            count = int(np.prod(spec.shape))
-            y: np.ndarray[Any, Any] = np.frombuffer(
-                self.mm, np.dtype(spec.dtype), count, HEADER_BYTES
-            ).reshape(spec.shape)
-            times = []
-            for i in range(start, end):  # one block at a time: CURRENT names the culprit
-                self.set_block(i)
-                y, t = ex.run_timed(i, i + 1, y)
-                times.extend(t)
-            self.set_block(-1)
-            out = np.ascontiguousarray(y)
-            want = ex.blocks[end - 1].output
-            if out.dtype != np.dtype(want.dtype):
-                raise RuntimeError(f"block {end - 1} returned {out.dtype}, not {want.dtype}")
-            n = out.nbytes
-            if out_offset + n > len(self.mm):
-                raise RuntimeInputError(f"output of {n} bytes does not fit the shared buffer")
-            self.mm[out_offset : out_offset + n] = out.data.cast("B")
-            return ("ok", n, times)
         raise ValueError(f"unknown worker message {op!r}")
 
     def run(self, number: int, start: int, end: int, out_offset: int) -> bytes:

@@ -41,7 +41,6 @@ START_TIMEOUT_S = 30.0
 _MIN_SHM = 1 << 20
 _names = iter(range(1 << 62))
 _FRAME = struct.Struct("!i")  # multiprocessing.Connection's length prefix
-MAX_RANGES = 4096
 
 
 class _ForkServer:
@@ -158,8 +157,6 @@ class WorkerProcess:
         self._conn: socket.socket | None = None
         self._mm: mmap.mmap | None = None
         self._defined: dict[str, int] = {}  # chains the running process knows: their numbers
-        self._loaded: set[tuple[str, int]] = set()  # (model id, block) with a session there
-        self._ran: set[tuple[str, int, int]] = set()  # (model id, start, end) run there
         self._numbers = 0  # chain numbers given out to the running process
         self._started = 0
 
@@ -176,7 +173,7 @@ class WorkerProcess:
             theirs.close()  # the worker has its copy: its death is an EOF here
         conn = ours
         self._pid, self._conn = pid, conn
-        self._defined, self._loaded, self._ran = {}, set(), set()
+        self._defined = {}
         if self._started:
             self.restarts += 1
         self._started += 1
@@ -224,7 +221,7 @@ class WorkerProcess:
         self._pid = self._conn = None
         if self._mm is not None:  # the next process's faults must not read this one's block
             _worker_main.CURRENT.pack_into(self._mm, 0, -1, 0.0)
-        self._defined, self._loaded, self._ran = {}, set(), set()
+        self._defined = {}
         if pid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
@@ -362,23 +359,14 @@ class WorkerProcess:
         self._ready(chain, timeout)
         total = timeout * (len(indices) + (3 if profile else 0))
         reply = self._ask(("load", chain.model_id, list(indices), profile), timeout, total)
-        self._loaded.update((chain.model_id, i) for i in indices)
         ms = reply[1]
         return float(ms) if ms is not None else None
-
-    def loaded(self, model_id: str, start: int, end: int) -> bool:
-        """Whether the running process has the sessions of blocks ``[start, end)``."""
-        if (model_id, start, end) in self._ran:  # the hot path: a range run before
-            return True
-        return all((model_id, i) in self._loaded for i in range(start, end))
 
     def forget(self, model_id: str) -> None:
         """Drop a chain's sessions in the process (the probe, after a block passed)."""
         if self._conn is not None and model_id in self._defined:
             self._ask(("forget", model_id), START_TIMEOUT_S)
             del self._defined[model_id]
-            self._loaded = {k for k in self._loaded if k[0] != model_id}
-            self._ran = {k for k in self._ran if k[0] != model_id}
 
     def run(
         self,
@@ -410,11 +398,6 @@ class WorkerProcess:
         number = self._defined[chain.model_id]
         msg = _worker_main.RUN.pack(b"R", number, start, end, out_offset)
         raw = self._ask(msg, timeout, total if total is not None else timeout * (end - start))
-        if (chain.model_id, start, end) not in self._ran:
-            if len(self._ran) >= MAX_RANGES:  # a memo only: bounded whatever devices ask
-                self._ran.clear()
-            self._ran.add((chain.model_id, start, end))
-            self._loaded.update((chain.model_id, i) for i in range(start, end))
         _, n = _worker_main.OK.unpack_from(raw)
         times = array.array("d", raw[_worker_main.OK.size :]).tolist()
         return memoryview(mm)[out_offset : out_offset + int(n)], times

@@ -78,3 +78,21 @@ def test_status_stays_small_and_is_not_republished_per_announce(harness: Harness
     page, _ = dev.take(lambda h: isinstance(h, ModelList), 10)
     assert isinstance(page, ModelList)
     assert (page.total, page.offset, page.models) == (n, n - 10, edge.store.model_ids()[-10:])
+
+
+def test_list_models_claiming_another_device_or_past_the_end(harness: Harness) -> None:
+    """A list_models naming another device is refused to its sender (forbidden) and answers
+    nobody else; an offset past the end gets an empty page with the total, not an error."""
+    harness.edge()
+    dev = harness.client("dev1")
+    dev.control(tiny_model(1).announce("dev1"))
+    dev.inventory()
+    victim = harness.client("victim")
+    dev.control(ListModels(device="victim"))
+    err = dev.error(lambda e: e.code == "forbidden")
+    assert "victim" in err.message
+    with pytest.raises(AssertionError, match="no such frame"):
+        victim.take(lambda h: isinstance(h, ModelList), 0.5)
+    dev.control(ListModels(device="dev1", offset=1 << 31))
+    page, _ = dev.take(lambda h: isinstance(h, ModelList), 10)
+    assert isinstance(page, ModelList) and page.models == [] and page.total == 1

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edge_agent.workers import BlockFaultError, BlockRunError, Chain, WorkerProcess
 from iotoffload.model.manifest import TensorSpec
 from iotoffload.runtime.base import BlockFile
+from tests.edge_agent.attack_blocks import expand_bomb, slow_block
 
 X4 = TensorSpec(name="x", shape=(1, 4))
 
@@ -48,49 +49,13 @@ def _add(path: Path, k: float, shape: tuple[int, ...] = (1, 4)) -> Path:
 
 
 def _expand_bomb(path: Path) -> Path:
-    """x (1,4) -> Expand to (2^29, 4) floats (8 GiB) -> ReduceMean back to (1, 4)."""
-    s = numpy_helper.from_array(np.array([1 << 29, 4], np.int64), "s")
-    return _save(
-        path,
-        [
-            helper.make_node("Expand", ["x", "s"], ["e"]),
-            helper.make_node("ReduceMean", ["e"], ["y"], axes=[0], keepdims=1),
-        ],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [s],
-    )
+    path.write_bytes(expand_bomb())  # x (1,4) expanded to 8 GiB, averaged back
+    return path
 
 
 def _endless_loop(path: Path) -> Path:
-    """A Loop of 2^62 iterations adding 1 to x."""
-    one = numpy_helper.from_array(np.ones((1, 4), np.float32), "one")
-    body = helper.make_graph(
-        [
-            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
-        ],
-        "body",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 4]),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 4]),
-        ],
-        [one],
-    )
-    m = numpy_helper.from_array(np.array(1 << 62, np.int64), "m")
-    c = numpy_helper.from_array(np.array(True), "c")
-    return _save(
-        path,
-        [helper.make_node("Loop", ["m", "c", "x"], ["y"], body=body)],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [m, c],
-    )
+    path.write_bytes(slow_block(1 << 62))  # a Loop of 2^62 iterations
+    return path
 
 
 def _chain(model_id: str, *paths: Path) -> Chain:
