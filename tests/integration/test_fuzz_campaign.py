@@ -90,8 +90,10 @@ BATCH = 200  # frames between two barriers (the broker queues at most 1000 for t
 MiB = 1024 * 1024
 
 # Small caps so every attack resolves in seconds; the README's Hardening section has the rest.
+# Workers get 768 MiB of address space: the bounded bomb's 768 MiB of live tensors plus ONNX
+# Runtime's own ~180 MiB can never fit (at 1 GiB it fit now and then: a flaky margin of ~70 MiB).
 CAPS: dict[str, Any] = {
-    "worker_memory_mb": 1024,
+    "worker_memory_mb": 768,
     "run_time_limit_s": 2.0,
     "load_time_limit_s": 4.0,
     "store_max_bytes": 8 * MiB,
@@ -933,8 +935,8 @@ def input_sized_expand() -> bytes:
 
 def bounded_bomb() -> bytes:
     """Three live tensors of 256 MiB (each at the default per-tensor cap, 768 MiB in all, under
-    the 1 GiB total cap): screening passes it; a worker capped at 1 GiB cannot hold it with
-    ONNX Runtime's own address space."""
+    the 1 GiB total cap): screening passes it; a worker capped at 768 MiB cannot hold it with
+    ONNX Runtime's own address space (~180 MiB), so it is quarantined for memory."""
     return _model(
         [
             helper.make_node("Expand", ["x", "s"], ["e1"]),
