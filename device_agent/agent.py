@@ -55,7 +55,9 @@ from iotoffload.transport.topics import ANY, DEFAULT_PREFIX, Topics
 
 log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_CHUNK", "DeviceAgent", "HandoffEvent", "QueryOutcome"]
-DEFAULT_CHUNK = 256 * 1024  # well under mosquitto 2.1's 2 MB and EMQX's 1 MB packet caps
+# the largest upload chunk (chunks are sized to the link below it): a frame of it stays under
+# EMQX's 1 MB and mosquitto 2.1's 2 MB packet caps
+DEFAULT_CHUNK = 512 * 1024
 T = TypeVar("T")
 
 

@@ -38,7 +38,7 @@ class DeviceConfig(BaseSettings):
         description="edge ÷ device speed, until the edge reports its own block times",
     )
     deadline_ms: float | None = Field(default=None, gt=0, description="per-query; auto if unset")
-    chunk_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
+    chunk_bytes: int = Field(default=512 * 1024, ge=1024, le=1024 * 1024)
     tflite_threads: int = Field(default=1, ge=1, le=64)
     # who this device trusts (protocol v2: identities are topic levels the broker vouches for)
     edges: list[str] = Field(

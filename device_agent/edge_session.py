@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import mmap
 import time
 from collections import deque
 from collections.abc import Callable
@@ -41,6 +42,14 @@ from iotoffload.transport.topics import Topics
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 MISS_WINDOW_S = 30.0  # deadline misses older than this no longer count toward a move
+# Chunks are sized to the link: one holds it about this long, which is what a query's tensor
+# waits behind at most (the window keeps about one chunk queued ahead of the link).
+CHUNK_LINK_S = 0.04
+MIN_CHUNK = 16 * 1024  # below this, per-chunk work (frames, acks) costs more than it saves
+MAX_CHUNK = 1024 * 1024  # the largest chunk size a resume takes from an edge's inventory
+# Time from a chunk's last byte reaching the edge to its ack reaching us, beyond the round
+# trip (the edge writes the chunk first): part of the bytes the window keeps in flight.
+ACK_SLACK_S = 0.005
 
 
 # errors that answer an announce: the edge will not take the model as it is
@@ -84,7 +93,6 @@ class EdgeSession:
         inputs: PlanningInputs,
         chunk_size: int,
         peer_stall_s: float = 3.0,
-        chunks_in_flight: int = 3,
     ) -> None:
         self.edge_id = edge_id
         self.broker = broker
@@ -93,7 +101,7 @@ class EdgeSession:
         self.device_id = device_id
         self.topics = topics
         self.inputs = inputs  # its own Estimates (each edge has its own link and load); frozen
-        self.chunk_size = chunk_size
+        self.chunk_size = chunk_size  # the largest chunk (chunks are sized to the link below it)
         self.peer_stall_s = peer_stall_s
         self.online = True
         self.announced = False
@@ -117,15 +125,19 @@ class EdgeSession:
         # bandwidth from the upload itself: the spacing of chunk acks while the window keeps
         # the link busy (a whole block's ack also waits for the edge to check and load it)
         self._ack_run: list[tuple[float, int]] = []
-        # Chunks sent but not acked. Queries share the connection with the upload: without
-        # this bound a query waits behind every chunk paho has queued (whole blocks, seconds
-        # on a slow link); with it, behind at most a few chunks.
-        self.chunks_in_flight = chunks_in_flight
-        self._unacked: set[tuple[int, int]] = set()
-        self._queries = 0  # queries in flight to this edge: the upload yields the link to them
+        # Chunks sent but not acked, and their bytes. Queries share the connection with the
+        # upload: the window keeps the link busy (the bytes one ack's round trip carries)
+        # plus about one chunk queued, so a query's tensor waits behind about one chunk.
+        self._unacked: dict[tuple[int, int], int] = {}
+        self.unacked_bytes = 0  # read by query threads (an int: a snapshot)
+        self._block_chunk: dict[int, int] = {}  # the chunk size each block is sent in
+        self._window_open: asyncio.Future[None] | None = None
+        self._query_at: tuple[float, float] | None = None  # an expected query (expect_query)
+        self._queries = 0  # queries in flight to this edge
         self._pace_until = 0.0
         self.misses: deque[float] = deque(maxlen=64)
         self.chunks_sent: dict[int, int] = {}
+        self.chunk_counts: dict[int, int] = {}  # block -> the chunks it was cut into (last sent)
         self.resumed_blocks: list[int] = []
         self.bytes_uploaded = 0
         self.upload_errors: list[str] = []
@@ -138,7 +150,36 @@ class EdgeSession:
 
     # what the edge holds --------------------------------------------------------------------
     def _chunks(self, i: int) -> int:
-        return -(-self.pkg.blocks[i].onnx_bytes // self.chunk_size)
+        return -(-self.pkg.blocks[i].onnx_bytes // self.chunk_of(i))
+
+    def chunk_of(self, i: int) -> int:
+        """The chunk size block i is (or will be) sent in: fixed once its upload started, so
+        its chunk indices keep their meaning across resends and resumes."""
+        return self._block_chunk.get(i) or self.link_chunk()
+
+    def link_chunk(self) -> int:
+        """A chunk that holds the link about CHUNK_LINK_S at the measured bandwidth, within
+        [MIN_CHUNK, chunk_size], in whole KiB."""
+        want = int(self.inputs.estimates.bandwidth_Bps * CHUNK_LINK_S) // 1024 * 1024
+        return max(min(self.chunk_size, MIN_CHUNK), min(self.chunk_size, want))
+
+    def window_bytes(self, chunk: int) -> int:
+        """Bytes the upload keeps unacked: what the link carries during one ack's round trip
+        plus one chunk, and at least two chunks (acks come per chunk: with one in flight the
+        link would idle while each ack comes back)."""
+        e = self.inputs.estimates
+        in_flight = e.bandwidth_Bps * (e.rtt_ms / 1e3 + ACK_SLACK_S)
+        return max(2 * chunk, chunk + int(in_flight))
+
+    def behind_upload_ms(self) -> float | None:
+        """(Any thread.) About how long a tensor published now waits behind upload chunks:
+        the unacked bytes beyond what one round trip carries, at the measured bandwidth.
+        None when no chunk is unacked."""
+        unacked = self.unacked_bytes
+        if unacked <= 0:
+            return None
+        e = self.inputs.estimates
+        return max(0.0, unacked / e.bandwidth_Bps * 1e3 - e.rtt_ms)
 
     def has(self, start: int, end: int) -> bool:
         stored = self.stored
@@ -245,14 +286,20 @@ class EdgeSession:
 
     # frames from this edge -------------------------------------------------------------------
     def on_inventory(self, h: Inventory) -> None:
-        self._unacked.clear()  # the inventory is the edge's whole state: resend from it
+        self._clear_unacked()  # the inventory is the edge's whole state: resend from it
         self.known = h.known
         self.stored, self._loaded = frozenset(h.stored), frozenset(h.loaded)
-        self._partial = {  # a hostile list must not make a chunk we cannot build
-            i: sorted({c for c in missing if 0 <= c < self._chunks(i)})
-            for i, missing in h.partial.items()
-            if 0 <= i < self.pkg.num_blocks
-        }
+        partial: dict[int, list[int]] = {}
+        for i, missing in h.partial.items():
+            if not 0 <= i < self.pkg.num_blocks or i in self.stored:
+                continue
+            size = h.partial_chunk_size.get(i, self._block_chunk.get(i, self.chunk_size))
+            if not min(MIN_CHUNK, self.chunk_size) <= size <= max(MAX_CHUNK, self.chunk_size):
+                continue  # a chunking we would not send in (hostile?): upload it whole
+            self._block_chunk[i] = size
+            # a hostile list must not make a chunk we cannot build
+            partial[i] = sorted({c for c in missing if 0 <= c < self._chunks(i)})
+        self._partial = partial
         for i, ms in h.block_ms.items():
             self.update_edge_profile(i, ms)
         if self._hello_sent is not None:
@@ -271,17 +318,37 @@ class EdgeSession:
                     self.resumed_blocks.append(i)
         self._changed.notify()
 
+    def _clear_unacked(self, block: int | None = None) -> None:
+        if block is None:
+            self._unacked.clear()
+        else:
+            for u in [u for u in self._unacked if u[0] == block]:
+                del self._unacked[u]
+        self.unacked_bytes = sum(self._unacked.values())
+        self._open_window()
+
+    def _open_window(self) -> None:
+        if self._window_open is not None:
+            _open(self._window_open)
+
     def on_ack(self, h: UploadAck) -> None:
-        mine = (h.block, h.chunk) in self._unacked
-        self._unacked.discard((h.block, h.chunk))
+        # Cumulative: the edge stores a device's chunks in order, one at a time, so an ack
+        # covers this block's earlier chunks too (one ack lost at QoS 0 costs nothing).
+        acked = [u for u in self._unacked if u[0] == h.block and u[1] <= h.chunk]
+        nbytes = 0
+        for u in acked:
+            nbytes += self._unacked.pop(u)
+        if acked:
+            self.unacked_bytes -= nbytes
+            self._open_window()
         if h.block in self.peer_blocks:
             self._peer_progress = time.monotonic()
         if not h.block_done:
-            if mine:
-                self._observe_chunk_ack()
-            self._changed.notify()
+            if acked:
+                self._observe_chunk_ack(nbytes)
             return
-        self._unacked = {u for u in self._unacked if u[0] != h.block}
+        self._clear_unacked(h.block)
+        self._block_chunk.pop(h.block, None)
         self.stored = self.stored | {h.block}
         if h.loaded:
             self._loaded = self._loaded | {h.block}
@@ -289,14 +356,14 @@ class EdgeSession:
         self.update_edge_profile(h.block, h.block_ms)
         self._changed.notify()
 
-    def _observe_chunk_ack(self, run: int = 4) -> None:
-        """Every ``run`` chunk acks in a row, one bandwidth sample: the chunks acked after the
-        first over the time since it. A pause (a query, the window drained) breaks the run."""
+    def _observe_chunk_ack(self, nbytes: int, run: int = 4) -> None:
+        """Every ``run`` chunk acks in a row, one bandwidth sample: the bytes acked after the
+        first over the time since it. A pause (the window drained, no upload) breaks the run."""
         now = time.perf_counter()
         acks = self._ack_run
         if acks and now - acks[-1][0] > 1.0:
             acks.clear()
-        acks.append((now, self.chunk_size))
+        acks.append((now, nbytes))
         if len(acks) > run:
             span = acks[-1][0] - acks[0][0]
             if span > 0:
@@ -317,7 +384,7 @@ class EdgeSession:
             self.refused = f"{h.code}: {h.message}"
         elif h.block is not None:
             block = h.block
-            self._unacked = {u for u in self._unacked if u[0] != block}
+            self._clear_unacked(block)
             if h.code != ErrorCode.STORE_FAILED:  # the edge's disk: a later retry may work
                 self._block_failed[block] = f"{h.code}: {h.message}"
             if h.code == ErrorCode.QUARANTINED:  # the edge will never run it: plan without it
@@ -359,7 +426,7 @@ class EdgeSession:
         Up to ``window`` blocks are in flight: the next block travels while the edge checks,
         screens and loads the previous one.
         """
-        outstanding: list[tuple[int, bytes]] = []
+        outstanding: list[tuple[int, memoryview]] = []
         for i in order:
             if not active():
                 return False
@@ -368,9 +435,7 @@ class EdgeSession:
             if i in self.stored:
                 continue
             missing = self._partial.get(i)
-            data = await asyncio.get_running_loop().run_in_executor(
-                None, self.pkg.onnx_path(i).read_bytes
-            )
+            data = await asyncio.get_running_loop().run_in_executor(None, self._map, i)
             if not await self._send_block(i, data, missing, progress, rate_Bps, active):
                 return False
             outstanding.append((i, data))
@@ -380,6 +445,11 @@ class EdgeSession:
             await self._confirm_block(i, data, progress, block_timeout, retries)
         self.upload_complete = active()
         return self.upload_complete
+
+    def _map(self, i: int) -> memoryview:
+        """Block i's file, mapped: chunks are slices of it (no copy until the frame's)."""
+        with self.pkg.onnx_path(i).open("rb") as f:
+            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
     async def _await_peer(self, i: int, active: Callable[[], bool]) -> bool:
         """True once block i arrived from the peer edge; False when we must send it ourselves
@@ -404,7 +474,12 @@ class EdgeSession:
         return i in self.stored or i in self._block_failed
 
     async def _confirm_block(
-        self, i: int, data: bytes, progress: Progress | None, block_timeout: float, retries: int
+        self,
+        i: int,
+        data: memoryview,
+        progress: Progress | None,
+        block_timeout: float,
+        retries: int,
     ) -> None:
         for attempt in range(retries):
             if await self._wait_block(i, data, block_timeout, progress):
@@ -420,7 +495,7 @@ class EdgeSession:
         self.upload_errors.append(f"block {i}: not confirmed after {retries} attempts")
 
     async def _wait_block(
-        self, i: int, data: bytes, timeout: float, progress: Progress | None
+        self, i: int, data: memoryview, timeout: float, progress: Progress | None
     ) -> bool:
         """Wait for the block's final ack; after a reconnect resend what the edge lacks."""
         end = time.monotonic() + timeout
@@ -441,49 +516,82 @@ class EdgeSession:
         return self._done(i)
 
     def query_started(self) -> bool:
-        """The upload pauses for the query; True when no chunk is ahead of it on the link."""
+        """A query's tensor to this edge is on its way; True when no chunk was ahead of it on
+        the link (then its round trip measures the link). The upload goes on: the chunks sent
+        after the tensor travel behind it."""
         self._queries += 1
-        self._ack_run.clear()  # the upload pauses: ack spacing no longer measures the link
+        if self._query_at is not None:
+            self._query_at = None
+            self._open_window()
         return not self._unacked
 
     def query_done(self) -> None:
         self._queries -= 1
-        self._changed.notify()
+
+    def expect_query(self, at: float, until: float) -> None:
+        """A query is computing its device blocks and will publish its tensor to this edge
+        at about ``at`` (perf_counter): hold chunks that would still be on the link then, so
+        the tensor finds it clear; held at most until ``until``, a query late or gone local."""
+        self._query_at = (at, until)
+        self._open_window()  # a waiting chunk re-checks against the new time
+
+    def _hold_s(self, nbytes: int) -> float:
+        """How long to hold a chunk of ``nbytes`` for an expected query (0: send it now)."""
+        if self._query_at is None:
+            return 0.0
+        at, until = self._query_at
+        now = time.perf_counter()
+        if now >= until:
+            self._query_at = None
+            return 0.0
+        e = self.inputs.estimates
+        queued = max(0.0, self.unacked_bytes - e.bandwidth_Bps * e.rtt_ms / 1e3)
+        if now + (queued + nbytes) / e.bandwidth_Bps <= at:
+            return 0.0  # it will have left before the tensor comes
+        return until - now
 
     async def _wait_window(
-        self, active: Callable[[], bool], window: bool = True, timeout: float = 10.0
+        self, active: Callable[[], bool], nbytes: int, chunk: int, timeout: float = 10.0
     ) -> bool:
-        """Wait until fewer than ``chunks_in_flight`` chunks are unacked and no query is in
-        flight (queries first: a chunk sent now would delay the query's tensor). An ack lost
-        for good (broker restart) must not stall the upload: after ``timeout`` go on anyway."""
-
-        def clear() -> bool:
-            if not active():
-                return True
-            return self._queries == 0 and not (
-                window and len(self._unacked) >= self.chunks_in_flight
-            )
-
+        """Wait until ``nbytes`` more fit the window (or nothing is unacked) and would leave
+        the link before an expected query's tensor. An ack lost for good (broker restart)
+        must not stall the upload: after ``timeout`` go on anyway."""
         end = time.monotonic() + timeout
-        while not await self._changed.wait_for(clear, min(1.0, max(0.0, end - time.monotonic()))):
-            if time.monotonic() < end:
-                if self._awaiting_resync and time.monotonic() - self._last_hello > 1.0:
-                    self.hello()  # after a reconnect: the inventory reopens the window
+        while active():
+            full = bool(self._unacked) and self.unacked_bytes + nbytes > self.window_bytes(chunk)
+            hold = 0.0 if full else self._hold_s(nbytes)
+            if not full and hold <= 0:
+                break
+            left = end - time.monotonic()
+            if full and left <= 0:
+                log.info(
+                    "upload to %s: %d chunk acks missing; going on",
+                    self.edge_id,
+                    len(self._unacked),
+                )
+                self._clear_unacked()
                 continue
-            log.info(
-                "upload to %s: %d chunk acks missing, %d queries in flight; going on",
-                self.edge_id,
-                len(self._unacked),
-                self._queries,
-            )
-            self._unacked.clear()
-            break
+            if full and self._awaiting_resync and time.monotonic() - self._last_hello > 1.0:
+                self.hello()  # after a reconnect: the inventory reopens the window
+            await self._wake(min(1.0, left) if full else min(1.0, hold))
         return active()
+
+    async def _wake(self, timeout: float) -> None:
+        """Until an ack, a query or ``timeout``. A timer, not asyncio.wait_for: this runs
+        once per chunk, and wait_for makes a task each time."""
+        loop = asyncio.get_running_loop()
+        w = self._window_open = loop.create_future()
+        timer = loop.call_later(timeout, _open, w)
+        try:
+            await w
+        finally:
+            timer.cancel()
+            self._window_open = None
 
     async def _send_block(
         self,
         i: int,
-        data: bytes,
+        data: memoryview,
         missing: list[int] | None,
         progress: Progress | None,
         rate_Bps: float | None = None,  # noqa: N803
@@ -491,7 +599,10 @@ class EdgeSession:
     ) -> bool:
         b = self.pkg.blocks[i]
         self._sent_epoch[i] = self._resyncs  # a resync from here on: the block is resent
-        chunks = -(-len(data) // self.chunk_size)
+        if missing is None:  # a fresh start (or over again): sized to the link as it is now
+            self._block_chunk.pop(i, None)
+        cs = self._block_chunk[i] = self.chunk_of(i)
+        chunks = self.chunk_counts[i] = -(-len(data) // cs)
         todo = range(chunks) if missing is None else missing
         for c in todo:
             if rate_Bps:  # pace chunks: a capped upload leaves the link to the queries
@@ -500,10 +611,9 @@ class EdgeSession:
                     await asyncio.sleep(wait)
                 if not active():
                     return False
-            last = c == chunks - 1  # acked only once the block is loaded: the block window
-            if not await self._wait_window(active, window=not last):
+            body = data[c * cs : (c + 1) * cs]
+            if not await self._wait_window(active, len(body), cs):
                 return False
-            body = data[c * self.chunk_size : (c + 1) * self.chunk_size]
             h = UploadChunk(
                 device=self.device_id,
                 model_id=self.pkg.manifest.model_id,
@@ -512,12 +622,17 @@ class EdgeSession:
                 block_bytes=len(data),
                 chunk=c,
                 chunks=chunks,
-                chunk_size=self.chunk_size,
+                chunk_size=cs,
             )
-            if not last:
-                self._unacked.add((i, c))
+            # every chunk is acked when stored (the last one too, before the edge checks and
+            # loads the block: that ack comes later, with block_done)
+            self._unacked[(i, c)] = len(body)
+            self.unacked_bytes += len(body)
+            # QoS 0: the edge's ack is the delivery receipt the window waits for, and a
+            # chunk lost with a connection is resent from the inventory that answers the
+            # reconnect; a broker PUBACK per chunk would only cost both sides a packet
             self.link.publish(
-                self.topics.edge_upload(self.edge_id, self.device_id), encode(h, body)
+                self.topics.edge_upload(self.edge_id, self.device_id), encode(h, body), qos=0
             )
             if rate_Bps:
                 self._pace_until = max(self._pace_until, time.monotonic()) + len(body) / rate_Bps
@@ -528,6 +643,16 @@ class EdgeSession:
         return True
 
 
+def _open(w: asyncio.Future[None]) -> None:
+    if not w.done():
+        w.set_result(None)
+
+
 def fresh_estimates(like: Estimates) -> Estimates:
     """A new edge's starting estimates: the link's bandwidth as measured so far, no load."""
-    return Estimates(bandwidth_Bps=like.bandwidth_Bps, rtt_ms=like.rtt_ms, alpha=like.alpha)
+    return Estimates(
+        bandwidth_Bps=like.bandwidth_Bps,
+        rtt_ms=like.rtt_ms,
+        alpha=like.alpha,
+        device_factor=like.device_factor,  # the device's own speed goes with it
+    )

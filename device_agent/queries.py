@@ -62,6 +62,9 @@ class QueryOutcome:
     # of which ONNX Runtime itself ran the blocks (the rest: the edge's worker handoff)
     edge_compute_ms: float | None = None
     wire_bytes: int = 0
+    # about how long its tensor waited behind upload chunks already on the link (estimated
+    # from the bytes unacked at its publish; None: nothing was ahead, or it ran locally)
+    behind_upload_ms: float | None = None
     plan: str = ""
     predicted_ms: float = 0.0
     edge: str | None = None  # the edge that ran the offloaded part
@@ -334,13 +337,18 @@ class QueryRunner:
                 plan, reason = explored
         # an offloaded query marks itself when its pending reply is registered (one post)
         t0 = time.perf_counter()
+        if loop is not None and plan.offloads:
+            self._announce_tensor(loop, s, plan, t0)
         y = x
         front_ms = 0.0
         offloaded = False
         info: dict[str, float] = {}
+        ran_ms = profiled_ms = 0.0  # the device's own blocks: how fast it runs them now
         for seg in plan.segments:
             if seg.where == "device":
                 y, times = self.tfl.run_timed(seg.start, seg.end, y)
+                ran_ms += sum(times) * 1e3
+                profiled_ms += sum(s.inputs.profile.device_ms[seg.start : seg.end])
                 if not offloaded:
                     front_ms += sum(times) * 1e3
                 continue
@@ -353,6 +361,8 @@ class QueryRunner:
                 y = self.tfl.run(seg.start, n, y)  # finish on the device
                 break
             y, offloaded = got, True
+        if loop is not None and profiled_ms > 0:  # the loop owns the estimates
+            loop.post(s.observe, lambda e: e.observe_device(ran_ms, profiled_ms))
         out = QueryOutcome(
             index,
             y,
@@ -368,7 +378,19 @@ class QueryRunner:
         out.edge_exec_ms = info.get("exec_ms")
         out.edge_compute_ms = info.get("compute_ms")
         out.wire_bytes = int(info.get("wire_bytes", 0))
+        out.behind_upload_ms = info.get("behind_upload_ms")
         return out
+
+    @staticmethod
+    def _announce_tensor(loop: AgentLoop, s: EdgeSession, plan: Plan, t0: float) -> None:
+        """Tell the upload when this query's tensor will be published (after its device
+        blocks, as predicted), so no chunk is still on the link then: the query goes first
+        without the upload stopping for it."""
+        first = next(seg for seg in plan.segments if seg.where == "edge")
+        front_s = sum(s.inputs.profile.device_ms[: first.start])
+        front_s *= s.inputs.estimates.device_factor / 1e3
+        if front_s > 0:  # published at once otherwise: nothing to make room in
+            loop.post(s.expect_query, t0 + 0.9 * front_s, t0 + 1.5 * front_s + 0.02)
 
     def settle(self) -> None:
         """Wait (briefly: the loop does it as the reply arrives) until the estimates have
@@ -428,6 +450,9 @@ class QueryRunner:
         fut = answers.open(rid, s.edge_id, (out.dtype, tuple(out.shape)))
         if fut.done():  # the agent has closed
             return str(fut.result())
+        behind = s.behind_upload_ms()  # a snapshot read: what is ahead of this tensor
+        if behind is not None:
+            info["behind_upload_ms"] = max(info.get("behind_upload_ms", 0.0), behind)
         t_send = time.perf_counter()
         settled: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._caller.settled = settled  # this thread's next plan waits for it

@@ -131,18 +131,21 @@ class BlockLoader:
             return Inventory(model_id=model_id, known=False, edge=self.edge_id)
         stored = [i for i, b in enumerate(a.blocks) if self.store.has_block(b.onnx_sha256)]
         partial: dict[int, list[int]] = {}
+        partial_chunk: dict[int, int] = {}
         listed = 0
         seen: set[str] = set()
         for i, b in enumerate(a.blocks):
             if i in stored or b.onnx_sha256 in seen:  # a digest twice: resumed once
                 continue
             missing = self.store.missing_chunks(b.onnx_sha256)
-            if missing is None:
+            size = self.store.chunk_size_of(b.onnx_sha256)
+            if missing is None or size is None:
                 continue
             seen.add(b.onnx_sha256)
             if listed + len(missing) > MAX_INVENTORY_MISSING:
                 break  # the rest is uploaded whole (a chunk sent twice is harmless)
             partial[i] = missing
+            partial_chunk[i] = size
             listed += len(missing)
         block_ms = {
             i: self._block_ms[b.onnx_sha256]
@@ -155,6 +158,7 @@ class BlockLoader:
             stored=stored,
             loaded=sorted(self._loaded.get(model_id, ())),
             partial=partial,
+            partial_chunk_size=partial_chunk,
             block_ms=block_ms,
             edge=self.edge_id,
             name=a.name[:256],
@@ -228,13 +232,19 @@ class BlockLoader:
             model_id=h.model_id,
             block=h.block,
             chunk=h.chunk,
-            block_done=done,
+            block_done=False,
             loaded=False,
             edge=self.edge_id,
         )
+        # Every chunk is acked once stored, the last one too (before the block is checked
+        # and loaded, which its block_done ack waits for): the device's window counts bytes
+        # on the link. QoS 0: a chunk ack only opens that window (acks count cumulatively,
+        # and a connection lost is resynced from the inventory); at QoS 1 each would cost the
+        # device a PUBACK and the broker a stored message.
+        replies.reply(h.device, ack, qos=0)
         if not done:
-            replies.reply(h.device, ack)
             return
+        ack = ack.model_copy(update={"block_done": True})
         sha = h.block_sha256
         if not self.store.has_block(sha):
             task = self._finishing.get(sha)

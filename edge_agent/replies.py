@@ -45,14 +45,16 @@ class Replies:
         self._stats = stats
         self._link = link
 
-    def publish(self, device: str, frame: bytes) -> None:
+    def publish(self, device: str, frame: bytes, qos: int = 1) -> None:
         """An encoded frame to ``device``'s inbox."""
         link = self._link()
         if link is not None:
-            link.publish(self.topics.device_inbox(device, self.edge_id), frame)
+            link.publish(self.topics.device_inbox(device, self.edge_id), frame, qos=qos)
 
-    def reply(self, device: str, header: Inventory | UploadAck | Error | ModelList) -> None:
-        self.publish(device, encode(header))
+    def reply(
+        self, device: str, header: Inventory | UploadAck | Error | ModelList, qos: int = 1
+    ) -> None:
+        self.publish(device, encode(header), qos)
 
     def error(self, e: ProtocolError) -> None:
         """Count a refusal and answer it with an error frame (when it names a device)."""

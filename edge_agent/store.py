@@ -450,6 +450,12 @@ class BlockStore:
         with self._lock:
             return sorted(self._blocks)
 
+    def chunk_size_of(self, sha: str) -> int | None:
+        """The chunk size of a partial upload, or None when there is none."""
+        with self._lock:
+            p = self._partials.get(sha)
+            return None if p is None else p.chunking.chunk_size
+
     def missing_chunks(self, sha: str) -> list[int] | None:
         """Chunks still missing of a partial upload, or None when there is none."""
         with self._lock:

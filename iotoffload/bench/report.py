@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from iotoffload.bench.upload import headline_lines, with_alone_ratios
+
 
 def _f(v: Any, p: int = 1) -> str:
     return "-" if v is None else f"{v:.{p}f}" if isinstance(v, float) else str(v)
@@ -21,20 +23,101 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
+UPLOAD_EXPLAINED = """\
+Every run starts from the first contact with a fresh edge (empty store) and lasts at least the
+horizon, then until `--after-upload` seconds past its own upload's end (at most `--duration`),
+so the columns *mean 0–10 s*, *mean 0–H s* and *p95* (all queries sent in that window, by
+their send time) cover the same window for every run; *window mean* is the mean over the run's
+own upload (local: its whole run) and *steady* the mean after it, as before horizons. A run is
+a planner and the package form it uploads (`ionn:float32`; a plain name uploads the default
+form, `auto`: the smallest form the package build verified). *weights* is the form of the
+package the run used. *upload-only* uploads the same package with no queries: *MB/s* is the
+bytes uploaded over the upload's own seconds (from its start after the announce to its end),
+*×alone* that over the upload-only run's at the same bandwidth (same package when there is
+one). *CPU ms/MB* is the device process's CPU time (`time.process_time()`, every thread) from
+the upload's start to its end, less the CPU TFLite spent on the query thread in that time
+(front blocks, local plans and local fallbacks, measured around each TFLite call with the
+thread's CPU clock: under the CPU quota a wall-clock figure would count the throttled time
+too), per uploaded MB (10^6 bytes); the JSON also has the figure less all the query thread's
+CPU (`upload_other_threads_cpu_ms_per_MB`). *wait p50/p95* is the device's estimate of how long
+each query's tensor, sent during the upload, waited behind upload chunks already on the link
+(an offloaded query with nothing ahead: 0; queries planned local are left out)."""
+
+
 def _upload(d: dict[str, Any]) -> tuple[str, list[str]]:
-    runs = d["runs"]
+    runs: list[dict[str, Any]] = d["runs"]
+    if not any("upload_vs_alone" in r for r in runs):
+        runs = with_alone_ratios(runs)  # older files: from the fields they have
+    horizon = d.get("horizon_s")
+    first = d.get("first_window_s")
+
+    def cell(r: dict[str, Any], key: str, p: int = 1) -> str:
+        v = r.get(key)
+        return "-" if v is None else f"{v:.{p}f}" if isinstance(v, float) else str(v)
+
+    def wait(r: dict[str, Any]) -> str:
+        a, b = r.get("behind_upload_p50_ms"), r.get("behind_upload_p95_ms")
+        return "-" if a is None or b is None else f"{a:.1f} / {b:.1f}"
+
     rows = [
         [
             r["rate_mbit"],
-            r["planner"],
-            r["upload_s"],
-            r["first_offload_s"],
-            r["mean_during_upload_ms"],
-            r["steady_ms"],
-            r["queries"],
+            r.get("label") or r["planner"],
+            r.get("upload_weights") or r.get("weights") or "-",
+            cell(r, "upload_s"),
+            cell(r, "first_offload_s"),
+            cell(r, "mean_first10_ms"),
+            cell(r, "mean_horizon_ms"),
+            cell(r, "p95_horizon_ms"),
+            cell(r, "mean_during_upload_ms"),
+            cell(r, "steady_ms"),
+            cell(r, "upload_MBps", 2),
+            cell(r, "upload_vs_alone", 2),
+            cell(r, "upload_cpu_ms_per_MB", 2),
+            wait(r),
         ]
         for r in runs
     ]
+    has_horizon = any(r.get("mean_horizon_ms") is not None for r in runs)
+    heads = headline_lines(runs) if has_horizon else _window_heads(runs)
+    f = f"{first:g}" if first else "10"
+    h = f"{horizon:g}" if horizon else "H"
+    setup = f"Network: {d['network']}, device CPU {d['cpu_percent']}%, model {d['model']}"
+    if d.get("rtt_ms"):
+        setup += f", RTT +{d['rtt_ms']:g} ms"
+    if horizon:
+        setup += f", horizon {h} s from first contact"
+    text = (
+        setup
+        + ".\n\n"
+        + UPLOAD_EXPLAINED
+        + "\n\n"
+        + _table(
+            [
+                "Mbit/s",
+                "planner",
+                "weights",
+                "upload s",
+                "1st offload s",
+                f"mean 0–{f} s",
+                f"mean 0–{h} s",
+                "p95",
+                "window mean",
+                "steady",
+                "upload MB/s",
+                "×alone",
+                "CPU ms/MB",
+                "wait p50 / p95 ms",
+            ],
+            rows,
+        )
+        + "\n\n![upload](benchmarks/upload.png)"
+    )
+    return text, heads
+
+
+def _window_heads(runs: list[dict[str, Any]]) -> list[str]:
+    """A file from before horizons: auto against the others over each one's upload window."""
     heads = []
     for rate in sorted({r["rate_mbit"] for r in runs}):
         by = {r["planner"]: r for r in runs if r["rate_mbit"] == rate}
@@ -47,23 +130,7 @@ def _upload(d: dict[str, Any]) -> tuple[str, list[str]]:
                     f"{rate:g} Mbit/s: auto vs {other} during the upload window: "
                     f"{ratio:.2f}× the latency"
                 )
-    text = (
-        f"Network: {d['network']}, device CPU {d['cpu_percent']}%, model {d['model']}.\n\n"
-        + _table(
-            [
-                "Mbit/s",
-                "planner",
-                "upload s",
-                "1st offload s",
-                "mean ms (upload)",
-                "steady ms",
-                "queries",
-            ],
-            rows,
-        )
-        + "\n\n![upload](benchmarks/upload.png)"
-    )
-    return text, heads
+    return heads
 
 
 def _handoff(d: dict[str, Any]) -> tuple[str, list[str]]:

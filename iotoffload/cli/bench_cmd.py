@@ -5,16 +5,36 @@ from __future__ import annotations
 import json
 import signal
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich import box
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from iotoffload.bench.netns import Testbed, check_testbed
-from iotoffload.bench.upload import UploadRun, plot, run_once
+from iotoffload.bench.upload import (
+    DEFAULT_PLANNERS,
+    FIRST_WINDOW_S,
+    UPLOAD_ONLY,
+    UploadRun,
+    WeightsForm,
+    goal_figures,
+    headline_lines,
+    parse_forms,
+    parse_planners,
+    plot,
+    resolve_form,
+    run_once,
+    with_alone_ratios,
+)
 from iotoffload.cli._console import console, err_console, rich_progress, user_errors
 from iotoffload.model.cache import ModelCache
+from iotoffload.model.package import ModelPackage
+from iotoffload.planning import PLANNERS
 
 app = typer.Typer(
     help="Benchmark scenarios (they measure; tests check behaviour).",
@@ -29,13 +49,51 @@ def upload(
     model: Annotated[str, typer.Option(help="Package name.")] = "mobilenet",
     bandwidths: Annotated[str, typer.Option(help="Mbit/s, comma-separated.")] = "5,20,80",
     planners: Annotated[
-        str, typer.Option(help="Comma-separated planners.")
-    ] = "local,edge,neurosurgeon,ionn,efficiency,auto",
+        str,
+        typer.Option(
+            help=f"Comma-separated runs: a planner ({', '.join(PLANNERS)}) as `name` (its "
+            "package in the default form, auto) or "
+            "`name:weights` with weights float32, float16, int8 or auto (the package form "
+            "uploaded; e.g. `ionn:float32`)."
+        ),
+    ] = DEFAULT_PLANNERS,
+    upload_alone: Annotated[
+        str,
+        typer.Option(
+            help="Package forms uploaded with no queries at each bandwidth, the reference for "
+            "upload throughput and device CPU per MB (comma-separated; the first is labelled "
+            "`upload-only`, the others `upload-only:FORM`; forms that resolve to one package "
+            "run once; empty: none)."
+        ),
+    ] = "auto,float32",
+    horizon: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Every run lasts at least this long from first contact, seconds; the "
+            "equal-terms figures (mean, p95, the first 10 s) are over [0, horizon).",
+        ),
+    ] = 30.0,
     cpu: Annotated[int, typer.Option(min=5, max=100, help="Device CPU quota, %.")] = 25,
-    interval: Annotated[float, typer.Option(help="Seconds between queries.")] = 0.2,
-    duration: Annotated[float, typer.Option(help="Longest run, seconds.")] = 120.0,
-    after_upload: Annotated[float, typer.Option(help="Seconds measured after the upload.")] = 5.0,
-    loopback: Annotated[bool, typer.Option(help="Skip the emulated network.")] = False,
+    interval: Annotated[float, typer.Option(min=0, help="Seconds between queries.")] = 0.2,
+    duration: Annotated[
+        float,
+        typer.Option(
+            help="Longest run, seconds (at least --horizon): a run whose upload has not ended "
+            "stops here."
+        ),
+    ] = 120.0,
+    after_upload: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds a run goes on after its upload ended (the steady figures); a run "
+            "lasts max(horizon, upload end + this), at most --duration.",
+        ),
+    ] = 5.0,
+    loopback: Annotated[
+        bool, typer.Option(help="Skip the emulated network (no shaping, no CPU quota).")
+    ] = False,
     rtt_ms: Annotated[
         float, typer.Option(min=0, help="Extra round-trip time (delay proxy), ms.")
     ] = 0.0,
@@ -49,10 +107,19 @@ def upload(
     out: Annotated[Path, typer.Option(help="Directory for JSON and PNG.")] = Path("bench-results"),
 ) -> None:
     """IONN's experiment: latency over time from the first contact with a fresh edge while the
-    model uploads, per planner and bandwidth (device and edge in network namespaces, tbf-shaped
-    link, device CPU quota; loopback when the host cannot build that)."""
-    with rich_progress() as progress:
-        pkg = ModelCache.from_settings().resolve(model, progress=progress)
+    model uploads, per planner, package form and bandwidth, every run over the same horizon;
+    plus an upload with no queries per bandwidth (device and edge in network namespaces,
+    tbf-shaped link, device CPU quota; loopback when the host cannot build that)."""
+    specs = parse_planners(planners)
+    alone_forms = parse_forms(upload_alone)
+    if duration < horizon:
+        raise ValueError(f"--duration ({duration:g} s) must be at least --horizon ({horizon:g} s)")
+    rates = _rates(bandwidths)
+    cache = ModelCache.from_settings()
+    packages: dict[WeightsForm, ModelPackage] = {}
+    with rich_progress() as progress:  # every form up front: a form that fails, fails now
+        for form in dict.fromkeys([*alone_forms, *(s.form for s in specs)]):
+            packages[form] = resolve_form(cache, model, form, progress)
     missing = None if loopback else check_testbed()
     if missing:
         err_console.print(
@@ -62,13 +129,19 @@ def upload(
     use_netns = not loopback and missing is None
     if use_netns:  # a kill (SIGTERM) unwinds like Ctrl-C: the testbed is removed either way
         signal.signal(signal.SIGTERM, _interrupt)
-    rates = [float(b) for b in bandwidths.split(",")]
-    names = [p.strip() for p in planners.split(",") if p.strip()]
+    # (label, planner, form, queries): the upload-only runs first, one per distinct package
+    plan: list[tuple[str, str, WeightsForm, bool]] = []
+    seen: set[Path] = set()
+    for i, form in enumerate(alone_forms):
+        if packages[form].root not in seen:
+            seen.add(packages[form].root)
+            plan.append((UPLOAD_ONLY if i == 0 else f"{UPLOAD_ONLY}:{form}", "auto", form, False))
+    plan += [(s.label, s.name, s.form, True) for s in specs]
     runs: list[UploadRun] = []
     t0 = time.perf_counter()
     for rate in rates:
-        for name in names:
-            err_console.print(f"{rate:g} Mbit/s, planner {name} …")
+        for label, name, form, queries in plan:
+            err_console.print(f"{rate:g} Mbit/s, {label} …")
             kw = dict(
                 cpu_percent=cpu if use_netns else 100,
                 duration=duration,
@@ -76,57 +149,108 @@ def upload(
                 interval=interval,
                 rtt_ms=rtt_ms,
                 secured=secured,
+                horizon=horizon,
+                label=label,
+                weights=form,
+                queries=queries,
             )
+            root = packages[form].root
             if use_netns:
                 with Testbed(rate_mbit=rate, device_cpu_percent=cpu) as tb:
-                    runs.append(run_once(pkg.root, name, rate, testbed=tb, **kw))  # type: ignore[arg-type]
+                    runs.append(run_once(root, name, rate, testbed=tb, **kw))  # type: ignore[arg-type]
             else:
-                runs.append(run_once(pkg.root, name, rate, testbed=None, **kw))  # type: ignore[arg-type]
+                runs.append(run_once(root, name, rate, testbed=None, **kw))  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)
+    summaries = with_alone_ratios([r.summary() for r in runs])
+    heads = headline_lines(summaries)
     result = {
         "scenario": "upload",
-        "model": pkg.name,
+        "model": packages[specs[0].form].name,
         "network": "netns" if use_netns else "loopback",
         "cpu_percent": cpu if use_netns else 100,
         "seconds": time.perf_counter() - t0,
         "rtt_ms": rtt_ms,
         "secured": secured,
-        "runs": [r.summary() | {"records": r.records} for r in runs],
+        "horizon_s": horizon,
+        "first_window_s": min(FIRST_WINDOW_S, horizon),
+        "duration_s": duration,
+        "after_upload_s": after_upload,
+        "interval_s": interval,
+        "planners": [s.label for s in specs],
+        "goals": [asdict(g) | {"met": g.met} for g in goal_figures(summaries)],
+        "headline": heads,
+        "runs": [s | {"records": r.records} for s, r in zip(summaries, runs, strict=True)],
     }
     (out / "upload.json").write_text(json.dumps(result, indent=1))
     plot(
         runs,
         out / "upload.png",
-        f"{pkg.name}: query latency while the model uploads "
-        f"({result['network']}, device CPU {result['cpu_percent']}%)",
+        f"{result['model']}: query latency while the model uploads "
+        f"({result['network']}, device CPU {result['cpu_percent']}%, RTT +{rtt_ms:g} ms)",
     )
-    t = Table(title=f"upload scenario ({result['network']})")
-    for col in (
-        "Mbit/s",
-        "planner",
-        "upload s",
-        "1st offload s",
-        "mean ms (upload)",
-        "steady ms",
-        "queries",
-    ):
-        t.add_column(col, justify="right")
+    # wider than a narrow terminal (or a log file's 80 columns) rather than cut: every cell
+    # is a figure someone reads
+    table = _upload_table(f"upload scenario ({result['network']})", summaries, horizon)
+    need = Measurement.get(console, console.options.update(width=1000), table).maximum
+    Console(width=max(console.width, need), file=console.file).print(table)
+    for h in heads:
+        console.print(f"- {h}")
+    console.print(f"wrote {out / 'upload.json'} and {out / 'upload.png'}")
 
-    def f(v: float | None, p: int = 2) -> str:
-        return "-" if v is None else f"{v:.{p}f}"
+
+def _rates(text: str) -> list[float]:
+    """``5,20,80`` → Mbit/s, each positive; at least one."""
+    try:
+        rates = [float(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--bandwidths must be Mbit/s numbers, comma-separated: {text!r}"
+        ) from None
+    if not rates or any(not 0 < r < float("inf") for r in rates):
+        raise ValueError(f"--bandwidths must be positive Mbit/s, comma-separated: {text!r}")
+    return rates
+
+
+def _upload_table(title: str, runs: list[dict[str, Any]], horizon: float) -> Table:
+    """The upload scenario's key columns, one row per run (every figure is in the JSON)."""
+    t = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
+    first = min(FIRST_WINDOW_S, horizon)
+    cols = (
+        ("Mbit/s", "rate_mbit", 0),
+        ("run", "label", 0),
+        ("weights", "upload_weights", 0),
+        ("upload s", "upload_s", 1),
+        ("1st off s", "first_offload_s", 2),
+        (f"0-{first:g}s ms", "mean_first10_ms", 1),
+        (f"0-{horizon:g}s ms", "mean_horizon_ms", 1),
+        ("p95", "p95_horizon_ms", 1),
+        ("window", "mean_during_upload_ms", 1),
+        ("steady", "steady_ms", 1),
+        ("MB/s", "upload_MBps", 2),
+        ("×alone", "upload_vs_alone", 2),
+        ("CPU ms/MB", "upload_cpu_ms_per_MB", 2),
+        ("wait p50/p95", None, 1),
+    )
+    for name, _, _ in cols:
+        t.add_column(name, justify="right")
+
+    def f(v: Any, p: int) -> str:  # p = 0: as it is (labels, the bandwidth)
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.{p}f}" if p else f"{v:g}"
+        return str(v)
 
     for r in runs:
-        t.add_row(
-            f"{r.rate_mbit:g}",
-            r.planner,
-            f(r.upload_s),
-            f(r.first_offload_s),
-            f(r.mean_during_upload_ms, 1),
-            f(r.steady_ms, 1),
-            str(len(r.records)),
-        )
-    console.print(t)
-    console.print(f"wrote {out / 'upload.json'} and {out / 'upload.png'}")
+        cells = []
+        for _, key, p in cols:
+            if key is None:
+                a, b = r.get("behind_upload_p50_ms"), r.get("behind_upload_p95_ms")
+                cells.append("-" if a is None else f"{f(a, p)}/{f(b, p)}")
+            else:
+                cells.append(f(r.get(key), p))
+        t.add_row(*cells)
+    return t
 
 
 def _interrupt(*_: object) -> None:

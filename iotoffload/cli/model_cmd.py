@@ -16,10 +16,11 @@ from iotoffload.config import ModelSettings
 from iotoffload.model.build import prepare_catalog, prepare_pair
 from iotoffload.model.cache import ModelCache
 from iotoffload.model.catalog import CATALOG
-from iotoffload.model.cuts import CUT_POLICIES
+from iotoffload.model.cuts import CUT_POLICIES, CutPolicy
 from iotoffload.model.errors import ModelError
 from iotoffload.model.package import ModelPackage
 from iotoffload.model.preprocess import load_input, top_k
+from iotoffload.model.progress import Progress
 from iotoffload.model.signing import (
     KEY_NAME,
     SIGNATURE_NAME,
@@ -30,6 +31,14 @@ from iotoffload.model.signing import (
     write_keypair,
 )
 from iotoffload.model.verify import DEFAULT_TOLERANCE, verify_package
+from iotoffload.model.weights import (
+    AGREEMENT_THRESHOLD,
+    DEFAULT_SAMPLES,
+    UPLOAD_CHOICES,
+    FormChoice,
+    UploadChoice,
+    choose_form,
+)
 from iotoffload.runtime.onnx import OnnxExecutor
 from iotoffload.runtime.tflite import TFLiteExecutor
 
@@ -46,6 +55,25 @@ CacheOpt = Annotated[
         help="Package cache (default ~/.cache/iotoffload/models, or $IOTOFFLOAD_CACHE_DIR).",
     ),
 ]
+
+
+UploadOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--upload-weights",
+        help="The upload form: float32 | float16 | int8 | auto (int8 if its top-1 agreement "
+        "with float32 holds, else float16, else float32). Default: the package as named.",
+    ),
+]
+
+
+def _upload_choice(value: str | None) -> UploadChoice | None:
+    if value is None:
+        return None
+    for c in UPLOAD_CHOICES:
+        if value == c:
+            return c
+    raise ModelError(f"--upload-weights must be one of {', '.join(UPLOAD_CHOICES)}")
 
 
 def _cache(cache_dir: Path | None) -> ModelCache:
@@ -90,6 +118,31 @@ def _describe(pkg: ModelPackage) -> None:
             f"verified: worst split k={v.worst_split} differs from the {v.reference} by "
             f"{v.max_rel_error:.2e} relative (tolerance {v.tolerance:g})"
         )
+        if v.block_max_rel_error is not None:
+            console.print(
+                f"          worst block {v.worst_block} differs from its TFLite block by "
+                f"{v.block_max_rel_error:.2e} relative (tolerance {v.block_tolerance:g})"
+            )
+    upload = sum(b.onnx_bytes for b in m.blocks) / 1e6
+    if m.agreement is None:
+        console.print(f"upload weights float32 ({upload:.1f} MB of ONNX blocks)")
+    else:
+        a = m.agreement
+        console.print(
+            f"upload weights [bold]{m.upload_weights}[/] ({upload:.1f} MB of ONNX blocks), "
+            f"derived from float32 model_id {(m.derived_from or '')[:16]}…"
+        )
+        classes = f", float32's top-1 spans {a.distinct_top1} classes" if a.distinct_top1 else ""
+        console.print(
+            f"agreement: top-1 {a.top1 * 100:.1f} % over {a.samples} samples (required "
+            f"{a.threshold * 100:g} %{classes}), max relative error {a.max_rel_error:.2e}; "
+            f"samples: {a.sample_set}"
+        )
+        if m.weights == "seeded":
+            console.print(
+                "[yellow]seeded weights: their outputs are near ties, so the agreement "
+                "measures how often rounding flips a tie[/]"
+            )
     state = check_package(pkg)
     if state.signature is None and state.problem is None:
         console.print("unsigned")
@@ -149,84 +202,167 @@ def prepare(
     input_shape: Annotated[
         str, typer.Option(help="NCHW input shape for --torch, e.g. 1,3,224,224.")
     ] = "1,3,224,224",
+    upload_weights: Annotated[
+        str,
+        typer.Option(
+            help="How the ONNX blocks a device uploads store their weights: float32 | "
+            "float16 | int8 | auto (int8 if its top-1 agreement with float32 holds, else "
+            "float16, else float32). A float16/int8 variant is derived from the float32 "
+            "package (built first if missing) and refused below --min-agreement."
+        ),
+    ] = "float32",
+    min_agreement: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Least top-1 agreement with float32 a float16/int8 variant must hold "
+            "(recorded in its manifest).",
+        ),
+    ] = AGREEMENT_THRESHOLD,
+    samples: Annotated[
+        int, typer.Option(min=1, max=4096, help="Sample inputs the agreement is measured on.")
+    ] = DEFAULT_SAMPLES,
     cache_dir: CacheOpt = None,
 ) -> None:
     """Build a model package: a catalog model (see `model list --available`), a user's ONNX
     model (--onnx M.onnx --name N: cut in the graph, each block converted by onnx2tf), or a
-    user's whole-model .tflite + .onnx pair (cut without TensorFlow; the 'cut' extra)."""
+    user's whole-model .tflite + .onnx pair (cut without TensorFlow; the 'cut' extra); with
+    --upload-weights, also its float16/int8 upload variant (`<name>@<form>` beside it)."""
     if cuts is not None and cuts not in CUT_POLICIES:
         raise ModelError(f"--cuts must be one of {', '.join(CUT_POLICIES)}")
+    form = _upload_choice(upload_weights) or "float32"
     cache = _cache(cache_dir)
     t0 = time.perf_counter()
     with rich_progress() as progress:
-        if torch_ref:
-            if not package_name or name or onnx or tflite:
-                raise ModelError("a PyTorch module needs --name (and no other source)")
-            from iotoffload.model.build import prepare_torch_module
-
-            shape = tuple(int(v) for v in input_shape.split(","))
-            pkg = prepare_torch_module(
-                torch_ref,
-                package_name,
-                out or cache.path(package_name),
-                input_shape=shape,
-                policy=cuts or "narrow",
+        pkg = _prepare_base(
+            cache,
+            name=name,
+            out=out,
+            weights=weights,
+            seed=seed,
+            tflite=tflite,
+            onnx=onnx,
+            package_name=package_name,
+            cuts=cuts,
+            force=force,
+            tolerance=tolerance,
+            export_whole=export_whole,
+            torch_ref=torch_ref,
+            input_shape=input_shape,
+            reuse=form != "float32",
+            progress=progress,
+        )
+        choice: FormChoice | None = None
+        if form != "float32":
+            choice = choose_form(
+                pkg,
+                form,
                 force=force,
-                tolerance=tolerance,
+                threshold=min_agreement,
+                samples=samples,
                 progress=progress,
             )
-        elif onnx and not tflite:
-            if not package_name or name:
-                raise ModelError("an ONNX model needs --name (and no catalog NAME)")
-            from iotoffload.model.onnx_source import prepare_onnx
-
-            pkg = prepare_onnx(
-                onnx,
-                package_name,
-                out or cache.path(package_name),
-                policy=cuts or "narrow",
-                force=force,
-                tolerance=tolerance,
-                progress=progress,
-            )
-        elif tflite or onnx:
-            if not (tflite and onnx and package_name):
-                raise ModelError("cutting your own model needs --tflite, --onnx and --name")
-            if name:
-                raise ModelError("give either a catalog NAME or --tflite/--onnx, not both")
-            pkg = prepare_pair(
-                tflite,
-                onnx,
-                package_name,
-                out or cache.path(package_name),
-                policy=cuts or "narrow",
-                force=force,
-                tolerance=tolerance,
-                progress=progress,
-            )
-        else:
-            if not name:
-                raise ModelError(
-                    "name a catalog model (" + ", ".join(CATALOG) + ") or give "
-                    "--tflite/--onnx/--name"
-                )
-            entry = CATALOG.get(name)
-            if entry is None:
-                raise ModelError(f"{name!r} is not in the catalog ({', '.join(CATALOG)})")
-            pkg = prepare_catalog(
-                entry,
-                out or cache.path(name),
-                weights=weights,
-                seed=seed,
-                policy=cuts,
-                export_whole=export_whole,
-                force=force,
-                tolerance=tolerance,
-                progress=progress,
-            )
+            pkg = choice.package
     console.print(_blocks_table(pkg, f"{pkg.name}: {pkg.num_blocks} blocks"))
     _describe(pkg)
+    if choice is not None:
+        console.print(f"upload weights {form} → [bold]{choice.reason}[/]")
     console.print(f"prepared in {time.perf_counter() - t0:.1f} s → {pkg.root}")
+
+
+def _prepare_base(
+    cache: ModelCache,
+    *,
+    name: str | None,
+    out: Path | None,
+    weights: str,
+    seed: int,
+    tflite: Path | None,
+    onnx: Path | None,
+    package_name: str | None,
+    cuts: CutPolicy | None,
+    force: bool,
+    tolerance: float,
+    export_whole: Path | None,
+    torch_ref: str | None,
+    input_shape: str,
+    reuse: bool,
+    progress: Progress,
+) -> ModelPackage:
+    """The float32 package; ``reuse``: one already at its place is taken as it is (a variant
+    is asked for, not a rebuild)."""
+    dest_name = package_name if (torch_ref or onnx or tflite) else name
+    if reuse and not force and dest_name:
+        try:
+            return ModelPackage.load(out or cache.path(dest_name))
+        except ModelError:
+            pass  # not there (or broken): build it
+    if torch_ref:
+        if not package_name or name or onnx or tflite:
+            raise ModelError("a PyTorch module needs --name (and no other source)")
+        from iotoffload.model.build import prepare_torch_module
+
+        shape = tuple(int(v) for v in input_shape.split(","))
+        pkg = prepare_torch_module(
+            torch_ref,
+            package_name,
+            out or cache.path(package_name),
+            input_shape=shape,
+            policy=cuts or "narrow",
+            force=force,
+            tolerance=tolerance,
+            progress=progress,
+        )
+    elif onnx and not tflite:
+        if not package_name or name:
+            raise ModelError("an ONNX model needs --name (and no catalog NAME)")
+        from iotoffload.model.onnx_source import prepare_onnx
+
+        pkg = prepare_onnx(
+            onnx,
+            package_name,
+            out or cache.path(package_name),
+            policy=cuts or "narrow",
+            force=force,
+            tolerance=tolerance,
+            progress=progress,
+        )
+    elif tflite or onnx:
+        if not (tflite and onnx and package_name):
+            raise ModelError("cutting your own model needs --tflite, --onnx and --name")
+        if name:
+            raise ModelError("give either a catalog NAME or --tflite/--onnx, not both")
+        pkg = prepare_pair(
+            tflite,
+            onnx,
+            package_name,
+            out or cache.path(package_name),
+            policy=cuts or "narrow",
+            force=force,
+            tolerance=tolerance,
+            progress=progress,
+        )
+    else:
+        if not name:
+            raise ModelError(
+                "name a catalog model (" + ", ".join(CATALOG) + ") or give --tflite/--onnx/--name"
+            )
+        entry = CATALOG.get(name)
+        if entry is None:
+            raise ModelError(f"{name!r} is not in the catalog ({', '.join(CATALOG)})")
+        pkg = prepare_catalog(
+            entry,
+            out or cache.path(name),
+            weights=weights,
+            seed=seed,
+            policy=cuts,
+            export_whole=export_whole,
+            force=force,
+            tolerance=tolerance,
+            progress=progress,
+        )
+    return pkg
 
 
 @app.command("list")
@@ -251,13 +387,13 @@ def list_(
         console.print(f"no packages in {cache.root}; try: iotoffload model prepare mobilenet")
         return
     t = Table(title=f"model packages in {cache.root}")
-    for col in ("name", "blocks", "weights", "model_id", "MB", "verified"):
+    for col in ("name", "blocks", "weights", "model_id", "MB", "verified", "upload forms"):
         t.add_column(col)
     for n in names:
         try:
             pkg = cache.load(n, check_digests=False)
         except ModelError as e:
-            t.add_row(n, "-", "-", "-", "-", f"[red]broken: {str(e)[:60]}[/]")
+            t.add_row(n, "-", "-", "-", "-", f"[red]broken: {str(e)[:60]}[/]", "-")
             continue
         size = sum(f.stat().st_size for f in pkg.root.iterdir() if f.is_file()) / 1e6
         v = pkg.manifest.verification
@@ -268,8 +404,21 @@ def list_(
             pkg.manifest.model_id[:12],
             f"{size:.1f}",
             f"{v.max_rel_error:.1e}" if v else "no",
+            _forms_cell(cache, pkg),
         )
     console.print(t)
+
+
+def _forms_cell(cache: ModelCache, pkg: ModelPackage) -> str:
+    """One line per form: ``float32``, ``float16 (100.0 %)``, ``int8 refused (94.5 %)``."""
+    parts = []
+    for f in cache.forms(pkg):
+        figure = f" ({f.agreement.top1 * 100:.1f} %)" if f.agreement else ""
+        if f.state == "ready":
+            parts.append(f"{f.form}{figure}")
+        elif f.state == "refused":
+            parts.append(f"[dim]{f.form} refused{figure}[/]")
+    return "\n".join(parts)
 
 
 @app.command()
@@ -277,10 +426,14 @@ def list_(
 def show(
     name: Annotated[str, typer.Argument(help="Package name (in the cache) or directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest.")] = False,
+    upload_weights: UploadOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """Show a package's blocks (checks every block file's digest)."""
-    pkg = _cache(cache_dir).resolve(name, build=False)
+    """Show a package's blocks (checks every block file's digest), its upload form and the
+    agreement a float16/int8 variant measured."""
+    pkg = _cache(cache_dir).resolve(
+        name, build=False, upload_weights=_upload_choice(upload_weights)
+    )
     if as_json:
         print(pkg.manifest.to_json(), end="")
         return
@@ -292,16 +445,31 @@ def show(
 @user_errors
 def verify(
     name: Annotated[str, typer.Argument(help="Package name or directory.")],
-    tolerance: Annotated[float, typer.Option()] = DEFAULT_TOLERANCE,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(
+            help=f"Max relative error of any split (default {DEFAULT_TOLERANCE:g}; a "
+            "float16/int8 variant: its form's, and every block against its TFLite block)."
+        ),
+    ] = None,
+    upload_weights: UploadOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
     """Re-check digests and every split point against the package's reference output."""
-    pkg = _cache(cache_dir).resolve(name, build=False)
+    pkg = _cache(cache_dir).resolve(
+        name, build=False, upload_weights=_upload_choice(upload_weights)
+    )
     v = verify_package(pkg, tolerance=tolerance)
     console.print(
         f"[green]ok[/]: {pkg.num_blocks + 1} splits, worst k={v.worst_split} at "
-        f"{v.max_rel_error:.2e} relative (tolerance {tolerance:g})"
+        f"{v.max_rel_error:.2e} relative (tolerance {v.tolerance:g})"
     )
+    if v.block_max_rel_error is not None:
+        console.print(
+            f"[green]ok[/]: {pkg.manifest.upload_weights} blocks, worst block {v.worst_block} "
+            f"at {v.block_max_rel_error:.2e} relative to its TFLite block (tolerance "
+            f"{v.block_tolerance:g})"
+        )
 
 
 @app.command()
@@ -366,12 +534,15 @@ def run(
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    upload_weights: UploadOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
     """Run one query locally through the mixed chain: top-5 and per-block times."""
     settings = ModelSettings()
     with rich_progress() as progress:
-        pkg = _cache(cache_dir).resolve(name, progress=progress)
+        pkg = _cache(cache_dir).resolve(
+            name, progress=progress, upload_weights=_upload_choice(upload_weights)
+        )
     n = pkg.num_blocks
     k = n // 2 if split is None else split
     if not 0 <= k <= n:
@@ -397,6 +568,7 @@ def run(
                     "split": k,
                     "input": input,
                     "weights": pkg.manifest.weights,
+                    "upload_weights": pkg.manifest.upload_weights,
                     "top5": [{"class": c, "label": lab, "score": s} for c, lab, s in top],
                     "block_ms": [round(float(v), 4) for v in med],
                     "total_ms": round(float(med.sum()), 4),

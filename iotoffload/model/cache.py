@@ -1,4 +1,9 @@
-"""The package cache: ``~/.cache/iotoffload/models/<name>/`` (``IOTOFFLOAD_CACHE_DIR``)."""
+"""The package cache: ``~/.cache/iotoffload/models/<name>/`` (``IOTOFFLOAD_CACHE_DIR``).
+
+A package's float16 and int8 upload variants (``iotoffload.model.weights``) live beside it, as
+``<name>@float16/`` and ``<name>@int8/``; a form refused for the package as it is now is kept as
+``<name>@<form>.refused.json`` (with the agreement it measured), so ``auto`` measures it once.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,28 @@ from iotoffload.config import ModelSettings
 from iotoffload.model.build import prepare_catalog
 from iotoffload.model.catalog import CATALOG
 from iotoffload.model.errors import ModelError, PackageError
-from iotoffload.model.manifest import MANIFEST_NAME
+from iotoffload.model.manifest import MANIFEST_NAME, UPLOAD_FORMS, Agreement, UploadWeights
 from iotoffload.model.package import ModelPackage
 from iotoffload.model.progress import Progress
+from iotoffload.model.weights import (
+    AGREEMENT_THRESHOLD,
+    DEFAULT_SAMPLES,
+    FormChoice,
+    UploadChoice,
+    choose_form,
+    load_variant,
+    read_refusal,
+    variant_dir,
+)
+
+
+@dataclass(frozen=True)
+class FormState:
+    """What the cache holds of one upload form of a package."""
+
+    form: UploadWeights
+    state: str  # "ready", "refused" or "none"
+    agreement: Agreement | None = None
 
 
 @dataclass
@@ -22,30 +46,85 @@ class ModelCache:
     def from_settings(cls, settings: ModelSettings | None = None) -> ModelCache:
         return cls((settings or ModelSettings()).cache_dir)
 
-    def path(self, name: str) -> Path:
-        return self.root / name
+    def path(self, name: str, form: UploadWeights = "float32") -> Path:
+        return variant_dir(self.root / name, form)
 
     def names(self) -> list[str]:
+        """The float32 packages (their variants are listed by ``forms``)."""
         if not self.root.is_dir():
             return []
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
+            if not p.name.startswith(".") and "@" not in p.name and (p / MANIFEST_NAME).is_file()
         )
 
     def load(self, name: str, *, check_digests: bool = True) -> ModelPackage:
         return ModelPackage.load(self.path(name), check_digests=check_digests)
 
+    def forms(self, base: ModelPackage) -> list[FormState]:
+        """Each upload form of ``base``: ready (an intact variant of this very build), refused
+        (with the figure), or not measured yet."""
+        out = [FormState("float32", "ready")]
+        for form in UPLOAD_FORMS[1:]:
+            v = load_variant(base, form)
+            if v is not None:
+                out.append(FormState(form, "ready", v.manifest.agreement))
+                continue
+            r = read_refusal(base, form)
+            out.append(FormState(form, "refused", r.agreement) if r else FormState(form, "none"))
+        return out
+
     def resolve(
-        self, ref: str, *, build: bool = True, progress: Progress | None = None
+        self,
+        ref: str,
+        *,
+        build: bool = True,
+        progress: Progress | None = None,
+        upload_weights: UploadChoice | None = None,
     ) -> ModelPackage:
-        """A package by name (cache, building catalog models on first use) or by directory."""
+        """A package by name (cache, building catalog models on first use) or by directory.
+
+        ``upload_weights`` None gives the package as named; a form (or ``auto``) gives the
+        named float32 package's variant of that form, derived on first use when ``build``.
+        """
+        if upload_weights is None:
+            return self._resolve_named(ref, build=build, progress=progress)
+        return self.choose(ref, upload_weights, build=build, progress=progress).package
+
+    def choose(
+        self,
+        ref: str,
+        upload_weights: UploadChoice,
+        *,
+        build: bool = True,
+        force: bool = False,
+        threshold: float = AGREEMENT_THRESHOLD,
+        samples: int = DEFAULT_SAMPLES,
+        progress: Progress | None = None,
+    ) -> FormChoice:
+        """The package to upload for ``ref`` in ``upload_weights``, and why that one (``auto``
+        says which form it took and what the others measured)."""
+        pkg = self._resolve_named(ref, build=build, progress=progress)
+        form = pkg.manifest.upload_weights
+        if form != "float32" and upload_weights == form:
+            return FormChoice(pkg, form, f"{form}: the package named is one")
+        return choose_form(
+            pkg,
+            upload_weights,
+            build=build,
+            force=force,
+            threshold=threshold,
+            samples=samples,
+            progress=progress,
+        )
+
+    def _resolve_named(self, ref: str, *, build: bool, progress: Progress | None) -> ModelPackage:
         as_path = Path(ref).expanduser()
         if (as_path / MANIFEST_NAME).is_file():
             return ModelPackage.load(as_path)
-        if (self.path(ref) / MANIFEST_NAME).is_file():
-            return self.load(ref)
+        if (self.root / ref / MANIFEST_NAME).is_file():
+            return ModelPackage.load(self.root / ref)
         entry = CATALOG.get(ref)
         if entry is None:
             known = sorted(set(self.names()) | set(CATALOG))

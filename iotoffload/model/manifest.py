@@ -3,6 +3,12 @@
 A package is a DNN cut into a chain of blocks ``b0 … b(N-1)``; each block exists as ``.tflite``
 (run by the device) and ``.onnx`` (uploaded to and run by the edge), both taking and returning
 the same tensor so a boundary tensor passes between the runtimes unchanged.
+
+A package's ONNX blocks hold their weights in one *upload form* (``upload_weights``): float32
+(what every package built from a model has), or float16 / int8 weight-only in a variant derived
+from a float32 package (``iotoffload.model.weights``), which records the float32 package it came
+from and the top-1 agreement measured against it. The fields are optional and left out of a
+float32 manifest's JSON, so a float32 manifest reads and writes exactly as before they existed.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -23,6 +29,10 @@ MANIFEST_NAME = "manifest.json"
 
 DType = Literal["float32", "float16", "int8", "uint8", "int32", "int64"]
 Weights = Literal["imagenet", "seeded", "file", "user"]
+# How the ONNX blocks store their large float weights (what a device uploads); the edge computes
+# in float32 whatever the form (ONNX Runtime folds the casts into float32 weights at load)
+UploadWeights = Literal["float32", "float16", "int8"]
+UPLOAD_FORMS: tuple[UploadWeights, ...] = ("float32", "float16", "int8")
 
 _DTYPE_SIZES: dict[str, int] = {
     "float32": 4,
@@ -104,6 +114,27 @@ class Verification(_Strict):
     worst_split: int
     tolerance: float
     reference: str = Field(description="what the mixed chains were compared with")
+    # float16/int8 variants only: each ONNX block against its TFLite twin (verify.py says why)
+    block_max_rel_error: float | None = None
+    worst_block: int | None = Field(default=None, ge=0)
+    block_tolerance: float | None = None
+
+
+class Agreement(_Strict):
+    """How a variant's outputs compare with its float32 package's over a sample set: the whole
+    ONNX chain of each (every block converted: the most a device can hand to the edge)."""
+
+    top1: float = Field(ge=0.0, le=1.0, description="fraction of samples with the same argmax")
+    samples: int = Field(ge=1, description="N, the number of sample inputs")
+    max_rel_error: float = Field(ge=0.0, description="worst max|y - y32| / max|y32| of a sample")
+    sample_set: str = Field(description="what the samples were, with their sha256")
+    threshold: float = Field(ge=0.0, le=1.0, description="the least top1 the build accepted")
+    distinct_top1: int | None = Field(
+        default=None,
+        ge=1,
+        description="how many different float32 top-1 classes the samples have (few: the "
+        "agreement says little)",
+    )
 
 
 class Manifest(_Strict):
@@ -118,6 +149,13 @@ class Manifest(_Strict):
     labels: list[str] | None = None
     blocks: list[BlockSpec] = Field(min_length=1)
     verification: Verification | None = None
+    upload_weights: UploadWeights = "float32"
+    derived_from: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="model_id of the float32 package a variant was derived from",
+    )
+    agreement: Agreement | None = None
 
     @model_validator(mode="after")
     def _chain_is_consistent(self) -> Manifest:
@@ -144,6 +182,14 @@ class Manifest(_Strict):
             raise ValueError("block 0 input does not match the model input")
         if self.model_id != compute_model_id([b.onnx_sha256 for b in self.blocks]):
             raise ValueError("model_id does not match the blocks' ONNX digests")
+        variant = self.upload_weights != "float32"
+        if variant and (self.derived_from is None or self.agreement is None):
+            raise ValueError(
+                f"upload_weights {self.upload_weights!r} needs derived_from and agreement (a "
+                "variant records the float32 package it came from and how well it agrees)"
+            )
+        if not variant and (self.derived_from is not None or self.agreement is not None):
+            raise ValueError("derived_from and agreement belong to float16/int8 variants only")
         return self
 
     @property
@@ -151,7 +197,17 @@ class Manifest(_Strict):
         return len(self.blocks)
 
     def to_json(self) -> str:
-        return self.model_dump_json(indent=2) + "\n"
+        # a float32 manifest leaves the variant fields out: its JSON is what it was before they
+        # existed, so older readers (extra fields are forbidden) still load it
+        exclude: dict[str, Any] | None = None
+        if self.upload_weights == "float32":
+            exclude = {
+                "upload_weights": True,
+                "derived_from": True,
+                "agreement": True,
+                "verification": {"block_max_rel_error", "worst_block", "block_tolerance"},
+            }
+        return self.model_dump_json(indent=2, exclude=exclude) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, *, origin: str = MANIFEST_NAME) -> Manifest:

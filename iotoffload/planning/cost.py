@@ -30,7 +30,7 @@ def evaluate(p: PlanningInputs, segments: Iterable[Segment]) -> tuple[float, flo
     lat = energy = 0.0
     for s in segments:
         if s.where == "device":
-            t = sum(pr.device_ms[s.start : s.end])
+            t = sum(pr.device_ms[s.start : s.end]) * est.device_factor
             lat += t
             energy += pw.compute_w * t
         else:
@@ -87,7 +87,7 @@ def best_plan(
                 relax(b, 1, b, 0, _weight(p, t, pw.idle_w * t))
         if b == n:
             break
-        d = pr.device_ms[b]
+        d = pr.device_ms[b] * est.device_factor
         relax(b, 0, b + 1, 0, _weight(p, d, pw.compute_w * d))
         if b in available and b >= p.min_local:
             e = _edge_ms(p, b) + extra.get(b, 0.0)

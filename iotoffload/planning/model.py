@@ -48,6 +48,9 @@ class Estimates:
     load_factor: float = 1.0  # edge execution time / its unloaded baseline
     queue_ms: float = 0.0
     alpha: float = 0.3
+    # the device's block times / its profile: what else runs on it (the upload's sending,
+    # other apps) slows its share of a query, and the plan should know
+    device_factor: float = 1.0
 
     def transfer_ms(self, nbytes: int) -> float:
         return nbytes / self.bandwidth_Bps * 1e3 + self.rtt_ms / 2
@@ -80,6 +83,13 @@ class Estimates:
         if ms - self.rtt_ms > 0.05:
             return self._toward("bandwidth_Bps", nbytes / ((ms - self.rtt_ms) / 1e3))
         return self
+
+    def observe_device(self, ms: float, profiled_ms: float) -> Estimates:
+        """The device ran blocks profiled at ``profiled_ms`` in ``ms``. Samples are clamped
+        to [0.5, 4]: one descheduled run must not make every plan offload."""
+        if profiled_ms < 0.5 or not math.isfinite(ms) or ms <= 0:
+            return self  # too short to time reliably
+        return self._toward("device_factor", min(4.0, max(0.5, ms / profiled_ms)))
 
     def observe_timeout(self, deadline_ms: float) -> Estimates:
         """No answer within the deadline: evidence of load (or a dead link). Raise the

@@ -191,6 +191,9 @@ class Inventory(_H):
     stored: list[_Block] = Field(default=[], max_length=MAX_BLOCKS)
     loaded: list[_Block] = Field(default=[], max_length=MAX_BLOCKS)
     partial: dict[_Block, list[_Chunk]] = {}  # block -> chunk indices still missing
+    # block -> the chunk size those indices count in (the device resumes with it; a device
+    # sizes chunks to its link, so the one that resumes may not be the one that started)
+    partial_chunk_size: dict[_Block, _Size] = {}
     block_ms: dict[_Block, float] = {}  # the edge's unloaded time of each loaded block (profile)
     edge: str | None = Field(default=None, pattern=_ID)  # who answers (a device may use several)
     # what an app needs to query the whole model (from the announce; None while unknown)

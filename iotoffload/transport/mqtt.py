@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -78,6 +78,26 @@ class BrokerURL:
         return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
+MAX_ROUTES = 1024  # topics whose handlers are remembered (a wildcard may see many topics)
+
+
+class _Client(mqtt.Client):
+    """paho's client, writing each packet from a memoryview. paho slices the packet it is
+    writing for every send call (``packet[pos:]``): with a bytearray that copies the rest of
+    it, a whole upload chunk per chunk; a memoryview's slice copies nothing."""
+
+    def _packet_queue(
+        self,
+        command: int,
+        packet: bytes | bytearray,
+        mid: int,
+        qos: int,
+        info: mqtt.MQTTMessageInfo | None = None,
+    ) -> MQTTErrorCode:
+        view: Any = memoryview(packet)  # paho only slices it, measures it and sends it
+        return super()._packet_queue(command, view, mid, qos, info)
+
+
 class MqttLink:
     """A ``Link`` over paho-mqtt. Owned by the agent that made it; paho's network thread
     runs the handlers (which only hand messages on) and the reconnect hooks."""
@@ -108,6 +128,10 @@ class MqttLink:
         self._client_id = client_id
         self._will = will
         self._handlers: list[tuple[str, int, Handler]] = []
+        # topic -> its handlers: matching every filter on every message costs more than
+        # the handler (paho's topic_matches_sub builds a matcher per call). Replaced, not
+        # changed, by subscribe (another thread), so the network thread reads one or the other.
+        self._routes: dict[str, tuple[Handler, ...]] = {}
         self._connected = threading.Event()
         self._refused = threading.Event()
         self._refusal = ""
@@ -118,7 +142,7 @@ class MqttLink:
         self.client = self._make_client()
 
     def _make_client(self) -> mqtt.Client:
-        c = mqtt.Client(
+        c = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
             protocol=MQTTProtocolVersion.MQTTv5
@@ -197,6 +221,7 @@ class MqttLink:
 
     def subscribe(self, topic: str, handler: Handler, qos: int = 1) -> None:
         self._handlers.append((topic, qos, handler))
+        self._routes = {}
         if self.connected:
             self.client.subscribe(topic, qos)
 
@@ -265,10 +290,17 @@ class MqttLink:
         self._connected.clear()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        m = Message(msg.topic, bytes(msg.payload), bool(msg.retain))
-        for pattern, _, handler in self._handlers:
-            if mqtt.topic_matches_sub(pattern, msg.topic):
-                try:
-                    handler(m)
-                except Exception:  # a handler bug must not kill the network thread
-                    log.exception("handler for %s failed", msg.topic)
+        topic = msg.topic  # decoded from bytes on every access
+        routes = self._routes
+        handlers = routes.get(topic)
+        if handlers is None:
+            handlers = tuple(h for p, _, h in self._handlers if mqtt.topic_matches_sub(p, topic))
+            if len(routes) >= MAX_ROUTES:  # hostile publishers may invent topics: bounded
+                routes.clear()
+            routes[topic] = handlers
+        m = Message(topic, bytes(msg.payload), bool(msg.retain))
+        for handler in handlers:
+            try:
+                handler(m)
+            except Exception:  # a handler bug must not kill the network thread
+                log.exception("handler for %s failed", topic)

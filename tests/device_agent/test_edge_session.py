@@ -1,5 +1,5 @@
-"""The upload's flow control, with a fake link: at most ``chunks_in_flight`` chunks unacked,
-and no new chunk while a query is in flight to the same edge."""
+"""The upload's flow control, with a fake link: a window of one round trip's bytes plus one
+chunk, cumulative acks, chunks sized to the link, resumes in the edge's chunking."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from device_agent.edge_session import EdgeSession
+from device_agent.edge_session import ACK_SLACK_S, CHUNK_LINK_S, MIN_CHUNK, EdgeSession
 from iotoffload.loop import AgentLoop
 from iotoffload.model import ModelPackage
-from iotoffload.planning import PlanningInputs, chain_profile
-from iotoffload.transport.frame import UploadAck, UploadChunk, decode
+from iotoffload.planning import Estimates, PlanningInputs, chain_profile
+from iotoffload.transport.frame import Inventory, UploadAck, UploadChunk, decode
 from iotoffload.transport.link import Handler, Link
 from iotoffload.transport.mqtt import MqttLink
 from iotoffload.transport.topics import Topics
@@ -46,7 +46,9 @@ class FakeLink:
             self.chunks.append(h)
 
 
-def _session(pkg: ModelPackage, link: FakeLink) -> EdgeSession:
+def _session(
+    pkg: ModelPackage, link: FakeLink, bandwidth: float = 200_000, chunk: int = 1024
+) -> EdgeSession:
     prof = chain_profile(pkg, [1.0] * pkg.num_blocks)
     return EdgeSession(
         "e1",
@@ -55,9 +57,8 @@ def _session(pkg: ModelPackage, link: FakeLink) -> EdgeSession:
         pkg=pkg,
         device_id="d1",
         topics=Topics(),
-        inputs=PlanningInputs(prof),
-        chunk_size=1024,
-        chunks_in_flight=3,
+        inputs=PlanningInputs(prof, Estimates(bandwidth_Bps=bandwidth, rtt_ms=5.0)),
+        chunk_size=chunk,
     )
 
 
@@ -74,48 +75,125 @@ def loop() -> Iterator[AgentLoop]:
     lp.close()
 
 
-def test_unacked_chunks_are_bounded_and_queries_go_first(
+def _ack(loop: AgentLoop, s: EdgeSession, pkg: ModelPackage, c: int, block: int = 0) -> None:
+    """The frame handler runs on the loop, as in the agent."""
+    ack = UploadAck(
+        model_id=pkg.manifest.model_id, block=block, chunk=c, block_done=False, loaded=False
+    )
+    loop.call(lambda: s.on_ack(ack))
+
+
+def test_the_window_holds_one_round_trip_plus_one_chunk_and_queries_do_not_stop_it(
     mobilenet: ModelPackage, loop: AgentLoop
 ) -> None:
     link = FakeLink()
-    s = _session(mobilenet, link)
-    data = bytes(10 * 1024)  # 10 chunks of block 0
+    s = _session(mobilenet, link)  # 200 kB/s, 5 ms RTT: 2000 B in flight + one 1024 B chunk
+    assert s.window_bytes(1024) == 1024 + int(200_000 * (0.005 + ACK_SLACK_S))
+    data = memoryview(bytes(10 * 1024))  # 10 chunks of block 0
     t = loop.spawn(s._send_block(0, data, None, None))  # on the loop, as in the agent
+    _settle(lambda: len(link.chunks) == 2)
+    time.sleep(0.2)
+    assert len(link.chunks) == 2  # the window is full: nothing more without an ack
+    assert s.unacked_bytes == 2048
+    loop.call(s.query_started)  # a query to this edge is in flight: the upload goes on
+    _ack(loop, s, mobilenet, 0)
     _settle(lambda: len(link.chunks) == 3)
-    time.sleep(0.2)
-    assert len(link.chunks) == 3  # the window is full: nothing more without an ack
-
-    def ack(c: int) -> None:  # the frame handler runs on the loop, as in the agent
-        loop.call(
-            lambda: s.on_ack(
-                UploadAck(
-                    model_id=mobilenet.manifest.model_id,
-                    block=0,
-                    chunk=c,
-                    block_done=False,
-                    loaded=False,
-                )
-            )
-        )
-
-    before = s.inputs.estimates.bandwidth_Bps
-    loop.call(s.query_started)  # a query to this edge is in flight: the upload yields
-    ack(0)
-    time.sleep(0.2)
-    assert len(link.chunks) == 3
+    assert [c.chunk for c in link.chunks] == [0, 1, 2]
+    _ack(loop, s, mobilenet, 2)  # acks count cumulatively: 1 and 2 are through
+    _settle(lambda: len(link.chunks) == 5)
+    assert loop.call(lambda: sorted(s._unacked)) == [(0, 3), (0, 4)]
     loop.call(s.query_done)
-    _settle(lambda: len(link.chunks) == 4)
-    assert [c.chunk for c in link.chunks] == [0, 1, 2, 3]
-    acked = {0}
+    acked = {0, 1, 2}
     end = time.monotonic() + 5
     while not t.done() and time.monotonic() < end:  # ack what was sent, as an edge would
         for c in [x.chunk for x in link.chunks if x.chunk not in acked]:
-            ack(c)
+            _ack(loop, s, mobilenet, c)
             acked.add(c)
         time.sleep(0.01)
     assert t.result(1) and [c.chunk for c in link.chunks] == list(range(10))
-    # acks about 10 ms apart for 1 KiB chunks: the estimate falls toward ~100 KB/s
-    assert s.inputs.estimates.bandwidth_Bps < 0.9 * before
+    assert all(c.chunk_size == 1024 for c in link.chunks)
+
+
+def test_chunk_acks_in_a_row_measure_the_link(mobilenet: ModelPackage) -> None:
+    s = _session(mobilenet, FakeLink(), bandwidth=10e6)
+    for _ in range(5):  # 1 KiB acked every ~10 ms: ~100 kB/s, far below the 10 MB/s assumed
+        s._observe_chunk_ack(1024)
+        time.sleep(0.01)
+    assert s.inputs.estimates.bandwidth_Bps < 0.9 * 10e6
+
+
+def test_chunks_are_sized_to_the_link_within_bounds(mobilenet: ModelPackage) -> None:
+    assert CHUNK_LINK_S == 0.04  # the figures below
+    link = FakeLink()
+    big = 1 << 20
+    # CHUNK_LINK_S of link time, in whole KiB: 400 kB at 10 MB/s, 40 kB at 1 MB/s
+    assert _session(mobilenet, link, 10e6, big).link_chunk() == 400_000 // 1024 * 1024
+    assert _session(mobilenet, link, 1e6, big).link_chunk() == 40_000 // 1024 * 1024
+    assert _session(mobilenet, link, 1e3, big).link_chunk() == MIN_CHUNK  # a slow link
+    assert _session(mobilenet, link, 100e6, big).link_chunk() == big  # capped by chunk_size
+    assert _session(mobilenet, link, 1e3, 1024).link_chunk() == 1024  # a smaller cap wins
+
+
+def test_a_resume_keeps_the_chunking_the_edge_holds_and_refuses_a_hostile_one(
+    mobilenet: ModelPackage, loop: AgentLoop
+) -> None:
+    link = FakeLink()
+    s = _session(mobilenet, link, bandwidth=10e6, chunk=64 * 1024)  # would send ~64 KiB chunks
+    mid = mobilenet.manifest.model_id
+    big = max(range(mobilenet.num_blocks), key=lambda i: mobilenet.blocks[i].onnx_bytes)
+    other = 0 if big else 1
+    size = mobilenet.blocks[big].onnx_bytes
+    n = -(-size // (16 * 1024))
+    assert n >= 3
+    held = Inventory(
+        model_id=mid,
+        known=True,
+        partial={big: [1, 2], other: [0]},
+        partial_chunk_size={big: 16 * 1024, other: 7},  # 7-byte chunks are not ours
+    )
+    loop.call(lambda: s.on_inventory(held))
+    assert loop.call(lambda: dict(s._partial)) == {big: [1, 2]}
+    data = memoryview(bytes(size))
+    t = loop.spawn(s._send_block(big, data, [1, 2], None))
+    _settle(lambda: len(link.chunks) == 2)
+    assert [(c.chunk, c.chunk_size, c.chunks) for c in link.chunks] == [
+        (1, 16 * 1024, n),
+        (2, 16 * 1024, n),
+    ]
+    assert t.result(5)
+
+
+def test_an_expected_query_holds_the_chunks_that_would_still_be_on_the_link(
+    mobilenet: ModelPackage, loop: AgentLoop
+) -> None:
+    link = FakeLink()
+    s = _session(mobilenet, link)  # 200 kB/s: a 1 KiB chunk leaves in ~5 ms
+    now = time.perf_counter()
+    assert s._hold_s(1024) == 0.0  # no query expected
+    s.expect_query(now + 1.0, now + 2.0)
+    assert s._hold_s(1024) == 0.0  # it leaves long before the tensor comes
+    assert s._hold_s(400_000) > 1.0  # 2 s of link: it would still be there
+    s.expect_query(now - 1.0, now - 0.5)
+    assert s._hold_s(400_000) == 0.0 and s._query_at is None  # the query is late: go on
+    # on the loop: an imminent tensor holds the block's first chunk until it is published
+    loop.call(lambda: s.expect_query(time.perf_counter(), time.perf_counter() + 30))
+    t = loop.spawn(s._send_block(0, memoryview(bytes(1024)), None, None))
+    time.sleep(0.2)
+    assert link.chunks == []
+    assert loop.call(s.query_started) is True  # published: no chunk was ahead of it
+    _settle(lambda: len(link.chunks) == 1)
+    assert t.result(5) and len(link.chunks) == 1
+
+
+def test_the_wait_behind_the_upload_is_what_exceeds_one_round_trip(
+    mobilenet: ModelPackage,
+) -> None:
+    s = _session(mobilenet, FakeLink(), bandwidth=1e6)  # 1 MB/s, RTT 5 ms
+    assert s.behind_upload_ms() is None  # nothing unacked: nothing ahead
+    s.unacked_bytes = 30_000  # 30 ms of link, of which one round trip is past the queue
+    assert s.behind_upload_ms() == pytest.approx(25.0)
+    s.unacked_bytes = 2_000
+    assert s.behind_upload_ms() == 0.0
 
 
 def test_real_and_fake_links_implement_the_link_protocol() -> None:
