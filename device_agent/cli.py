@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -33,6 +33,7 @@ from iotoffload.cli._security import (
 )
 from iotoffload.model.cache import ModelCache
 from iotoffload.model.errors import ModelError
+from iotoffload.model.weights import UploadChoice
 from iotoffload.transport.mqtt import BrokerAuthError, BrokerUnavailableError
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
@@ -148,6 +149,14 @@ def main_command(
     upload_mbps: Annotated[
         float | None, typer.Option(help="Cap my own upload at this many Mbit/s.")
     ] = None,
+    upload_weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Weights to upload: auto (default: the smallest form the package build "
+            "verified, top-1 agreement with float32 >= 99 %; derived once, on first use) | "
+            "float32 | float16 | int8."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per query.")] = False,
     ca_file: CaFile = None,
     cert_file: CertFile = None,
@@ -188,6 +197,7 @@ def main_command(
             transfer=transfer,
             proactive=proactive,
             upload_mbps=upload_mbps,
+            upload_weights=upload_weights,
         )
         security = load_security(
             config,
@@ -199,7 +209,10 @@ def main_command(
             tls_insecure=tls_insecure,
         )
         with rich_progress() as progress:
-            pkg = ModelCache.from_settings().resolve(cfg.model, progress=progress)
+            form = cast("UploadChoice", cfg.upload_weights)  # checked by the config's pattern
+            pkg = ModelCache.from_settings().resolve(
+                cfg.model, progress=progress, upload_weights=form
+            )
         url, edge_id = find_edge(cfg, security)
         agent = DeviceAgent(
             pkg,

@@ -39,6 +39,12 @@ class DeviceConfig(BaseSettings):
     )
     deadline_ms: float | None = Field(default=None, gt=0, description="per-query; auto if unset")
     chunk_bytes: int = Field(default=512 * 1024, ge=1024, le=1024 * 1024)
+    upload_weights: str = Field(
+        default="auto",
+        pattern="^(auto|float32|float16|int8)$",
+        description="the form of the weights uploaded: auto = the smallest whose top-1 "
+        "agreement with float32 the package build verified (>= 99 %)",
+    )
     tflite_threads: int = Field(default=1, ge=1, le=64)
     # who this device trusts (protocol v2: identities are topic levels the broker vouches for)
     edges: list[str] = Field(

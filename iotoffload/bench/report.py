@@ -44,7 +44,7 @@ each query's tensor, sent during the upload, waited behind upload chunks already
 (an offloaded query with nothing ahead: 0; queries planned local are left out)."""
 
 
-def _upload(d: dict[str, Any]) -> tuple[str, list[str]]:
+def _upload(d: dict[str, Any], png: str = "upload.png") -> tuple[str, list[str]]:
     runs: list[dict[str, Any]] = d["runs"]
     if not any("upload_vs_alone" in r for r in runs):
         runs = with_alone_ratios(runs)  # older files: from the fields they have
@@ -111,7 +111,7 @@ def _upload(d: dict[str, Any]) -> tuple[str, list[str]]:
             ],
             rows,
         )
-        + "\n\n![upload](benchmarks/upload.png)"
+        + f"\n\n![upload](benchmarks/{png})"
     )
     return text, heads
 
@@ -213,10 +213,12 @@ def build_report(results: Path, doc: Path, command: str) -> list[str]:
         data: dict[str, Any] = json.loads((results / f"{name}.json").read_text())
         return data
 
-    if (results / "upload.json").is_file():
-        text, h = _upload(load("upload"))
-        heads += h
-        parts.append("## Upload (IONN's experiment)\n\n" + text + "\n")
+    # upload.json (the default model's) and upload-MODEL.json, one section per model
+    for path in sorted(results.glob("upload*.json"), key=lambda p: (p.stem != "upload", p.stem)):
+        d = load(path.stem)
+        text, h = _upload(d, f"{path.stem}.png")
+        heads += [f"{d['model']}: {line}" for line in h]
+        parts.append(f"## Upload (IONN's experiment): {d['model']}\n\n" + text + "\n")
     if (results / "load.json").is_file():
         rows = load("load")["rows"]
         parts.append(

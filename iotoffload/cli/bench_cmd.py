@@ -181,10 +181,12 @@ def upload(
         "headline": heads,
         "runs": [s | {"records": r.records} for s, r in zip(summaries, runs, strict=True)],
     }
-    (out / "upload.json").write_text(json.dumps(result, indent=1))
+    # one file per model: a full run (benchmarks/run_all.sh) uploads several into one directory
+    stem = "upload" if result["model"] == "mobilenet" else f"upload-{result['model']}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     plot(
         runs,
-        out / "upload.png",
+        out / f"{stem}.png",
         f"{result['model']}: query latency while the model uploads "
         f"({result['network']}, device CPU {result['cpu_percent']}%, RTT +{rtt_ms:g} ms)",
     )
@@ -195,7 +197,7 @@ def upload(
     Console(width=max(console.width, need), file=console.file).print(table)
     for h in heads:
         console.print(f"- {h}")
-    console.print(f"wrote {out / 'upload.json'} and {out / 'upload.png'}")
+    console.print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'}")
 
 
 def _rates(text: str) -> list[float]:

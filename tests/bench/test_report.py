@@ -68,7 +68,9 @@ def test_an_old_upload_file_still_renders_with_dashes(tmp_path: Path) -> None:
     }
     text, heads = _page(tmp_path, old)
     assert "| 80.0 | edge | - | 11.5 | 4.5 | - | - | - | 400.0 | 150.0 | - | - | - | - |" in text
-    assert heads == ["80 Mbit/s: auto vs edge during the upload window: 0.75× the latency"]
+    assert heads == [
+        "resnet50: 80 Mbit/s: auto vs edge during the upload window: 0.75× the latency"
+    ]
     assert "Network: netns, device CPU 25%, model resnet50, RTT +10 ms." in text
 
 
@@ -110,14 +112,32 @@ def test_the_upload_section_shows_the_horizon_table_and_the_goals(tmp_path: Path
     ) in text  # ×alone 9.5 / 10 from the fields (the file has no upload_vs_alone)
     assert "horizon 30 s from first contact" in text
     assert (
-        "80 Mbit/s, 0–30 s: auto's mean 0.67× edge:float32 (goal ≤ 0.75: met), "
+        "resnet50: 80 Mbit/s, 0–30 s: auto's mean 0.67× edge:float32 (goal ≤ 0.75: met), "
         "0.80× ionn:float32 (goal ≤ 0.85: met)"
     ) in heads
     assert (
-        "80 Mbit/s, first 10 s vs local: ionn:float32 1.02×, auto 0.95× (goal ≤ 1.05: all met)"
+        "resnet50: 80 Mbit/s, first 10 s vs local: ionn:float32 1.02×, auto 0.95× "
+        "(goal ≤ 1.05: all met)"
     ) in heads
-    assert "80 Mbit/s: auto's first offloaded query at 1.25 s; goal ≤ 2 s: met" in heads
+    assert "resnet50: 80 Mbit/s: auto's first offloaded query at 1.25 s; goal ≤ 2 s: met" in heads
     assert (
-        "80 Mbit/s: device CPU per uploaded MB, uploading alone: 1.50 ms (goal ≤ 2 ms: met)"
+        "resnet50: 80 Mbit/s: device CPU per uploaded MB, uploading alone: 1.50 ms "
+        "(goal ≤ 2 ms: met)"
     ) in heads
     assert "## Headline ratios" in text and heads[0] in text
+
+
+def test_each_model_uploaded_gets_its_own_section(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    runs = [_old_run("edge", 400.0, 150.0), _old_run("auto", 300.0, 150.0)]
+    (results / "upload-resnet50.json").write_text(json.dumps(_SETUP | {"runs": runs}))
+    other = _SETUP | {"model": "efficientnet-lite0", "runs": runs}
+    (results / "upload-efficientnet-lite0.json").write_text(json.dumps(other))
+    doc = tmp_path / "docs" / "benchmarks.md"
+    heads = build_report(results, doc, "iotoffload bench upload")
+    text = doc.read_text()
+    assert "## Upload (IONN's experiment): resnet50" in text
+    assert "## Upload (IONN's experiment): efficientnet-lite0" in text
+    assert "![upload](benchmarks/upload-resnet50.png)" in text
+    assert {h.split(":")[0] for h in heads} == {"resnet50", "efficientnet-lite0"}
