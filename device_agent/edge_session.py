@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import mmap
 import time
 from collections import deque
@@ -42,14 +43,17 @@ from iotoffload.transport.topics import Topics
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 MISS_WINDOW_S = 30.0  # deadline misses older than this no longer count toward a move
-# Chunks are sized to the link: one holds it about this long, which is what a query's tensor
-# waits behind at most (the window keeps about one chunk queued ahead of the link).
+# Chunks are sized to the link: one holds it at most this long (at least half), which is what
+# a query's tensor waits behind (the window keeps about one chunk queued ahead of the link).
 CHUNK_LINK_S = 0.04
 MIN_CHUNK = 16 * 1024  # below this, per-chunk work (frames, acks) costs more than it saves
 MAX_CHUNK = 1024 * 1024  # the largest chunk size a resume takes from an edge's inventory
 # Time from a chunk's last byte reaching the edge to its ack reaching us, beyond the round
 # trip (the edge writes the chunk first): part of the bytes the window keeps in flight.
 ACK_SLACK_S = 0.005
+EDGE_MAX_CHUNKS = 4096  # the most chunks an edge takes per block (its max_chunks default)
+LOST_CHUNK_S = 3.0  # a block's last chunk acked but no block_done this long: ask what is missing
+MAX_WINDOW_RTT_MS = 200.0  # the round trip a window is sized for, at most
 
 
 # errors that answer an announce: the edge will not take the model as it is
@@ -122,6 +126,11 @@ class EdgeSession:
         self._awaiting_resync = False
         self._last_hello = 0.0
         self._hello_sent: float | None = None
+        # the inventory answering a hello sent with nothing unacked is an RTT sample (one sent
+        # behind upload chunks measures the queue); one answering a resync resets the window
+        self._hello_clean = False
+        self._hello_resync = False
+        self._last_chunk_acked: dict[int, float] = {}  # block -> when its last chunk was acked
         # bandwidth from the upload itself: the spacing of chunk acks while the window keeps
         # the link busy (a whole block's ack also waits for the edge to check and load it)
         self._ack_run: list[tuple[float, int]] = []
@@ -131,8 +140,8 @@ class EdgeSession:
         self._unacked: dict[tuple[int, int], int] = {}
         self.unacked_bytes = 0  # read by query threads (an int: a snapshot)
         self._block_chunk: dict[int, int] = {}  # the chunk size each block is sent in
-        self._window_open: asyncio.Future[None] | None = None
-        self._query_at: tuple[float, float] | None = None  # an expected query (expect_query)
+        self._waiters: set[asyncio.Future[None]] = set()  # upload tasks waiting for room
+        self._holds: dict[object, tuple[float, float]] = {}  # expected queries (expect_query)
         self._queries = 0  # queries in flight to this edge
         self._pace_until = 0.0
         self.misses: deque[float] = deque(maxlen=64)
@@ -158,17 +167,20 @@ class EdgeSession:
         return self._block_chunk.get(i) or self.link_chunk()
 
     def link_chunk(self) -> int:
-        """A chunk that holds the link about CHUNK_LINK_S at the measured bandwidth, within
-        [MIN_CHUNK, chunk_size], in whole KiB."""
-        want = int(self.inputs.estimates.bandwidth_Bps * CHUNK_LINK_S) // 1024 * 1024
-        return max(min(self.chunk_size, MIN_CHUNK), min(self.chunk_size, want))
+        """A chunk that holds the link at most CHUNK_LINK_S (at least half that) at the
+        measured bandwidth: a power of two within [MIN_CHUNK, chunk_size] (devices on similar
+        links pick the same size, so their uploads of a shared block fill one partial)."""
+        want = max(1.0, self.inputs.estimates.bandwidth_Bps * CHUNK_LINK_S)
+        size = 1 << math.floor(math.log2(want))
+        return max(min(self.chunk_size, MIN_CHUNK), min(self.chunk_size, size))
 
     def window_bytes(self, chunk: int) -> int:
         """Bytes the upload keeps unacked: what the link carries during one ack's round trip
         plus one chunk, and at least two chunks (acks come per chunk: with one in flight the
         link would idle while each ack comes back)."""
         e = self.inputs.estimates
-        in_flight = e.bandwidth_Bps * (e.rtt_ms / 1e3 + ACK_SLACK_S)
+        rtt_s = min(e.rtt_ms, MAX_WINDOW_RTT_MS) / 1e3
+        in_flight = e.bandwidth_Bps * (rtt_s + ACK_SLACK_S)
         return max(2 * chunk, chunk + int(in_flight))
 
     def behind_upload_ms(self) -> float | None:
@@ -247,13 +259,18 @@ class EdgeSession:
         self.observe(lambda e: e.observe_rtt(ms))
         return self.inventory
 
-    def hello(self) -> None:
-        """Ask for the inventory (answered by the edge; the round trip is an RTT sample). A
-        previous hello still unanswered counts as a miss: a silent edge is not a good one."""
-        if self._hello_sent is not None and time.perf_counter() - self._hello_sent > 1.0:
+    def hello(self, resync: bool = False) -> None:
+        """Ask for the inventory (answered by the edge; the round trip is an RTT sample when no
+        upload chunk was ahead of it). ``resync``: the answer resets the upload window (the
+        edge's state is the truth: what it lacks is resent). A previous hello still
+        unanswered counts as a miss: a silent edge is not a good one."""
+        late = self._hello_sent is not None and time.perf_counter() - self._hello_sent > 1.0
+        if late and self._hello_clean:  # behind upload chunks a hello is slow for good reason
             self.misses.append(time.monotonic())
         self._last_hello = time.monotonic()
         self._hello_sent = time.perf_counter()
+        self._hello_clean = not self._unacked
+        self._hello_resync = self._hello_resync or resync
         hello = Hello(device=self.device_id, model_id=self.pkg.manifest.model_id)
         self.link.publish(self.topics.edge_control(self.edge_id, self.device_id), encode(hello))
 
@@ -286,16 +303,21 @@ class EdgeSession:
 
     # frames from this edge -------------------------------------------------------------------
     def on_inventory(self, h: Inventory) -> None:
-        self._clear_unacked()  # the inventory is the edge's whole state: resend from it
+        if self._hello_resync or self._awaiting_resync:  # the edge's whole state: resend from it
+            self._hello_resync = False
+            self._clear_unacked()
         self.known = h.known
         self.stored, self._loaded = frozenset(h.stored), frozenset(h.loaded)
         partial: dict[int, list[int]] = {}
         for i, missing in h.partial.items():
             if not 0 <= i < self.pkg.num_blocks or i in self.stored:
                 continue
-            size = h.partial_chunk_size.get(i, self._block_chunk.get(i, self.chunk_size))
-            if not min(MIN_CHUNK, self.chunk_size) <= size <= max(MAX_CHUNK, self.chunk_size):
-                continue  # a chunking we would not send in (hostile?): upload it whole
+            # the chunking the missing indices count in: the edge's word, else the one this
+            # session started the block in; unknown (an older edge, after a restart), or one
+            # we would not send (over our cap: the broker's packet limit), means upload whole
+            size = h.partial_chunk_size.get(i) or self._block_chunk.get(i)
+            if size is None or not min(MIN_CHUNK, self.chunk_size) <= size <= self.chunk_size:
+                continue
             self._block_chunk[i] = size
             # a hostile list must not make a chunk we cannot build
             partial[i] = sorted({c for c in missing if 0 <= c < self._chunks(i)})
@@ -304,7 +326,8 @@ class EdgeSession:
             self.update_edge_profile(i, ms)
         if self._hello_sent is not None:
             rtt = (time.perf_counter() - self._hello_sent) * 1e3
-            self.observe(lambda e: e.observe_rtt(rtt))
+            if self._hello_clean:
+                self.observe(lambda e: e.observe_rtt(rtt))
             self._hello_sent = None
         self.inventory_seen = True
         self._inventory_count += 1
@@ -328,8 +351,8 @@ class EdgeSession:
         self._open_window()
 
     def _open_window(self) -> None:
-        if self._window_open is not None:
-            _open(self._window_open)
+        for w in self._waiters:
+            _open(w)
 
     def on_ack(self, h: UploadAck) -> None:
         # Cumulative: the edge stores a device's chunks in order, one at a time, so an ack
@@ -346,7 +369,10 @@ class EdgeSession:
         if not h.block_done:
             if acked:
                 self._observe_chunk_ack(nbytes)
+                if h.chunk == self.chunk_counts.get(h.block, 0) - 1:
+                    self._last_chunk_acked[h.block] = time.monotonic()
             return
+        self._last_chunk_acked.pop(h.block, None)
         self._clear_unacked(h.block)
         self._block_chunk.pop(h.block, None)
         self.stored = self.stored | {h.block}
@@ -427,6 +453,27 @@ class EdgeSession:
         screens and loads the previous one.
         """
         outstanding: list[tuple[int, memoryview]] = []
+        factor = self.inputs.estimates.device_factor  # what the device ran at before
+        try:
+            return await self._upload(
+                order, outstanding, progress, active, rate_Bps, block_timeout, retries, window
+            )
+        finally:  # what the upload cost the device is over: plans must not keep paying it
+            self.observe(
+                lambda e: dataclasses.replace(e, device_factor=min(e.device_factor, factor))
+            )
+
+    async def _upload(
+        self,
+        order: list[int],
+        outstanding: list[tuple[int, memoryview]],
+        progress: Progress | None,
+        active: Callable[[], bool],
+        rate_Bps: float | None,  # noqa: N803
+        block_timeout: float,
+        retries: int,
+        window: int,
+    ) -> bool:
         for i in order:
             if not active():
                 return False
@@ -440,16 +487,22 @@ class EdgeSession:
                 return False
             outstanding.append((i, data))
             while len(outstanding) >= window:
-                await self._confirm_block(*outstanding.pop(0), progress, block_timeout, retries)
+                i0, d0 = outstanding.pop(0)
+                await self._confirm_block(i0, d0, progress, block_timeout, retries, active)
         for i, data in outstanding:
-            await self._confirm_block(i, data, progress, block_timeout, retries)
+            await self._confirm_block(i, data, progress, block_timeout, retries, active)
         self.upload_complete = active()
         return self.upload_complete
 
     def _map(self, i: int) -> memoryview:
-        """Block i's file, mapped: chunks are slices of it (no copy until the frame's)."""
-        with self.pkg.onnx_path(i).open("rb") as f:
-            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        """Block i's file, mapped: chunks are slices of it (no copy until the frame's). An
+        empty or unmappable file is read instead (the edge then judges what it gets)."""
+        path = self.pkg.onnx_path(i)
+        try:
+            with path.open("rb") as f:
+                return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        except (ValueError, OSError):
+            return memoryview(path.read_bytes())
 
     async def _await_peer(self, i: int, active: Callable[[], bool]) -> bool:
         """True once block i arrived from the peer edge; False when we must send it ourselves
@@ -480,28 +533,48 @@ class EdgeSession:
         progress: Progress | None,
         block_timeout: float,
         retries: int,
+        active: Callable[[], bool] = lambda: True,
     ) -> None:
         for attempt in range(retries):
-            if await self._wait_block(i, data, block_timeout, progress):
+            if not active():  # moved away: the next edge's upload takes over
+                return
+            if await self._wait_block(i, data, block_timeout, progress, active):
                 failure = self._block_failed.pop(i, None)
                 if failure:  # the edge refused the block: resending cannot help
                     self.upload_errors.append(f"block {i}: {failure}")
                 return
             log.warning("block %d not confirmed (attempt %d); asking the edge", i, attempt + 1)
             await self._changed.wait_for(lambda: self.link.connected, block_timeout)
-            self.hello()
+            self.hello(resync=True)
             await self._next_inventory(5)
-            await self._send_block(i, data, self._partial.get(i), progress)
+            await self._send_block(i, data, self._partial.get(i), progress, active=active)
         self.upload_errors.append(f"block {i}: not confirmed after {retries} attempts")
 
     async def _wait_block(
-        self, i: int, data: memoryview, timeout: float, progress: Progress | None
+        self,
+        i: int,
+        data: memoryview,
+        timeout: float,
+        progress: Progress | None,
+        active: Callable[[], bool] = lambda: True,
     ) -> bool:
-        """Wait for the block's final ack; after a reconnect resend what the edge lacks."""
+        """Wait for the block's final ack; after a reconnect resend what the edge lacks. Its
+        last chunk acked but no block_done for LOST_CHUNK_S: a chunk was lost (QoS 0, acks
+        count cumulatively), so ask the edge once what it lacks and resend that."""
         end = time.monotonic() + timeout
-        while not self._done(i) and time.monotonic() < end:
+        asked = False
+        while not self._done(i) and time.monotonic() < end and active():
             if self._awaiting_resync and time.monotonic() - self._last_hello > 1.0:
                 self.hello()  # the edge may have reconnected after our first hello
+            acked = self._last_chunk_acked.get(i)
+            if not asked and acked is not None and time.monotonic() - acked > LOST_CHUNK_S:
+                asked = True
+                self.hello()
+                if await self._next_inventory(5.0):
+                    missing = self._partial.get(i)
+                    if missing and i not in self.stored:  # [] : all there, being checked
+                        log.info("block %d: %d chunks lost on the way; resending", i, len(missing))
+                        await self._send_block(i, data, missing, progress, active=active)
             await self._changed.wait_for(
                 functools.partial(self._block_or_resync, i), min(0.1, end - time.monotonic())
             )
@@ -515,35 +588,39 @@ class EdgeSession:
                 await self._send_block(i, data, missing, progress)
         return self._done(i)
 
-    def query_started(self) -> bool:
+    def query_started(self, hold: object = None) -> bool:
         """A query's tensor to this edge is on its way; True when no chunk was ahead of it on
         the link (then its round trip measures the link). The upload goes on: the chunks sent
-        after the tensor travel behind it."""
+        after the tensor travel behind it. ``hold``: the query's expect_query token."""
         self._queries += 1
-        if self._query_at is not None:
-            self._query_at = None
-            self._open_window()
+        self._ack_run.clear()  # the tensor's link time is no chunk's: restart the ack run
+        self.release(hold)
         return not self._unacked
+
+    def release(self, hold: object) -> None:
+        """The query of ``hold`` published its tensor, or will not (it ran locally)."""
+        if hold is not None and self._holds.pop(hold, None) is not None:
+            self._open_window()
 
     def query_done(self) -> None:
         self._queries -= 1
 
-    def expect_query(self, at: float, until: float) -> None:
-        """A query is computing its device blocks and will publish its tensor to this edge
-        at about ``at`` (perf_counter): hold chunks that would still be on the link then, so
-        the tensor finds it clear; held at most until ``until``, a query late or gone local."""
-        self._query_at = (at, until)
+    def expect_query(self, hold: object, at: float, until: float) -> None:
+        """A query (token ``hold``) is computing its device blocks and will publish its tensor
+        to this edge at about ``at`` (perf_counter): hold chunks that would still be on the
+        link then, so the tensor finds it clear; at most until ``until`` (a query late, or
+        gone local without saying so)."""
+        self._holds[hold] = (at, until)
         self._open_window()  # a waiting chunk re-checks against the new time
 
     def _hold_s(self, nbytes: int) -> float:
         """How long to hold a chunk of ``nbytes`` for an expected query (0: send it now)."""
-        if self._query_at is None:
-            return 0.0
-        at, until = self._query_at
         now = time.perf_counter()
-        if now >= until:
-            self._query_at = None
+        for k in [k for k, (_, until) in self._holds.items() if until <= now]:
+            del self._holds[k]
+        if not self._holds:
             return 0.0
+        at, until = min(self._holds.values())  # the earliest tensor expected
         e = self.inputs.estimates
         queued = max(0.0, self.unacked_bytes - e.bandwidth_Bps * e.rtt_ms / 1e3)
         if now + (queued + nbytes) / e.bandwidth_Bps <= at:
@@ -557,11 +634,20 @@ class EdgeSession:
         the link before an expected query's tensor. An ack lost for good (broker restart)
         must not stall the upload: after ``timeout`` go on anyway."""
         end = time.monotonic() + timeout
+        before = self.unacked_bytes
         while active():
+            if not self.link.connected:  # a QoS 0 chunk would be dropped: wait for the link
+                await self._wake(1.0)
+                end = time.monotonic() + timeout
+                continue
+            if self.unacked_bytes < before:  # acks come: the timeout is for acks that do not
+                end, before = time.monotonic() + timeout, self.unacked_bytes
             full = bool(self._unacked) and self.unacked_bytes + nbytes > self.window_bytes(chunk)
             hold = 0.0 if full else self._hold_s(nbytes)
             if not full and hold <= 0:
                 break
+            if not full:
+                self._ack_run.clear()  # the link idles for the query: no bandwidth sample
             left = end - time.monotonic()
             if full and left <= 0:
                 log.info(
@@ -580,13 +666,14 @@ class EdgeSession:
         """Until an ack, a query or ``timeout``. A timer, not asyncio.wait_for: this runs
         once per chunk, and wait_for makes a task each time."""
         loop = asyncio.get_running_loop()
-        w = self._window_open = loop.create_future()
+        w: asyncio.Future[None] = loop.create_future()
+        self._waiters.add(w)
         timer = loop.call_later(timeout, _open, w)
         try:
             await w
         finally:
             timer.cancel()
-            self._window_open = None
+            self._waiters.discard(w)
 
     async def _send_block(
         self,
@@ -599,13 +686,16 @@ class EdgeSession:
     ) -> bool:
         b = self.pkg.blocks[i]
         self._sent_epoch[i] = self._resyncs  # a resync from here on: the block is resent
-        if missing is None:  # a fresh start (or over again): sized to the link as it is now
-            self._block_chunk.pop(i, None)
-        cs = self._block_chunk[i] = self.chunk_of(i)
+        cs = self._block_chunk.get(i)
+        if cs is None:  # fixed once chosen: its chunk indices keep their meaning at the edge
+            # sized to the link, but never more chunks than an edge takes for one block
+            fewest = math.ceil(math.ceil(len(data) / EDGE_MAX_CHUNKS) / 1024) * 1024
+            cs = self._block_chunk[i] = max(self.link_chunk(), fewest)
         chunks = self.chunk_counts[i] = -(-len(data) // cs)
         todo = range(chunks) if missing is None else missing
         for c in todo:
             if rate_Bps:  # pace chunks: a capped upload leaves the link to the queries
+                self._ack_run.clear()  # acks measure the pace, not the link
                 wait = self._pace_until - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
@@ -626,8 +716,8 @@ class EdgeSession:
             )
             # every chunk is acked when stored (the last one too, before the edge checks and
             # loads the block: that ack comes later, with block_done)
+            self.unacked_bytes += len(body) - self._unacked.get((i, c), 0)  # a resend: once
             self._unacked[(i, c)] = len(body)
-            self.unacked_bytes += len(body)
             # QoS 0: the edge's ack is the delivery receipt the window waits for, and a
             # chunk lost with a connection is resent from the inventory that answers the
             # reconnect; a broker PUBACK per chunk would only cost both sides a packet

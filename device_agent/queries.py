@@ -124,6 +124,7 @@ class PendingReplies:
         deadline_ms: float,
         what: tuple[int, int, int, float] = (0, 0, 0, 0.0),
         settled: concurrent.futures.Future[None] | None = None,
+        hold: object | None = None,
     ) -> None:
         """``rid`` (opened in ``answers``, sent to ``s``) waits for a reply or its deadline,
         whichever first. ``what``: (start, end, bytes sent, send time), for learning;
@@ -132,10 +133,11 @@ class PendingReplies:
         It is posted after the publish, so its answer may be in already (``_early``): then
         it is finished at once, and learned from."""
         if self._closed:  # answered "agent closed" by the registry
+            s.release(hold)
             _settle(settled)
             return
         timer = asyncio.get_running_loop().call_later(deadline_ms / 1e3, self._expire, rid)
-        p = _Pending(s, timer, deadline_ms, s.query_started(), *what, settled=settled)
+        p = _Pending(s, timer, deadline_ms, s.query_started(hold), *what, settled=settled)
         self._pending[rid] = p
         early = self._early.pop(rid, None)
         if early is not None:
@@ -304,10 +306,11 @@ class QueryRunner:
         deadline: float,
         what: tuple[int, int, int, float],
         settled: concurrent.futures.Future[None],
+        hold: object | None = None,
     ) -> None:
         """On the loop: the query is on its way; its reply or its deadline, whichever first."""
         self.last_query = time.monotonic()
-        self.pending.add(rid, s, deadline, what, settled)
+        self.pending.add(rid, s, deadline, what, settled, hold)
 
     @staticmethod
     def why_not_remote(s: EdgeSession, start: int, end: int) -> str:
@@ -337,8 +340,7 @@ class QueryRunner:
                 plan, reason = explored
         # an offloaded query marks itself when its pending reply is registered (one post)
         t0 = time.perf_counter()
-        if loop is not None and plan.offloads:
-            self._announce_tensor(loop, s, plan, t0)
+        hold = self._announce_tensor(loop, s, plan, t0) if loop is not None else None
         y = x
         front_ms = 0.0
         offloaded = False
@@ -355,12 +357,15 @@ class QueryRunner:
             why = self.why_not_remote(s, seg.start, seg.end) if loop else "broker unreachable"
             got: Array | str = why
             if not why and loop is not None:
-                got = self._run_remote(loop, s, seg.start, seg.end, y, plan.latency_ms, info)
+                got = self._run_remote(loop, s, seg.start, seg.end, y, plan.latency_ms, info, hold)
+                hold = None  # released once its tensor is published (or it failed)
             if isinstance(got, str):
                 reason = got
                 y = self.tfl.run(seg.start, n, y)  # finish on the device
                 break
             y, offloaded = got, True
+        if loop is not None and hold is not None:  # no tensor came after all: stop holding
+            loop.post(s.release, hold)
         if loop is not None and profiled_ms > 0:  # the loop owns the estimates
             loop.post(s.observe, lambda e: e.observe_device(ran_ms, profiled_ms))
         out = QueryOutcome(
@@ -381,16 +386,23 @@ class QueryRunner:
         out.behind_upload_ms = info.get("behind_upload_ms")
         return out
 
-    @staticmethod
-    def _announce_tensor(loop: AgentLoop, s: EdgeSession, plan: Plan, t0: float) -> None:
+    def _announce_tensor(
+        self, loop: AgentLoop, s: EdgeSession, plan: Plan, t0: float
+    ) -> object | None:
         """Tell the upload when this query's tensor will be published (after its device
         blocks, as predicted), so no chunk is still on the link then: the query goes first
-        without the upload stopping for it."""
-        first = next(seg for seg in plan.segments if seg.where == "edge")
+        without the upload stopping for it. The hold's token, or None (nothing to hold for:
+        a local plan, blocks the edge lacks, or a tensor published at once)."""
+        first = next((seg for seg in plan.segments if seg.where == "edge"), None)
+        if first is None or self.why_not_remote(s, first.start, first.end):
+            return None
         front_s = sum(s.inputs.profile.device_ms[: first.start])
         front_s *= s.inputs.estimates.device_factor / 1e3
-        if front_s > 0:  # published at once otherwise: nothing to make room in
-            loop.post(s.expect_query, t0 + 0.9 * front_s, t0 + 1.5 * front_s + 0.02)
+        if front_s <= 0:
+            return None
+        hold = object()
+        loop.post(s.expect_query, hold, t0 + 0.9 * front_s, t0 + 1.5 * front_s + 0.02)
+        return hold
 
     def settle(self) -> None:
         """Wait (briefly: the loop does it as the reply arrives) until the estimates have
@@ -412,6 +424,7 @@ class QueryRunner:
         x: Array,
         predicted_ms: float,
         info: dict[str, float],
+        hold: object | None = None,
     ) -> Array | str:
         rid = f"{self.device_id}-{next(self._ids)}"  # count's next() is atomic
         deadline = self.deadline_ms or self.auto_deadline_ms(s, start, predicted_ms)
@@ -425,7 +438,7 @@ class QueryRunner:
             end=end,
             deadline_ms=deadline,
         )
-        return self._remote(loop, s, start, end, rid, payload, deadline, info)
+        return self._remote(loop, s, start, end, rid, payload, deadline, info, hold)
 
     def _remote(
         self,
@@ -437,6 +450,7 @@ class QueryRunner:
         payload: bytes,
         deadline: float,
         info: dict[str, float],
+        hold: object | None = None,
     ) -> Array | str:
         """Run [start, end) on edge ``s`` (caller's thread): the output, or why not.
 
@@ -449,6 +463,8 @@ class QueryRunner:
         out = self.pkg.manifest.blocks[end - 1].output
         fut = answers.open(rid, s.edge_id, (out.dtype, tuple(out.shape)))
         if fut.done():  # the agent has closed
+            if hold is not None:
+                loop.post(s.release, hold)
             return str(fut.result())
         behind = s.behind_upload_ms()  # a snapshot read: what is ahead of this tensor
         if behind is not None:
@@ -462,7 +478,7 @@ class QueryRunner:
         # registered after the publish, so the loop's wake-up does not compete with the
         # query's way out (0.2-0.3 ms on loopback); an answer that overtakes it waits for it
         what = (start, end, len(payload), t_send)
-        loop.post(self._register, rid, s, deadline, what, settled)
+        loop.post(self._register, rid, s, deadline, what, settled, hold)
         try:  # the loop answers by the deadline; the margin covers a loop that went away
             reply = fut.result(deadline / 1e3 + 5.0)
         except concurrent.futures.TimeoutError:

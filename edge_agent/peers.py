@@ -2,7 +2,7 @@
 
 The device tells the new edge B which blocks to fetch from the old edge A (``Transfer``). B
 connects to A's broker (or uses its own when they share one), subscribes to its own upload
-topic there and sends A a ``PeerFetch``. A pushes each block, chunked like a device upload, to
+topic there and sends A a ``PeerFetch``. A pushes each block (chunked at transfer_chunk_bytes) to
 B's upload topic on A's broker, in the device's name, after checking the block's digest again.
 B stores the chunks through the same path as a device upload (digest, screening) and acks the
 device, which therefore sees the blocks arrive exactly as if it had sent them.

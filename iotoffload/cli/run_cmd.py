@@ -18,6 +18,7 @@ import typer
 
 from iotoffload.cli._console import console, err_console, rich_progress, user_errors
 from iotoffload.model.cache import ModelCache
+from iotoffload.model.weights import UPLOAD_CHOICES
 
 
 @user_errors
@@ -117,6 +118,13 @@ def demo(
         ),
     ] = "photos",
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of tables.")] = False,
+    upload_weights: Annotated[
+        str,
+        typer.Option(
+            help="Weights the device uploads: auto (the smallest form the package build "
+            "verified, >= 99 % top-1 agreement) | float32 | float16 | int8."
+        ),
+    ] = "auto",
     secure: Annotated[
         bool,
         typer.Option(
@@ -142,7 +150,13 @@ def demo(
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     with rich_progress() as progress:
-        pkg = ModelCache.from_settings().resolve(model, progress=progress)
+        if upload_weights not in UPLOAD_CHOICES:
+            raise typer.BadParameter(
+                f"one of {', '.join(UPLOAD_CHOICES)}", param_hint="--upload-weights"
+            )
+        pkg = ModelCache.from_settings().resolve(
+            model, progress=progress, upload_weights=upload_weights
+        )
     store = Path(tempfile.mkdtemp(prefix="iotoffload-demo-store-"))
     edge_id = f"demo-edge-{os.getpid()}"  # two demos on one network must not collide
     with contextlib.ExitStack() as stack:

@@ -86,10 +86,13 @@ class Estimates:
 
     def observe_device(self, ms: float, profiled_ms: float) -> Estimates:
         """The device ran blocks profiled at ``profiled_ms`` in ``ms``. Samples are clamped
-        to [0.5, 4]: one descheduled run must not make every plan offload."""
+        to [0.5, 4] and weighted by their length (full weight from 50 ms): one descheduled
+        short run must not make every plan offload."""
         if profiled_ms < 0.5 or not math.isfinite(ms) or ms <= 0:
             return self  # too short to time reliably
-        return self._toward("device_factor", min(4.0, max(0.5, ms / profiled_ms)))
+        sample = min(4.0, max(0.5, ms / profiled_ms))
+        w = min(1.0, profiled_ms / 50.0) * self.alpha
+        return replace(self, device_factor=self.device_factor + w * (sample - self.device_factor))
 
     def observe_timeout(self, deadline_ms: float) -> Estimates:
         """No answer within the deadline: evidence of load (or a dead link). Raise the

@@ -351,8 +351,15 @@ _HEADER: TypeAdapter[Header] = TypeAdapter(Annotated[Header, Field(discriminator
 def encode(header: _H, body: bytes | bytearray | memoryview | Array = b"") -> bytes:
     if isinstance(body, np.ndarray):
         body = np.ascontiguousarray(body).data
+    # a field added within frame version 2 is left out when empty: older agents validate
+    # headers strictly and would refuse every inventory that carried it
+    exclude = (
+        {"partial_chunk_size"}
+        if isinstance(header, Inventory) and not header.partial_chunk_size
+        else None
+    )
     try:
-        hb = header.model_dump_json().encode()
+        hb = header.model_dump_json(exclude=exclude).encode()
     except PydanticSerializationError as e:  # e.g. a str with a lone surrogate, made by code
         raise FrameError(ErrorCode.INVALID_HEADER, _clean(f"header not encodable: {e}")) from e
     if len(hb) > MAX_HEADER_BYTES:

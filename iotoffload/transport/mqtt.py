@@ -7,6 +7,7 @@ Handlers run on paho's network thread: they must be quick (hand heavy work to a 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import socket
@@ -79,6 +80,16 @@ class BrokerURL:
 
 
 MAX_ROUTES = 1024  # topics whose handlers are remembered (a wildcard may see many topics)
+MAX_ROUTE_TOPIC = 512  # longer topics (ours are far shorter) are matched, not remembered
+
+
+def _queues_packets_as_expected() -> bool:
+    """paho's private ``_packet_queue`` as this module's override expects it (paho 2.x)."""
+    try:
+        params = list(inspect.signature(mqtt.Client._packet_queue).parameters)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return params[:5] == ["self", "command", "packet", "mid", "qos"]
 
 
 class _Client(mqtt.Client):
@@ -96,6 +107,10 @@ class _Client(mqtt.Client):
     ) -> MQTTErrorCode:
         view: Any = memoryview(packet)  # paho only slices it, measures it and sends it
         return super()._packet_queue(command, view, mid, qos, info)
+
+
+# another paho may queue packets otherwise: then its own client, copies and all
+_VIEW_PACKETS = _queues_packets_as_expected()
 
 
 class MqttLink:
@@ -142,7 +157,7 @@ class MqttLink:
         self.client = self._make_client()
 
     def _make_client(self) -> mqtt.Client:
-        c = _Client(
+        c = (_Client if _VIEW_PACKETS else mqtt.Client)(
             CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
             protocol=MQTTProtocolVersion.MQTTv5
@@ -295,9 +310,10 @@ class MqttLink:
         handlers = routes.get(topic)
         if handlers is None:
             handlers = tuple(h for p, _, h in self._handlers if mqtt.topic_matches_sub(p, topic))
-            if len(routes) >= MAX_ROUTES:  # hostile publishers may invent topics: bounded
-                routes.clear()
-            routes[topic] = handlers
+            if len(topic) <= MAX_ROUTE_TOPIC:  # hostile publishers may invent topics: bounded
+                if len(routes) >= MAX_ROUTES:
+                    routes.clear()
+                routes[topic] = handlers
         m = Message(topic, bytes(msg.payload), bool(msg.retain))
         for handler in handlers:
             try:

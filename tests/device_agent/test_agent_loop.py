@@ -125,9 +125,12 @@ class _Session:
     def __init__(self) -> None:
         self.queries, self.misses, self.timeouts = 0, [], 0
 
-    def query_started(self) -> bool:
+    def query_started(self, _hold: object = None) -> bool:
         self.queries += 1
         return True
+
+    def release(self, _hold: object) -> None:
+        pass
 
     def query_done(self) -> None:
         self.queries -= 1
@@ -226,6 +229,7 @@ def test_forged_status_and_hostile_inventory_are_refused(mobilenet: ModelPackage
             edge="e1",
             # (negative, huge and out-of-chain indices no longer decode: frame.py bounds them)
             partial={0: [0, 0, n, n + 7], 1000: [0]},
+            partial_chunk_size={0: dev.chunk_size},
         )
         inject(dev, inv)
         assert dev.loop.call(lambda: dict(dev.session._partial)) == {0: [0]}

@@ -3,13 +3,20 @@ chunk, cumulative acks, chunks sized to the link, resumes in the edge's chunking
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from device_agent.edge_session import ACK_SLACK_S, CHUNK_LINK_S, MIN_CHUNK, EdgeSession
+from device_agent.edge_session import (
+    ACK_SLACK_S,
+    CHUNK_LINK_S,
+    EDGE_MAX_CHUNKS,
+    MIN_CHUNK,
+    EdgeSession,
+)
 from iotoffload.loop import AgentLoop
 from iotoffload.model import ModelPackage
 from iotoffload.planning import Estimates, PlanningInputs, chain_profile
@@ -126,9 +133,13 @@ def test_chunks_are_sized_to_the_link_within_bounds(mobilenet: ModelPackage) -> 
     assert CHUNK_LINK_S == 0.04  # the figures below
     link = FakeLink()
     big = 1 << 20
-    # CHUNK_LINK_S of link time, in whole KiB: 400 kB at 10 MB/s, 40 kB at 1 MB/s
-    assert _session(mobilenet, link, 10e6, big).link_chunk() == 400_000 // 1024 * 1024
-    assert _session(mobilenet, link, 1e6, big).link_chunk() == 40_000 // 1024 * 1024
+    # at most CHUNK_LINK_S of link time, a power of two: 400 kB at 10 MB/s -> 256 KiB,
+    # 40 kB at 1 MB/s -> 32 KiB; similar links agree
+    assert _session(mobilenet, link, 10e6, big).link_chunk() == 256 * 1024
+    assert _session(mobilenet, link, 9.3e6, big).link_chunk() == 256 * 1024
+    assert _session(mobilenet, link, 7e6, big).link_chunk() == 256 * 1024
+    assert _session(mobilenet, link, 1e6, big).link_chunk() == 32 * 1024
+    assert _session(mobilenet, link, 14e6, big).link_chunk() == 512 * 1024
     assert _session(mobilenet, link, 1e3, big).link_chunk() == MIN_CHUNK  # a slow link
     assert _session(mobilenet, link, 100e6, big).link_chunk() == big  # capped by chunk_size
     assert _session(mobilenet, link, 1e3, 1024).link_chunk() == 1024  # a smaller cap wins
@@ -169,20 +180,95 @@ def test_an_expected_query_holds_the_chunks_that_would_still_be_on_the_link(
     link = FakeLink()
     s = _session(mobilenet, link)  # 200 kB/s: a 1 KiB chunk leaves in ~5 ms
     now = time.perf_counter()
+    a, b = object(), object()
     assert s._hold_s(1024) == 0.0  # no query expected
-    s.expect_query(now + 1.0, now + 2.0)
+    s.expect_query(a, now + 1.0, now + 2.0)
     assert s._hold_s(1024) == 0.0  # it leaves long before the tensor comes
     assert s._hold_s(400_000) > 1.0  # 2 s of link: it would still be there
-    s.expect_query(now - 1.0, now - 0.5)
-    assert s._hold_s(400_000) == 0.0 and s._query_at is None  # the query is late: go on
+    s.expect_query(b, now + 0.001, now + 5.0)  # a second query, sooner: the earliest counts
+    assert s._hold_s(1024) > 1.0
+    s.release(a)  # the first one's tensor went (or it ran locally): the second still holds
+    assert s._hold_s(1024) > 1.0
+    s.release(b)
+    assert s._hold_s(1024) == 0.0
+    s.expect_query(a, now - 1.0, now - 0.5)
+    assert s._hold_s(400_000) == 0.0 and not s._holds  # the query is late: go on
     # on the loop: an imminent tensor holds the block's first chunk until it is published
-    loop.call(lambda: s.expect_query(time.perf_counter(), time.perf_counter() + 30))
+    loop.call(lambda: s.expect_query(b, time.perf_counter(), time.perf_counter() + 30))
     t = loop.spawn(s._send_block(0, memoryview(bytes(1024)), None, None))
     time.sleep(0.2)
     assert link.chunks == []
-    assert loop.call(s.query_started) is True  # published: no chunk was ahead of it
+    assert loop.call(lambda: s.query_started(b)) is True  # published: nothing was ahead
     _settle(lambda: len(link.chunks) == 1)
     assert t.result(5) and len(link.chunks) == 1
+
+
+def test_two_uploads_waiting_on_one_session_are_both_woken(
+    mobilenet: ModelPackage, loop: AgentLoop
+) -> None:
+    """(A fill task and the main upload may share a session after a move.) One ack opens the
+    window for every waiter, not only the last to wait; a chunk sent twice counts once."""
+    link = FakeLink()
+    s = _session(mobilenet, link)  # a window of two 1 KiB chunks
+    loop.call(lambda: s._unacked.update({(0, 0): 1024, (0, 1): 1024}))
+    loop.call(lambda: setattr(s, "unacked_bytes", 2048))
+    w1 = loop.spawn(s._wait_window(lambda: True, 1024, 1024, timeout=60))
+    w2 = loop.spawn(s._wait_window(lambda: True, 1024, 1024, timeout=60))
+    time.sleep(0.1)
+    assert not w1.done() and not w2.done()
+    _ack(loop, s, mobilenet, 1)  # cumulative: both through
+    assert w1.result(0.5) and w2.result(0.5)  # well before the 1 s re-check timer
+    assert loop.call(lambda: s.unacked_bytes) == 0
+    t = loop.spawn(s._send_block(0, memoryview(bytes(1024)), [0], None))
+    assert t.result(5)
+    t = loop.spawn(s._send_block(0, memoryview(bytes(1024)), [0], None))  # the same chunk again
+    assert t.result(5)
+    assert loop.call(lambda: (s.unacked_bytes, sum(s._unacked.values()))) == (1024, 1024)
+
+
+def test_a_probe_behind_upload_chunks_neither_resets_the_window_nor_samples_the_rtt(
+    mobilenet: ModelPackage, loop: AgentLoop
+) -> None:
+    link = FakeLink()
+    s = _session(mobilenet, link)
+    mid = mobilenet.manifest.model_id
+    loop.call(lambda: s._unacked.update({(0, 0): 1024, (0, 1): 1024}))
+    loop.call(lambda: setattr(s, "unacked_bytes", 2048))
+    rtt = s.inputs.estimates.rtt_ms
+    for _ in range(5):  # the mobility monitor's probes, answered after a long queue
+        loop.call(s.hello)
+        time.sleep(0.02)
+        loop.call(lambda: s.on_inventory(Inventory(model_id=mid, known=True)))
+    assert s.inputs.estimates.rtt_ms == rtt
+    assert loop.call(lambda: s.unacked_bytes) == 2048
+    loop.call(lambda: s.hello(resync=True))  # a resync: the edge's state is the truth
+    loop.call(lambda: s.on_inventory(Inventory(model_id=mid, known=True)))
+    assert loop.call(lambda: s.unacked_bytes) == 0
+
+
+def test_a_huge_block_is_cut_into_no_more_chunks_than_an_edge_takes(
+    mobilenet: ModelPackage, loop: AgentLoop
+) -> None:
+    link = FakeLink()
+    s = _session(mobilenet, link, bandwidth=1e3, chunk=1 << 20)  # would pick 16 KiB chunks
+    size = 300 * 1024 * 1024
+    s.observe(lambda e: dataclasses.replace(e, bandwidth_Bps=1e12))  # window: everything
+    t = loop.spawn(s._send_block(0, memoryview(bytes(size)), [0], None))
+    assert t.result(30)
+    assert link.chunks[0].chunks <= EDGE_MAX_CHUNKS
+
+
+def test_an_inventory_chunking_over_our_cap_or_unknown_means_upload_whole(
+    mobilenet: ModelPackage, loop: AgentLoop
+) -> None:
+    s = _session(mobilenet, FakeLink(), chunk=64 * 1024)
+    mid = mobilenet.manifest.model_id
+    over = Inventory(model_id=mid, known=True, partial={0: [1]}, partial_chunk_size={0: 1 << 17})
+    loop.call(lambda: s.on_inventory(over))  # over the broker cap our chunk_bytes is set for
+    assert loop.call(lambda: dict(s._partial)) == {}
+    unknown = Inventory(model_id=mid, known=True, partial={0: [1]})  # an older edge
+    loop.call(lambda: s.on_inventory(unknown))
+    assert loop.call(lambda: dict(s._partial)) == {}
 
 
 def test_the_wait_behind_the_upload_is_what_exceeds_one_round_trip(

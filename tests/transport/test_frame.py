@@ -401,3 +401,16 @@ def test_a_tensor_name_with_a_lone_surrogate_is_refused_and_a_pair_is_fine() -> 
     paired = hb.replace(b"\\ud800", b"\\ud83d\\ude00")  # an escaped emoji (json.dumps writes it)
     h, _ = decode(_frame(paired))
     assert isinstance(h, Announce) and h.blocks[0].input.name == "\U0001f600"
+
+
+def test_an_inventory_without_partials_leaves_the_new_field_out() -> None:
+    """Older agents validate headers strictly: a field added within frame version 2 must not
+    appear when it says nothing."""
+    from iotoffload.transport.frame import Inventory
+
+    mid = "a" * 64
+    plain = encode(Inventory(model_id=mid, known=True))
+    assert b"partial_chunk_size" not in plain
+    with_sizes = Inventory(model_id=mid, known=True, partial={1: [2]}, partial_chunk_size={1: 4096})
+    h, _ = decode(encode(with_sizes))
+    assert isinstance(h, Inventory) and h.partial_chunk_size == {1: 4096}
