@@ -31,6 +31,7 @@ class FakeLink:
 
     def __init__(self) -> None:
         self.chunks: list[UploadChunk] = []
+        self.published: list[str] = []  # every frame's type, in order
         self.on_reconnect: list[Callable[[], None]] = []
 
     def connect(self, timeout: float = 10.0) -> None:
@@ -49,6 +50,7 @@ class FakeLink:
 
     def publish(self, _topic: str, payload: bytes, **_: Any) -> None:
         h, _ = decode(payload)
+        self.published.append(h.type)
         if isinstance(h, UploadChunk):
             self.chunks.append(h)
 
@@ -286,3 +288,51 @@ def test_real_and_fake_links_implement_the_link_protocol() -> None:
     assert isinstance(FakeLink(), Link)
     real = MqttLink("mqtt://127.0.0.1:9", "never-connected")
     assert isinstance(real, Link)
+
+
+def test_what_the_upload_cost_the_device_is_forgotten_when_it_ends(
+    mobilenet: ModelPackage, loop: AgentLoop
+) -> None:
+    link = FakeLink()
+    s = _session(mobilenet, link, bandwidth=1e9)
+    mid = mobilenet.manifest.model_id
+    assert s.inputs.estimates.device_factor == 1.0
+    last = mobilenet.num_blocks - 1
+    t = loop.spawn(s.upload([last]))
+    _settle(lambda: len(link.chunks) > 0)
+    # the upload slows the device: its block times run 2× their profile meanwhile
+    loop.call(lambda: s.observe(lambda e: dataclasses.replace(e, device_factor=2.0)))
+    n = link.chunks[0].chunks
+    _settle(lambda: len(link.chunks) == n)
+    done = UploadAck(model_id=mid, block=last, chunk=n - 1, block_done=True, loaded=True)
+    loop.call(lambda: s.on_ack(done))
+    assert t.result(10) is True
+    assert s.inputs.estimates.device_factor == 1.0  # plans after the upload do not pay for it
+
+
+def test_a_chunk_lost_on_the_way_is_asked_for_and_resent_before_the_block_timeout(
+    mobilenet: ModelPackage, loop: AgentLoop
+) -> None:
+    """QoS 0: a broker may drop a chunk (a full queue) while later ones arrive, and acks count
+    cumulatively. The block's last chunk acked, then no block_done: the device asks."""
+    link = FakeLink()
+    s = _session(mobilenet, link, bandwidth=1e9, chunk=16 * 1024)
+    mid = mobilenet.manifest.model_id
+    big = max(range(mobilenet.num_blocks), key=lambda i: mobilenet.blocks[i].onnx_bytes)
+    t = loop.spawn(s.upload([big], block_timeout=120))  # the timeout would be far too late
+    _settle(lambda: bool(link.chunks) and len(link.chunks) == link.chunks[0].chunks)
+    n = link.chunks[0].chunks
+    assert n >= 3
+    ack = UploadAck(model_id=mid, block=big, chunk=n - 1, block_done=False, loaded=False)
+    loop.call(lambda: s.on_ack(ack))  # chunk 1 never reached the edge; the rest did
+    hellos = len(link.published)
+    _settle(lambda: len(link.published) > hellos, timeout=10)  # it asks (after LOST_CHUNK_S)
+    held = Inventory(
+        model_id=mid, known=True, partial={big: [1]}, partial_chunk_size={big: 16 * 1024}
+    )
+    loop.call(lambda: s.on_inventory(held))
+    _settle(lambda: len(link.chunks) == n + 1)
+    assert link.chunks[-1].chunk == 1  # resent: only what was lost
+    done = UploadAck(model_id=mid, block=big, chunk=1, block_done=True, loaded=True)
+    loop.call(lambda: s.on_ack(done))
+    assert t.result(10) is True and not s.upload_errors

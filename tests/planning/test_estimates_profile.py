@@ -58,3 +58,16 @@ def test_chain_profile_from_the_manifest(mobilenet: ModelPackage) -> None:
     assert p.boundary_bytes[0] == 224 * 224 * 3 * 4 and p.boundary_bytes[18] == 4000
     assert p.boundary_bytes[7] == 14 * 14 * 64 * 4
     assert p.upload_bytes == tuple(b.onnx_bytes for b in mobilenet.blocks)
+
+
+def test_the_device_factor_learns_slow_runs_weighted_by_their_length() -> None:
+    from iotoffload.planning import Estimates
+
+    e = Estimates()  # alpha 0.3
+    long_slow = e.observe_device(ms=200.0, profiled_ms=100.0)  # 2×, a 100 ms run: full weight
+    assert long_slow.device_factor == pytest.approx(1.0 + 0.3 * (2.0 - 1.0))
+    short = e.observe_device(ms=2.4, profiled_ms=0.6)  # 4×, but 0.6 ms: weight 0.012
+    assert short.device_factor - 1.0 < 0.05
+    assert e.observe_device(ms=1e6, profiled_ms=100.0).device_factor == pytest.approx(1.9)
+    assert e.observe_device(ms=float("nan"), profiled_ms=100.0) is e  # no poisoned sample
+    assert e.observe_device(ms=5.0, profiled_ms=0.1) is e  # too short to time
