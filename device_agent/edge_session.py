@@ -47,7 +47,6 @@ MISS_WINDOW_S = 30.0  # deadline misses older than this no longer count toward a
 # a query's tensor waits behind (the window keeps about one chunk queued ahead of the link).
 CHUNK_LINK_S = 0.04
 MIN_CHUNK = 16 * 1024  # below this, per-chunk work (frames, acks) costs more than it saves
-MAX_CHUNK = 1024 * 1024  # the largest chunk size a resume takes from an edge's inventory
 # Time from a chunk's last byte reaching the edge to its ack reaching us, beyond the round
 # trip (the edge writes the chunk first): part of the bytes the window keeps in flight.
 ACK_SLACK_S = 0.005

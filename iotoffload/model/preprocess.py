@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,16 +18,23 @@ def preprocess_image(path: Path, prep: Preprocessing, layout: str = "NHWC") -> A
     """Center-crop, resize and normalise an image file into a (1, H, W, 3) float32 tensor."""
     from PIL import Image, UnidentifiedImageError
 
-    resample = {
-        "bilinear": Image.Resampling.BILINEAR,
-        "bicubic": Image.Resampling.BICUBIC,
-        "nearest": Image.Resampling.NEAREST,
-    }[prep.resample]
     try:
         with Image.open(path) as im:
             img = im.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise ModelError(f"{path}: not a readable image: {e}") from e
+    return preprocess_pil(img, prep, layout)
+
+
+def preprocess_pil(img: Any, prep: Preprocessing, layout: str = "NHWC") -> Array:
+    """The same for a PIL RGB image in memory (the package build's sample inputs)."""
+    from PIL import Image
+
+    resample = {
+        "bilinear": Image.Resampling.BILINEAR,
+        "bicubic": Image.Resampling.BICUBIC,
+        "nearest": Image.Resampling.NEAREST,
+    }[prep.resample]
     w, h = img.size
     side = min(w, h) * prep.crop_fraction
     left, top = (w - side) / 2, (h - side) / 2

@@ -60,6 +60,7 @@ from iotoffload.model.manifest import (
     sha256_file,
 )
 from iotoffload.model.package import ModelPackage
+from iotoffload.model.preprocess import preprocess_pil
 from iotoffload.model.progress import Progress, SilentProgress
 from iotoffload.model.verify import REFERENCE_NAME, rel_error, tolerance_for, verify_package
 from iotoffload.runtime.base import Array, BlockFile
@@ -462,28 +463,8 @@ def _load_photos(paths: Sequence[tuple[str, Path]]) -> list[tuple[str, Any]]:
 
 
 def image_to_input(img: Any, prep: Preprocessing, layout: str = "NHWC") -> Array:
-    """A PIL RGB image through the package's preprocessing: the same steps, in the same order,
-    as ``iotoffload.model.preprocess.preprocess_image`` does for a file."""
-    from PIL import Image
-
-    resample = {
-        "bilinear": Image.Resampling.BILINEAR,
-        "bicubic": Image.Resampling.BICUBIC,
-        "nearest": Image.Resampling.NEAREST,
-    }[prep.resample]
-    w, h = img.size
-    side = min(w, h) * prep.crop_fraction
-    left, top = (w - side) / 2, (h - side) / 2
-    img = img.resize(
-        (prep.size[1], prep.size[0]), resample, box=(left, top, left + side, top + side)
-    )
-    x = (np.asarray(img, dtype=np.float32) - np.asarray(prep.mean, np.float32)) / np.asarray(
-        prep.std, np.float32
-    )
-    x = x[None]
-    if layout == "NCHW":
-        x = x.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(x, dtype=np.float32)
+    """A PIL RGB image through the package's preprocessing (what a file would get)."""
+    return preprocess_pil(img, prep, layout)
 
 
 def augment(img: Any, rng: np.random.Generator) -> Any:
