@@ -124,6 +124,7 @@ class EdgeSession:
         self._sent_epoch: dict[int, int] = {}
         self._awaiting_resync = False
         self._last_hello = 0.0
+        self._rate_Bps: float | None = None  # the upload's pace (None: the link's)
         self._hello_sent: float | None = None
         # the inventory answering a hello sent with nothing unacked is an RTT sample (one sent
         # behind upload chunks measures the queue); one answering a resync resets the window
@@ -453,6 +454,7 @@ class EdgeSession:
         """
         outstanding: list[tuple[int, memoryview]] = []
         factor = self.inputs.estimates.device_factor  # what the device ran at before
+        self._rate_Bps = rate_Bps
         try:
             return await self._upload(
                 order, outstanding, progress, active, rate_Bps, block_timeout, retries, window
@@ -684,7 +686,8 @@ class EdgeSession:
         active: Callable[[], bool] = lambda: True,
     ) -> bool:
         b = self.pkg.blocks[i]
-        self._sent_epoch[i] = self._resyncs  # a resync from here on: the block is resent
+        epoch = self._sent_epoch[i] = self._resyncs  # a resync from here on: resent from it
+        pace = self._rate_Bps if rate_Bps is None else rate_Bps  # a resend keeps the pace
         cs = self._block_chunk.get(i)
         if cs is None:  # fixed once chosen: its chunk indices keep their meaning at the edge
             # sized to the link, but never more chunks than an edge takes for one block
@@ -693,7 +696,7 @@ class EdgeSession:
         chunks = self.chunk_counts[i] = -(-len(data) // cs)
         todo = range(chunks) if missing is None else missing
         for c in todo:
-            if rate_Bps:  # pace chunks: a capped upload leaves the link to the queries
+            if pace:  # pace chunks: a capped upload leaves the link to the queries
                 self._ack_run.clear()  # acks measure the pace, not the link
                 wait = self._pace_until - time.monotonic()
                 if wait > 0:
@@ -703,6 +706,12 @@ class EdgeSession:
             body = data[c * cs : (c + 1) * cs]
             if not await self._wait_window(active, len(body), cs):
                 return False
+            if i in self.stored:  # done meanwhile (a pass from before a reconnect got through)
+                return True
+            if self._resyncs != epoch:
+                # a reconnect while this pass waited: the block's wait resends what the
+                # inventory says is missing (this chunk on); going on here would send it twice
+                return True
             h = UploadChunk(
                 device=self.device_id,
                 model_id=self.pkg.manifest.model_id,
@@ -723,8 +732,8 @@ class EdgeSession:
             self.link.publish(
                 self.topics.edge_upload(self.edge_id, self.device_id), encode(h, body), qos=0
             )
-            if rate_Bps:
-                self._pace_until = max(self._pace_until, time.monotonic()) + len(body) / rate_Bps
+            if pace:
+                self._pace_until = max(self._pace_until, time.monotonic()) + len(body) / pace
             self.bytes_uploaded += len(body)
             self.chunks_sent[i] = self.chunks_sent.get(i, 0) + 1
             if progress:

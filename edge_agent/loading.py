@@ -9,6 +9,7 @@ Owned by the edge's loop; the blocking steps run on ``edge-store`` (every write)
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -31,6 +32,13 @@ from iotoffload.transport.frame import ErrorCode, Inventory, ProtocolError, Uplo
 
 log = logging.getLogger(__name__)
 MAX_INVENTORY_MISSING = 4096  # chunk indices listed in one inventory (the header has a cap)
+
+
+def _warmed(chain: Chain, indices: list[int]) -> concurrent.futures.Future[None]:
+    """No query workers (a loader on its own): nothing to wait for."""
+    f: concurrent.futures.Future[None] = concurrent.futures.Future()
+    f.set_result(None)
+    return f
 
 
 def _probe(
@@ -80,11 +88,13 @@ class BlockLoader:
         self._in_use: frozenset[str] = frozenset()  # copy on write (``in_use``)
         self._loading: frozenset[str] = frozenset()  # being probed or warmed: copy on write
         self._finishing: dict[str, asyncio.Task[ProtocolError | None]] = {}  # sha256 -> task
+        # (model id, sha256) -> its probe and warm-up, shared by every chunk naming the block
+        self._serving: dict[tuple[str, str], asyncio.Future[tuple[bool, float | None]]] = {}
         # counts the results the workers sent (which marks their blocks loaded): set by the
         # edge to ``QueryQueue.count``, run before the loaded blocks are read
         self.settle: Callable[[], None] = lambda: None
         # sessions made in every query worker ahead of queries: set to ``QueryQueue.warm``
-        self.warm: Callable[[Chain, list[int]], None] = lambda c, i: None
+        self.warm: Callable[[Chain, list[int]], concurrent.futures.Future[None]] = _warmed
 
     # what the edge holds ------------------------------------------------------------------
     def ready(self, model_id: str) -> Chain | None:
@@ -309,11 +319,27 @@ class BlockLoader:
         indices = [i for i, b in enumerate(a.blocks) if b.onnx_sha256 == sha]
         if not indices:
             return False, None
+        if self._loaded.get(model_id, set()).issuperset(indices):
+            # a chunk of a block served already (a resend after a reconnect, or a stranger's
+            # copy): acked from what is known, never probed or warmed again
+            return True, self._block_ms.get(sha)
+        key = (model_id, sha)
+        task = self._serving.get(key)
+        if task is None:  # one probe and warm-up per block, however many chunks name it
+            task = asyncio.ensure_future(self._serve_once(key, ch, indices))
+            self._serving[key] = task
+        return await asyncio.shield(task)
+
+    async def _serve_once(
+        self, key: tuple[str, str], ch: Chain, indices: list[int]
+    ) -> tuple[bool, float | None]:
+        model_id, sha = key
         self._loading = self._loading | {sha}
         try:
             return await self._serve_block(model_id, sha, ch, indices)
         finally:
             self._loading = self._loading - {sha}
+            self._serving.pop(key, None)
 
     async def _serve_block(
         self, model_id: str, sha: str, ch: Chain, indices: list[int]
@@ -339,6 +365,11 @@ class BlockLoader:
                 raise ProtocolError(ErrorCode.REJECTED_BLOCK, f"ONNX Runtime: {e}") from e
             if ms is not None:
                 self._block_ms.setdefault(sha, ms)
-        self.warm(ch, indices)
+        # "loaded" means a query pays no session creation: the ack waits for the workers
+        # (a device's first query after its upload would otherwise wait behind the warm-up)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.wrap_future(self.warm(ch, indices)), self._load_time_limit_s
+            )
         self.mark_loaded(model_id, indices)
         return True, self._block_ms.get(sha)

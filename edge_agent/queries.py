@@ -18,6 +18,7 @@ queries are outstanding is a ``_Gauge`` of its own, so admission needs no hop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -97,6 +98,24 @@ class _Gauge:
             self._value += n
 
 
+class _Countdown:
+    """A future that is done once ``n`` workers each called ``tick`` (any thread)."""
+
+    def __init__(self, n: int) -> None:
+        self.future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._lock = threading.Lock()
+        self._left = n
+        if n <= 0:
+            self.future.set_result(None)
+
+    def tick(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self.future.set_result(None)
+
+
 class _Worker:
     """One worker thread and the process it drives; ``control`` takes sessions to create
     ahead of queries (a block just uploaded)."""
@@ -108,7 +127,8 @@ class _Worker:
             memory_bytes=limits.memory_bytes,
             threads=limits.session_threads,
         )
-        self.control: queue.SimpleQueue[tuple[Chain, list[int]]] = queue.SimpleQueue()
+        # (chain, blocks, done): ``done`` is set once the sessions exist or could not be made
+        self.control: queue.SimpleQueue[tuple[Chain, list[int], _Countdown]] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
 
 
@@ -237,12 +257,15 @@ class QueryQueue:
         )
         self._threads.post(self._replies.error, err)
 
-    def warm(self, chain: Chain, indices: list[int]) -> None:
+    def warm(self, chain: Chain, indices: list[int]) -> concurrent.futures.Future[None]:
         """Create these blocks' sessions in every worker process ahead of queries (on the
-        loop, after the loader's probe passed them)."""
+        loop, after the loader's probe passed them); done once every worker has them (or
+        failed to make them, or closed): a query sent after it pays no session creation."""
+        done = _Countdown(len(self._workers))
         for w in self._workers:
-            w.control.put((chain, indices))
+            w.control.put((chain, indices, done))
         self._fair.poke()
+        return done.future
 
     # the worker threads -------------------------------------------------------------------
     def _serve(self, w: _Worker) -> None:
@@ -253,27 +276,30 @@ class QueryQueue:
         while True:
             job = self._fair.get(wake=lambda: not w.control.empty())
             try:
-                if not self._closing:
-                    self._warm(w)
+                self._warm(w)
             except Exception:  # the thread must outlive anything: queries wait on it
                 log.exception("%s: warming sessions failed", w.proc.name)
             if job is not None:
                 self._run(w, job)  # answers every job, whatever happens
             elif self._closing:
+                self._warm(w)  # a warm-up put while closing is answered too
                 return
 
     def _warm(self, w: _Worker) -> None:
         while True:
             try:
-                chain, indices = w.control.get_nowait()
+                chain, indices, done = w.control.get_nowait()
             except queue.Empty:
                 return
             try:
-                w.proc.load(chain, indices, profile=False, timeout=self._worker_limits.load_s)
+                if not self._closing:
+                    w.proc.load(chain, indices, profile=False, timeout=self._worker_limits.load_s)
             except (BlockFaultError, BlockRunError, RunTimeoutError) as e:
                 # the probe passed it alone: here other models' sessions share the process,
                 # so nothing is blamed; a query's run decides (in a fresh process)
                 log.warning("%s: sessions of %s… not created: %s", w.proc.name, chain.model_id, e)
+            finally:
+                done.tick()
 
     def _refuse(self, job: _QueryJob, code: ErrorCode, message: str) -> None:
         h = job.header
