@@ -132,16 +132,17 @@ def test_chunk_acks_in_a_row_measure_the_link(mobilenet: ModelPackage) -> None:
 
 
 def test_chunks_are_sized_to_the_link_within_bounds(mobilenet: ModelPackage) -> None:
-    assert CHUNK_LINK_S == 0.04  # the figures below
+    assert CHUNK_LINK_S == 0.08  # the figures below
     link = FakeLink()
     big = 1 << 20
-    # at most CHUNK_LINK_S of link time, a power of two: 400 kB at 10 MB/s -> 256 KiB,
-    # 40 kB at 1 MB/s -> 32 KiB; similar links agree
-    assert _session(mobilenet, link, 10e6, big).link_chunk() == 256 * 1024
-    assert _session(mobilenet, link, 9.3e6, big).link_chunk() == 256 * 1024
-    assert _session(mobilenet, link, 7e6, big).link_chunk() == 256 * 1024
-    assert _session(mobilenet, link, 1e6, big).link_chunk() == 32 * 1024
-    assert _session(mobilenet, link, 14e6, big).link_chunk() == 512 * 1024
+    # at most CHUNK_LINK_S of link time, a power of two: 800 kB at 10 MB/s -> 512 KiB,
+    # 80 kB at 1 MB/s -> 64 KiB; similar links agree
+    assert _session(mobilenet, link, 10e6, big).link_chunk() == 512 * 1024
+    assert _session(mobilenet, link, 9.3e6, big).link_chunk() == 512 * 1024
+    assert _session(mobilenet, link, 7e6, big).link_chunk() == 512 * 1024
+    assert _session(mobilenet, link, 2.5e6, big).link_chunk() == 128 * 1024  # 20 Mbit/s
+    assert _session(mobilenet, link, 1e6, big).link_chunk() == 64 * 1024
+    assert _session(mobilenet, link, 14e6, big).link_chunk() == 1024 * 1024
     assert _session(mobilenet, link, 1e3, big).link_chunk() == MIN_CHUNK  # a slow link
     assert _session(mobilenet, link, 100e6, big).link_chunk() == big  # capped by chunk_size
     assert _session(mobilenet, link, 1e3, 1024).link_chunk() == 1024  # a smaller cap wins
