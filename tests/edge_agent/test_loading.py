@@ -14,8 +14,9 @@ from iotoffload.transport.frame import (
     ErrorCode,
     Hello,
     UploadAck,
+    UploadChunk,
 )
-from tests.edge_agent.conftest import Harness, full_disk, tiny_model
+from tests.edge_agent.conftest import Harness, RawClient, TinyModel, full_disk, tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -95,12 +96,11 @@ def test_a_block_is_acked_loaded_only_once_every_worker_made_its_sessions(
     assert isinstance(ack, UploadAck) and ack.loaded  # (sent once both workers said so)
 
 
-def test_chunks_of_a_block_served_already_are_acked_without_probing_or_warming_again(
+def _announced_with_warm_ups_counted(
     harness: Harness,
-) -> None:
-    """After a reconnect a device may resend a whole block the edge has; each of those chunks
-    once probed the block and warmed it in every worker again, ahead of queries (a broker
-    restart made the next query wait 100+ ms behind 200 warm-ups)."""
+) -> tuple[list[list[int]], RawClient, TinyModel, list[tuple[UploadChunk, bytes]]]:
+    """An edge whose warm-ups are recorded (the real ones still run), a one-block model
+    announced to it, and that block's chunks."""
     edge = harness.edge()
     real_warm = edge.loader.warm
     warms: list[list[int]] = []
@@ -114,7 +114,16 @@ def test_chunks_of_a_block_served_already_are_acked_without_probing_or_warming_a
     dev = harness.client()
     dev.control(model.announce(dev.device))
     dev.inventory()
-    chunks = model.chunks(dev.device, 0)
+    return warms, dev, model, model.chunks(dev.device, 0)
+
+
+def test_chunks_of_a_block_served_already_are_acked_without_probing_or_warming_again(
+    harness: Harness,
+) -> None:
+    """After a reconnect a device may resend a whole block the edge has; each of those chunks
+    once probed the block and warmed it in every worker again, ahead of queries (a broker
+    restart made the next query wait 100+ ms behind 200 warm-ups)."""
+    warms, dev, model, chunks = _announced_with_warm_ups_counted(harness)
     assert len(chunks) > 2
     for h, body in chunks:
         dev.upload_chunk(h, body)
@@ -132,20 +141,7 @@ def test_chunks_of_a_block_served_already_are_acked_without_probing_or_warming_a
 
 
 def test_last_chunks_arriving_together_share_one_probe_and_one_warm_up(harness: Harness) -> None:
-    edge = harness.edge()
-    real_warm = edge.loader.warm
-    warms: list[list[int]] = []
-
-    def counted(chain: Chain, indices: list[int]) -> concurrent.futures.Future[None]:
-        warms.append(indices)
-        return real_warm(chain, indices)
-
-    edge.loader.warm = counted
-    model = tiny_model(1)
-    dev = harness.client()
-    dev.control(model.announce(dev.device))
-    dev.inventory()
-    chunks = model.chunks(dev.device, 0)
+    warms, dev, _, chunks = _announced_with_warm_ups_counted(harness)
     for h, body in chunks:
         dev.upload_chunk(h, body)
     for h, body in chunks:  # resent at once: these arrive while the first probe runs
