@@ -53,6 +53,11 @@ class HandoffPolicy:
         up = [v for v in views if v.online]
         return min(up, key=lambda v: (v.predicted_ms, -v.stored, v.rtt_ms, v.id), default=None)
 
+    def alone(self) -> None:
+        """No other edge to compare with (what ``decide`` concludes from no others, without
+        the views): no move, and no edge stays "better" over the gap."""
+        self._better_since.clear()
+
     def decide(
         self,
         current: EdgeView,

@@ -145,6 +145,13 @@ class HandoffController:
         return view(cur), others
 
     async def _maybe_move(self, now: float) -> None:
+        a = self._agent
+        if not any(s is not a.session and s.inventory_seen for s in a.sessions.values()):
+            # no edge to move to: skip the views (a plan per session, every tick: about a
+            # quarter of an idle device's CPU)
+            if self.policy is not None:
+                self.policy.alone()
+            return
         cur, others = self.views(now)
         prefer = self._agent.prefer
         if self.policy is None:  # forced moves work without a policy

@@ -54,6 +54,15 @@ def test_a_blip_restarts_the_dwell_time() -> None:
     assert p.decide(v("a", 10), [v("b", 7)], now=6.5) is not None
 
 
+def test_alone_is_deciding_with_no_others_an_edge_gone_restarts_its_dwell() -> None:
+    for forget in (lambda p: p.alone(), lambda p: p.decide(v("a", 10), [], now=2)):
+        p = HandoffPolicy(margin=0.2, dwell_s=3.0, hold_s=0)
+        p.decide(v("a", 10), [v("b", 7)], now=0)
+        forget(p)  # b gone for a while (the monitor skips the views then)
+        assert p.decide(v("a", 10), [v("b", 7)], now=3.0) is None  # dwell from 3, not 0
+        assert p.decide(v("a", 10), [v("b", 7)], now=6.0) is not None
+
+
 def test_hold_after_a_move_blocks_non_forced_moves() -> None:
     p = HandoffPolicy(dwell_s=0, hold_s=5, miss_limit=2)
     assert p.decide(v("a", 10), [v("b", 1)], now=0) is not None  # moved to b
