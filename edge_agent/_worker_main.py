@@ -60,8 +60,9 @@ def _kind(e: BaseException) -> str:
 
 
 class _Worker:
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, providers: tuple[str, ...]) -> None:
         self.threads = threads
+        self.providers = providers
         self.mm: mmap.mmap | None = None
         self.chains: dict[str, OnnxExecutor] = {}
         self.numbered: dict[int, OnnxExecutor] = {}  # the hot path's names for the chains
@@ -113,7 +114,7 @@ class _Worker:
                 )
                 for p, i, o in files
             ]
-            ex = OnnxExecutor(blocks, threads=self.threads)
+            ex = OnnxExecutor(blocks, threads=self.threads, providers=self.providers)
             self.chains[key] = ex
             if len(m) > 3:
                 self.numbered[int(m[3])] = ex
@@ -203,13 +204,28 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
-def main(conn: Connection, memory_bytes: int, threads: int) -> None:
+def memory_limit(providers: tuple[str, ...]) -> int:
+    """The rlimit that caps a worker's memory. On the CPU, its address space (RLIMIT_AS). A
+    GPU provider's runtime (CUDA) reserves address space far beyond any such cap at start,
+    never touched, so GPU workers cap their private writable memory (RLIMIT_DATA) instead;
+    neither caps the GPU's own memory."""
+    return (
+        resource.RLIMIT_AS if set(providers) <= {"CPUExecutionProvider"} else resource.RLIMIT_DATA
+    )
+
+
+def main(
+    conn: Connection,
+    memory_bytes: int,
+    threads: int,
+    providers: tuple[str, ...] = ("CPUExecutionProvider",),
+) -> None:
     """The worker process's entry point (started by ``WorkerProcess``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the edge's to handle
     _die_with_parent()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash must not write 3 GiB of core
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    w = _Worker(threads)
+    resource.setrlimit(memory_limit(providers), (memory_bytes, memory_bytes))
+    w = _Worker(threads, providers)
     conn.send(("ready", os.getpid()))
     while True:
         try:

@@ -13,7 +13,8 @@ parent and lives exactly as long as the socket to it: when the edge dies it read
 exits; its workers, reading EOF on their own connections, exit too.
 
 Requests are pickled tuples on the socket, each with one descriptor:
-``("fork", memory_bytes, threads)`` -> ``("pid", pid)``.
+``("fork", memory_bytes, threads, providers)`` -> ``("pid", pid)`` (``providers``: the
+ONNX Runtime execution providers of the worker's sessions, a tuple of names).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def _serve(sock: socket.socket) -> None:
             return
         try:
             (n,) = _LEN.unpack_from(msg)
-            op, memory_bytes, threads = pickle.loads(msg[_LEN.size : _LEN.size + n])
+            op, memory_bytes, threads, providers = pickle.loads(msg[_LEN.size : _LEN.size + n])
+            providers = tuple(str(p) for p in providers)
         except (struct.error, pickle.UnpicklingError, ValueError, TypeError, EOFError):
             for fd in fds:
                 os.close(fd)
@@ -81,7 +83,7 @@ def _serve(sock: socket.socket) -> None:
             try:
                 sock.close()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                _worker_main.main(Connection(fds[0]), int(memory_bytes), int(threads))
+                _worker_main.main(Connection(fds[0]), int(memory_bytes), int(threads), providers)
             except BaseException:
                 code = 1
             finally:

@@ -39,6 +39,7 @@ from pathlib import Path
 from edge_agent.config import EdgeConfig
 from edge_agent.fair import QueueLimits
 from edge_agent.loading import BlockLoader
+from edge_agent.metrics import DevicesSeen, EdgeMetrics, EdgeSnapshot
 from edge_agent.peers import PeerTransfers
 from edge_agent.quarantine import Quarantine
 from edge_agent.queries import QueryQueue, WorkerLimits
@@ -52,6 +53,7 @@ from edge_agent.threads import EdgeThreads
 from edge_agent.trust import ModelTrust
 from edge_agent.workers import BlockFaultError, Chain, WorkerProcess
 from iotoffload.loop import LoopClosedError
+from iotoffload.runtime.onnx import check_providers
 from iotoffload.transport.frame import Inventory
 from iotoffload.transport.link import Message
 from iotoffload.transport.mqtt import MqttLink, MqttSecurity
@@ -100,12 +102,16 @@ class EdgeAgent:
         self._stopping = False  # set on the loop at stop: no more messages taken
         self._stats = EdgeStats()
         self.threads = EdgeThreads()
+        self.devices_seen = DevicesSeen()
+        self.metrics = EdgeMetrics(self._metrics_snapshot)
+        self.metrics_port: int | None = None  # bound, once serving
         self.replies = Replies(config.id, self.topics, self._stats, lambda: self.link)
         worker_limits = WorkerLimits(
             memory_bytes=config.worker_memory_mb * 1024 * 1024,
             run_s=config.run_time_limit_s,
             load_s=config.load_time_limit_s,
             session_threads=config.threads,
+            providers=tuple(config.providers),
         )
         self.loader = BlockLoader(
             config.id,
@@ -115,7 +121,10 @@ class EdgeAgent:
             self.threads,
             quarantine=Quarantine(config.store / "quarantine.json"),
             probe=WorkerProcess(
-                "edge-probe", memory_bytes=worker_limits.memory_bytes, threads=config.threads
+                "edge-probe",
+                memory_bytes=worker_limits.memory_bytes,
+                threads=config.threads,
+                providers=worker_limits.providers,
             ),
             load_time_limit_s=config.load_time_limit_s,
             publish_status=lambda: self.status.publish(),
@@ -136,6 +145,7 @@ class EdgeAgent:
             quarantined=self.loader.quarantine.reason,
             any_quarantined=self.loader.quarantine.__len__,
             on_fault=self.loader.fault,
+            observe=lambda queue_ms, exec_ms: self.metrics.observe(queue_ms, exec_ms),
         )
         self.loader.settle = self.queries.count
         self.loader.warm = self.queries.warm
@@ -168,6 +178,7 @@ class EdgeAgent:
             stopping=lambda: self._stopping,
         )
         self.status.quarantined = lambda: len(self.loader.quarantine)
+        self.status.devices = self.devices_seen.active
         self.router = InboundRouter(
             self.store,
             self.replies,
@@ -181,7 +192,22 @@ class EdgeAgent:
             stopping=lambda: self._stopping,
             check_announce=trust.check,
             max_tensor_bytes=config.max_tensor_bytes,
+            saw=self.devices_seen.saw,
         )
+
+    def _metrics_snapshot(self) -> EdgeSnapshot | None:
+        """On a scrape's thread: the loop's figures, taken there (None once it is gone)."""
+        lp = self.threads.loop
+        if lp is None:
+            return None
+
+        def take() -> EdgeSnapshot:
+            return EdgeSnapshot(self.status.status("online"), self._stats.copy())
+
+        try:
+            return lp.call(take, timeout=5)
+        except (TimeoutError, LoopClosedError, concurrent.futures.CancelledError):
+            return None
 
     def _link(self) -> MqttLink:
         assert self.link is not None, "the edge is not started"
@@ -213,8 +239,7 @@ class EdgeAgent:
             raise ValueError("no broker URL")
         if self.threads.loop is not None:
             raise RuntimeError("the edge is started already")
-        with contextlib.suppress(ImportError):  # imported once here, not on the loop
-            import onnxruntime  # noqa: F401
+        check_providers(self.config.providers)  # before anything starts: a setup error
         cid = self.config.id
         self._stopping = False
         self.queries.open()
@@ -238,6 +263,10 @@ class EdgeAgent:
             lp.run(self._begin(), timeout=30)
             if self.config.advertise:
                 self.status.advertise(self.load_factor())
+            if self.config.metrics_port is not None:
+                self.metrics_port = self.metrics.serve(
+                    self.config.metrics_address, self.config.metrics_port
+                )
         except BaseException:
             self.stop()
             raise
@@ -281,6 +310,8 @@ class EdgeAgent:
             lp.run(self._quiesce(), timeout=STOP_DRAIN_S + 5)
         except (TimeoutError, LoopClosedError, concurrent.futures.CancelledError):
             log.warning("edge %s: the loop did not quiesce", self.config.id)
+        self.metrics.close()
+        self.metrics_port = None
         self.threads.shutdown_zeroconf()
         self.status.close_advertiser()
         self.queries.close()

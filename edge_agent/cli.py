@@ -25,6 +25,7 @@ from iotoffload.cli._security import (
     Username,
     load_security,
 )
+from iotoffload.runtime.onnx import check_providers
 from iotoffload.transport.mqtt import BrokerAuthError, BrokerUnavailableError
 
 app = typer.Typer(
@@ -64,6 +65,20 @@ def start(
     workers: Annotated[
         int | None,
         typer.Option(help="Queries run in parallel, each worker its own ONNX Runtime process."),
+    ] = None,
+    provider: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="ONNX Runtime execution provider, in order of preference; repeat it "
+            "(--provider CUDAExecutionProvider --provider CPUExecutionProvider). Default: CPU.",
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve Prometheus metrics on this port (http://ADDRESS:PORT/metrics; "
+            "metrics_address in the config, default 127.0.0.1). Default: off.",
+        ),
     ] = None,
     worker_memory_mb: Annotated[
         int | None,
@@ -131,6 +146,8 @@ def start(
             protocol=protocol,
             threads=threads,
             workers=workers,
+            providers=provider or None,
+            metrics_port=metrics_port,
             worker_memory_mb=worker_memory_mb,
             peer_brokers=peer_broker or None,
             peer_edges=peer_edge or None,
@@ -138,6 +155,7 @@ def start(
             trusted_keys=trusted_key or None,
         )
         ModelTrust.from_config(cfg)  # a missing or bad trusted key: a config error, now
+        check_providers(cfg.providers)  # a GPU provider this ONNX Runtime lacks: now too
         security = load_security(
             config,
             ca_file=ca_file,
@@ -181,6 +199,11 @@ def start(
         f"edge [bold]{cfg.id}[/] serving on {url} (MQTT {cfg.protocol}"
         f"{', embedded broker' if embedded else ''}); store {cfg.store}; "
         f"{'advertised on ' + cfg.interface if cfg.advertise else 'not advertised'}"
+        + (
+            f"; metrics on http://{cfg.metrics_address}:{agent.metrics_port}/metrics"
+            if agent.metrics_port is not None
+            else ""
+        )
     )
     stop.wait()
     console.print("shutting down: publishing offline, unregistering")

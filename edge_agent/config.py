@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,23 @@ class EdgeConfig(BaseSettings):
     protocol: int = Field(default=5, description="MQTT protocol: 5 or 311")
     threads: int = Field(default=1, ge=1, le=64, description="ONNX Runtime intra-op threads")
     workers: int = Field(default=1, ge=1, le=16, description="queries executed in parallel")
+    providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        min_length=1,
+        max_length=8,
+        description="ONNX Runtime execution providers of the workers' sessions, in order of "
+        "preference (e.g. CUDAExecutionProvider, CPUExecutionProvider); checked at start",
+    )
     max_block_bytes: int = 64 * 1024 * 1024
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="serve Prometheus metrics on this port (/metrics; 0: a free port); none: off",
+    )
+    metrics_address: str = Field(
+        default="127.0.0.1", description="address the metrics endpoint listens on"
+    )
     status_interval: float = Field(default=2.0, gt=0)
     peer_brokers: list[str] = Field(
         default_factory=list,
@@ -109,6 +126,17 @@ class EdgeConfig(BaseSettings):
         for x in v:
             if x != "*" and not is_id(x):
                 raise ValueError(f"{x!r} is neither an edge id ({ID_PATTERN}) nor '*'")
+        return v
+
+    @field_validator("providers")
+    @classmethod
+    def _provider_names(cls, v: list[str]) -> list[str]:
+        # availability needs ONNX Runtime: checked when the edge starts (check_providers)
+        for p in v:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,63}ExecutionProvider", p):
+                raise ValueError(f"{p!r} is not an ONNX Runtime provider name (…ExecutionProvider)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"providers named twice: {v}")
         return v
 
     @field_validator("store")

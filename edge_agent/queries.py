@@ -66,6 +66,7 @@ class WorkerLimits:
     run_s: float = 10.0  # one run
     load_s: float = 60.0  # sessions created (the first run of blocks in a process)
     session_threads: int = 1  # ONNX Runtime intra-op threads
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # ONNX Runtime, in order
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class _Worker:
             f"edge-worker-{index}",
             memory_bytes=limits.memory_bytes,
             threads=limits.session_threads,
+            providers=limits.providers,
         )
         # (chain, blocks, done): ``done`` is set once the sessions exist or could not be made
         self.control: queue.SimpleQueue[tuple[Chain, list[int], _Countdown]] = queue.SimpleQueue()
@@ -151,8 +153,10 @@ class QueryQueue:
         quarantined: Callable[[str], str | None] = lambda sha: None,
         any_quarantined: Callable[[], int] = lambda: 0,
         on_fault: Callable[[Chain, BlockFaultError], None] = lambda c, f: None,
+        observe: Callable[[float, float], None] = lambda queue_ms, exec_ms: None,
     ) -> None:
         self.workers = workers
+        self._observe = observe  # on the worker threads: (queue ms, exec ms) of each result
         self._stats = stats
         self._replies = replies
         self._threads = threads
@@ -361,6 +365,7 @@ class QueryQueue:
             out.release()
             self._replies.publish(h.device, frame)
             self._done.put((h, queue_ms, exec_ms))
+            self._observe(queue_ms, exec_ms)
             if self._done.qsize() >= COUNT_EVERY:  # bounded, however rarely the loop reads
                 self._threads.post(self.count)
         except Exception as e:  # a bug here must not end the worker thread

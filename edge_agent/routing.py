@@ -79,7 +79,9 @@ class InboundRouter:
         stopping: Callable[[], bool],
         check_announce: Callable[[Announce], ProtocolError | None] = lambda a: None,
         max_tensor_bytes: int = 256 * 1024 * 1024,
+        saw: Callable[[str], None] = lambda device: None,
     ) -> None:
+        self._saw = saw  # any thread: a device heard from (by its topic's identity)
         self.store = store
         self._replies = replies
         self._loader = loader
@@ -97,10 +99,12 @@ class InboundRouter:
     # network threads: hand the message to the loop, nothing else --------------------------
     def on_control_message(self, m: Message) -> None:
         if (sender := self._topics.sender(m.topic)) is not None:
+            self._saw(sender)
             self._threads.post(self._control, sender, m.payload)
 
     def on_upload_message(self, m: Message) -> None:
         if (sender := self._topics.sender(m.topic)) is not None:
+            self._saw(sender)
             self._threads.post(self._upload, sender, m.payload)
 
     def on_query_message(self, m: Message) -> None:
@@ -110,6 +114,7 @@ class InboundRouter:
         sender = self._topics.sender(m.topic)
         if sender is None:  # not addressed as the tree says: nobody to answer
             return
+        self._saw(sender)
         post = self._threads.post
         try:
             h, body = decode(m.payload, max_body=self._max_body)

@@ -60,12 +60,17 @@ class StatusReporter:
         self._broker = broker
         self._stopping = stopping
         self.quarantined: Callable[[], int] = lambda: 0  # set by the edge: the quarantine's size
+        self.devices: Callable[[], int] = lambda: 0  # set by the edge: devices heard lately
         self._task: asyncio.Task[None] | None = None
         self._last_publish = 0.0
         self._deferred: asyncio.TimerHandle | None = None
         self._advertiser: EdgeAdvertiser | None = None
 
     def status_json(self, state: Literal["online", "offline"]) -> bytes:
+        return self.status(state).to_json()
+
+    def status(self, state: Literal["online", "offline"]) -> EdgeStatus:
+        """The edge's status now (on the loop)."""
         self._queries.count()
         s = self._stats
         models = self.store.model_ids()
@@ -90,11 +95,13 @@ class StatusReporter:
                 partial_uploads=usage.partials,
                 quarantined=self.quarantined(),
             ),
+            providers=list(self.config.providers),
+            devices=self.devices(),
             transfer=TransferCounts(
                 blocks_pushed=self._peers.blocks_pushed, blocks_from_peers=s.blocks_from_peers
             ),
             time=time.time(),
-        ).to_json()
+        )
 
     def publish(self) -> None:
         """Publish the status now, or, within ``MIN_PUBLISH_S`` of the last one, once at the

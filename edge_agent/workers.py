@@ -71,11 +71,13 @@ class _ForkServer:
         self._sock = ours
         return ours
 
-    def fork(self, conn_fd: int, memory_bytes: int, threads: int) -> int:
+    def fork(
+        self, conn_fd: int, memory_bytes: int, threads: int, providers: tuple[str, ...]
+    ) -> int:
         with self._lock:
             try:
                 sock = self._ensure()
-                _zygote.send_request(sock, ("fork", memory_bytes, threads), conn_fd)
+                _zygote.send_request(sock, ("fork", memory_bytes, threads, providers), conn_fd)
                 reply = _zygote.recv_reply(sock)
                 if not (isinstance(reply, tuple) and reply[0] == "pid"):
                     raise EOFError(f"unexpected answer {reply!r}")
@@ -145,10 +147,18 @@ class WorkerProcess:
     """One sandboxed ONNX Runtime process. Used by one thread at a time (its owner: a query
     worker thread, or the loader); started on first use and again after a fault."""
 
-    def __init__(self, name: str, *, memory_bytes: int, threads: int = 1) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        memory_bytes: int,
+        threads: int = 1,
+        providers: tuple[str, ...] = ("CPUExecutionProvider",),
+    ) -> None:
         self.name = name
         self.memory_bytes = memory_bytes
         self.threads = threads
+        self.providers = providers
         self.restarts = 0  # processes started after the first
         self._pid: int | None = None
         # our end of the worker's connection: a plain socket (``_send``/``_recv`` speak
@@ -168,7 +178,7 @@ class WorkerProcess:
     def _start(self) -> None:
         ours, theirs = socket.socketpair()
         try:
-            pid = _server.fork(theirs.fileno(), self.memory_bytes, self.threads)
+            pid = _server.fork(theirs.fileno(), self.memory_bytes, self.threads, self.providers)
         finally:
             theirs.close()  # the worker has its copy: its death is an EOF here
         conn = ours

@@ -124,9 +124,10 @@ class AppClient:
         self.close()
 
     # edges ------------------------------------------------------------------------------------
-    def edges(self, wait: float = 1.0) -> list[EdgeStatus]:
-        """The edges whose retained status says online (least loaded first); waits up to
-        ``wait`` seconds for the first statuses after connecting."""
+    def edges(self, wait: float = 1.0, *, offline: bool = False) -> list[EdgeStatus]:
+        """The edges whose retained status says online (least loaded first; with
+        ``offline``, those that said they went offline too); waits up to ``wait`` seconds
+        for the first statuses after connecting."""
         end = time.monotonic() + wait
         while time.monotonic() < end:
             with self._lock:
@@ -134,8 +135,8 @@ class AppClient:
                     break
             time.sleep(0.05)
         with self._lock:
-            online = [s for s in self._statuses.values() if s.state == "online"]
-        return sorted(online, key=lambda s: (s.load.queue, s.edge))
+            shown = [s for s in self._statuses.values() if offline or s.state == "online"]
+        return sorted(shown, key=lambda s: (s.state != "online", s.load.queue, s.edge))
 
     def inventory(self, edge: str, model_id: str, timeout: float = 5.0) -> Inventory:
         """What ``edge`` holds of a model: ``known``, ``name``, ``blocks`` (the count),

@@ -10,6 +10,7 @@ from iotoffload.cli.model_cmd import app as model_app
 from iotoffload.cli.plan_cmd import plan
 from iotoffload.cli.run_cmd import broker, demo
 from iotoffload.cli.security_cmd import app as security_app
+from iotoffload.cli.status_cmd import status
 
 app = typer.Typer(
     help="iotoffload: run DNNs on IoT devices with the help of nearby edge servers.",
@@ -23,6 +24,7 @@ app.add_typer(security_app, name="security")
 app.command()(broker)
 app.command()(demo)
 app.command()(plan)
+app.command()(status)
 
 
 @app.command()

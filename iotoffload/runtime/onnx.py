@@ -19,6 +19,23 @@ def _ort() -> Any:
     return onnxruntime
 
 
+class ProviderError(ValueError):
+    """An execution provider this ONNX Runtime does not have (a setup error)."""
+
+
+def check_providers(providers: Sequence[str]) -> None:
+    """Raise ``ProviderError`` unless this ONNX Runtime offers every provider asked for (a
+    GPU provider needs the matching build, e.g. ``onnxruntime-gpu``, and its drivers)."""
+    available = list(_ort().get_available_providers())
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise ProviderError(
+            f"ONNX Runtime execution provider(s) {', '.join(missing)} not available in this "
+            f"installation (it has {', '.join(available)}); a GPU provider needs the matching "
+            "onnxruntime build (e.g. onnxruntime-gpu for CUDAExecutionProvider) and its drivers"
+        )
+
+
 @dataclass
 class _Session:
     session: Any
@@ -37,13 +54,9 @@ class OnnxExecutor(BlockExecutor[_Session]):
         providers: Sequence[str] | None = None,
     ) -> None:
         super().__init__(blocks)
-        ort = _ort()
         self.threads = threads
-        available = ort.get_available_providers()
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
-        missing = [p for p in self.providers if p not in available]
-        if missing:
-            raise ValueError(f"ONNX Runtime providers not available: {missing} (have {available})")
+        check_providers(self.providers)
 
     @classmethod
     def from_package(cls, pkg: ModelPackage, **kw: Any) -> OnnxExecutor:

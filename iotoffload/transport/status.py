@@ -54,6 +54,7 @@ class EdgeStatus(_S):
     store: StoreCounts = StoreCounts()
     transfer: TransferCounts = TransferCounts()
     providers: list[str] = ["CPUExecutionProvider"]
+    devices: int = Field(default=0, ge=0)  # devices heard from in the last minute
     time: float = 0.0
 
     def to_json(self) -> bytes:

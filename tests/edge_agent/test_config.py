@@ -30,6 +30,15 @@ def test_bad_edge_settings_name_the_field(kw: dict[str, object], field: str) -> 
         EdgeConfig(**kw)  # type: ignore[arg-type]
 
 
+def test_providers_default_to_the_cpu_and_bad_names_are_refused() -> None:
+    assert EdgeConfig().providers == ["CPUExecutionProvider"]
+    gpu = EdgeConfig(providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert gpu.providers[0] == "CUDAExecutionProvider"
+    for bad in ([], ["cuda"], ["CPUExecutionProvider", "CPUExecutionProvider"], ["A" * 99]):
+        with pytest.raises(ValidationError, match="providers"):
+            EdgeConfig(providers=bad)
+
+
 def test_bad_device_split() -> None:
     with pytest.raises(ValidationError, match="split"):
         DeviceConfig(split="middle")

@@ -37,6 +37,7 @@ def test_status_is_an_edge_status(harness: Harness) -> None:
     st = got[-1]
     assert st.edge == "edge1" and st.models == [model.model_id] and st.broker == edge.broker_url
     assert st.load.in_flight == 0 and st.transfer.blocks_pushed == 0
+    assert st.providers == ["CPUExecutionProvider"]  # what its workers run on
     edge.stop()
     wait_until(lambda: got[-1].state == "offline", 5, "the offline status")
 

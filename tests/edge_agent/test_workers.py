@@ -5,6 +5,7 @@ block; the next call gets a fresh process that serves the rest."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import threading
 import time
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edge_agent._worker_main import memory_limit
 from edge_agent.workers import BlockFaultError, BlockRunError, Chain, WorkerProcess
 from iotoffload.model.manifest import TensorSpec
 from iotoffload.runtime.base import BlockFile
@@ -149,6 +151,25 @@ def test_a_block_onnx_runtime_refuses_is_a_run_error(tmp_path: Path, worker: Wor
         worker.load(_chain("bad", bad), [0], profile=False, timeout=30)
     assert e.value.kind == "runtime"
     assert worker.restarts == 0  # the process lives on
+
+
+def test_providers_reach_the_worker_process(tmp_path: Path) -> None:
+    # the edge checks its providers at start; a worker given one its ONNX Runtime lacks
+    # shows that the list reaches the sessions it makes
+    w = WorkerProcess(
+        "test-providers", memory_bytes=1536 << 20, providers=("NopeExecutionProvider",)
+    )
+    try:
+        with pytest.raises(BlockRunError, match="NopeExecutionProvider"):
+            w.load(_chain("p", _add(tmp_path / "a.onnx", 1.0)), [0], profile=False, timeout=30)
+    finally:
+        w.close()
+
+
+def test_a_gpu_worker_caps_its_data_not_its_address_space() -> None:
+    assert memory_limit(("CPUExecutionProvider",)) == resource.RLIMIT_AS
+    gpu = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert memory_limit(gpu) == resource.RLIMIT_DATA
 
 
 def _dies(pid: int, within: float = 10.0) -> bool:

@@ -112,6 +112,29 @@ def test_edge_agent_and_device_agent_found_by_zeroconf(
     assert "shutting down" in out and "served 4 queries" in out
 
 
+def test_edge_agent_refuses_a_provider_its_onnx_runtime_lacks(tmp_path: Path) -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has CUDA: the refusal cannot be shown with it")
+    r = subprocess.run(
+        [
+            BIN / "edge-agent",
+            "start",
+            *("--broker", "mqtt://127.0.0.1:9", "--store", str(tmp_path)),
+            *("--provider", "CUDAExecutionProvider", "--provider", "CPUExecutionProvider"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    err = " ".join(r.stderr.split())
+    assert "CUDAExecutionProvider" in err and "not available" in err
+    assert "CPUExecutionProvider" in err  # what it has, named
+    assert "Traceback" not in r.stderr
+
+
 def test_device_agent_without_an_edge_says_so(mobilenet: ModelPackage) -> None:
     env = dict(_env(mobilenet), IOTOFFLOAD_DEVICE_DISCOVERY_TIMEOUT="0.5")
     r = subprocess.run(
