@@ -32,6 +32,7 @@ from iotoffload.bench.netns import CGROUP_CPU, check_testbed
 from iotoffload.deploy.acl import Role
 from iotoffload.model.package import ModelPackage
 from iotoffload.planning import Estimates, Objective, PlanningInputs, best_plan, chain_profile
+from iotoffload.runtime.onnx import OnnxExecutor
 from iotoffload.runtime.profiling import measure_device_ms
 from iotoffload.runtime.tflite import TFLiteExecutor
 from iotoffload.transport.mqtt import Message, MqttLink
@@ -268,10 +269,27 @@ def slow_thread(cpu_percent: int) -> Iterator[Callable[[], None]]:
                 group.rmdir()
 
 
+def raw_onnx_qps(pkg: ModelPackage, start: int, seconds: float, threads: int = 1) -> float:
+    """ONNX Runtime alone on blocks ``[start, N)``, batch 1, back to back in this process
+    with the edge's session settings: the most one edge worker could serve."""
+    ex = OnnxExecutor.from_package(pkg, threads=threads)
+    x = np.zeros(pkg.blocks[start].input.shape, np.float32)
+    n = pkg.num_blocks
+    ex.run(start, n, x)  # sessions made and warm, as on a serving edge
+    count, t0 = 0, time.perf_counter()
+    while (dt := time.perf_counter() - t0) < seconds or count < 3:
+        ex.run(start, n, x)
+        count += 1
+    return count / dt
+
+
 def scale(
     pkg: ModelPackage, devices: list[int], seconds: float, split: int, kind: str = "mosquitto"
 ) -> list[dict[str, Any]]:
-    """M devices offload back to back against one edge: throughput and p95 as M grows."""
+    """M devices offload back to back against one edge: throughput and p95 as M grows, and
+    each step's throughput against ONNX Runtime alone on the same blocks (measured in the
+    same run, before the edge starts)."""
+    raw = raw_onnx_qps(pkg, split, min(seconds, 3.0))
     x = np.zeros(pkg.manifest.input.shape, np.float32)
     rows: list[dict[str, Any]] = []
     if kind == "mosquitto-tls" and max(devices) > SCALE_DEVICES:
@@ -306,6 +324,8 @@ def scale(
                     "qps": len(flat) / wall,
                     "mean_ms": statistics.mean(flat),
                     "p95_ms": p95(flat),
+                    "raw_qps": raw,
+                    "vs_raw": len(flat) / wall / raw,
                 }
             )
         for dev in pool:

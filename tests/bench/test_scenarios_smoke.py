@@ -92,6 +92,8 @@ def test_load_and_scale_smoke(env: ModelPackage, tmp_path: Path) -> None:
     _run(["scale", "--devices", "1,2", "--seconds", "1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
     assert [r["devices"] for r in rows] == [1, 2] and all(r["queries"] > 0 for r in rows)
+    # against ONNX Runtime alone on the same blocks, measured in the same run
+    assert rows[0]["raw_qps"] > 0 and rows[0]["vs_raw"] == rows[0]["qps"] / rows[0]["raw_qps"]
     assert (tmp_path / "load.png").is_file() and (tmp_path / "scale.png").is_file()
 
 
