@@ -87,6 +87,8 @@ class BlockLoader:
         self._block_ms: dict[str, float] = {}  # sha256 -> unloaded time, ms
         self._in_use: frozenset[str] = frozenset()  # copy on write (``in_use``)
         self._loading: frozenset[str] = frozenset()  # being probed or warmed: copy on write
+        # digest -> loads under way (two models may load one block at once): on the loop
+        self._loads: dict[str, int] = {}
         self._finishing: dict[str, asyncio.Task[ProtocolError | None]] = {}  # sha256 -> task
         # (model id, sha256) -> its probe and warm-up, shared by every chunk naming the block
         self._serving: dict[tuple[str, str], asyncio.Future[tuple[bool, float | None]]] = {}
@@ -334,11 +336,16 @@ class BlockLoader:
         self, key: tuple[str, str], ch: Chain, indices: list[int]
     ) -> tuple[bool, float | None]:
         model_id, sha = key
+        self._loads[sha] = self._loads.get(sha, 0) + 1
         self._loading = self._loading | {sha}
         try:
             return await self._serve_block(model_id, sha, ch, indices)
         finally:
-            self._loading = self._loading - {sha}
+            # the block stays protected from eviction until its last load ends
+            if (left := self._loads.pop(sha) - 1) > 0:
+                self._loads[sha] = left
+            else:
+                self._loading = self._loading - {sha}
             self._serving.pop(key, None)
 
     async def _serve_block(

@@ -3,12 +3,14 @@ chunk is kept for a retry, and the edge keeps serving."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import threading
 
 import numpy as np
 import pytest
 
+from edge_agent.loading import BlockLoader
 from edge_agent.workers import Chain
 from iotoffload.transport.frame import (
     ErrorCode,
@@ -150,3 +152,35 @@ def test_last_chunks_arriving_together_share_one_probe_and_one_warm_up(harness: 
         ack, _ = dev.take(lambda h: isinstance(h, UploadAck) and h.block_done)
         assert isinstance(ack, UploadAck) and ack.loaded
     assert warms == [[0]]
+
+
+def test_a_block_two_models_load_at_once_stays_protected_until_both_end() -> None:
+    """Eviction skips blocks being loaded; a digest two models load at once was unprotected
+    once the first load ended (a set of digests, cleared by the first)."""
+    loader = object.__new__(BlockLoader)  # the bookkeeping alone, on this test's loop
+    loader._loads, loader._loading, loader._serving = {}, frozenset(), {}
+    loader._in_use = frozenset()
+    gates = {"m1": asyncio.Event(), "m2": asyncio.Event()}
+
+    async def serve_block(
+        model_id: str, sha: str, ch: object, indices: list[int]
+    ) -> tuple[bool, None]:
+        await gates[model_id].wait()
+        return True, None
+
+    loader._serve_block = serve_block  # type: ignore[method-assign]
+
+    async def run() -> None:
+        ch = object()
+        one = asyncio.ensure_future(loader._serve_once(("m1", "sha"), ch, [0]))  # type: ignore[arg-type]
+        two = asyncio.ensure_future(loader._serve_once(("m2", "sha"), ch, [3]))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        assert "sha" in loader.in_use()
+        gates["m1"].set()
+        await one
+        assert "sha" in loader.in_use()  # m2 still loads it
+        gates["m2"].set()
+        await two
+        assert "sha" not in loader.in_use() and loader._loads == {}
+
+    asyncio.run(run())
