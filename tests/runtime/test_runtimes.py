@@ -90,5 +90,5 @@ def test_both_tflite_backends_agree(mobilenet: ModelPackage) -> None:
 def test_unknown_backend_and_provider(mobilenet: ModelPackage) -> None:
     with pytest.raises(ValueError, match="unknown TFLite backend"):
         TFLiteExecutor.from_package(mobilenet, backend="gpu-magic")
-    with pytest.raises(ValueError, match="providers not available"):
+    with pytest.raises(ValueError, match="NoSuchExecutionProvider not available"):
         OnnxExecutor.from_package(mobilenet, providers=["NoSuchExecutionProvider"])
