@@ -39,6 +39,11 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 DEVICE_WINDOW_S = 60.0  # a device heard from within this long counts as connected
 MAX_DEVICES = 10_000  # devices remembered (on an open broker a stranger may invent ids)
+SNAPSHOT_TTL_S = 0.5  # scrapes this close together share one snapshot of the loop's figures
+
+
+class MetricsBindError(ValueError):
+    """The metrics endpoint cannot listen where configured (a setup error)."""
 
 
 class DevicesSeen:
@@ -82,11 +87,26 @@ class EdgeSnapshot:
 
 
 class _SnapshotCollector(Collector):
+    """Scrapes within ``SNAPSHOT_TTL_S`` of each other share one snapshot: however often
+    the endpoint is asked (a scraper gone wild, a stranger on the network), the loop takes at
+    most a few snapshots a second."""
+
     def __init__(self, snapshot: Callable[[], EdgeSnapshot | None]) -> None:
         self._snapshot = snapshot
+        self._lock = threading.Lock()  # the cache below; held while one snapshot is taken
+        self._last: tuple[float, EdgeSnapshot | None] = (-1e9, None)
+
+    def _take(self) -> EdgeSnapshot | None:
+        with self._lock:
+            at, snap = self._last
+            now = time.monotonic()
+            if now - at >= SNAPSHOT_TTL_S or snap is None:
+                snap = self._snapshot()
+                self._last = (now, snap)
+            return snap
 
     def collect(self) -> Iterator[Metric]:
-        snap = self._snapshot()
+        snap = self._take()
         if snap is None:  # the edge is stopping: the histograms only
             return
         st, s = snap.status, snap.stats
@@ -168,7 +188,10 @@ class EdgeMetrics:
 
     def serve(self, address: str, port: int) -> int:
         """Serve ``/metrics`` on ``address:port`` (port 0: a free one); the port bound."""
-        server, thread = start_http_server(port, addr=address, registry=self.registry)
+        try:
+            server, thread = start_http_server(port, addr=address, registry=self.registry)
+        except OSError as e:
+            raise MetricsBindError(f"cannot serve metrics on {address}:{port}: {e}") from e
         self._server, self._thread = server, thread
         bound = int(server.server_address[1])
         log.info("metrics on http://%s:%d/metrics", address, bound)

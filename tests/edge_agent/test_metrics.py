@@ -4,6 +4,8 @@ and the devices-seen window it reports on hand-checked cases."""
 from __future__ import annotations
 
 import re
+import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -12,8 +14,16 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent.metrics import DevicesSeen
+from edge_agent.metrics import (
+    SNAPSHOT_TTL_S,
+    DevicesSeen,
+    EdgeSnapshot,
+    MetricsBindError,
+    _SnapshotCollector,
+)
+from edge_agent.stats import EdgeStats
 from iotoffload.transport.frame import ErrorCode
+from iotoffload.transport.status import EdgeStatus
 from tests.edge_agent.conftest import Harness, tiny_model, wait_until
 
 X = np.arange(4, dtype=np.float32).reshape(1, 4)
@@ -86,3 +96,29 @@ def test_metrics_count_what_the_edge_did(harness: Harness) -> None:
 def test_metrics_are_off_unless_asked_for(harness: Harness) -> None:
     edge = harness.edge()
     assert edge.metrics_port is None and edge.metrics._server is None
+
+
+def test_scrapes_close_together_share_one_snapshot() -> None:
+    taken: list[float] = []
+
+    def snapshot() -> EdgeSnapshot:
+        taken.append(time.monotonic())
+        return EdgeSnapshot(EdgeStatus(state="online", edge="e1"), EdgeStats(queries=len(taken)))
+
+    c = _SnapshotCollector(snapshot)
+    for _ in range(50):  # a scrape flood
+        names = {m.name for m in c.collect()}
+    assert len(taken) == 1 and "iotoffload_edge_queries" in names
+    time.sleep(SNAPSHOT_TTL_S)
+    list(c.collect())
+    assert len(taken) == 2
+
+
+@pytest.mark.integration
+def test_a_metrics_port_in_use_is_a_setup_error(harness: Harness) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(MetricsBindError, match=f"127.0.0.1:{port}"):
+            harness.edge(metrics_port=port)
