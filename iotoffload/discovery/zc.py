@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zeroconf import (
+    DNSQuestionType,
     NonUniqueNameException,
     ServiceBrowser,
     ServiceInfo,
@@ -24,6 +25,7 @@ from iotoffload.transport.frame import FRAME_VERSION
 from iotoffload.transport.mqtt import BrokerURL
 
 SERVICE_TYPE = "_iotoffload._tcp.local."
+CONFLICT_CHECK_MS = 1500  # asking for an edge already answering for our name (see register)
 log = logging.getLogger(__name__)
 
 
@@ -71,6 +73,16 @@ class EdgeAdvertiser:
         self._zc = _zc(self.interface)
         self._info = self._make_info(load)
         try:
+            # Ask first, for a multicast answer. zeroconf's own probe asks for a unicast one,
+            # sent to port 5353 of the asker's address: where several responders share that
+            # port on one host (SO_REUSEPORT, e.g. two edges on a lab machine), the kernel
+            # hands it to one socket of its choosing, often not the asker's, and the
+            # conflict goes unseen. A responder multicasts a record at most once a second
+            # (RFC 6762), so an edge registered just now answers only the later retries of
+            # this question: hence 1.5 s, paid once per advertised edge start.
+            taken = ServiceInfo(SERVICE_TYPE, self._info.name)
+            if taken.request(self._zc, CONFLICT_CHECK_MS, question_type=DNSQuestionType.QM):
+                raise NonUniqueNameException
             self._zc.register_service(self._info, allow_name_change=False)
         except NonUniqueNameException as e:
             self._zc.close()
