@@ -464,7 +464,7 @@ def headline_lines(runs: Sequence[Summary]) -> list[str]:
         for f in at["cpu_ms_per_MB"]:
             v = f" ({f.verdict(' ms')})" if f.target is not None else ""
             lines.append(
-                f"{head}: device CPU per uploaded MB, uploading alone: {f.value:.2f} ms{v}"
+                f"{head}: device CPU per uploaded MB, {f.subject} (no queries): {f.value:.2f} ms{v}"
             )
     return lines
 

@@ -121,7 +121,7 @@ def test_the_upload_section_shows_the_horizon_table_and_the_goals(tmp_path: Path
     ) in heads
     assert "resnet50: 80 Mbit/s: auto's first offloaded query at 1.25 s; goal ≤ 2 s: met" in heads
     assert (
-        "resnet50: 80 Mbit/s: device CPU per uploaded MB, uploading alone: 1.50 ms "
+        "resnet50: 80 Mbit/s: device CPU per uploaded MB, upload-only (no queries): 1.50 ms "
         "(goal ≤ 2 ms: met)"
     ) in heads
     assert "## Headline ratios" in text and heads[0] in text

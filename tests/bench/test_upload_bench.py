@@ -195,7 +195,7 @@ def test_headline_lines_say_what_was_missed_and_by_how_much() -> None:
     assert "goal ≤ 1.05: missed by efficiency 0.05" in text
     assert "auto's first offloaded query at 1.50 s; goal ≤ 2 s: met" in text
     assert "edge:float32 0.95×, auto 0.85× (goal ≥ 0.9: missed by auto 0.05)" in text
-    assert "uploading alone: 2.50 ms (goal ≤ 2 ms: missed by 0.50 ms)" in text
+    assert "upload-only (no queries): 2.50 ms (goal ≤ 2 ms: missed by 0.50 ms)" in text
     assert "offloaded no query" not in text
     never = [r | {"first_offload_s": None, "queries": 40} for r in runs]
     assert "80 Mbit/s: auto offloaded no query in its run" in headline_lines(never)
