@@ -94,7 +94,7 @@ def _queues_packets_as_expected() -> bool:
         return False
     # what the direct write relies on besides (paho 2.x's threaded-mode internals; the
     # instance attributes it reads are checked by the transport tests)
-    methods = ("_packet_write", "_sock_recv", "_sock_close")
+    methods = ("_packet_write", "_sock_close")
     return all(callable(getattr(mqtt.Client, m, None)) for m in methods) and hasattr(
         getattr(mqtt, "_ConnectionState", None), "MQTT_CS_CONNECTED"
     )
@@ -106,19 +106,21 @@ class _Client(mqtt.Client):
     - Each packet is written from a memoryview. paho slices the packet it is writing for
       every send call (``packet[pos:]``): with a bytearray that copies the rest of it, a
       whole upload chunk per chunk; a memoryview's slice copies nothing.
-    - A thread that publishes writes the packet to the socket itself, when the link is up
-      and no other thread is writing. paho's threaded mode instead wakes its network thread
-      through a socket pair to do the write: a thread hand-off per packet, 0.15-0.5 ms on a
-      busy 2-core device, paid by every query and every upload chunk. What the socket does
-      not take at once (it is non-blocking) is left to the network thread as before.
+    - A thread that publishes writes its PUBLISH packet to the socket itself, when the link
+      is up, plain TCP, and no other thread is writing. paho's threaded mode instead wakes
+      its network thread through a socket pair to do the write: a thread hand-off per
+      packet, paid by every query, result and upload chunk. What the socket does not take at
+      once (it is non-blocking) is left to the network thread as before.
 
     ``_writing`` serialises the writers of the socket: packets leave whole and in queue
-    order. It is held for a non-blocking send, and taken by ``_sock_close`` so that no
-    packet is written to a socket a reconnect is replacing (the state check under it
-    keeps packets off a new socket until its CONNACK). A publishing thread only tries it:
-    when the network thread holds it, the packet is left to that thread, so a publisher
-    never waits. Over TLS the network thread's reads take it too: one SSL object must
-    not be read and written by two threads at once."""
+    order. A publishing thread only tries it (when the network thread holds it, the packet
+    is left to that thread, so a publisher never waits) and writes only PUBLISH packets,
+    re-checking the state before each: any other packet (a DISCONNECT, say) and its
+    completion, which runs paho's callbacks and state changes, stay the network thread's.
+    ``_sock_close`` takes the lock, so no packet goes to a socket a reconnect is replacing,
+    and the state check keeps packets off a new socket until its CONNACK. Over TLS there is
+    no direct write: paho's loop uses the SSL object outside any lock of ours (``pending``),
+    and one SSL object must never be used by two threads at once."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -134,7 +136,7 @@ class _Client(mqtt.Client):
     ) -> MQTTErrorCode:
         view: Any = memoryview(packet)  # paho only slices it, measures it and sends it
         thread = self._thread
-        if thread is None or threading.current_thread() is thread:
+        if thread is None or threading.current_thread() is thread or self._ssl:
             return super()._packet_queue(command, view, mid, qos, info)
         self._out_packet.append(
             {
@@ -149,9 +151,7 @@ class _Client(mqtt.Client):
         )
         if self._writing.acquire(blocking=False):
             try:
-                if self._state is _CONNECTED and self._sock is not None:
-                    # a lost connection shows on the network thread's next read or write
-                    super()._packet_write()
+                self._write_publishes()
             finally:
                 self._writing.release()
         if self._out_packet and self._sockpairW is not None:  # the rest: network thread
@@ -159,15 +159,36 @@ class _Client(mqtt.Client):
                 self._sockpairW.send(b"\0")
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
+    def _write_publishes(self) -> None:
+        """Under ``_writing``: write the queued PUBLISH packets in order until the socket
+        takes no more, the link is not up, or the next packet is another kind."""
+        queued = self._out_packet
+        wrote = False
+        while queued and self._state is _CONNECTED:
+            packet = queued[0]
+            if (packet["command"] & 0xF0) != _PUBLISH or (
+                packet["qos"] == 0 and self.on_publish is not None  # a callback: not here
+            ):
+                break
+            try:
+                n = self._sock_send(packet["packet"][packet["pos"] :])
+            except OSError:  # full (BlockingIOError), or lost: the network thread's to handle
+                break
+            wrote = True
+            packet["to_process"] -= n
+            packet["pos"] += n
+            if packet["to_process"] > 0:  # the rest when the socket drains
+                break
+            queued.popleft()
+            if packet["qos"] == 0 and packet["info"] is not None:
+                packet["info"]._set_as_published()  # as paho does for QoS 0 once written
+        if wrote:
+            with self._msgtime_mutex:
+                self._last_msg_out = mqtt.time_func()  # paho's keepalive clock
+
     def _packet_write(self) -> MQTTErrorCode:
         with self._writing:
             return super()._packet_write()
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if not self._ssl:
-            return super()._sock_recv(bufsize)
-        with self._writing:
-            return super()._sock_recv(bufsize)
 
     def _sock_close(self) -> None:
         with self._writing:
@@ -175,6 +196,7 @@ class _Client(mqtt.Client):
 
 
 _CONNECTED = getattr(getattr(mqtt, "_ConnectionState", None), "MQTT_CS_CONNECTED", None)
+_PUBLISH = 0x30  # the MQTT packet type, high nibble
 
 
 # another paho may queue packets otherwise: then its own client, copies and all

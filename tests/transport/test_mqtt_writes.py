@@ -58,13 +58,55 @@ def test_a_publishing_thread_writes_its_own_packets(
         senders.clear()
         for _ in range(50):
             got.clear()
+            time.sleep(0.02)  # the network thread back in select after the last message
             link.publish("t/direct", b"x" * 2000, qos=0)
             assert got.wait(5), "the message did not come back"
     finally:
         link.close()
     me = threading.current_thread().name
-    # the network thread is idle in select between messages: every packet left from here
-    assert senders and set(senders[:50]) == {me}
+    if sec is None:
+        # the network thread is idle in select at each publish: every packet left from here
+        assert senders and set(senders[:50]) == {me}
+    else:  # over TLS the network thread alone uses the SSL object
+        assert senders and me not in senders
+
+
+def test_a_publishing_thread_writes_publish_packets_only(
+    broker: tuple[str, MqttSecurity | None],
+) -> None:
+    """Another kind of packet ahead in the queue (here a PINGREQ; a DISCONNECT at a close)
+    is left to the network thread, with what queues behind it: its completion runs paho's
+    callbacks and state changes, which must stay on that thread."""
+    url, sec = broker
+    if sec is not None:
+        pytest.skip("no direct writes over TLS")
+    got = threading.Event()
+    link = _link(url, sec, "kinds")
+    link.subscribe("t/kinds", lambda _m: got.set())
+    link.connect(5)
+    c = link.client
+    senders: list[tuple[str, int]] = []
+    real_send = c._sock_send
+
+    def spy(buf: bytes | bytearray) -> int:
+        senders.append((threading.current_thread().name, bytes(buf[:1])[0] & 0xF0))
+        return real_send(buf)
+
+    c._sock_send = spy  # type: ignore[method-assign]
+    try:
+        time.sleep(0.2)
+        with c._writing:  # the network thread cannot write meanwhile
+            c._out_packet.append(
+                {"command": 0xC0, "mid": 0, "qos": 0, "pos": 0, "to_process": 2,
+                 "packet": memoryview(b"\xc0\x00"), "info": None}
+            )  # fmt: skip
+            link.publish("t/kinds", b"after the ping", qos=0)
+            assert len(c._out_packet) == 2  # nothing written from here: a PINGREQ is first
+        assert got.wait(5), "the network thread did not send them"
+    finally:
+        link.close()
+    network = [kind for who, kind in senders if who != threading.current_thread().name]
+    assert network[:2] == [0xC0, 0x30]  # the PINGREQ, then the PUBLISH, in queue order
 
 
 def test_racing_publishers_deliver_every_packet_whole_and_in_order(
