@@ -204,14 +204,25 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
+# providers whose runtime reserves address space beyond any cap (CPU-side ones such as
+# XNNPACK, OpenVINO or DNNL keep the address-space cap)
+GPU_PROVIDERS = frozenset(
+    {
+        "CUDAExecutionProvider",
+        "TensorrtExecutionProvider",
+        "ROCMExecutionProvider",
+        "MIGraphXExecutionProvider",
+        "DmlExecutionProvider",
+    }
+)
+
+
 def memory_limit(providers: tuple[str, ...]) -> int:
     """The rlimit that caps a worker's memory. On the CPU, its address space (RLIMIT_AS). A
     GPU provider's runtime (CUDA) reserves address space far beyond any such cap at start,
     never touched, so GPU workers cap their private writable memory (RLIMIT_DATA) instead;
     neither caps the GPU's own memory."""
-    return (
-        resource.RLIMIT_AS if set(providers) <= {"CPUExecutionProvider"} else resource.RLIMIT_DATA
-    )
+    return resource.RLIMIT_DATA if set(providers) & GPU_PROVIDERS else resource.RLIMIT_AS
 
 
 def main(

@@ -47,7 +47,7 @@ class MetricsBindError(ValueError):
 
 
 class DevicesSeen:
-    """Devices heard from lately (any frame, by the identity its topic names), for the
+    """Devices heard from lately (a valid query, announce or hello in their own name), for the
     ``devices_connected`` gauge. Written by the network threads and the loop under a lock
     held for a dict update only; bounded, oldest forgotten first."""
 
@@ -100,6 +100,7 @@ class _SnapshotCollector(Collector):
         with self._lock:
             at, snap = self._last
             now = time.monotonic()
+            # none (the edge not running, or its loop stuck): asked again, one at a time
             if now - at >= SNAPSHOT_TTL_S or snap is None:
                 snap = self._snapshot()
                 self._last = (now, snap)

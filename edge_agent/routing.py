@@ -81,7 +81,9 @@ class InboundRouter:
         max_tensor_bytes: int = 256 * 1024 * 1024,
         saw: Callable[[str], None] = lambda device: None,
     ) -> None:
-        self._saw = saw  # any thread: a device heard from (by its topic's identity)
+        # any thread: a device heard from, by a valid query, announce or hello in its own
+        # name (peer edges' fetches and pushes, junk and forged frames are not devices)
+        self._saw = saw
         self.store = store
         self._replies = replies
         self._loader = loader
@@ -99,12 +101,10 @@ class InboundRouter:
     # network threads: hand the message to the loop, nothing else --------------------------
     def on_control_message(self, m: Message) -> None:
         if (sender := self._topics.sender(m.topic)) is not None:
-            self._saw(sender)
             self._threads.post(self._control, sender, m.payload)
 
     def on_upload_message(self, m: Message) -> None:
         if (sender := self._topics.sender(m.topic)) is not None:
-            self._saw(sender)
             self._threads.post(self._upload, sender, m.payload)
 
     def on_query_message(self, m: Message) -> None:
@@ -114,7 +114,6 @@ class InboundRouter:
         sender = self._topics.sender(m.topic)
         if sender is None:  # not addressed as the tree says: nobody to answer
             return
-        self._saw(sender)
         post = self._threads.post
         try:
             h, body = decode(m.payload, max_body=self._max_body)
@@ -128,6 +127,7 @@ class InboundRouter:
         if h.device != sender:
             post(self._replies.error, forged(h, sender))
             return
+        self._saw(sender)  # a device, by a valid query in its own name
         checked = self._check_query(h, self._loader.ready(h.model_id))
         if isinstance(checked, ProtocolError):
             post(self._replies.error, checked)
@@ -169,6 +169,7 @@ class InboundRouter:
         elif h.device != sender:
             self._replies.error(forged(h, sender))
         elif isinstance(h, Announce):
+            self._saw(sender)
             if (refused := self._check_announce(h)) is not None:
                 self._replies.error(refused)
                 return
@@ -176,6 +177,7 @@ class InboundRouter:
             self._announcing[h.model_id] = fut
             self._threads.spawn(self._announced(h, fut))
         elif isinstance(h, Hello):
+            self._saw(sender)
             self._after_announce(h.model_id, functools.partial(self._hello, h))
         else:
             self._after_announce(h.model_id, functools.partial(self._transfer, h))

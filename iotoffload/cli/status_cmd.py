@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from iotoffload.cli._console import console, err_console
@@ -69,7 +70,7 @@ def table(edges: list[EdgeStatus], now: float) -> Table:
             f"{s.load.queue_ms:.1f}/{s.load.exec_ms:.1f}",
             str(s.devices),
             str(s.store.quarantined),
-            ",".join(p.removesuffix("ExecutionProvider") for p in s.providers),
+            escape(",".join(p.removesuffix("ExecutionProvider") for p in s.providers)),
             _age(s.time, now),
         )
     return t
@@ -146,13 +147,16 @@ def status(
             doc = json.loads(s.to_json())
             if s.edge in listed:
                 doc["models"] = listed[s.edge]
-            console.print_json(json.dumps(doc))
+            # one line each, printed as is: a status is a stranger's text
+            print(json.dumps(doc, separators=(",", ":")))
+        if not edges:
+            raise typer.Exit(1)
         return
     if not edges:
         console.print(f"no edge has a status on {broker} (prefix {prefix}) within {wait:g} s")
         raise typer.Exit(1)
     console.print(table(edges, time.time()))
     for edge, ids in listed.items():
-        console.print(f"[bold]{edge}[/]: {len(ids)} models")
+        console.print(f"[bold]{escape(edge)}[/]: {len(ids)} models")
         for m in ids:
-            console.print(f"  {m}")
+            console.print(f"  {escape(m)}")

@@ -243,6 +243,7 @@ class MqttLink:
         self._tls_dropped = False  # a TLS link closed by the broker before any CONNACK
         self._keepalive = keepalive
         self._connects = 0
+        self._subacks: set[int] = set()  # SUBACKs a (re)connect waits for (network thread)
         self.on_reconnect: list[Callable[[], None]] = []  # run after every reconnect
         self.client = self._make_client()
 
@@ -269,6 +270,7 @@ class MqttLink:
         c.on_socket_open = self._on_socket_open
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
         return c
 
@@ -376,8 +378,27 @@ class MqttLink:
             self._refused.set()
             log.info("broker %s refused the connection: %s", self.url, rc)
             return
-        for topic, qos, _ in self._handlers:  # (re)subscribe after every (re)connect
-            client.subscribe(topic, qos)
+        # (re)subscribe after every (re)connect; connected once the broker has acknowledged
+        # every subscription: a message sent to us right after connect() returns (or after a
+        # reconnect) must not reach the broker before our SUBSCRIBE does and be dropped
+        self._subacks = set()
+        for topic, qos, _ in self._handlers:
+            err, mid = client.subscribe(topic, qos)
+            if err == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._subacks.add(mid)
+        if not self._subacks:
+            self._now_connected()
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, codes: Any, _p: Any) -> None:
+        if mid not in self._subacks:
+            return  # a subscribe() while connected: nothing waits for it
+        if any(getattr(c, "is_failure", False) for c in codes or ()):
+            log.warning("broker %s refused a subscription: %s", self.url, codes)
+        self._subacks.discard(mid)
+        if not self._subacks:
+            self._now_connected()
+
+    def _now_connected(self) -> None:
         self._connected.set()
         self._connects += 1
         if self._connects > 1:

@@ -62,7 +62,7 @@ def test_status_lists_online_and_offline_edges(harness: Harness) -> None:
     gone.stop()  # its retained status now says offline
     r = runner.invoke(app, ["status", "--broker", harness.url, "--json", "--models"])
     assert r.exit_code == 0, r.output
-    docs = [json.loads(x) for x in r.output.replace("\n}\n{", "\n}\x00{").split("\x00")]
+    docs = [json.loads(line) for line in r.output.splitlines()]  # one object per line
     by = {d["edge"]: d for d in docs}
     assert by["edge1"]["state"] == "online" and by["edge2"]["state"] == "offline"
     assert by["edge1"]["models"] == [model.model_id] and by["edge1"]["blocks"] == 3
@@ -75,3 +75,11 @@ def test_status_without_a_broker_is_one_line_and_exit_code_2() -> None:
     r = runner.invoke(app, ["status", "--broker", "mqtt://127.0.0.1:9", "--wait", "0.1"])
     assert r.exit_code == 2
     assert "error" in r.output and "Traceback" not in r.output
+
+
+def test_a_strangers_status_text_is_shown_not_interpreted() -> None:
+    # anyone may publish a retained status on an open broker: rich markup in it is text
+    st = EdgeStatus(state="online", edge="e2", providers=["[/]", "[bold red]x"])
+    console = Console(width=80, record=True)
+    console.print(table([st], now=0.0))
+    assert "[/],[bold red]x" in console.export_text()

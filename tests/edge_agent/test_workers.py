@@ -170,6 +170,8 @@ def test_a_gpu_worker_caps_its_data_not_its_address_space() -> None:
     assert memory_limit(("CPUExecutionProvider",)) == resource.RLIMIT_AS
     gpu = ("CUDAExecutionProvider", "CPUExecutionProvider")
     assert memory_limit(gpu) == resource.RLIMIT_DATA
+    # a CPU-side accelerator keeps the address-space cap
+    assert memory_limit(("OpenVINOExecutionProvider", "CPUExecutionProvider")) == resource.RLIMIT_AS
 
 
 def _dies(pid: int, within: float = 10.0) -> bool:

@@ -159,3 +159,30 @@ def test_racing_publishers_deliver_every_packet_whole_and_in_order(
         for qos in (0, 1):  # MQTT orders messages within a QoS, not across
             seqs = [s for s in received[t] if s % 2 == qos]
             assert seqs == sorted(seqs), f"thread {t}'s QoS {qos} messages out of order"
+
+
+def test_a_link_is_connected_once_its_subscriptions_are_acknowledged(
+    broker: tuple[str, MqttSecurity | None],
+) -> None:
+    """A message sent to a link the moment its connect() returns is delivered: connect waits
+    for the broker's SUBACKs (it once returned after the CONNACK, and a frame sent right
+    after an edge started could reach the broker before the edge's SUBSCRIBE: dropped)."""
+    url, sec = broker
+    sender = _link(url, sec, "sender")
+    sender.connect(5)
+    try:
+        for k in range(20):
+            got = threading.Event()
+            link = _link(url, sec, f"fresh{k}")
+            for t in range(3):
+                link.subscribe(f"t/fresh/{k}/{t}", lambda _m: None)
+            link.subscribe(f"t/fresh/{k}/last", lambda _m, got=got: got.set())
+            link.connect(5)
+            try:
+                assert not link._subacks  # every SUBACK in before connect() returned
+                sender.publish(f"t/fresh/{k}/last", b"at once", qos=1)
+                assert got.wait(5), f"round {k}: the message sent at once was dropped"
+            finally:
+                link.close()
+    finally:
+        sender.close()
