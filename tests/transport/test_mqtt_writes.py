@@ -8,6 +8,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -186,3 +187,60 @@ def test_a_link_is_connected_once_its_subscriptions_are_acknowledged(
                 link.close()
     finally:
         sender.close()
+
+
+def test_publishers_across_broker_restarts_never_write_before_connect(tmp_path: Path) -> None:
+    """Threads publish while the broker restarts twice: every new socket starts with the
+    CONNECT (no PUBLISH a publisher slipped in ahead of it), and the link comes back and
+    carries messages. (A smoke test: the moment between a new socket and its CONNECT is too
+    short to hit every time; widening it shows paho's own window, where a publish made
+    during the reconnect is queued ahead of the CONNECT, see the closing note.)"""
+    with Mosquitto(tmp_path) as m:
+        got = threading.Event()
+        link = _link(m.url, None, "restarts")
+        link.subscribe("t/back", lambda _m: got.set())
+        link.connect(5)
+        c = link.client
+        before = c._sock
+        socks: list[object] = []  # the new sockets (kept: their ids must not be reused)
+        first: list[int] = []  # the type of the first packet written to each
+        real_send = c._sock_send
+
+        def spy(buf: bytes | bytearray) -> int:
+            sock = c._sock
+            new = sock is not None and sock is not before and not any(s is sock for s in socks)
+            if new and len(buf):
+                socks.append(sock)
+                first.append(bytes(buf[:1])[0] & 0xF0)
+            return real_send(buf)
+
+        c._sock_send = spy  # type: ignore[method-assign]
+        stop = threading.Event()
+
+        def publisher(k: int) -> None:
+            while not stop.is_set():
+                link.publish(f"t/noise/{k}", b"n" * 3000, qos=k % 2)
+                time.sleep(0.001)
+
+        threads = [threading.Thread(target=publisher, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            for k in range(2):
+                time.sleep(0.3)
+                m.restart()
+                end = time.monotonic() + 10
+                while link._connects < k + 2:  # reconnected (its subscriptions acked)
+                    assert time.monotonic() < end, "the link did not come back"
+                    time.sleep(0.01)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+        try:
+            link.publish("t/back", b"after the restarts", qos=1)
+            assert got.wait(5)
+        finally:
+            link.close()
+    assert len(first) >= 2  # new sockets after the restarts were written to
+    assert set(first) == {0x10}, first  # each began with CONNECT
