@@ -104,7 +104,6 @@ class EdgeAgent:
         self.threads = EdgeThreads()
         self.devices_seen = DevicesSeen()
         self.metrics = EdgeMetrics(self._metrics_snapshot)
-        self.metrics_port: int | None = None  # bound, once serving
         self.replies = Replies(config.id, self.topics, self._stats, lambda: self.link)
         worker_limits = WorkerLimits(
             memory_bytes=config.worker_memory_mb * 1024 * 1024,
@@ -209,6 +208,11 @@ class EdgeAgent:
         except (TimeoutError, LoopClosedError, concurrent.futures.CancelledError):
             return None
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The Prometheus endpoint's port, while it is served."""
+        return self.metrics.port
+
     def _link(self) -> MqttLink:
         assert self.link is not None, "the edge is not started"
         return self.link
@@ -264,9 +268,7 @@ class EdgeAgent:
             if self.config.advertise:
                 self.status.advertise(self.load_factor())
             if self.config.metrics_port is not None:
-                self.metrics_port = self.metrics.serve(
-                    self.config.metrics_address, self.config.metrics_port
-                )
+                self.metrics.serve(self.config.metrics_address, self.config.metrics_port)
         except BaseException:
             self.stop()
             raise
@@ -311,7 +313,6 @@ class EdgeAgent:
         except (TimeoutError, LoopClosedError, concurrent.futures.CancelledError):
             log.warning("edge %s: the loop did not quiesce", self.config.id)
         self.metrics.close()
-        self.metrics_port = None
         self.threads.shutdown_zeroconf()
         self.status.close_advertiser()
         self.queries.close()

@@ -166,7 +166,8 @@ class EdgeMetrics:
     """An edge's metrics: ``observe`` from the worker threads, ``serve`` to expose them."""
 
     def __init__(self, snapshot: Callable[[], EdgeSnapshot | None]) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        # no auto_describe: it would take a snapshot at registration, before the edge runs
+        self.registry = CollectorRegistry()
         self.queue_seconds = Histogram(
             "iotoffload_edge_queue_seconds",
             "time a query waited for a worker",
@@ -183,7 +184,15 @@ class EdgeMetrics:
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
+    @property
+    def port(self) -> int | None:
+        """The port served, or None when not serving."""
+        return None if self._server is None else int(self._server.server_address[1])
+
     def observe(self, queue_ms: float, exec_ms: float) -> None:
+        """Per query, on a worker thread: nothing to do unless someone may scrape."""
+        if self._server is None:
+            return
         self.queue_seconds.observe(queue_ms / 1e3)
         self.exec_seconds.observe(exec_ms / 1e3)
 
@@ -194,9 +203,8 @@ class EdgeMetrics:
         except OSError as e:
             raise MetricsBindError(f"cannot serve metrics on {address}:{port}: {e}") from e
         self._server, self._thread = server, thread
-        bound = int(server.server_address[1])
-        log.info("metrics on http://%s:%d/metrics", address, bound)
-        return bound
+        log.info("metrics on http://%s:%s/metrics", address, self.port)
+        return int(server.server_address[1])
 
     def close(self) -> None:
         if self._server is not None:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich import box
+from rich.filesize import decimal
 from rich.markup import escape
 from rich.table import Table
 
@@ -26,14 +27,6 @@ from iotoffload.client import AppClient
 from iotoffload.transport.mqtt import BrokerAuthError, BrokerUnavailableError
 from iotoffload.transport.status import EdgeStatus
 from iotoffload.transport.topics import DEFAULT_PREFIX
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return str(n)
 
 
 def _age(t: float, now: float) -> str:
@@ -65,7 +58,7 @@ def table(edges: list[EdgeStatus], now: float) -> Table:
             "[green]online[/]" if s.state == "online" else "[red]offline[/]",
             str(s.models_total),
             str(s.blocks),
-            _size(s.store.bytes),
+            decimal(s.store.bytes),
             f"{s.load.queue}+{s.load.in_flight}",
             f"{s.load.queue_ms:.1f}/{s.load.exec_ms:.1f}",
             str(s.devices),

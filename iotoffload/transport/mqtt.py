@@ -196,7 +196,7 @@ class _Client(mqtt.Client):
 
 
 _CONNECTED = getattr(getattr(mqtt, "_ConnectionState", None), "MQTT_CS_CONNECTED", None)
-_PUBLISH = 0x30  # the MQTT packet type, high nibble
+_PUBLISH = int(mqtt.PUBLISH)  # the packet type (high nibble of the first byte)
 
 
 # another paho may queue packets otherwise: then its own client, copies and all
@@ -320,7 +320,13 @@ class MqttLink:
                 f"broker {self.url} closed the TLS connection before accepting it: most likely "
                 f"it does not accept this client's certificate ({self.security.describe()})"
             )
-        why = f"refused: {self._refusal}" if self._refused.is_set() else "no CONNACK"
+        why = (
+            f"refused: {self._refusal}"
+            if self._refused.is_set()
+            else f"left {len(self._subacks)} subscriptions unacknowledged"
+            if self._subacks
+            else "no CONNACK"
+        )
         raise BrokerUnavailableError(f"broker {self.url} {why} (within {timeout:g} s)")
 
     def wait_connected(self, timeout: float) -> bool:
