@@ -253,7 +253,7 @@ def main_command(
         err_console.print(f"[yellow]edge {edge_id} does not answer: running locally[/]")
     fixed = agent.fixed_split
     how = f"fixed split {fixed}" if fixed is not None else f"planner {agent.planner.name}"
-    missing = sum(b.onnx_bytes for b in pkg.blocks if b.index not in (inv.stored if inv else []))
+    missing = sum(b.upload_bytes for b in pkg.blocks if b.index not in (inv.stored if inv else []))
     err_console.print(
         f"device {agent.device_id} → edge {edge_id} at {url}; {how}; "
         f"{missing / 1e6:.1f} MB to upload"

@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from iotoffload.model.block_codec import Encoding
 from iotoffload.model.package import ModelPackage
 from iotoffload.model.signing import announce_signature
 from iotoffload.planning import Estimates, PlanningInputs
@@ -121,6 +122,10 @@ class EdgeSession:
         self._inventory_count = 0  # inventories received: waiters compare against it
         self.inventory_seen = False
         self._block_failed: dict[int, str] = {}
+        # blocks sent as their plain .onnx although the package has an encoded upload file:
+        # the edge could not decode it (bad_encoding), so the block goes again unencoded
+        self._raw: set[int] = set()
+        self._resend_raw: set[int] = set()
         # inventories that answered a post-reconnect hello; a block sent (or being sent) before
         # the latest one may have lost chunks with the old connection: resend what it lacks
         self._resyncs = 0
@@ -162,7 +167,17 @@ class EdgeSession:
 
     # what the edge holds --------------------------------------------------------------------
     def _chunks(self, i: int) -> int:
-        return -(-self.pkg.blocks[i].onnx_bytes // self.chunk_of(i))
+        return -(-self.wire_bytes(i) // self.chunk_of(i))
+
+    def encoding_of(self, i: int) -> Encoding:
+        """How block i's upload is encoded: the package's upload file unless the edge could
+        not decode it."""
+        return "identity" if i in self._raw else self.pkg.blocks[i].encoding
+
+    def wire_bytes(self, i: int) -> int:
+        """The bytes block i's upload sends."""
+        b = self.pkg.blocks[i]
+        return b.onnx_bytes if i in self._raw else b.upload_bytes
 
     def chunk_of(self, i: int) -> int:
         """The chunk size block i is (or will be) sent in: fixed once its upload started, so
@@ -321,6 +336,8 @@ class EdgeSession:
             size = h.partial_chunk_size.get(i) or self._block_chunk.get(i)
             if size is None or not min(MIN_CHUNK, self.chunk_size) <= size <= self.chunk_size:
                 continue
+            if h.partial_encoding.get(i, "identity") != self.encoding_of(i):
+                continue  # chunks of other bytes than ours (another device's): upload whole
             self._block_chunk[i] = size
             # a hostile list must not make a chunk we cannot build
             partial[i] = sorted({c for c in missing if 0 <= c < self._chunks(i)})
@@ -414,7 +431,16 @@ class EdgeSession:
         elif h.block is not None:
             block = h.block
             self._clear_unacked(block)
-            if h.code != ErrorCode.STORE_FAILED:  # the edge's disk: a later retry may work
+            if (
+                h.code == ErrorCode.BAD_ENCODING
+                and 0 <= block < self.pkg.num_blocks
+                and self.encoding_of(block) != "identity"
+            ):  # the edge cannot decode our upload file: the block is sent again as it is
+                self._raw.add(block)
+                self._resend_raw.add(block)
+                self._block_chunk.pop(block, None)
+                self._block_failed[block] = f"{h.code}: {h.message}"
+            elif h.code != ErrorCode.STORE_FAILED:  # the edge's disk: a later retry may work
                 self._block_failed[block] = f"{h.code}: {h.message}"
             if h.code == ErrorCode.QUARANTINED:  # the edge will never run it: plan without it
                 self.stored = self.stored - {block}
@@ -499,9 +525,10 @@ class EdgeSession:
         return self.upload_complete
 
     def _map(self, i: int) -> memoryview:
-        """Block i's file, mapped: chunks are slices of it (no copy until the frame's). An
-        empty or unmappable file is read instead (the edge then judges what it gets)."""
-        path = self.pkg.onnx_path(i)
+        """Block i's upload file (encoded, or the .onnx), mapped: chunks are slices of it (no
+        copy until the frame's). An empty or unmappable file is read instead (the edge then
+        judges what it gets)."""
+        path = self.pkg.onnx_path(i) if i in self._raw else self.pkg.upload_path(i)
         try:
             with path.open("rb") as f:
                 return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
@@ -544,6 +571,12 @@ class EdgeSession:
                 return
             if await self._wait_block(i, data, block_timeout, progress, active):
                 failure = self._block_failed.pop(i, None)
+                if failure and i in self._resend_raw:  # the encoding failed: send it plain
+                    self._resend_raw.discard(i)
+                    log.warning("block %d: %s; sending it unencoded", i, failure)
+                    data = await asyncio.get_running_loop().run_in_executor(None, self._map, i)
+                    await self._send_block(i, data, None, progress, active=active)
+                    continue
                 if failure:  # the edge refused the block: resending cannot help
                     self.upload_errors.append(f"block {i}: {failure}")
                 return
@@ -582,7 +615,7 @@ class EdgeSession:
             await self._changed.wait_for(
                 functools.partial(self._block_or_resync, i), min(0.1, end - time.monotonic())
             )
-            if self._resyncs > self._sent_epoch.get(i, 0) and i not in self.stored:
+            if self._resyncs > self._sent_epoch.get(i, 0) and not self._done(i):
                 missing = self._partial.get(i)
                 log.info(
                     "resuming block %d: %s chunks missing",
@@ -698,6 +731,8 @@ class EdgeSession:
             cs = self._block_chunk[i] = max(self.link_chunk(), fewest)
         chunks = self.chunk_counts[i] = -(-len(data) // cs)
         todo = range(chunks) if missing is None else missing
+        encoding = self.encoding_of(i)
+        encoded = encoding != "identity"
         for c in todo:
             if pace:  # pace chunks: a capped upload leaves the link to the queries
                 self._ack_run.clear()  # acks measure the pace, not the link
@@ -720,10 +755,12 @@ class EdgeSession:
                 model_id=self.pkg.manifest.model_id,
                 block=i,
                 block_sha256=b.onnx_sha256,
-                block_bytes=len(data),
+                block_bytes=b.onnx_bytes if encoded else len(data),
                 chunk=c,
                 chunks=chunks,
                 chunk_size=cs,
+                encoding=encoding,
+                stream_bytes=len(data) if encoded else None,
             )
             # every chunk is acked when stored (the last one too, before the edge checks and
             # loads the block: that ack comes later, with block_done)

@@ -27,6 +27,7 @@ from edge_agent.workers import (
     RunTimeoutError,
     WorkerProcess,
 )
+from iotoffload.model.block_codec import Encoding
 from iotoffload.runtime.base import BlockFile
 from iotoffload.transport.frame import ErrorCode, Inventory, ProtocolError, UploadAck, UploadChunk
 
@@ -144,21 +145,23 @@ class BlockLoader:
         stored = [i for i, b in enumerate(a.blocks) if self.store.has_block(b.onnx_sha256)]
         partial: dict[int, list[int]] = {}
         partial_chunk: dict[int, int] = {}
+        partial_encoding: dict[int, Encoding] = {}
         listed = 0
         seen: set[str] = set()
         for i, b in enumerate(a.blocks):
             if i in stored or b.onnx_sha256 in seen:  # a digest twice: resumed once
                 continue
-            missing = self.store.missing_chunks(b.onnx_sha256)
-            size = self.store.chunk_size_of(b.onnx_sha256)
-            if missing is None or size is None:
+            p = self.store.partial_upload(b.onnx_sha256)
+            if p is None:
                 continue
             seen.add(b.onnx_sha256)
-            if listed + len(missing) > MAX_INVENTORY_MISSING:
+            if listed + len(p.missing) > MAX_INVENTORY_MISSING:
                 break  # the rest is uploaded whole (a chunk sent twice is harmless)
-            partial[i] = missing
-            partial_chunk[i] = size
-            listed += len(missing)
+            partial[i] = p.missing
+            partial_chunk[i] = p.chunk_size
+            if p.encoding != "identity":
+                partial_encoding[i] = p.encoding
+            listed += len(p.missing)
         block_ms = {
             i: self._block_ms[b.onnx_sha256]
             for i, b in enumerate(a.blocks)
@@ -171,6 +174,7 @@ class BlockLoader:
             loaded=sorted(self._loaded.get(model_id, ())),
             partial=partial,
             partial_chunk_size=partial_chunk,
+            partial_encoding=partial_encoding,
             block_ms=block_ms,
             edge=self.edge_id,
             name=a.name[:256],

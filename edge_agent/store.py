@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from iotoffload.ids import is_id
+from iotoffload.model.block_codec import ENCODINGS, CodecError, Encoding, decode
 from iotoffload.model.manifest import compute_model_id
 from iotoffload.transport.frame import Announce, ErrorCode, ProtocolError, UploadChunk
 
@@ -201,24 +202,47 @@ def _sha256_of(path: Path) -> str:
 # the index ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Chunking:
-    block_bytes: int
+    """How an upload cuts its block: ``chunks`` of ``chunk_size`` over ``stream_bytes`` of
+    ``encoding`` (identity: the block's ``block_bytes`` themselves). Another chunking or
+    encoding of the same block is another upload: its chunks do not fit this one's."""
+
+    block_bytes: int  # decoded: what the store keeps (and reserves room for)
     chunks: int
     chunk_size: int
+    encoding: Encoding = "identity"
+    stream_bytes: int = 0  # 0: identity, the chunks cut block_bytes
 
     @classmethod
     def of(cls, h: UploadChunk) -> _Chunking:
-        return cls(h.block_bytes, h.chunks, h.chunk_size)
+        return cls(h.block_bytes, h.chunks, h.chunk_size, h.encoding, h.stream_bytes or 0)
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.stream_bytes or self.block_bytes
 
     @property
     def consistent(self) -> bool:
+        encoded = self.encoding != "identity"
         return (
             self.block_bytes >= 1
             and self.chunk_size >= 1
-            and -(-self.block_bytes // self.chunk_size) == self.chunks
+            and self.encoding in ENCODINGS
+            and encoded == (self.stream_bytes > 0)
+            and self.stream_bytes <= self.block_bytes
+            and -(-self.wire_bytes // self.chunk_size) == self.chunks
         )
 
     def size_of(self, i: int) -> int:
-        return min(self.chunk_size, self.block_bytes - i * self.chunk_size)
+        return min(self.chunk_size, self.wire_bytes - i * self.chunk_size)
+
+
+@dataclass(frozen=True)
+class PartialUpload:
+    """What a device needs to resume an upload (``Inventory.partial*``)."""
+
+    missing: list[int]
+    chunk_size: int
+    encoding: Encoding
 
 
 @dataclass
@@ -396,7 +420,11 @@ class BlockStore:
         try:
             meta = json.loads((d / "meta.json").read_text())
             chunking = _Chunking(
-                int(meta["block_bytes"]), int(meta["chunks"]), int(meta["chunk_size"])
+                int(meta["block_bytes"]),
+                int(meta["chunks"]),
+                int(meta["chunk_size"]),
+                meta.get("encoding", "identity"),  # an older store's: identity
+                int(meta.get("stream_bytes", 0)),
             )
             device = meta.get("device", "")
             entries = [(e.name, e.stat().st_size) for e in os.scandir(d)]
@@ -450,11 +478,15 @@ class BlockStore:
         with self._lock:
             return sorted(self._blocks)
 
-    def chunk_size_of(self, sha: str) -> int | None:
-        """The chunk size of a partial upload, or None when there is none."""
+    def partial_upload(self, sha: str) -> PartialUpload | None:
+        """A partial upload's missing chunks, chunk size and encoding (one snapshot), or None
+        when there is none."""
         with self._lock:
             p = self._partials.get(sha)
-            return None if p is None else p.chunking.chunk_size
+            if p is None:
+                return None
+            missing = [i for i in range(p.chunking.chunks) if i not in p.received]
+            return PartialUpload(missing, p.chunking.chunk_size, p.chunking.encoding)
 
     def missing_chunks(self, sha: str) -> list[int] | None:
         """Chunks still missing of a partial upload, or None when there is none."""
@@ -495,6 +527,13 @@ class BlockStore:
             raise StoreError(ErrorCode.INVALID_CHUNK, f"block {h.block}: chunks missing") from e
         except OSError as e:
             raise _io_failed(f"block {h.block}: reading its chunks", e) from e
+        if h.encoding != "identity":
+            try:  # never more than the announced block_bytes come out (max_block_bytes-capped)
+                blob = decode(blob, h.encoding, h.block_bytes)
+            except CodecError as e:
+                raise StoreError(
+                    ErrorCode.BAD_ENCODING, f"block {h.block}: {h.encoding} upload: {e}"
+                ) from e
         if hashlib.sha256(blob).hexdigest() != sha:
             raise StoreError(
                 ErrorCode.DIGEST_MISMATCH, f"block {h.block}: sha256 does not match {sha}"

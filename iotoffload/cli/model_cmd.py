@@ -30,6 +30,7 @@ from iotoffload.model.signing import (
     sign_package,
     write_keypair,
 )
+from iotoffload.model.upload_files import add_upload_files, needs_upload_files
 from iotoffload.model.verify import DEFAULT_TOLERANCE, verify_package
 from iotoffload.model.weights import (
     AGREEMENT_THRESHOLD,
@@ -82,7 +83,8 @@ def _cache(cache_dir: Path | None) -> ModelCache:
 
 def _blocks_table(pkg: ModelPackage, title: str) -> Table:
     t = Table(title=title)
-    for col in ("block", "output shape", "output KiB", "params KiB", "ONNX KiB", "MFLOPs"):
+    cols = ("block", "output shape", "output KiB", "params KiB", "ONNX KiB", "upload KiB", "MFLOPs")
+    for col in cols:
         t.add_column(col, justify="right")
     for b in pkg.blocks:
         t.add_row(
@@ -91,6 +93,7 @@ def _blocks_table(pkg: ModelPackage, title: str) -> Table:
             f"{b.output_bytes / 1024:.1f}",
             f"{b.param_bytes / 1024:.1f}",
             f"{b.onnx_bytes / 1024:.1f}",
+            f"{b.upload_bytes / 1024:.1f}" + ("" if b.upload is None else f" {b.encoding}"),
             f"{b.flops / 1e6:.1f}",
         )
     t.add_section()
@@ -100,6 +103,7 @@ def _blocks_table(pkg: ModelPackage, title: str) -> Table:
         "",
         f"{sum(b.param_bytes for b in pkg.blocks) / 1024:.1f}",
         f"{sum(b.onnx_bytes for b in pkg.blocks) / 1024:.1f}",
+        f"{sum(b.upload_bytes for b in pkg.blocks) / 1024:.1f}",
         f"{sum(b.flops for b in pkg.blocks) / 1e6:.1f}",
     )
     return t
@@ -124,6 +128,12 @@ def _describe(pkg: ModelPackage) -> None:
                 f"{v.block_max_rel_error:.2e} relative (tolerance {v.block_tolerance:g})"
             )
     upload = sum(b.onnx_bytes for b in m.blocks) / 1e6
+    sent = sum(b.upload_bytes for b in m.blocks) / 1e6
+    if sent < upload:
+        console.print(
+            f"upload: {sent:.1f} MB sent for {upload:.1f} MB of ONNX blocks (lossless encoding, "
+            f"{sum(b.upload is not None for b in m.blocks)} of {m.num_blocks} blocks)"
+        )
     if m.agreement is None:
         console.print(f"upload weights float32 ({upload:.1f} MB of ONNX blocks)")
     else:
@@ -295,9 +305,11 @@ def _prepare_base(
     dest_name = package_name if (torch_ref or onnx or tflite) else name
     if reuse and not force and dest_name:
         try:
-            return ModelPackage.load(out or cache.path(dest_name))
+            pkg = ModelPackage.load(out or cache.path(dest_name))
         except ModelError:
             pass  # not there (or broken): build it
+        else:  # built before encoded uploads existed: add them (prepare writes packages)
+            return add_upload_files(pkg, progress) if needs_upload_files(pkg) else pkg
     if torch_ref:
         if not package_name or name or onnx or tflite:
             raise ModelError("a PyTorch module needs --name (and no other source)")

@@ -34,6 +34,7 @@ from iotoffload.model.manifest import (
 from iotoffload.model.onnx_graph import flops_and_params
 from iotoffload.model.package import ModelPackage
 from iotoffload.model.progress import Progress, SilentProgress
+from iotoffload.model.upload_files import encode_blocks
 from iotoffload.model.verify import DEFAULT_TOLERANCE, verify_package
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 3: "int8", 2: "uint8", 6: "int32", 7: "int64"}
@@ -101,6 +102,7 @@ def _finalize(
                 flops=flops,
             )
         )
+    blocks = encode_blocks(staging, blocks, progress)
     manifest = Manifest(
         name=name,
         model_id=compute_model_id([b.onnx_sha256 for b in blocks]),

@@ -16,7 +16,8 @@ from iotoffload.model.catalog import CATALOG
 from iotoffload.model.errors import ModelError, PackageError
 from iotoffload.model.manifest import MANIFEST_NAME, UPLOAD_FORMS, Agreement, UploadWeights
 from iotoffload.model.package import ModelPackage
-from iotoffload.model.progress import Progress
+from iotoffload.model.progress import Progress, SilentProgress
+from iotoffload.model.upload_files import add_upload_files, needs_upload_files
 from iotoffload.model.weights import (
     AGREEMENT_THRESHOLD,
     DEFAULT_SAMPLES,
@@ -89,8 +90,22 @@ class ModelCache:
         named float32 package's variant of that form, derived on first use when ``build``.
         """
         if upload_weights is None:
-            return self._resolve_named(ref, build=build, progress=progress)
-        return self.choose(ref, upload_weights, build=build, progress=progress).package
+            pkg = self._resolve_named(ref, build=build, progress=progress)
+        else:
+            pkg = self.choose(ref, upload_weights, build=build, progress=progress).package
+        return self._current(pkg, build=build, progress=progress)
+
+    def _current(
+        self, pkg: ModelPackage, *, build: bool, progress: Progress | None
+    ) -> ModelPackage:
+        """A cached package built before encoded uploads existed gets its upload files (once,
+        when building is allowed: a few seconds for ResNet-50); others are as they are."""
+        if not build or not needs_upload_files(pkg):
+            return pkg
+        if not pkg.root.resolve().is_relative_to(self.root.resolve()):
+            return pkg  # the user's own directory: not ours to write into
+        (progress or SilentProgress()).info(f"{pkg.name}: adding the encoded upload files")
+        return add_upload_files(pkg, progress)
 
     def choose(
         self,

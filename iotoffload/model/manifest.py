@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from iotoffload.ids import ID_PATTERN
+from iotoffload.model.block_codec import ENCODINGS, Encoding
 from iotoffload.model.errors import PackageError
 
 FORMAT_VERSION = 1
@@ -93,6 +94,23 @@ class Preprocessing(_Strict):
     std: tuple[float, float, float] = (127.5, 127.5, 127.5)
 
 
+class BlockUpload(_Strict):
+    """The file an upload of the block sends when it is not the .onnx itself: the .onnx
+    losslessly encoded (``block_codec``), which the edge decodes and checks against
+    ``onnx_sha256``."""
+
+    encoding: Encoding
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _encoded(self) -> BlockUpload:
+        if self.encoding == "identity":
+            raise ValueError(f"an upload file has an encoding (one of {ENCODINGS[1:]})")
+        return self
+
+
 class BlockSpec(_Strict):
     index: int = Field(ge=0)
     tflite: str
@@ -103,8 +121,18 @@ class BlockSpec(_Strict):
     output: TensorSpec
     output_bytes: int = Field(ge=0)
     param_bytes: int = Field(ge=0, description="bytes of weights in the ONNX block")
-    onnx_bytes: int = Field(ge=0, description="size of the .onnx file: what an upload sends")
+    onnx_bytes: int = Field(ge=0, description="size of the .onnx file")
     flops: int = Field(ge=0, description="estimated floating-point operations per query")
+    upload: BlockUpload | None = None  # None: an upload sends the .onnx file as it is
+
+    @property
+    def upload_bytes(self) -> int:
+        """What an upload of the block sends."""
+        return self.upload.bytes if self.upload is not None else self.onnx_bytes
+
+    @property
+    def encoding(self) -> Encoding:
+        return self.upload.encoding if self.upload is not None else "identity"
 
 
 class Verification(_Strict):
@@ -199,7 +227,7 @@ class Manifest(_Strict):
     def to_json(self) -> str:
         # a float32 manifest leaves the variant fields out: its JSON is what it was before they
         # existed, so older readers (extra fields are forbidden) still load it
-        exclude: dict[str, Any] | None = None
+        exclude: dict[str, Any] = {}
         if self.upload_weights == "float32":
             exclude = {
                 "upload_weights": True,
@@ -207,7 +235,9 @@ class Manifest(_Strict):
                 "agreement": True,
                 "verification": {"block_max_rel_error", "worst_block", "block_tolerance"},
             }
-        return self.model_dump_json(indent=2, exclude=exclude) + "\n"
+        if all(b.upload is None for b in self.blocks):  # as before encoded uploads existed
+            exclude["blocks"] = {"__all__": {"upload"}}
+        return self.model_dump_json(indent=2, exclude=exclude or None) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, *, origin: str = MANIFEST_NAME) -> Manifest:

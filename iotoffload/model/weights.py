@@ -62,6 +62,7 @@ from iotoffload.model.manifest import (
 from iotoffload.model.package import ModelPackage
 from iotoffload.model.preprocess import preprocess_pil
 from iotoffload.model.progress import Progress, SilentProgress
+from iotoffload.model.upload_files import encode_blocks
 from iotoffload.model.verify import REFERENCE_NAME, rel_error, tolerance_for, verify_package
 from iotoffload.runtime.base import Array, BlockFile
 
@@ -746,6 +747,7 @@ def derive_variant(
                 )
             )
             progress.advance(f"block {b.index}")
+        blocks = encode_blocks(staging, blocks, progress)
         if (base.root / REFERENCE_NAME).is_file():
             _link_or_copy(base.root / REFERENCE_NAME, staging / REFERENCE_NAME)
         times.convert_s = time.perf_counter() - t0

@@ -23,5 +23,5 @@ def chain_profile(
         device_ms=tuple(device_ms),
         edge_ms=tuple(edge_ms) if edge_ms is not None else tuple(d / edge_speed for d in device_ms),
         boundary_bytes=(blocks[0].input.nbytes, *(b.output_bytes for b in blocks)),
-        upload_bytes=tuple(b.onnx_bytes for b in blocks),
+        upload_bytes=tuple(b.upload_bytes for b in blocks),  # what an upload sends
     )

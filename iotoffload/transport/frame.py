@@ -36,6 +36,7 @@ from pydantic import (
 from pydantic_core import PydanticSerializationError
 
 from iotoffload.ids import ID_PATTERN
+from iotoffload.model.block_codec import Encoding
 from iotoffload.model.manifest import DType, TensorSpec, tensor_nbytes
 from iotoffload.runtime.base import Array
 
@@ -78,6 +79,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_MODEL = "unknown_model"
     INVALID_CHUNK = "invalid_chunk"
     DIGEST_MISMATCH = "digest_mismatch"
+    BAD_ENCODING = "bad_encoding"  # an encoded upload does not decode to the announced block
     REJECTED_BLOCK = "rejected_block"
     STORE_FAILED = "store_failed"  # the edge could not write the block (disk full, I/O error)
     QUOTA = "quota"  # the device's (or the edge's) store quota is used up
@@ -194,6 +196,9 @@ class Inventory(_H):
     # block -> the chunk size those indices count in (the device resumes with it; a device
     # sizes chunks to its link, so the one that resumes may not be the one that started)
     partial_chunk_size: dict[_Block, _Size] = {}
+    # block -> the encoding those chunks are of (left out: identity); a device resumes only
+    # in the same encoding
+    partial_encoding: dict[_Block, Encoding] = {}
     block_ms: dict[_Block, float] = {}  # the edge's unloaded time of each loaded block (profile)
     edge: str | None = Field(default=None, pattern=_ID)  # who answers (a device may use several)
     # what an app needs to query the whole model (from the announce; None while unknown)
@@ -214,6 +219,27 @@ class UploadChunk(_H):
     chunks: int = Field(ge=1, le=MAX_CHUNKS)
     chunk_size: _Size
     source: str | None = Field(default=None, pattern=_ID)  # a peer edge pushing it (handoff)
+    # The chunks are slices of the block's ONNX file encoded losslessly (block_codec) rather
+    # than of the file itself; ``stream_bytes`` is the encoded length the chunks count in
+    # (never more than ``block_bytes``, the decoded size the digest is checked on).
+    encoding: Encoding = "identity"
+    stream_bytes: _Size | None = None
+
+    @model_validator(mode="after")
+    def _stream(self) -> UploadChunk:
+        if (self.encoding == "identity") != (self.stream_bytes is None):
+            raise ValueError("stream_bytes goes with an encoding other than identity, and only")
+        if self.stream_bytes is not None and self.stream_bytes > self.block_bytes:
+            raise ValueError(
+                f"stream_bytes {self.stream_bytes} exceeds block_bytes {self.block_bytes}: an "
+                "encoding that does not save bytes is sent as identity"
+            )
+        return self
+
+    @property
+    def wire_bytes(self) -> int:
+        """The bytes the chunks carry in all (what ``chunks`` and ``chunk_size`` cut)."""
+        return self.stream_bytes if self.stream_bytes is not None else self.block_bytes
 
 
 class UploadAck(_H):
@@ -348,18 +374,22 @@ Header: TypeAlias = (
 _HEADER: TypeAdapter[Header] = TypeAdapter(Annotated[Header, Field(discriminator="type")])
 
 
+# fields added within frame version 2 (see ``encode``)
+_LATE_FIELDS: dict[type[_H], tuple[str, ...]] = {
+    Inventory: ("partial_chunk_size", "partial_encoding"),
+    UploadChunk: ("encoding", "stream_bytes"),
+}
+
+
 def encode(header: _H, body: bytes | bytearray | memoryview | Array = b"") -> bytes:
     if isinstance(body, np.ndarray):
         body = np.ascontiguousarray(body).data
-    # a field added within frame version 2 is left out when empty: older agents validate
-    # headers strictly and would refuse every inventory that carried it
-    exclude = (
-        {"partial_chunk_size"}
-        if isinstance(header, Inventory) and not header.partial_chunk_size
-        else None
-    )
+    # a field added within frame version 2 is left out at its default: older agents validate
+    # headers strictly and would refuse every frame that carried it
+    late = _LATE_FIELDS.get(type(header), ())
+    exclude = {f for f in late if getattr(header, f) == type(header).model_fields[f].default}
     try:
-        hb = header.model_dump_json(exclude=exclude).encode()
+        hb = header.model_dump_json(exclude=exclude or None).encode()
     except PydanticSerializationError as e:  # e.g. a str with a lone surrogate, made by code
         raise FrameError(ErrorCode.INVALID_HEADER, _clean(f"header not encodable: {e}")) from e
     if len(hb) > MAX_HEADER_BYTES:

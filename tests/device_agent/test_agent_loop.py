@@ -222,7 +222,9 @@ def test_forged_status_and_hostile_inventory_are_refused(mobilenet: ModelPackage
         assert dev.candidates.get("e1").online  # type: ignore[union-attr]
         inject_message(dev, "status", dev.topics.edge_status("e1"), offline.to_json())
         assert not dev.candidates.get("e1").online  # type: ignore[union-attr]  # the real one
-        n = -(-mobilenet.blocks[0].onnx_bytes // dev.chunk_size)
+        b0 = mobilenet.blocks[0]
+        n = -(-b0.upload_bytes // dev.chunk_size)
+        ours = {0: b0.encoding} if b0.encoding != "identity" else {}
         inv = Inventory(
             model_id=mobilenet.manifest.model_id,
             known=True,
@@ -230,8 +232,13 @@ def test_forged_status_and_hostile_inventory_are_refused(mobilenet: ModelPackage
             # (negative, huge and out-of-chain indices no longer decode: frame.py bounds them)
             partial={0: [0, 0, n, n + 7], 1000: [0]},
             partial_chunk_size={0: dev.chunk_size},
+            partial_encoding=ours,  # type: ignore[arg-type]
         )
         inject(dev, inv)
         assert dev.loop.call(lambda: dict(dev.session._partial)) == {0: [0]}
+        # chunks of another encoding than ours (another device's upload): not resumed
+        other = {} if ours else {0: "shuffle2-zlib"}
+        inject(dev, inv.model_copy(update={"partial_encoding": other}))
+        assert dev.loop.call(lambda: dict(dev.session._partial)) == {}
     finally:
         dev.close()

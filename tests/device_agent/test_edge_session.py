@@ -59,7 +59,7 @@ def _session(
     pkg: ModelPackage, link: FakeLink, bandwidth: float = 200_000, chunk: int = 1024
 ) -> EdgeSession:
     prof = chain_profile(pkg, [1.0] * pkg.num_blocks)
-    return EdgeSession(
+    s = EdgeSession(
         "e1",
         "mqtt://127.0.0.1:1",
         link,
@@ -69,6 +69,8 @@ def _session(
         inputs=PlanningInputs(prof, Estimates(bandwidth_Bps=bandwidth, rtt_ms=5.0)),
         chunk_size=chunk,
     )
+    s._raw = set(range(pkg.num_blocks))  # the tests send made-up bytes: as plain blocks
+    return s
 
 
 def _settle(cond: Any, timeout: float = 5.0) -> None:

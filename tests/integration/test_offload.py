@@ -102,7 +102,12 @@ def test_second_device_uploads_nothing_and_store_survives_restart(
 ) -> None:
     d1 = _device(mobilenet, broker, "dev1", split=9)
     d1.upload()
-    assert d1.bytes_uploaded == sum(b.onnx_bytes for b in mobilenet.blocks)
+    # the encoded upload files travel, the edge stores the decoded blocks
+    assert d1.bytes_uploaded == sum(b.upload_bytes for b in mobilenet.blocks)
+    assert d1.bytes_uploaded < 0.9 * sum(b.onnx_bytes for b in mobilenet.blocks)
+    for b in mobilenet.blocks:
+        stored = edge.store.block_path(b.onnx_sha256).read_bytes()
+        assert stored == mobilenet.onnx_path(b.index).read_bytes()
     d1.close()
     d2 = _device(mobilenet, broker, "dev2", split=9)
     d2.upload()
@@ -339,3 +344,41 @@ def test_edges_are_found_from_their_retained_status(
     assert found == ["edge1"]
     edge.stop()  # publishes offline (retained): no longer offered
     assert edges_from_status(broker.url, edge.topics.prefix, broker.protocol, security=sec) == []
+
+
+def test_an_upload_file_the_edge_cannot_decode_is_sent_again_unencoded(
+    mobilenet: ModelPackage, edge: EdgeAgent, broker: BrokerUnderTest, tmp_path: Path
+) -> None:
+    """A package whose upload file of block 3 decodes to other bytes than its .onnx (a build
+    bug, a bit flip before the manifest was written): the edge says bad_encoding and the
+    device sends that block as its .onnx; the upload completes, nothing is lost."""
+    import shutil
+    import zlib
+
+    from iotoffload.model.block_codec import shuffle
+    from iotoffload.model.manifest import MANIFEST_NAME
+
+    root = tmp_path / "pkg"
+    shutil.copytree(mobilenet.root, root)
+    m = json.loads((root / MANIFEST_NAME).read_text())
+    b3 = m["blocks"][3]
+    onnx = (root / b3["onnx"]).read_bytes()
+    bad = zlib.compress(shuffle(onnx + b"\0" * 64, 4))  # 64 bytes longer once decoded
+    assert len(bad) < len(onnx)
+    (root / b3["upload"]["file"]).write_bytes(bad)
+    b3["upload"].update(sha256=hashlib.sha256(bad).hexdigest(), bytes=len(bad))
+    (root / MANIFEST_NAME).write_text(json.dumps(m))
+    pkg = ModelPackage.load(root)
+    dev = _device(pkg, broker, split=0)
+    try:
+        dev.upload()
+        assert not dev.upload_errors
+        assert dev.inventory.stored == list(range(18))
+        assert edge.store.block_path(b3["onnx_sha256"]).read_bytes() == onnx
+        # block 3 went twice (encoded, refused; then plain), every other block once encoded
+        want = sum(b.upload_bytes for b in pkg.blocks) + len(onnx)
+        assert dev.bytes_uploaded == want
+        out = dev.query(np.zeros((1, 224, 224, 3), np.float32))
+        assert out.offloaded, out.reason
+    finally:
+        dev.close()

@@ -57,7 +57,8 @@ def test_chain_profile_from_the_manifest(mobilenet: ModelPackage) -> None:
     assert p.edge_ms == (0.25,) * 18
     assert p.boundary_bytes[0] == 224 * 224 * 3 * 4 and p.boundary_bytes[18] == 4000
     assert p.boundary_bytes[7] == 14 * 14 * 64 * 4
-    assert p.upload_bytes == tuple(b.onnx_bytes for b in mobilenet.blocks)
+    assert p.upload_bytes == tuple(b.upload_bytes for b in mobilenet.blocks)  # what is sent
+    assert sum(p.upload_bytes) < sum(b.onnx_bytes for b in mobilenet.blocks)
 
 
 def test_the_device_factor_learns_slow_runs_weighted_by_their_length() -> None:

@@ -414,3 +414,28 @@ def test_an_inventory_without_partials_leaves_the_new_field_out() -> None:
     with_sizes = Inventory(model_id=mid, known=True, partial={1: [2]}, partial_chunk_size={1: 4096})
     h, _ = decode(encode(with_sizes))
     assert isinstance(h, Inventory) and h.partial_chunk_size == {1: 4096}
+
+
+def test_an_unencoded_chunk_and_an_inventory_of_unencoded_partials_leave_encodings_out() -> None:
+    """Older edges and devices refuse unknown header fields: encoding fields appear only
+    when the upload is encoded."""
+    from iotoffload.transport.frame import Inventory, UploadChunk
+
+    mid, sha = "a" * 64, "b" * 64
+    plain = dict(device="d1", model_id=mid, block=0, block_sha256=sha, block_bytes=100)
+    raw = encode(UploadChunk(**plain, chunk=0, chunks=1, chunk_size=100), b"x" * 100)
+    assert b"encoding" not in raw and b"stream_bytes" not in raw
+    enc = UploadChunk(
+        **plain, chunk=0, chunks=1, chunk_size=80, encoding="shuffle4-zlib", stream_bytes=80
+    )
+    h, body = decode(encode(enc, b"y" * 80))
+    assert bytes(body) == b"y" * 80
+    assert isinstance(h, UploadChunk) and (h.encoding, h.stream_bytes, h.wire_bytes) == (
+        "shuffle4-zlib",
+        80,
+        80,
+    )
+    inv = Inventory(model_id=mid, known=True, partial={1: [2]}, partial_chunk_size={1: 4096})
+    assert b"partial_encoding" not in encode(inv)
+    h, _ = decode(encode(inv.model_copy(update={"partial_encoding": {1: "shuffle2-zlib"}})))
+    assert isinstance(h, Inventory) and h.partial_encoding == {1: "shuffle2-zlib"}
