@@ -65,7 +65,11 @@ def main_command(
     ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with a \\[device] table.")] = None,
     broker: Annotated[
-        str | None, typer.Option(help="mqtt://HOST:PORT or mqtts://HOST:PORT (skips zeroconf).")
+        str | None,
+        typer.Option(
+            help="mqtt://HOST:PORT or mqtts://HOST:PORT (a clustered broker: its nodes, "
+            "comma-separated); skips zeroconf."
+        ),
     ] = None,
     edge: Annotated[str | None, typer.Option(help="Edge id, or auto.")] = None,
     interface: Annotated[

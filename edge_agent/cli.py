@@ -44,8 +44,9 @@ def start(
     broker: Annotated[
         str | None,
         typer.Option(
-            help="mqtt://HOST:PORT or mqtts://HOST:PORT of the broker; without it the embedded "
-            "broker is started on --interface:--port."
+            help="mqtt://HOST:PORT or mqtts://HOST:PORT of the broker (a clustered broker: its "
+            "nodes, comma-separated); without it the embedded broker is started on "
+            "--interface:--port."
         ),
     ] = None,
     edge_id: Annotated[str | None, typer.Option("--id", help="Edge id (a topic level).")] = None,

@@ -71,7 +71,10 @@ def table(edges: list[EdgeStatus], now: float) -> Table:
 
 def status(
     broker: Annotated[
-        str, typer.Option(help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+        str,
+        typer.Option(
+            help="mqtt://HOST:PORT or mqtts://HOST:PORT (a cluster: nodes, comma-separated)"
+        ),
     ] = "mqtt://127.0.0.1:1883",
     wait: Annotated[
         float, typer.Option(min=0.1, max=60, help="Seconds to collect retained statuses.")

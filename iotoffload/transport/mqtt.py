@@ -15,6 +15,7 @@ import socket
 import ssl
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,14 +58,37 @@ _AUTH_REFUSALS = ("not authorized", "bad user name or password", "banned", "bad 
 
 @dataclass(frozen=True)
 class BrokerURL:
-    """``mqtt://HOST[:1883]`` or, with TLS, ``mqtts://HOST[:8883]``."""
+    """``mqtt://HOST[:1883]`` or, with TLS, ``mqtts://HOST[:8883]``; or several, comma-
+    separated, for the nodes of one clustered broker (``mqtt://10.0.0.1,mqtt://10.0.0.2``).
+    The nodes are a set: kept sorted (``str()`` is the canonical list, the same however a
+    user ordered it, so agents configured alike name the broker alike); ``host``/``port``
+    is the first. A link starts at a node chosen from its client id (``first_node``: the
+    clients spread over the cluster) and moves to the next when its node goes."""
 
     host: str
     port: int
     tls: bool = False
+    others: tuple[tuple[str, int], ...] = ()  # the cluster's other nodes, in order
 
     @classmethod
     def parse(cls, url: str) -> BrokerURL:
+        parts = [p.strip() for p in url.split(",") if p.strip()]
+        if not parts:
+            raise ValueError(f"broker URL {url!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT")
+        nodes = [cls._parse_one(p) for p in parts]
+        if len({n.tls for n in nodes}) > 1:
+            raise ValueError(
+                f"broker URL {url!r}: the nodes of one broker are all mqtt:// or all mqtts://"
+            )
+        seen: list[tuple[str, int]] = []
+        for n in nodes:
+            if (n.host, n.port) not in seen:
+                seen.append((n.host, n.port))
+        (host, port), *others = sorted(seen)
+        return cls(host, port, nodes[0].tls, tuple(others))
+
+    @classmethod
+    def _parse_one(cls, url: str) -> BrokerURL:
         u = urlparse(url if "://" in url else f"mqtt://{url}")
         tls = u.scheme in ("mqtts", "ssl")
         if (u.scheme not in ("mqtt", "tcp") and not tls) or not u.hostname:
@@ -75,9 +99,23 @@ class BrokerURL:
             raise ValueError(f"broker URL {url!r}: {e}") from None
         return cls(u.hostname, port or (8883 if tls else 1883), tls)
 
+    @property
+    def nodes(self) -> tuple[BrokerURL, ...]:
+        """Each node as a URL of its own, the first first."""
+        return tuple(BrokerURL(h, p, self.tls) for h, p in ((self.host, self.port), *self.others))
+
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+        scheme = "mqtts" if self.tls else "mqtt"
+        return ",".join(
+            f"{scheme}://{f'[{h}]' if ':' in h else h}:{p}"
+            for h, p in ((self.host, self.port), *self.others)
+        )
+
+
+def first_node(client_id: str, nodes: int) -> int:
+    """The node a client of a clustered broker connects to first: the same for the same
+    client id (stable across runs, unlike ``hash``), spread over the nodes."""
+    return zlib.crc32(client_id.encode()) % max(1, nodes)
 
 
 MAX_ROUTES = 1024  # topics whose handlers are remembered (a wildcard may see many topics)
@@ -220,6 +258,10 @@ class MqttLink:
         if protocol not in (5, 311):
             raise ValueError("protocol must be 5 or 311")
         self.url = BrokerURL.parse(url)
+        self._nodes = self.url.nodes  # a clustered broker's nodes: on to the next when one goes
+        # the node connected to (or tried next); the network thread moves it
+        self._at = first_node(client_id, len(self._nodes))
+        self._failovers = 0  # node changes after a failure (network thread)
         self.security = security or MqttSecurity()
         if self.security.uses_tls_settings and not self.url.tls:
             raise SecurityConfigError(
@@ -268,6 +310,7 @@ class MqttLink:
         if self._will:
             c.will_set(self._will[0], self._will[1], qos=1, retain=self._will[2])
         c.on_socket_open = self._on_socket_open
+        c.on_connect_fail = self._on_connect_fail
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
@@ -278,6 +321,11 @@ class MqttLink:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def node(self) -> BrokerURL:
+        """The broker node this link is connected to, or tries next."""
+        return self._nodes[self._at]
+
     def connect(self, timeout: float = 10.0) -> None:
         """Connect; an MQTT 5 client falls back to 3.1.1 when the broker speaks only that.
 
@@ -285,14 +333,21 @@ class MqttLink:
         the broker refuses the credentials, ``BrokerUnavailableError`` when it is not there."""
         self._refused.clear()
         self._tls_dropped = False
-        try:
-            self.client.connect(self.url.host, self.url.port, keepalive=self._keepalive)
-        except ssl.SSLError as e:
-            self._close_quietly()
-            raise tls_failure(e, str(self.url), self.security) from None
-        except OSError as e:
-            self._close_quietly()
-            raise BrokerUnavailableError(f"cannot reach the broker at {self.url}: {e}") from e
+        unreachable: list[str] = []
+        for _ in self._nodes:  # the first node that takes the connection (one, unclustered)
+            node = self.node
+            try:
+                self.client.connect(node.host, node.port, keepalive=self._keepalive)
+                break
+            except ssl.SSLError as e:
+                self._close_quietly()
+                raise tls_failure(e, str(node), self.security) from None
+            except OSError as e:
+                self._close_quietly()
+                unreachable.append(f"{node}: {e}")
+                self._at = (self._at + 1) % len(self._nodes)
+        else:
+            raise BrokerUnavailableError(f"cannot reach the broker at {'; '.join(unreachable)}")
         self.client.loop_start()
         deadline = time.monotonic() + timeout
         while not self._connected.is_set() and time.monotonic() < deadline:
@@ -413,6 +468,23 @@ class MqttLink:
                     cb()
                 except Exception:
                     log.exception("reconnect hook failed")
+
+    def _on_connect_fail(self, client: mqtt.Client, _u: Any) -> None:
+        """A reconnect could not reach the node: the next one is tried (a clustered
+        broker's node that died; an unclustered broker is tried again, as before)."""
+        if len(self._nodes) < 2:
+            return
+        self._at = (self._at + 1) % len(self._nodes)
+        node = self.node
+        # paho's host/port setters refuse while it is reconnecting (state "connecting"),
+        # which is when this runs; its next reconnect() opens its socket to these two
+        client._host, client._port = node.host, node.port
+        # and under a client id of its own: a cluster keeps the old session of our id on
+        # the dead node, and a node asked for it answers no CONNACK until that node is back
+        # (RabbitMQ). Topics and ACLs go by identity (username, certificate), never by id.
+        self._failovers += 1
+        client._client_id = f"{self._client_id}-f{self._failovers}".encode()
+        log.info("broker node unreachable: reconnecting through %s", node)
 
     def _on_disconnect(self, *_a: Any) -> None:
         if self._tls is not None and self._connects == 0:
