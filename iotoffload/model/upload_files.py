@@ -41,9 +41,14 @@ def encode_blocks(root: Path, blocks: list[BlockSpec], progress: Progress) -> li
     return out
 
 
+# written when no block of a package gained an upload file (nothing compresses): not again
+CHECKED_NAME = ".upload-files-checked"
+
+
 def needs_upload_files(pkg: ModelPackage) -> bool:
-    """True for a package built before encoded uploads existed (no block has one)."""
-    return all(b.upload is None for b in pkg.blocks)
+    """True for a package built before encoded uploads existed (no block has one, and it was
+    not found to need none)."""
+    return all(b.upload is None for b in pkg.blocks) and not (pkg.root / CHECKED_NAME).exists()
 
 
 def add_upload_files(pkg: ModelPackage, progress: Progress | None = None) -> ModelPackage:
@@ -51,6 +56,9 @@ def add_upload_files(pkg: ModelPackage, progress: Progress | None = None) -> Mod
     crash leaves the old manifest, which does not name the new files)."""
     progress = progress or SilentProgress()
     blocks = encode_blocks(pkg.root, pkg.blocks, progress)
+    if all(b.upload is None for b in blocks):
+        _write(pkg.root / CHECKED_NAME, b"")
+        return pkg
     manifest = pkg.manifest.model_copy(update={"blocks": blocks})
     _write(pkg.root / MANIFEST_NAME, manifest.to_json().encode())
     return ModelPackage.load(pkg.root)

@@ -346,6 +346,9 @@ class MqttLink:
                 self._close_quietly()
                 unreachable.append(f"{node}: {e}")
                 self._at = (self._at + 1) % len(self._nodes)
+                if len(self._nodes) > 1:  # as a reconnect does (_on_connect_fail says why)
+                    self._failovers += 1
+                    self.client._client_id = f"{self._client_id}-f{self._failovers}".encode()
         else:
             raise BrokerUnavailableError(f"cannot reach the broker at {'; '.join(unreachable)}")
         self.client.loop_start()

@@ -133,7 +133,7 @@ def test_handoff_smoke_every_way_loses_nothing(env: ModelPackage, tmp_path: Path
         r["summary"]["mode"]: r for r in json.loads((tmp_path / "handoff.json").read_text())["runs"]
     }
     assert set(runs) == {"reupload", "transfer", "proactive", "proactive-upload"}
-    full = sum(b.onnx_bytes for b in env.blocks)
+    full = sum(b.upload_bytes for b in env.blocks)
     n = env.num_blocks
     for mode, r in runs.items():
         m = r["summary"]

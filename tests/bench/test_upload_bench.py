@@ -331,7 +331,7 @@ def test_loopback_smoke_writes_table_json_and_plot(
     assert result["horizon_s"] == horizon and result["planners"] == ["local", "auto:float32"]
     runs = {x["label"]: x for x in result["runs"]}
     assert set(runs) == {"upload-only", "local", "auto:float32"}
-    full = sum(b.onnx_bytes for b in mobilenet.blocks)
+    full = sum(b.upload_bytes for b in mobilenet.blocks)
     alone, auto, local = runs["upload-only"], runs["auto:float32"], runs["local"]
     assert alone["kind"] == "upload-only" and alone["queries"] == 0
     assert alone["bytes_uploaded"] == full and alone["upload_MBps"] > 0
@@ -415,7 +415,7 @@ def test_upload_run_over_the_emulated_network(mobilenet: ModelPackage) -> None:
             horizon=3,
         )
     assert run.network == "netns" and run.upload_s is not None and run.rtt_ms == 20
-    assert run.bytes_uploaded == sum(b.onnx_bytes for b in mobilenet.blocks)
+    assert run.bytes_uploaded == sum(b.upload_bytes for b in mobilenet.blocks)
     # 14 MB at 50 Mbit/s takes at least 2.2 s: the shaping applied to the upload
     assert run.upload_s > 2.0 and run.records
     # under the cgroup quota the device's own clocks still measure the upload's CPU
@@ -437,7 +437,7 @@ def test_upload_run_on_the_secured_broker(mobilenet: ModelPackage, network: str)
     else:
         run = run_once(mobilenet.root, "edge", 200, testbed=None, **kw)  # type: ignore[arg-type]
     assert run.network == network and run.upload_s is not None
-    assert run.bytes_uploaded == sum(b.onnx_bytes for b in mobilenet.blocks)
+    assert run.bytes_uploaded == sum(b.upload_bytes for b in mobilenet.blocks)
     assert any(r["offloaded"] for r in run.records)
 
 

@@ -104,7 +104,7 @@ def test_edge_agent_and_device_agent_found_by_zeroconf(
             assert {"query", "top1", "latency_ms", "split", "offloaded", "edge"} <= q.keys()
             assert q["split"] == 10 and q["edge"] == "cli-edge"
         assert all(q["offloaded"] for q in queries)  # the upload finished first
-        assert summary["bytes_uploaded"] == sum(b.onnx_bytes for b in mobilenet.blocks)
+        assert summary["bytes_uploaded"] == sum(b.upload_bytes for b in mobilenet.blocks)
     finally:
         edge.send_signal(signal.SIGTERM)
         out, _ = edge.communicate(timeout=20)

@@ -264,7 +264,7 @@ def test_graceful_move_b_gets_blocks_from_a_and_device_sends_none_twice(
         assert edge_b.stats.blocks_from_peers == n - 1
         assert edge_a.peers.refused_digest == 1
         assert set(b.chunks_sent) == {rotten}
-        assert b.bytes_uploaded == mobilenet.blocks[rotten].onnx_bytes
+        assert b.bytes_uploaded == mobilenet.blocks[rotten].upload_bytes
         assert dev.sessions[a_id].bytes_uploaded == sent_to_a
         assert dev.handoffs[0].transfer == n
 
@@ -322,7 +322,7 @@ def test_refused_transfer_falls_back_to_the_device_upload(
         _wait(lambda: dev.sessions[b_id].stored == full, 60, "every block on B")
         assert dev.handoffs[0].transfer == mobilenet.num_blocks  # asked, and refused
         assert edge_b.stats.blocks_from_peers == 0
-        assert dev.sessions[b_id].bytes_uploaded == sum(b.onnx_bytes for b in mobilenet.blocks)
+        assert dev.sessions[b_id].bytes_uploaded == sum(b.upload_bytes for b in mobilenet.blocks)
         assert edge_b.stats.error_codes["transfer_refused"] == 1
         assert dev.sessions[b_id].peer_failed == full  # the device was told at once
         x = np.zeros((1, 224, 224, 3), np.float32)

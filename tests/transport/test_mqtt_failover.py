@@ -45,10 +45,14 @@ def test_clients_start_at_a_node_of_their_own_id() -> None:
 def test_connect_takes_the_first_node_that_answers(tmp_path: Path) -> None:
     dead = free_port()
     with Mosquitto(tmp_path) as m:
-        link = MqttLink(f"mqtt://127.0.0.1:{dead},{m.url}", f"first-{time.monotonic_ns()}")
+        url = BrokerURL.parse(f"mqtt://127.0.0.1:{dead},{m.url}")
+        at_dead = [str(n) for n in url.nodes].index(f"mqtt://127.0.0.1:{dead}")
+        cid = next(f"first-{k}" for k in range(100) if first_node(f"first-{k}", 2) == at_dead)
+        link = MqttLink(str(url), cid)  # starts at the dead node
         try:
             link.connect(5)
             assert str(link.node) == m.url
+            assert link.client._client_id == f"{cid}-f1".encode()  # a fresh id, as a reconnect
         finally:
             link.close()
     other = free_port()
