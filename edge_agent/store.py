@@ -490,11 +490,8 @@ class BlockStore:
 
     def missing_chunks(self, sha: str) -> list[int] | None:
         """Chunks still missing of a partial upload, or None when there is none."""
-        with self._lock:
-            p = self._partials.get(sha)
-            if p is None:
-                return None
-            return [i for i in range(p.chunking.chunks) if i not in p.received]
+        p = self.partial_upload(sha)
+        return None if p is None else p.missing
 
     def usage(self) -> StoreUsage:
         with self._lock:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from iotoffload.model import CATALOG, ModelPackage, PackageError, prepare_catalog
-from iotoffload.model.upload_files import add_upload_files, needs_upload_files
+from iotoffload.model.upload_files import with_upload_files
 from tests._leaks import LeakChecker
 
 pytest_plugins = ["pytester"]
@@ -91,4 +91,4 @@ def efficientnet(models_dir: Path) -> ModelPackage:
 def _current(pkg: ModelPackage) -> ModelPackage:
     """A package reused from IOTOFFLOAD_TEST_MODELS built before encoded uploads existed gets
     them, as the model cache does (a fresh build has them)."""
-    return add_upload_files(pkg) if needs_upload_files(pkg) else pkg
+    return with_upload_files(pkg)

@@ -30,7 +30,7 @@ from iotoffload.model.signing import (
     sign_package,
     write_keypair,
 )
-from iotoffload.model.upload_files import add_upload_files, needs_upload_files
+from iotoffload.model.upload_files import with_upload_files
 from iotoffload.model.verify import DEFAULT_TOLERANCE, verify_package
 from iotoffload.model.weights import (
     AGREEMENT_THRESHOLD,
@@ -309,7 +309,7 @@ def _prepare_base(
         except ModelError:
             pass  # not there (or broken): build it
         else:  # built before encoded uploads existed: add them (prepare writes packages)
-            return add_upload_files(pkg, progress) if needs_upload_files(pkg) else pkg
+            return with_upload_files(pkg, progress)
     if torch_ref:
         if not package_name or name or onnx or tflite:
             raise ModelError("a PyTorch module needs --name (and no other source)")

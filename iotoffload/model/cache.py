@@ -17,7 +17,7 @@ from iotoffload.model.errors import ModelError, PackageError
 from iotoffload.model.manifest import MANIFEST_NAME, UPLOAD_FORMS, Agreement, UploadWeights
 from iotoffload.model.package import ModelPackage
 from iotoffload.model.progress import Progress, SilentProgress
-from iotoffload.model.upload_files import add_upload_files, needs_upload_files
+from iotoffload.model.upload_files import needs_upload_files, with_upload_files
 from iotoffload.model.weights import (
     AGREEMENT_THRESHOLD,
     DEFAULT_SAMPLES,
@@ -105,7 +105,7 @@ class ModelCache:
         if not pkg.root.resolve().is_relative_to(self.root.resolve()):
             return pkg  # the user's own directory: not ours to write into
         (progress or SilentProgress()).info(f"{pkg.name}: adding the encoded upload files")
-        return add_upload_files(pkg, progress)
+        return with_upload_files(pkg, progress)
 
     def choose(
         self,

@@ -51,6 +51,11 @@ def needs_upload_files(pkg: ModelPackage) -> bool:
     return all(b.upload is None for b in pkg.blocks) and not (pkg.root / CHECKED_NAME).exists()
 
 
+def with_upload_files(pkg: ModelPackage, progress: Progress | None = None) -> ModelPackage:
+    """``pkg``, its upload files added first when it was built before they existed."""
+    return add_upload_files(pkg, progress) if needs_upload_files(pkg) else pkg
+
+
 def add_upload_files(pkg: ModelPackage, progress: Progress | None = None) -> ModelPackage:
     """Write ``pkg``'s upload files and record them in its manifest (replaced atomically: a
     crash leaves the old manifest, which does not name the new files)."""

@@ -345,10 +345,7 @@ class MqttLink:
             except OSError as e:
                 self._close_quietly()
                 unreachable.append(f"{node}: {e}")
-                self._at = (self._at + 1) % len(self._nodes)
-                if len(self._nodes) > 1:  # as a reconnect does (_on_connect_fail says why)
-                    self._failovers += 1
-                    self.client._client_id = f"{self._client_id}-f{self._failovers}".encode()
+                self._next_node(self.client)
         else:
             raise BrokerUnavailableError(f"cannot reach the broker at {'; '.join(unreachable)}")
         self.client.loop_start()
@@ -475,19 +472,26 @@ class MqttLink:
     def _on_connect_fail(self, client: mqtt.Client, _u: Any) -> None:
         """A reconnect could not reach the node: the next one is tried (a clustered
         broker's node that died; an unclustered broker is tried again, as before)."""
+        if self._next_node(client):
+            log.info("broker node unreachable: reconnecting through %s", self.node)
+
+    def _next_node(self, client: mqtt.Client) -> bool:
+        """Point ``client`` at the next node of a clustered broker (its connection closed:
+        ``connect``'s thread before the network thread runs, or that thread). False for one
+        node: nothing to move to."""
         if len(self._nodes) < 2:
-            return
+            return False
         self._at = (self._at + 1) % len(self._nodes)
         node = self.node
         # paho's host/port setters refuse while it is reconnecting (state "connecting"),
-        # which is when this runs; its next reconnect() opens its socket to these two
+        # which is when a reconnect fails; its next (re)connect opens its socket to these
         client._host, client._port = node.host, node.port
         # and under a client id of its own: a cluster keeps the old session of our id on
         # the dead node, and a node asked for it answers no CONNACK until that node is back
         # (RabbitMQ). Topics and ACLs go by identity (username, certificate), never by id.
         self._failovers += 1
         client._client_id = f"{self._client_id}-f{self._failovers}".encode()
-        log.info("broker node unreachable: reconnecting through %s", node)
+        return True
 
     def _on_disconnect(self, *_a: Any) -> None:
         if self._tls is not None and self._connects == 0:

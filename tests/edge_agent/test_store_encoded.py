@@ -124,3 +124,22 @@ def test_the_frame_refuses_inconsistent_encodings() -> None:
         UploadChunk.model_validate({**fields, "encoding": "identity"})
     with pytest.raises(ValidationError):
         UploadChunk.model_validate({**fields, "encoding": "lz4"})
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"encoding": "lz4"},  # not one of ours
+        {"stream_bytes": len(RAW) + 1},  # longer than the block
+        {"encoding": "identity"},  # identity with a stream length
+    ],
+)
+def test_a_tampered_partial_record_is_not_resumed(tmp_path: Path, meta: dict[str, object]) -> None:
+    import json
+
+    s = store(tmp_path, MODEL)
+    s.put_chunk(*encoded_chunks(encode(RAW, "shuffle4-zlib"))[0])
+    f = tmp_path / "partial" / SHA / "meta.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), **meta}))
+    again = BlockStore(tmp_path)
+    assert again.partial_upload(SHA) is None  # dropped: chunks of an unknown stream

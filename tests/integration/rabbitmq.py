@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.embedded import free_port
+from tests.integration.secure import wait_listening
 
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 CTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
@@ -137,7 +138,7 @@ class RabbitCluster:
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
             )
-            _wait_port(4369, 10)
+            wait_listening(self._epmd, 4369)
         # every node up before any joins (cluster.md: one that joins while the MQTT Ra
         # cluster has no leader never becomes a member)
         for n in self.nodes:
@@ -185,12 +186,3 @@ def _listening(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _wait_port(port: int, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if _listening(port):
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
