@@ -14,9 +14,13 @@ memory file both sides map (``map``), so a query's tensor costs one copy in and 
 
 A query's run is the hot path and skips pickle: ``RUN`` packed as bytes (the chain by the
 number ``define`` gave it), answered by ``OK`` and each block's seconds as doubles, or by
-the pickled error tuple above. Every block's input is checked by ONNX Runtime itself
-(screening admits only blocks with one static input shape); the last output is checked
-against the chain's spec before it is written back.
+the pickled error tuple above. ``RUN_BATCH`` is the same for ``k`` queries of one block range:
+their inputs stacked at ``HEADER_BYTES``, their outputs written stacked at the output offset;
+each block runs once for all of them where its batched session pays
+(``OnnxExecutor.run_batch_block``), else once per query. Every block's input is checked by
+ONNX Runtime itself (screening admits only blocks with one static input shape; a batched
+session is the edge's own variant of such a block, kept only where it gives the block's
+numbers); the last output is checked against the chain's spec before it is written back.
 
 Before each block runs, its index is written at offset 0 of the shared file (``CURRENT``):
 after a kill or a crash the parent reads which block was running.
@@ -47,6 +51,7 @@ from iotoffload.runtime.onnx import OnnxExecutor
 CURRENT = struct.Struct("<qd")
 HEADER_BYTES = 64  # the input tensor starts here
 RUN = struct.Struct("<cIIIQ")  # b"R", chain number, start, end, output offset
+RUN_BATCH = struct.Struct("<cIIIIQ")  # b"B", chain number, start, end, queries, output offset
 OK = struct.Struct("<cQ")  # b"K", output bytes; then one double per block
 
 
@@ -143,6 +148,48 @@ class _Worker:
             return ("ok", ms)
         raise ValueError(f"unknown worker message {op!r}")
 
+    def run_batch(self, number: int, start: int, end: int, k: int, out_offset: int) -> bytes:
+        """``run`` for ``k`` queries at once: their inputs stacked in the shared file, their
+        outputs written stacked after them."""
+        ex = self.numbered[number]
+        mm = self.mm
+        assert mm is not None
+        ex.check_range(start, end)
+        if start == end or k < 1:
+            raise RuntimeInputError(f"a batch of {k} queries on blocks [{start}, {end})")
+        spec = ex.blocks[start].input
+        count = k
+        for d in spec.shape:
+            count *= d
+        y: np.ndarray[Any, Any] = np.frombuffer(mm, np.dtype(spec.dtype), count, HEADER_BYTES)
+        y = y.reshape((k, *spec.shape))
+        times = array.array("d")
+        clock = time.perf_counter
+        for i in range(start, end):
+            CURRENT.pack_into(mm, 0, i, time.monotonic())  # a kill from now on names block i
+            self.block = i
+            t0 = clock()
+            y = ex.run_batch_block(i, y)
+            times.append(clock() - t0)
+        self.set_block(-1)
+        want = ex.blocks[end - 1].output
+        if y.dtype != np.dtype(want.dtype) or tuple(y.shape) != (k, *want.shape):
+            raise RuntimeError(
+                f"block {end - 1} returned {y.dtype}{list(y.shape[1:])}, "
+                f"its manifest says {want.dtype}{list(want.shape)}"
+            )
+        return self._write(mm, np.ascontiguousarray(y), out_offset, times)
+
+    @staticmethod
+    def _write(
+        mm: mmap.mmap, out: np.ndarray[Any, Any], out_offset: int, times: array.array[float]
+    ) -> bytes:
+        n = out.nbytes
+        if out_offset + n > len(mm):
+            raise RuntimeInputError(f"output of {n} bytes does not fit the shared buffer")
+        mm[out_offset : out_offset + n] = out.data.cast("B")
+        return OK.pack(b"K", n) + times.tobytes()
+
     def run(self, number: int, start: int, end: int, out_offset: int) -> bytes:
         """The hot path: blocks ``[start, end)`` of chain ``number`` on the tensor in the
         shared file; the output written after it."""
@@ -172,12 +219,7 @@ class _Worker:
                 f"block {end - 1} returned {y.dtype}{list(y.shape)}, "
                 f"its manifest says {want.dtype}{list(want.shape)}"
             )
-        out = np.ascontiguousarray(y)
-        n = out.nbytes
-        if out_offset + n > len(mm):
-            raise RuntimeInputError(f"output of {n} bytes does not fit the shared buffer")
-        mm[out_offset : out_offset + n] = out.data.cast("B")
-        return OK.pack(b"K", n) + times.tobytes()
+        return self._write(mm, np.ascontiguousarray(y), out_offset, times)
 
 
 _ORT_TYPES = {
@@ -247,6 +289,9 @@ def main(
             if raw[:1] == b"R":
                 _, number, start, end, out_offset = RUN.unpack(raw)
                 out = w.run(number, start, end, out_offset)
+            elif raw[:1] == b"B":
+                _, number, start, end, k, out_offset = RUN_BATCH.unpack(raw)
+                out = w.run_batch(number, start, end, k, out_offset)
             else:
                 m = pickle.loads(raw)  # from the edge that started us
                 if m is None:

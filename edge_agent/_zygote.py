@@ -102,6 +102,7 @@ def main() -> None:
     fd = int(sys.argv[1])
     sock = socket.socket(fileno=fd)
     import numpy  # noqa: F401 - imported once here, shared by every fork
+    import onnx  # noqa: F401 - the batched variants of blocks are made with it
     import onnxruntime  # noqa: F401
 
     import edge_agent._worker_main  # noqa: F401

@@ -42,7 +42,7 @@ from edge_agent.loading import BlockLoader
 from edge_agent.metrics import DevicesSeen, EdgeMetrics, EdgeSnapshot
 from edge_agent.peers import PeerTransfers
 from edge_agent.quarantine import Quarantine
-from edge_agent.queries import QueryQueue, WorkerLimits
+from edge_agent.queries import BatchLimits, QueryQueue, WorkerLimits
 from edge_agent.replies import Replies
 from edge_agent.routing import InboundRouter
 from edge_agent.screen import ScreenLimits, screen_onnx
@@ -129,7 +129,7 @@ class EdgeAgent:
             publish_status=lambda: self.status.publish(),
         )
         self.queries = QueryQueue(
-            config.workers,
+            config.worker_count,
             self._stats,
             self.replies,
             self.threads,
@@ -144,7 +144,8 @@ class EdgeAgent:
             quarantined=self.loader.quarantine.reason,
             any_quarantined=self.loader.quarantine.__len__,
             on_fault=self.loader.fault,
-            observe=lambda queue_ms, exec_ms: self.metrics.observe(queue_ms, exec_ms),
+            observe=self.metrics.observe,
+            batching=BatchLimits(config.max_batch, config.batch_delay_ms),
         )
         self.loader.settle = self.queries.count
         self.loader.warm = self.queries.warm

@@ -65,7 +65,24 @@ def start(
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads per query.")] = None,
     workers: Annotated[
         int | None,
-        typer.Option(help="Queries run in parallel, each worker its own ONNX Runtime process."),
+        typer.Option(
+            help="Worker processes (each its own ONNX Runtime process) running queries or "
+            "batches in parallel. Default 0: one per usable core less one."
+        ),
+    ] = None,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(
+            help="Queries of the same model and blocks (from any devices) run as one batch, "
+            "up to this many; 1: no batching. Default: 8."
+        ),
+    ] = None,
+    batch_delay_ms: Annotated[
+        float | None,
+        typer.Option(
+            help="How long a worker waits for a batch to fill. Default 0: batches form only "
+            "from queries already queued (under load), adding no wait."
+        ),
     ] = None,
     provider: Annotated[
         list[str] | None,
@@ -147,6 +164,8 @@ def start(
             protocol=protocol,
             threads=threads,
             workers=workers,
+            max_batch=max_batch,
+            batch_delay_ms=batch_delay_ms,
             providers=provider or None,
             metrics_port=metrics_port,
             worker_memory_mb=worker_memory_mb,

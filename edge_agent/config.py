@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from pathlib import Path
@@ -36,7 +37,27 @@ class EdgeConfig(BaseSettings):
     prefix: str = DEFAULT_PREFIX
     protocol: int = Field(default=5, description="MQTT protocol: 5 or 311")
     threads: int = Field(default=1, ge=1, le=64, description="ONNX Runtime intra-op threads")
-    workers: int = Field(default=1, ge=1, le=16, description="queries executed in parallel")
+    workers: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="query worker processes (batches executed in parallel); 0: one per core "
+        "the edge may use, less one for its network and the broker (at least 1)",
+    )
+    max_batch: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="queries for the same model and blocks run together (from any devices); "
+        "1: no batching",
+    )
+    batch_delay_ms: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1000.0,
+        description="how long a worker waits for more queries to fill a batch; 0: batches "
+        "form only from queries already queued (under load), adding no wait",
+    )
     providers: list[str] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
         min_length=1,
@@ -148,6 +169,16 @@ class EdgeConfig(BaseSettings):
     @classmethod
     def _expand_keys(cls, v: list[Path]) -> list[Path]:
         return [Path(p).expanduser() for p in v]
+
+    @property
+    def worker_count(self) -> int:
+        """The query workers to run: ``workers``, or for 0 the cores this process may use
+        less one (the network thread, the loader and a local broker need a core; a worker
+        runs its ONNX Runtime sessions with ``threads`` threads)."""
+        if self.workers:
+            return self.workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        return max(1, ((cores or os.cpu_count() or 1) - 1) // self.threads)
 
     @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> EdgeConfig:

@@ -35,6 +35,7 @@ class FairQueue(Generic[T]):
         self._count = 0
         self._bytes = 0
         self._closed = False
+        self._batching = 0  # take_matching calls waiting for more
 
     def __len__(self) -> int:
         return self._count
@@ -68,7 +69,10 @@ class FairQueue(Generic[T]):
             q.append((item, nbytes))
             self._count += 1
             self._bytes += nbytes
-            self._cond.notify()
+            if self._batching:  # a batch may be waiting for this one; or it does not match
+                self._cond.notify_all()
+            else:
+                self._cond.notify()
             return None
 
     def get(self, timeout: float | None = None, wake: Callable[[], bool] | None = None) -> T | None:
@@ -94,6 +98,45 @@ class FairQueue(Generic[T]):
             self._count -= 1
             self._bytes -= nbytes
             return item
+
+    def take_matching(self, match: Callable[[T], bool], n: int, wait_s: float = 0.0) -> list[T]:
+        """Up to ``n`` more items ``match`` accepts, for a batch: in turn, each device's
+        oldest item when it matches (one per device per round, so a device with many
+        queued does not fill the batch before the others; a device's items stay in order:
+        one that does not match keeps its later ones back). Waits up to ``wait_s`` for
+        more to arrive when fewer than ``n`` are queued; never for a closed queue."""
+        got: list[T] = []
+        end = time.monotonic() + wait_s
+        with self._cond:
+            while True:
+                took = True
+                while took and len(got) < n:
+                    took = False
+                    for device in list(self._turns):
+                        if len(got) >= n:
+                            break
+                        q = self._queues[device]
+                        item, nbytes = q[0]
+                        if not match(item):
+                            continue
+                        q.popleft()
+                        self._turns.remove(device)
+                        if q:
+                            self._turns.append(device)
+                        else:
+                            del self._queues[device]
+                        self._count -= 1
+                        self._bytes -= nbytes
+                        got.append(item)
+                        took = True
+                left = end - time.monotonic()
+                if len(got) >= n or left <= 0 or self._closed:
+                    return got
+                self._batching += 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._batching -= 1
 
     def poke(self) -> None:
         """Wake every waiting ``get`` so it checks its ``wake``."""

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 )  # fmt: skip
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)  # queries per batch (max_batch <= 64)
 DEVICE_WINDOW_S = 60.0  # a device heard from within this long counts as connected
 MAX_DEVICES = 10_000  # devices remembered (on an open broker a stranger may invent ids)
 SNAPSHOT_TTL_S = 0.5  # scrapes this close together share one snapshot of the loop's figures
@@ -180,6 +181,12 @@ class EdgeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.batch_size = Histogram(
+            "iotoffload_edge_batch_size",
+            "queries run together in one batch, per query answered (1: alone)",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_SnapshotCollector(snapshot))
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -189,12 +196,13 @@ class EdgeMetrics:
         """The port served, or None when not serving."""
         return None if self._server is None else int(self._server.server_address[1])
 
-    def observe(self, queue_ms: float, exec_ms: float) -> None:
+    def observe(self, queue_ms: float, exec_ms: float, batch: int = 1) -> None:
         """Per query, on a worker thread: nothing to do unless someone may scrape."""
         if self._server is None:
             return
         self.queue_seconds.observe(queue_ms / 1e3)
         self.exec_seconds.observe(exec_ms / 1e3)
+        self.batch_size.observe(batch)
 
     def serve(self, address: str, port: int) -> int:
         """Serve ``/metrics`` on ``address:port`` (port 0: a free one); the port bound."""

@@ -70,6 +70,17 @@ class WorkerLimits:
 
 
 @dataclass(frozen=True)
+class BatchLimits:
+    """Dynamic batching: a worker that takes a query also takes up to ``max_batch - 1``
+    queued ones for the same model and blocks (from any device, in the fair queue's turn),
+    waiting up to ``max_delay_ms`` for them to arrive. 0 ms (the default) adds no wait: batches
+    form only from queries already queued, that is under load. ``max_batch`` 1: off."""
+
+    max_batch: int = 8
+    max_delay_ms: float = 0.0
+
+
+@dataclass(frozen=True)
 class _QueryJob:
     """A validated query waiting for a worker (in the fair queue)."""
 
@@ -78,6 +89,16 @@ class _QueryJob:
     arrived: float  # perf_counter() on the network thread
     chain: Chain
     deadline_ms: float  # the query's, cut to the edge's cap
+
+    def same_run(self, other: _QueryJob) -> bool:
+        """Whether ``other`` can run in one batch with this (same chain, blocks, size)."""
+        a, b = self.header, other.header
+        return (
+            a.start == b.start
+            and a.end == b.end
+            and other.chain is self.chain
+            and len(other.body) == len(self.body)
+        )
 
 
 class _Gauge:
@@ -153,10 +174,13 @@ class QueryQueue:
         quarantined: Callable[[str], str | None] = lambda sha: None,
         any_quarantined: Callable[[], int] = lambda: 0,
         on_fault: Callable[[Chain, BlockFaultError], None] = lambda c, f: None,
-        observe: Callable[[float, float], None] = lambda queue_ms, exec_ms: None,
+        observe: Callable[[float, float, int], None] = lambda queue_ms, exec_ms, batch: None,
+        batching: BatchLimits | None = None,
     ) -> None:
         self.workers = workers
-        self._observe = observe  # on the worker threads: (queue ms, exec ms) of each result
+        self.batching = batching or BatchLimits()
+        # on the worker threads: (queue ms, exec ms, batch size) of each result
+        self._observe = observe
         self._stats = stats
         self._replies = replies
         self._threads = threads
@@ -169,6 +193,13 @@ class QueryQueue:
         self._on_fault = on_fault  # on the loop: a block broke its limits
         self._outstanding = _Gauge()  # admitted, not finished: waiting or running
         self._fair: FairQueue[_QueryJob] = FairQueue(self._limits)
+        # queries per run lately: written by the worker threads (one float store), read for
+        # the load factor and the retry hint
+        self._batch_ewma = 1.0
+        # models whose batch failed once: they run one query at a time from then on, so a
+        # block that hangs or breaks only when batched costs one time limit, not one per batch
+        # (added by the worker threads; a set's add and membership test are atomic)
+        self._unbatched: set[str] = set()
         self._workers: list[_Worker] = []
         self._closing = False
         # results sent, not counted yet: (query, queue ms, exec ms), put by the workers
@@ -223,9 +254,15 @@ class QueryQueue:
             w.proc.close()
         self._workers = []
 
+    @property
+    def batch_ewma(self) -> float:
+        """Queries per run lately (1 without batching; any thread: one float read)."""
+        return self._batch_ewma
+
     def load_factor(self) -> float:
-        """Coarse load for discovery: queued plus running queries per worker."""
-        return self._outstanding.value / self.workers
+        """Coarse load for discovery: queued plus running queries per worker, counted in
+        runs: a worker that lately ran batches of k serves k of them at once."""
+        return self._outstanding.value / (self.workers * max(1.0, self._batch_ewma))
 
     async def drain(self, timeout: float) -> None:
         """Let queued and running queries finish (at most ``timeout`` s)."""
@@ -237,8 +274,9 @@ class QueryQueue:
     def retry_ms(self) -> float:
         """When a refused query might find room: the queue ahead of it at the recent
         execution time."""
-        per = max(self._stats.exec_ms_ewma, 1.0)  # a float read: no hop
-        return max(MIN_RETRY_MS, per * (len(self._fair) + self.workers) / self.workers)
+        per = max(self._stats.exec_ms_ewma, 1.0)  # a float read: no hop (a run's time)
+        runs = len(self._fair) / max(1.0, self._batch_ewma) + self.workers
+        return max(MIN_RETRY_MS, per * runs / self.workers)
 
     def submit(self, h: Query, body: memoryview, arrived: float, chain: Chain) -> None:
         """A validated query (any thread): into the fair queue, run as soon as a worker is
@@ -284,7 +322,16 @@ class QueryQueue:
             except Exception:  # the thread must outlive anything: queries wait on it
                 log.exception("%s: warming sessions failed", w.proc.name)
             if job is not None:
-                self._run(w, job)  # answers every job, whatever happens
+                jobs = [job]
+                b = self.batching
+                if b.max_batch > 1 and job.chain.model_id not in self._unbatched:
+                    jobs += self._fair.take_matching(
+                        job.same_run, b.max_batch - 1, b.max_delay_ms / 1e3
+                    )
+                if len(jobs) == 1:
+                    self._run(w, job)  # answers every job, whatever happens
+                else:
+                    self._run_batch(w, jobs)  # as do these
             elif self._closing:
                 self._warm(w)  # a warm-up put while closing is answered too
                 return
@@ -310,24 +357,59 @@ class QueryQueue:
         e = ProtocolError(code, message, request_id=h.request_id, device=h.device)
         self._threads.post(self._replies.error, e)
 
-    def _run(self, w: _Worker, job: _QueryJob) -> None:
-        """Run a query's blocks in the worker's process and send its Result; a query that
-        waited past its deadline is refused instead (the device has finished it locally:
-        the work is saved)."""
+    def _admit(self, job: _QueryJob, queue_ms: float) -> bool:
+        """Whether the query is still to run; else refused: it waited past its deadline (the
+        device has finished it locally: the work is saved) or one of its blocks was
+        quarantined while it waited."""
+        h = job.header
+        if queue_ms > job.deadline_ms:
+            msg = f"waited {queue_ms:.0f} ms in the queue, deadline {job.deadline_ms:g} ms"
+            self._refuse(job, ErrorCode.DEADLINE_EXPIRED, msg)
+            return False
+        if self._any_quarantined():
+            for i in range(h.start, h.end):
+                why = self._quarantined(job.chain.digests[i])
+                if why is not None:
+                    self._refuse(job, ErrorCode.QUARANTINED, f"block {i} is quarantined: {why}")
+                    return False
+        return True
+
+    def _answer(
+        self,
+        job: _QueryJob,
+        out: memoryview,
+        times: list[float],
+        queue_ms: float,
+        exec_ms: float,
+        batch: int,
+    ) -> None:
+        """Send the query's Result and count it."""
+        h = job.header
+        spec = job.chain.files[h.end - 1].output
+        header = Result(
+            request_id=h.request_id,
+            tensor=WireTensor(dtype=spec.dtype, shape=spec.shape),
+            queue_ms=queue_ms,
+            exec_ms=exec_ms,
+            block_ms=[t * 1e3 for t in times],
+            batch=batch,
+        )
+        frame = encode(header, out)
+        out.release()
+        self._replies.publish(h.device, frame)
+        self._done.put((h, queue_ms, exec_ms))
+        self._observe(queue_ms, exec_ms, batch)
+        if self._done.qsize() >= COUNT_EVERY:  # bounded, however rarely the loop reads
+            self._threads.post(self.count)
+
+    def _run(self, w: _Worker, job: _QueryJob) -> BlockFaultError | None:
+        """Run a query's blocks in the worker's process and send its Result (or refuse it:
+        ``_admit``); the fault reported when a block broke its worker."""
         h = job.header
         try:
             queue_ms = (time.perf_counter() - job.arrived) * 1e3
-            if queue_ms > job.deadline_ms:
-                msg = f"waited {queue_ms:.0f} ms in the queue, deadline {job.deadline_ms:g} ms"
-                self._refuse(job, ErrorCode.DEADLINE_EXPIRED, msg)
-                return
-            if self._any_quarantined():  # (a block may be quarantined while this waited)
-                for i in range(h.start, h.end):
-                    why = self._quarantined(job.chain.digests[i])
-                    if why is not None:
-                        msg = f"block {i} is quarantined: {why}"
-                        self._refuse(job, ErrorCode.QUARANTINED, msg)
-                        return
+            if not self._admit(job, queue_ms):
+                return None
             lim = self._worker_limits
             # each block gets run_s of its own (its sessions made on first use included);
             # the whole run at most twice the longer of run_s and the query's deadline
@@ -338,41 +420,101 @@ class QueryQueue:
             except BlockFaultError as f:
                 if self._closing:  # killed at stop: nothing to blame
                     self._refuse(job, ErrorCode.INTERNAL, "the edge is stopping")
-                    return
+                    return None
                 self._threads.post(self._on_fault, job.chain, f)
                 where = "" if f.block is None else f"block {f.block} "
                 self._refuse(job, ErrorCode.QUARANTINED, f"{where}broke its worker: {f}")
-                return
+                return f
             except RunTimeoutError as e:
                 self._refuse(job, ErrorCode.DEADLINE_EXPIRED, str(e))
-                return
+                return None
             except _WorkerTroubleError as e:
                 self._refuse(job, ErrorCode.INTERNAL, str(e))
-                return
+                return None
             except BlockRunError as e:
                 self._refuse(job, ErrorCode.BAD_TENSOR, str(e))
-                return
-            exec_ms = (time.perf_counter() - t0) * 1e3
-            spec = job.chain.files[h.end - 1].output
-            header = Result(
-                request_id=h.request_id,
-                tensor=WireTensor(dtype=spec.dtype, shape=spec.shape),
-                queue_ms=queue_ms,
-                exec_ms=exec_ms,
-                block_ms=[t * 1e3 for t in times],
-            )
-            frame = encode(header, out)
-            out.release()
-            self._replies.publish(h.device, frame)
-            self._done.put((h, queue_ms, exec_ms))
-            self._observe(queue_ms, exec_ms)
-            if self._done.qsize() >= COUNT_EVERY:  # bounded, however rarely the loop reads
-                self._threads.post(self.count)
+                return None
+            self._answer(job, out, times, queue_ms, (time.perf_counter() - t0) * 1e3, 1)
+            self._batch_ewma += EWMA_ALPHA * (1.0 - self._batch_ewma)
         except Exception as e:  # a bug here must not end the worker thread
             log.exception("query %s failed", h.request_id)
             self._refuse(job, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
         finally:
             self._outstanding.add(-1)
+        return None
+
+    def _run_batch(self, w: _Worker, jobs: list[_QueryJob]) -> None:
+        """Run queries of the same blocks as one batch and answer each. A batch that fails
+        in any way (a block's fault, a tensor refused, a time limit: with k queries a block
+        takes about k times as long) blames nothing: its queries run again one by one, so
+        that a fault or a bad tensor is the one query's, and the others are answered. Once
+        a block broke its worker alone, the rest are refused without running it again."""
+        now = time.perf_counter()
+        ready: list[tuple[_QueryJob, float]] = []
+        for job in jobs:
+            queue_ms = (now - job.arrived) * 1e3
+            try:
+                ok = self._admit(job, queue_ms)
+            except Exception as e:
+                log.exception("query %s failed", job.header.request_id)
+                self._refuse(job, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+                ok = False
+            if ok:
+                ready.append((job, queue_ms))
+            else:
+                self._outstanding.add(-1)
+        if len(ready) < 2:
+            for job, _ in ready:
+                self._run(w, job)
+            return
+        first = ready[0][0]
+        h = first.header
+        lim = self._worker_limits
+        total = 2 * max(lim.run_s, min(j.deadline_ms for j, _ in ready) / 1e3)
+        t0 = time.perf_counter()
+        try:
+            outs, times = w.proc.run_batch(
+                first.chain,
+                h.start,
+                h.end,
+                [j.body for j, _ in ready],
+                timeout=lim.run_s,
+                total=total,
+            )
+        except (BlockFaultError, BlockRunError, RunTimeoutError) as e:
+            if self._closing:
+                for job, _ in ready:
+                    self._refuse(job, ErrorCode.INTERNAL, "the edge is stopping")
+                    self._outstanding.add(-1)
+                return
+            self._unbatched.add(first.chain.model_id)
+            log.warning(
+                "%s: a batch of %d queries of %s… failed (%s): they run one by one, and its "
+                "queries from now on",
+                w.proc.name,
+                len(ready),
+                first.chain.model_id[:12],
+                e,
+            )
+            fault: BlockFaultError | None = None
+            for job, _ in ready:
+                if fault is None:
+                    fault = self._run(w, job)
+                    continue
+                where = "" if fault.block is None else f"block {fault.block} "
+                self._refuse(job, ErrorCode.QUARANTINED, f"{where}broke its worker: {fault}")
+                self._outstanding.add(-1)
+            return
+        exec_ms = (time.perf_counter() - t0) * 1e3
+        self._batch_ewma += EWMA_ALPHA * (len(ready) - self._batch_ewma)
+        for (job, queue_ms), out in zip(ready, outs, strict=True):
+            try:
+                self._answer(job, out, times, queue_ms, exec_ms, len(ready))
+            except Exception as e:  # a bug here must not end the worker thread
+                log.exception("query %s failed", job.header.request_id)
+                self._refuse(job, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+            finally:
+                self._outstanding.add(-1)
 
     def _attempt(self, w: _Worker, job: _QueryJob, total: float) -> tuple[memoryview, list[float]]:
         """Run the query; a worker that died outside any block, or a block that hit the

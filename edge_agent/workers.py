@@ -412,6 +412,51 @@ class WorkerProcess:
         times = array.array("d", raw[_worker_main.OK.size :]).tolist()
         return memoryview(mm)[out_offset : out_offset + int(n)], times
 
+    def run_batch(
+        self,
+        chain: Chain,
+        start: int,
+        end: int,
+        xs: Sequence[bytes | memoryview],
+        *,
+        timeout: float,
+        total: float,
+    ) -> tuple[list[memoryview], list[float]]:
+        """``run`` for several queries of the same blocks at once (each ``xs[j]`` block
+        ``start``'s input bytes): each query's output (views of the shared file, valid until
+        the next call) and each block's seconds for the whole batch. Every block gets
+        ``timeout`` of its own for all of them, the call ``total``."""
+        self._ready(chain, timeout)
+        in_bytes = len(xs[0])
+        if any(len(x) != in_bytes for x in xs):
+            raise BlockRunError("input", start, "the batch's tensors differ in size")
+        out_spec = chain.files[end - 1].output
+        out_bytes = tensor_nbytes(out_spec.dtype, out_spec.shape)
+        head = _worker_main.HEADER_BYTES
+        k = len(xs)
+        out_offset = head + -(-(in_bytes * k) // 64) * 64
+        need = out_offset + out_bytes * k
+        mm = self._mm
+        assert mm is not None
+        if need > len(mm):
+            self._map(max(need, 2 * len(mm)))
+            mm = self._mm
+            assert mm is not None
+        for j, x in enumerate(xs):
+            mm[head + j * in_bytes : head + (j + 1) * in_bytes] = x
+        number = self._defined[chain.model_id]
+        msg = _worker_main.RUN_BATCH.pack(b"B", number, start, end, k, out_offset)
+        raw = self._ask(msg, timeout, total)
+        _, n = _worker_main.OK.unpack_from(raw)
+        if n != out_bytes * k:
+            raise BlockRunError("runtime", end - 1, f"the batch's output is {n} bytes")
+        times = array.array("d", raw[_worker_main.OK.size :]).tolist()
+        view = memoryview(mm)
+        outs = [
+            view[out_offset + j * out_bytes : out_offset + (j + 1) * out_bytes] for j in range(k)
+        ]
+        return outs, times
+
 
 def _alive(pid: int) -> bool:
     try:

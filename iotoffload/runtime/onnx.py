@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from iotoffload.model.errors import MissingDependencyError
 from iotoffload.model.package import ModelPackage
 from iotoffload.runtime.base import Array, BlockExecutor, BlockFile
+from iotoffload.runtime.batching import Verdict, batch_variant, batch_verdict, probe_stack
 
 
 def _ort() -> Any:
@@ -57,6 +61,10 @@ class OnnxExecutor(BlockExecutor[_Session]):
         self.threads = threads
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
         check_providers(self.providers)
+        # block -> its batched session (None: the block runs one query at a time), decided
+        # on the first batch that reaches it; ``verdicts`` says why
+        self._batched: dict[int, _Session | None] = {}
+        self.verdicts: dict[int, Verdict] = {}
 
     @classmethod
     def from_package(cls, pkg: ModelPackage, **kw: Any) -> OnnxExecutor:
@@ -64,17 +72,63 @@ class OnnxExecutor(BlockExecutor[_Session]):
         return cls(files, **kw)
 
     def _create(self, block: BlockFile) -> _Session:
+        return self._session(str(block.path), str(block.path))
+
+    def _session(self, source: str | bytes, name: str) -> _Session:
         ort = _ort()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(block.path), opts, providers=self.providers)
+        sess = ort.InferenceSession(source, opts, providers=self.providers)
         ins, outs = sess.get_inputs(), sess.get_outputs()
         if len(ins) != 1 or len(outs) != 1:
-            raise RuntimeError(f"{block.path}: a block must have one input and one output")
+            raise RuntimeError(f"{name}: a block must have one input and one output")
         return _Session(sess, ins[0].name, outs[0].name)
 
     def _invoke(self, handle: _Session, x: Array) -> Array:
         out: Array = handle.session.run([handle.output_name], {handle.input_name: x})[0]
         return out
+
+    # batches --------------------------------------------------------------------------------
+    def load_batched(self, index: int, sample: Array) -> _Session | None:
+        """Block ``index``'s batched session when it gives the block's numbers and a batch
+        costs less per query than one by one, judged on ``sample`` (the first batch's own
+        inputs, stacked: ``batching.batch_verdict``); None when the block runs one query at a
+        time. Decided once per block, on the first batch that reaches it."""
+        if index in self._batched:
+            return self._batched[index]
+        h = self.load(index)
+        b = self._blocks[index]
+        chosen: _Session | None = None
+        try:
+            variant = batch_variant(b.path.read_bytes())
+            if variant is None:
+                verdict = Verdict(False, "no leading batch dimension of 1")
+            else:
+                s = self._session(variant, f"{b.path} (batched)")
+                flat = sample.reshape((-1, *b.input.shape[1:]))
+                verdict = batch_verdict(
+                    lambda x: self._invoke(h, x),
+                    lambda x: self._invoke(s, x),
+                    probe_stack(flat),
+                    time.perf_counter,
+                )
+                chosen = s if verdict.ok else None
+        except Exception as e:  # a variant ONNX Runtime will not make: one at a time
+            verdict = Verdict(False, f"no batched session: {type(e).__name__}: {str(e)[:200]}")
+        self._batched[index] = chosen
+        self.verdicts[index] = verdict
+        return chosen
+
+    def run_batch_block(self, index: int, y: Array) -> Array:
+        """Block ``index`` on a stack of inputs (``(k, *input.shape)``): one call of its
+        batched session when it has one, else one call per query; the stacked outputs."""
+        b = self._blocks[index]
+        k = y.shape[0]
+        s = self.load_batched(index, y) if k > 1 else None
+        if s is not None:
+            out = self._invoke(s, y.reshape((k * b.input.shape[0], *b.input.shape[1:])))
+            return out.reshape((k, *b.output.shape))
+        h = self.load(index)
+        return np.stack([self._invoke(h, y[j]) for j in range(k)])

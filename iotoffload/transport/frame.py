@@ -271,6 +271,9 @@ class Result(_H):
     queue_ms: float
     exec_ms: float
     block_ms: list[float] = Field(default=[], max_length=MAX_BLOCKS)
+    # how many queries ran together with this one (dynamic batching; exec_ms and block_ms
+    # are the whole batch's); left out when 1
+    batch: int = Field(default=1, ge=1, le=1024)
 
 
 class Error(_H):
@@ -378,6 +381,7 @@ _HEADER: TypeAdapter[Header] = TypeAdapter(Annotated[Header, Field(discriminator
 _LATE_FIELDS: dict[type[_H], tuple[str, ...]] = {
     Inventory: ("partial_chunk_size", "partial_encoding"),
     UploadChunk: ("encoding", "stream_bytes"),
+    Result: ("batch",),
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from edge_agent.agent import EdgeAgent
 from iotoffload.model.manifest import TensorSpec
-from iotoffload.transport.frame import Error, ErrorCode, Result, UploadAck
+from iotoffload.transport.frame import Error, ErrorCode, Result, UploadAck, tensor_of
 from iotoffload.transport.status import EdgeStatus
 from tests.edge_agent.attack_blocks import endless_on_input, expand_bomb, slow_block
 from tests.edge_agent.conftest import Harness, RawClient, TinyModel, tiny_model, wait_until
@@ -317,3 +317,45 @@ def test_an_announced_output_over_the_tensor_cap_is_refused_before_any_run(
         return {f.name for f in shm.iterdir() if f.name.startswith("iotoffload-")} - before
 
     wait_until(lambda: not left(), 5, "no shared-memory file left behind")
+
+
+def test_a_hostile_query_in_a_batch_costs_the_others_nothing_but_its_block(
+    harness: Harness,
+) -> None:
+    """Three devices' honest queries and mallory's endless one gathered in one batch of a
+    block that loops forever on mallory's input: the batch hits the run time limit, blames
+    nothing, and its queries run one by one: mallory's is the one killed (quarantined), the
+    honest ones run before it are answered with their numbers, the rest are refused
+    ``quarantined``; each exactly once. The model runs unbatched from then on."""
+    edge = harness.edge(
+        **OPEN_SCREEN, run_time_limit_s=1.0, workers=1, batch_delay_ms=300.0, max_batch=8
+    )
+    good = tiny_model(2)
+    trap = TinyModel([good.blocks[0], endless_on_input()])
+    devs = [_serving(harness, f"honest{k}", trap) for k in range(3)]
+    mallory = harness.client("mallory")
+    mallory.control(trap.announce("mallory"))
+    mallory.inventory()
+    everyone = [*devs, mallory]
+    for d in everyone:
+        x = ONES if d is mallory else -ONES  # -1s reach block 1 as zeros: no iteration
+        d.send(harness.topics.edge_query("edge1", d.device), d.query_frame(trap, "q", x))
+    answers = [
+        d.take(lambda h: isinstance(h, Result | Error) and h.request_id == "q", 30)
+        for d in everyone
+    ]
+    bad = answers[-1][0]
+    assert isinstance(bad, Error) and bad.code == ErrorCode.QUARANTINED
+    assert "ran past 1 s" in bad.message
+    for a, body in answers[:-1]:
+        if isinstance(a, Result):
+            assert a.batch == 1  # answered alone, after the batch failed
+            assert np.array_equal(tensor_of(a, memoryview(body)), ZEROS)
+        else:
+            assert isinstance(a, Error)
+            assert a.code == ErrorCode.QUARANTINED and "block 1" in a.message
+    for d in everyone:
+        _no_more_answers(d, "q")
+    assert edge.queries._unbatched == {trap.model_id}
+    # one fresh process after the batch's kill; the one after mallory's own starts on next use
+    assert edge.queries.restarts == 1

@@ -4,6 +4,7 @@ counted on the loop before it is sent."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,11 +12,14 @@ import pytest
 from edge_agent.queries import COUNT_EVERY
 from edge_agent.stats import EdgeStats
 from iotoffload.transport.frame import (
+    Error,
     Query,
+    Result,
     encode_tensor_frame,
+    tensor_of,
 )
 from iotoffload.transport.mqtt import Message
-from tests.edge_agent.conftest import Harness, tiny_model, wait_until
+from tests.edge_agent.conftest import Harness, RawClient, TinyModel, tiny_model, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -158,3 +162,58 @@ def test_results_not_yet_counted_stay_bounded_without_status_reads(harness: Harn
     wait_until(lambda: edge.load_factor() == 0, 5, "no query outstanding")
     assert edge.queries._done.qsize() < COUNT_EVERY  # the workers asked the loop to count
     assert edge.stats.queries == n
+
+
+def _gathered(harness: Harness, model: TinyModel, n: int, **config: Any) -> list[RawClient]:
+    """An edge (one worker) that waits for batches to fill, and ``n`` devices of ``model``
+    (uploaded by the first)."""
+    harness.edge(workers=1, **config)
+    devs = [harness.client(f"dev{k}") for k in range(n)]
+    for d in devs:
+        d.control(model.announce(d.device))
+        d.inventory()
+    devs[0].upload(model)
+    return devs
+
+
+def test_queries_of_several_devices_run_as_one_batch(harness: Harness) -> None:
+    """Four devices' queries for the same blocks, sent together to an edge that waits up to
+    300 ms for a batch: run as one batch of 4, each device answered with its own numbers,
+    the batch size and the batch's time in every Result."""
+    model = tiny_model()
+    devs = _gathered(harness, model, 4, batch_delay_ms=300.0, max_batch=8)
+    edge = harness.edges[0]
+    for k, d in enumerate(devs):
+        d.send(harness.topics.edge_query("edge1", d.device), d.query_frame(model, f"b{k}", X + k))
+    got = []
+    for k, d in enumerate(devs):
+        h, body = d.take(lambda h, k=k: isinstance(h, Result | Error) and h.request_id == f"b{k}")
+        assert isinstance(h, Result), h
+        np.testing.assert_array_equal(tensor_of(h, memoryview(body)), model.expected(X + k, 0, 3))
+        got.append(h)
+    assert [h.batch for h in got] == [4, 4, 4, 4]
+    assert len({h.exec_ms for h in got}) == 1  # one run for all
+    assert all(len(h.block_ms) == 3 for h in got)
+    wait_until(lambda: edge.stats.queries == 4, 5, "every result counted")
+    assert edge.queries.batch_ewma > 1.0
+
+
+def test_batches_wait_for_nothing_by_default_and_a_lone_query_runs_alone(
+    harness: Harness,
+) -> None:
+    model = tiny_model()
+    (dev,) = _gathered(harness, model, 1)
+    dev.send(harness.topics.edge_query("edge1", dev.device), dev.query_frame(model, "alone", X))
+    h, _ = dev.take(lambda h: isinstance(h, Result | Error) and h.request_id == "alone")
+    assert isinstance(h, Result) and h.batch == 1
+    assert h.queue_ms < 250  # not held back for a batch (the default delay is 0)
+
+
+def test_batches_off_with_max_batch_1(harness: Harness) -> None:
+    model = tiny_model()
+    devs = _gathered(harness, model, 3, batch_delay_ms=200.0, max_batch=1)
+    for k, d in enumerate(devs):
+        d.send(harness.topics.edge_query("edge1", d.device), d.query_frame(model, f"o{k}", X))
+    for k, d in enumerate(devs):
+        h, _ = d.take(lambda h, k=k: isinstance(h, Result | Error) and h.request_id == f"o{k}")
+        assert isinstance(h, Result) and h.batch == 1

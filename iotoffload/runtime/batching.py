@@ -1,0 +1,155 @@
+"""Batched variants of ONNX blocks: the same graph with its batch dimension (a leading 1 on
+the one input and the one output) made symbolic, so that queries of several devices for the
+same block run as one call.
+
+Blocks are exported (and screened) with static shapes; the variant is made from the block's
+own bytes where it runs (the edge's sandboxed worker): the leading 1 of input and output
+becomes ``N``, the inferred shapes of inner values are dropped (ONNX Runtime infers them
+again) and a ``Reshape`` to a constant shape that starts with the batch (``[1, -1]``, the
+flatten before a classifier) reshapes to ``[-1, ...]`` or ``[0, ...]`` instead. Nothing here
+decides that the variant is right: ``batch_verdict`` compares it with the static block on
+real runs and keeps it only when it gives the same numbers and a batch is cheaper per query
+than the queries one by one (on a CPU a batch of large early activations is often slower).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+BATCH_DIM = "N"
+# a batched run must give the numbers the static block gives: |a - b| <= ATOL + RTOL * |b|
+RTOL = 1e-4
+ATOL = 1e-5
+TIMING_S = 0.02  # each side of the comparison is timed for about this long
+PROBE_BATCH = 8  # the batch a block is timed at (batches run at 2 to the edge's maximum)
+# a batch is kept when it costs at most this share of the queries one by one (below 1: a
+# margin for timing noise)
+MIN_GAIN = 0.97
+
+
+def _onnx() -> Any:
+    import onnx
+
+    return onnx
+
+
+def batch_variant(model: bytes) -> bytes | None:
+    """The block ``model`` (serialized ONNX) with a symbolic batch dimension, or None when it
+    has no leading 1 to batch along (one input and one output, both of rank >= 1)."""
+    onnx = _onnx()
+    m = onnx.load_from_string(model)
+    g = m.graph
+    inits = {i.name for i in g.initializer}
+    inputs = [v for v in g.input if v.name not in inits]
+    if len(inputs) != 1 or len(g.output) != 1:
+        return None
+    for v in (inputs[0], g.output[0]):
+        dims = v.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value != 1:
+            return None
+        dims[0].ClearField("dim_value")
+        dims[0].dim_param = BATCH_DIM
+    del g.value_info[:]  # shapes inferred for batch 1: ORT infers them again
+    _free_reshapes(g, onnx)
+    out: bytes = m.SerializeToString()
+    return out
+
+
+def _free_reshapes(g: Any, onnx: Any) -> None:
+    """Reshapes to a constant shape that starts with 1 (the batch): that 1 becomes -1 when no
+    other entry is -1, else 0 (copy the input's first dimension: its batch). A Reshape whose
+    1 is not the batch gives other numbers or fails, which ``batch_verdict`` catches."""
+    from onnx import numpy_helper
+
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    inits = {i.name: i for i in g.initializer}
+    for n in g.node:
+        if n.op_type != "Reshape" or len(n.input) < 2:
+            continue
+        init = inits.get(n.input[1])
+        if init is None or uses.get(n.input[1], 0) != 1:
+            continue
+        shape = numpy_helper.to_array(init)
+        if shape.ndim != 1 or not shape.size or shape[0] != 1:
+            continue
+        allowzero = any(a.name == "allowzero" and a.i for a in n.attribute)
+        new = shape.copy()
+        if -1 not in shape[1:]:
+            new[0] = -1
+        elif not allowzero:
+            new[0] = 0
+        else:
+            continue
+        init.CopyFrom(numpy_helper.from_array(new.astype(shape.dtype), init.name))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a block runs batched: ``ok`` and why (for the log)."""
+
+    ok: bool
+    reason: str
+    single_ms: float = 0.0  # per query, one by one
+    batched_ms: float = 0.0  # per query, in a batch
+
+
+def probe_stack(x: np.ndarray[Any, Any], batch: int = PROBE_BATCH) -> np.ndarray[Any, Any]:
+    """``batch`` inputs from the queries' own ``x`` (stacked along the first axis, repeated
+    as needed): a block is judged on the tensors it is asked to run, never on made-up ones
+    (a hostile block may hang on inputs no device sends)."""
+    reps = -(-batch // x.shape[0])
+    return np.concatenate([x] * reps)[:batch] if reps > 1 else x[:batch]
+
+
+def batch_verdict(
+    single: Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]],
+    batched: Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]],
+    x: np.ndarray[Any, Any],
+    clock: Callable[[], float],
+    repeat: int = 2,
+) -> Verdict:
+    """Compare ``batched`` on the batch ``x`` (inputs stacked along the first axis) with
+    ``single`` on each of them (``x[j:j+1]``): the same numbers item by item, and per query
+    at most ``MIN_GAIN`` of its time one by one (the best of at least ``repeat`` timings)."""
+    batch = x.shape[0]
+    ref = [single(x[j : j + 1]) for j in range(batch)]
+    try:
+        got = batched(x)
+    except Exception as e:  # the variant does not run at this batch: not batchable
+        return Verdict(False, f"the batched block fails: {type(e).__name__}: {str(e)[:200]}")
+    want = (batch, *ref[0].shape[1:])
+    if tuple(got.shape) != want or got.dtype != ref[0].dtype:
+        return Verdict(False, f"batched output {got.dtype}{list(got.shape)}, wanted {want}")
+    for j, r in enumerate(ref):
+        a, b = got[j : j + 1].astype(np.float64), r.astype(np.float64)
+        if not np.all(np.abs(a - b) <= ATOL + RTOL * np.abs(b)):
+            return Verdict(False, f"item {j} of a batch differs from the block run alone")
+
+    def best(f: Callable[[], object]) -> float:
+        # the best of at least ``repeat`` timings and of about TIMING_S: a block of a tenth
+        # of a millisecond is timed a few dozen times, one of 50 ms twice
+        times: list[float] = []
+        while len(times) < repeat or (sum(times) < TIMING_S and len(times) < 50):
+            t0 = clock()
+            f()
+            times.append(clock() - t0)
+        return min(times)
+
+    one = best(lambda: [single(x[j : j + 1]) for j in range(batch)]) / batch
+    many = best(lambda: batched(x)) / batch
+    ratio = many / one if one > 0 else 1.0  # a clock that did not move: no gain seen
+    if ratio > MIN_GAIN:
+        return Verdict(
+            False,
+            f"a batch costs {ratio:.2f}x per query (kept at most {MIN_GAIN})",
+            one * 1e3,
+            many * 1e3,
+        )
+    return Verdict(True, f"a batch costs {ratio:.2f}x per query", one * 1e3, many * 1e3)
