@@ -42,3 +42,22 @@ def test_providers_default_to_the_cpu_and_bad_names_are_refused() -> None:
 def test_bad_device_split() -> None:
     with pytest.raises(ValidationError, match="split"):
         DeviceConfig(split="middle")
+
+
+def test_workers_default_to_the_usable_cores_less_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))
+    assert EdgeConfig().worker_count == 7
+    assert EdgeConfig(threads=2).worker_count == 3  # each worker's sessions take 2 cores
+    assert EdgeConfig(workers=2).worker_count == 2  # as configured
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})
+    assert EdgeConfig().worker_count == 1  # never none
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"), [({"max_batch": 0}, "max_batch"), ({"batch_delay_ms": -1}, "batch_delay_ms")]
+)
+def test_bad_batch_settings_name_the_field(kw: dict[str, object], field: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        EdgeConfig(**kw)  # type: ignore[arg-type]

@@ -74,6 +74,9 @@ def test_metrics_count_what_the_edge_did(harness: Harness) -> None:
     assert m["iotoffload_edge_queue_seconds_count"][()] == n
     assert m["iotoffload_edge_exec_seconds_count"][()] == n
     assert 0 < m["iotoffload_edge_exec_seconds_sum"][()] < n * 10
+    # one query at a time, each answered alone: n observations of a batch of 1
+    assert m["iotoffload_edge_batch_size_count"][()] == n
+    assert m["iotoffload_edge_batch_size_sum"][()] == n
     errors = {dict(k)["code"]: v for k, v in m["iotoffload_edge_errors_total"].items()}
     assert errors == {ErrorCode.UNKNOWN_MODEL.value: 1}
     assert m["iotoffload_edge_blocks"][()] == 3 and m["iotoffload_edge_models"][()] == 1

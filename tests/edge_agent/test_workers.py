@@ -192,3 +192,47 @@ def _alive(pid: int) -> bool:
         return False
     # a zombie is dead for our purposes
     return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_a_batch_runs_in_one_call_and_each_query_gets_its_own_output(
+    tmp_path: Path, worker: WorkerProcess
+) -> None:
+    ch = _chain("m", _add(tmp_path / "a.onnx", 1.0), _add(tmp_path / "b.onnx", 2.0))
+    xs = [(np.arange(4, dtype=np.float32) * (j + 1)).reshape(1, 4).tobytes() for j in range(5)]
+    outs, times = worker.run_batch(ch, 0, 2, xs, timeout=30, total=60)
+    assert len(outs) == 5 and len(times) == 2  # one time per block for the whole batch
+    for j, out in enumerate(outs):
+        want = np.arange(4, dtype=np.float32) * (j + 1) + 3
+        assert np.frombuffer(out, np.float32).tolist() == want.tolist()
+        out.release()
+    # the same process runs single queries after it, and a batch whose inputs outgrow the
+    # shared file (64 x 2 MiB) grows it
+    out, _ = worker.run(ch, 1, 2, _x(), timeout=30)
+    assert np.frombuffer(out, np.float32).tolist() == [2.0, 3.0, 4.0, 5.0]
+    out.release()
+    big = TensorSpec(name="x", shape=(1, 1 << 19))
+    p = _add(tmp_path / "big.onnx", 1.0, (1, 1 << 19))
+    bch = Chain("big", (BlockFile(p, big, big),), ("big",))
+    many = [np.full((1, 1 << 19), j, np.float32).tobytes() for j in range(64)]
+    outs, _ = worker.run_batch(bch, 0, 1, many, timeout=30, total=60)
+    assert [float(np.frombuffer(o, np.float32)[7]) for o in outs] == [j + 1.0 for j in range(64)]
+    for o in outs:
+        o.release()
+    assert worker.restarts == 0
+
+
+def test_a_batch_of_tensors_of_other_sizes_is_refused(
+    tmp_path: Path, worker: WorkerProcess
+) -> None:
+    ch = _chain("m", _add(tmp_path / "a.onnx", 1.0))
+    with pytest.raises(BlockRunError, match="differ in size"):
+        worker.run_batch(ch, 0, 1, [_x(), _x()[:8]], timeout=30, total=60)
+
+
+def test_a_batch_past_the_time_limit_names_the_block(tmp_path: Path, worker: WorkerProcess) -> None:
+    ch = _chain("m", _add(tmp_path / "a.onnx", 1.0), _endless_loop(tmp_path / "loop.onnx"))
+    t0 = time.monotonic()
+    with pytest.raises(BlockFaultError) as e:
+        worker.run_batch(ch, 0, 2, [_x(), _x()], timeout=1.0, total=30)
+    assert e.value.kind == "time" and e.value.block == 1
+    assert time.monotonic() - t0 < 10

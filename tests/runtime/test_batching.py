@@ -99,7 +99,7 @@ def test_the_unfixed_variant_fails_where_the_fix_is_needed(tmp_path: Path) -> No
     for v in (m.graph.input[0], m.graph.output[0]):
         v.type.tensor_type.shape.dim[0].dim_param = BATCH_DIM
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    with pytest.raises(Exception, match="MatMul|dimension|shape|Dimension"):
+    with pytest.raises(Exception, match=r"MatMul|[Dd]imension|shape"):
         sess.run(None, {"x": np.zeros((3, 2, 3), np.float32)})
 
 

@@ -439,3 +439,18 @@ def test_an_unencoded_chunk_and_an_inventory_of_unencoded_partials_leave_encodin
     assert b"partial_encoding" not in encode(inv)
     h, _ = decode(encode(inv.model_copy(update={"partial_encoding": {1: "shuffle2-zlib"}})))
     assert isinstance(h, Inventory) and h.partial_encoding == {1: "shuffle2-zlib"}
+
+
+def test_a_result_run_alone_leaves_the_batch_size_out() -> None:
+    """Older devices refuse unknown header fields: ``batch`` appears only for a batch."""
+    from iotoffload.transport.frame import Result, WireTensor
+
+    t = WireTensor(dtype="float32", shape=(1, 2))
+    body = np.zeros((1, 2), np.float32).tobytes()
+    alone = Result(request_id="r", tensor=t, queue_ms=1.0, exec_ms=2.0)
+    assert b'"batch"' not in encode(alone, body)
+    h, _ = decode(encode(alone.model_copy(update={"batch": 5}), body))
+    assert isinstance(h, Result) and h.batch == 5
+    hb = alone.model_dump_json().encode().replace(b'"batch":1', b'"batch":0')
+    with pytest.raises(FrameError, match="batch"):
+        decode(_frame(hb, body))
