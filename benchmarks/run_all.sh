@@ -14,7 +14,7 @@ iotoffload bench upload --model efficientnet-lite0 --bandwidths 20,50,80 --cpu 2
 iotoffload bench load --model resnet50 --steps 0,2,4,8 --queries 10 --cpu 25
 iotoffload bench overhead --brokers mosquitto,mosquitto-tls,embedded --upload-mbit 80 --repeat 30
 iotoffload bench energy --model resnet50 --bandwidths 5,20,80 --edge-speed 4 --device-slowdown 4
-iotoffload bench scale --devices 1,2,4,8 --seconds 5
+iotoffload bench scale --devices 1,2,4,8,16,100 --seconds 5
 iotoffload bench handoff --rate 10 --before 3 --after 8 --uplink 20"
 while IFS= read -r line; do
   echo "== $line"

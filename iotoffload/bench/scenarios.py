@@ -28,6 +28,7 @@ from broker.secured import SecuredBroker, secured_mosquitto
 from device_agent.agent import DeviceAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
+from edge_agent.queries import BatchLimits
 from iotoffload.bench.netns import CGROUP_CPU, check_testbed
 from iotoffload.deploy.acl import Role
 from iotoffload.model.package import ModelPackage
@@ -269,68 +270,145 @@ def slow_thread(cpu_percent: int) -> Iterator[Callable[[], None]]:
                 group.rmdir()
 
 
-def raw_onnx_qps(pkg: ModelPackage, start: int, seconds: float, threads: int = 1) -> float:
-    """ONNX Runtime alone on blocks ``[start, N)``, batch 1, back to back in this process
-    with the edge's session settings: the most one edge worker could serve."""
+def raw_onnx_qps(
+    pkg: ModelPackage, start: int, seconds: float, threads: int = 1, batch: int = 1
+) -> float:
+    """ONNX Runtime alone on blocks ``[start, N)``, back to back in this process with the
+    edge's session settings: queries per second at ``batch`` 1 (the most one edge worker
+    could serve one by one), or in batches of ``batch`` as the edge's worker runs them (each
+    block batched where its batched session pays, one by one where not)."""
     ex = OnnxExecutor.from_package(pkg, threads=threads)
-    x = np.zeros(pkg.blocks[start].input.shape, np.float32)
     n = pkg.num_blocks
-    ex.run(start, n, x)  # sessions made and warm, as on a serving edge
+    rng = np.random.default_rng(0)
+    spec = pkg.blocks[start].input
+    xs = rng.uniform(-1, 1, (batch, *spec.shape)).astype(np.float32)
+
+    def once() -> None:
+        if batch == 1:
+            ex.run(start, n, xs[0])
+            return
+        y = xs
+        for i in range(start, n):
+            y = ex.run_batch_block(i, y)
+
+    once()  # sessions made and warm (and each block's batching decided), as on a serving edge
     count, t0 = 0, time.perf_counter()
-    while (dt := time.perf_counter() - t0) < seconds or count < 3:
-        ex.run(start, n, x)
-        count += 1
+    while (dt := time.perf_counter() - t0) < seconds or count < 3 * batch:
+        once()
+        count += batch
     return count / dt
 
 
 def scale(
-    pkg: ModelPackage, devices: list[int], seconds: float, split: int, kind: str = "mosquitto"
-) -> list[dict[str, Any]]:
-    """M devices offload back to back against one edge: throughput and p95 as M grows, and
-    each step's throughput against ONNX Runtime alone on the same blocks (measured in the
-    same run, before the edge starts)."""
-    raw = raw_onnx_qps(pkg, split, min(seconds, 3.0))
-    x = np.zeros(pkg.manifest.input.shape, np.float32)
-    rows: list[dict[str, Any]] = []
+    pkg: ModelPackage,
+    devices: list[int],
+    seconds: float,
+    split: int,
+    kind: str = "mosquitto",
+    max_batch: int = 8,
+) -> dict[str, Any]:
+    """M devices offload blocks ``[split, N)`` back to back against one edge, batching off
+    (max_batch 1) and on: throughput, mean and p95 latency as M grows, against ONNX Runtime
+    alone on the same blocks at batch 1 and batched (measured in the same run, before the
+    edge starts). The devices run in a process of their own, each its own MQTT connection,
+    and send the intermediate tensor (computed once here): what is measured is the edge."""
+    from iotoffload.runtime.tflite import TFLiteExecutor
+
     if kind == "mosquitto-tls" and max(devices) > SCALE_DEVICES:
         raise ValueError(f"on mosquitto-tls at most {SCALE_DEVICES} devices (identities)")
-    with broker(kind) as b, edge_on(b.url, b.protocol, security=b.security("bench-edge")):
+    raw = raw_onnx_qps(pkg, split, min(seconds, 3.0))
+    raw_batched = raw_onnx_qps(pkg, split, min(seconds, 3.0), batch=max_batch)
+    x = np.random.default_rng(0).uniform(-1, 1, pkg.manifest.input.shape).astype(np.float32)
+    mid = TFLiteExecutor.from_package(pkg).run(0, split, x) if split else x
+    rows: list[dict[str, Any]] = []
+    with (
+        broker(kind) as b,
+        edge_on(b.url, b.protocol, workers=0, security=b.security("bench-edge")) as edge,
+        tempfile.TemporaryDirectory(prefix="iotoffload-scale-") as tmp,
+    ):
         first = _device(pkg, b, "bench-device-0", split=split, deadline_ms=10_000)
         first.upload()
-        pool = [first]
-        for m in devices:
-            while len(pool) < m:
-                who = f"bench-device-{len(pool)}"
-                pool.append(_device(pkg, b, who, split=split, deadline_ms=10_000))
-            lat: list[list[float]] = [[] for _ in range(m)]
-            end = time.perf_counter() + seconds
+        model_id = pkg.manifest.model_id
+        first.close()
+        tensor = Path(tmp) / "x.npy"
+        np.save(tensor, np.ascontiguousarray(mid))
+        who = [f"bench-device-{i}" for i in range(max(devices))]
+        job = {
+            "url": b.url,
+            "protocol": b.protocol,
+            "edge": "bench-edge",
+            "model_id": model_id,
+            "start": split,
+            "end": pkg.num_blocks,
+            "tensor": str(tensor),
+            "seconds": seconds,
+            "security": (
+                {w: b.security(w).model_dump(mode="json") for w in who} if b.secured else {}
+            ),
+        }
+        for batch in (1, max_batch):
+            edge.queries.batching = BatchLimits(max_batch=batch)
+            for m in devices:
+                got = _scale_step({**job, "devices": m})
+                lat = [v for xs in got["lat_ms"] for v in xs]
+                batches = got["batches"]
+                rows.append(
+                    {
+                        "devices": m,
+                        "max_batch": batch,
+                        "queries": len(lat),
+                        "qps": len(lat) / got["wall_s"],
+                        "vs_raw": len(lat) / got["wall_s"] / raw,
+                        "mean_ms": statistics.mean(lat) if lat else float("nan"),
+                        "p95_ms": p95(lat),
+                        "mean_batch": statistics.mean(batches) if batches else float("nan"),
+                        "errors": sum(got["errors"].values()),
+                        "unanswered": got["unanswered"],
+                    }
+                )
+        workers = edge.queries.workers
+    return {
+        "raw_qps": raw,
+        "raw_batched_qps": raw_batched,
+        "max_batch": max_batch,
+        "workers": workers,
+        "rows": rows,
+    }
 
-            def run(i: int, end: float = end, lat: list[list[float]] = lat) -> None:
-                while time.perf_counter() < end:
-                    lat[i].append(pool[i].query(x).latency_ms)
 
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(m)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
-            flat = [v for xs in lat for v in xs]
-            rows.append(
-                {
-                    "devices": m,
-                    "queries": len(flat),
-                    "qps": len(flat) / wall,
-                    "mean_ms": statistics.mean(flat),
-                    "p95_ms": p95(flat),
-                    "raw_qps": raw,
-                    "vs_raw": len(flat) / wall / raw,
-                }
-            )
-        for dev in pool:
-            dev.close()
-    return rows
+def _scale_step(job: dict[str, Any]) -> dict[str, Any]:
+    """One step of ``scale``: the devices' process started, connected, let go, its figures."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "iotoffload.bench._scale_clients"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(json.dumps(job) + "\n")
+        proc.stdin.flush()
+        if not proc.stdout.readline():
+            raise RuntimeError("the bench devices did not connect")
+        time.sleep(0.5)  # the edge has seen every connection settle
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the bench devices ended without figures")
+        out: dict[str, Any] = json.loads(line)
+        return out
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def link_throughput(

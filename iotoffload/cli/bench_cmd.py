@@ -441,28 +441,43 @@ def load(
 @user_errors
 def scale(
     model: ModelOpt = "mobilenet",
-    devices: Annotated[str, typer.Option(help="Device counts.")] = "1,2,4,8",
+    devices: Annotated[str, typer.Option(help="Device counts.")] = "1,2,4,8,16,100",
     seconds: Annotated[float, typer.Option()] = 5.0,
-    split: Annotated[int, typer.Option()] = 10,
+    split: Annotated[int, typer.Option(help="The devices offload blocks [split, N).")] = 10,
+    max_batch: Annotated[int, typer.Option(help="The edge's batch size when batching.")] = 8,
     broker: BrokerOpt = "mosquitto",
     out: OutOpt = Path("bench-results"),
 ) -> None:
-    """M devices against one edge: throughput and p95 latency as M grows (loopback)."""
+    """M devices against one edge, batching off and on: throughput, mean and p95 latency as
+    M grows, against ONNX Runtime alone on the same blocks (batch 1 and batched; loopback).
+    The devices run in a process of their own and send the intermediate tensor."""
     from iotoffload.bench.scenarios import scale as run
 
     pkg = ModelCache.from_settings().resolve(model)
-    rows = run(pkg, [int(m) for m in devices.split(",")], seconds, split, broker)
-    _save(out, "scale", {"scenario": "scale", "model": pkg.name, "split": split, "rows": rows})
+    res = run(pkg, [int(m) for m in devices.split(",")], seconds, split, broker, max_batch)
+    rows = res["rows"]
+    _save(out, "scale", {"scenario": "scale", "model": pkg.name, "split": split, **res})
+    counts = sorted({r["devices"] for r in rows})
     _bars(
         out,
         "scale",
-        f"{pkg.name}: devices against one edge",
-        [str(r["devices"]) for r in rows],
+        f"{pkg.name}: devices against one edge (queries/s)",
+        [str(m) for m in counts],
         {
-            "queries/s": [float(r["qps"]) for r in rows],
-            "p95 ms": [float(r["p95_ms"]) for r in rows],
+            f"max_batch {b}": [
+                float(r["qps"])
+                for m in counts
+                for r in rows
+                if r["devices"] == m and r["max_batch"] == b
+            ]
+            for b in sorted({r["max_batch"] for r in rows})
         },
         "",
+    )
+    console.print(
+        f"ONNX Runtime alone on blocks [{split}, {pkg.num_blocks}): {res['raw_qps']:.1f} "
+        f"queries/s at batch 1, {res['raw_batched_qps']:.1f} in batches of {max_batch}; "
+        f"{res['workers']} edge worker(s)"
     )
     console.print(_table("scale scenario", rows))
 
