@@ -89,11 +89,16 @@ def test_load_and_scale_smoke(env: ModelPackage, tmp_path: Path) -> None:
         (1, "loadpart"),
         (1, "neurosurgeon"),
     }
-    _run(["scale", "--devices", "1,2", "--seconds", "1", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
-    assert [r["devices"] for r in rows] == [1, 2] and all(r["queries"] > 0 for r in rows)
+    _run(["scale", "--devices", "1,4", "--seconds", "1", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "scale.json").read_text())
+    rows = res["rows"]
+    # batching off, then on, each for every device count
+    assert [(r["devices"], r["max_batch"]) for r in rows] == [(1, 1), (4, 1), (1, 8), (4, 8)]
+    assert all(r["queries"] > 0 and r["errors"] == 0 and r["unanswered"] == 0 for r in rows)
+    assert all(r["mean_batch"] == 1 for r in rows if r["max_batch"] == 1)
     # against ONNX Runtime alone on the same blocks, measured in the same run
-    assert rows[0]["raw_qps"] > 0 and rows[0]["vs_raw"] == rows[0]["qps"] / rows[0]["raw_qps"]
+    assert res["raw_qps"] > 0 and res["raw_batched_qps"] > 0 and res["workers"] >= 1
+    assert rows[0]["vs_raw"] == rows[0]["qps"] / res["raw_qps"]
     assert (tmp_path / "load.png").is_file() and (tmp_path / "scale.png").is_file()
 
 
@@ -106,7 +111,8 @@ def test_load_and_scale_on_the_secured_broker(env: ModelPackage, tmp_path: Path)
     assert {r["planner"] for r in rows} == {"loadpart", "neurosurgeon"}
     _run(["scale", "--devices", "1,3", "--seconds", "1", *tls, "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
-    assert [r["devices"] for r in rows] == [1, 3] and all(r["queries"] > 0 for r in rows)
+    assert [r["devices"] for r in rows] == [1, 3, 1, 3]
+    assert all(r["queries"] > 0 and r["errors"] == 0 for r in rows)
 
 
 def test_report_page_from_one_run(env: ModelPackage, tmp_path: Path) -> None:
@@ -117,6 +123,7 @@ def test_report_page_from_one_run(env: ModelPackage, tmp_path: Path) -> None:
     _run(["report", "--results", str(res), "--doc", str(doc), "--command", "iotoffload bench x"])
     text = doc.read_text()
     assert "## Energy" in text and "## Scale" in text and "iotoffload bench x" in text
+    assert "mean batch" in text and "raw ONNX Runtime batch 1" in text
     assert "## Headline ratios" in text and "cores" in text
     assert (doc.parent / "benchmarks" / "energy.png").is_file()
 
