@@ -20,16 +20,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from iotoffload.model.errors import PackageError, VerificationError
 from iotoffload.model.manifest import UploadWeights, Verification
 from iotoffload.model.package import ModelPackage
-from iotoffload.runtime.base import Array
-from iotoffload.runtime.onnx import OnnxExecutor
-from iotoffload.runtime.tflite import TFLiteExecutor
+
+if TYPE_CHECKING:  # the runtimes import iotoffload.model: verify_package loads them
+    from iotoffload.runtime.base import Array
+    from iotoffload.runtime.onnx import OnnxExecutor
+    from iotoffload.runtime.tflite import TFLiteExecutor
 
 DEFAULT_TOLERANCE = 1e-4
 REFERENCE_NAME = "reference.npz"
@@ -122,6 +124,9 @@ def verify_package(
         tolerance = tolerance_for(form)
     variant = form != "float32"
     x, ref = load_reference(pkg.root)
+    from iotoffload.runtime.onnx import OnnxExecutor
+    from iotoffload.runtime.tflite import TFLiteExecutor
+
     tfl = TFLiteExecutor.from_package(pkg, **executor_kw.get("tflite", {}))
     ort = OnnxExecutor.from_package(pkg, **executor_kw.get("onnx", {}))
     report = split_errors(tfl, ort, x, ref, blocks=variant)

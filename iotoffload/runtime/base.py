@@ -8,12 +8,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from iotoffload.model.manifest import TensorSpec
+if TYPE_CHECKING:
+    # annotations only: importing iotoffload.model here would import the runtimes back
+    # (model.verify) before this module is done
+    from iotoffload.model.manifest import TensorSpec
 
 Array = npt.NDArray[Any]
 H = TypeVar("H")

@@ -3,8 +3,9 @@ the one input and the one output) made symbolic, so that queries of several devi
 same block run as one call.
 
 Blocks are exported (and screened) with static shapes; the variant is made from the block's
-own bytes where it runs (the edge's sandboxed worker): the leading 1 of input and output
-becomes ``N``, the inferred shapes of inner values are dropped (ONNX Runtime infers them
+own bytes where it runs (the edge's sandboxed worker), and only for a block whose every node
+provably keeps the items of a batch apart (``batch_safety``): the leading 1 of input and
+output becomes ``N``, the inferred shapes of inner values are dropped (ONNX Runtime infers them
 again) and a ``Reshape`` to a constant shape that starts with the batch (``[1, -1]``, the
 flatten before a classifier) reshapes to ``[-1, ...]`` or ``[0, ...]`` instead. Nothing here
 decides that the variant is right: ``batch_verdict`` compares it with the static block on
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from iotoffload.runtime.batch_safety import batch_hazard, static_shapes
 
 BATCH_DIM = "N"
 # a batched run must give the numbers the static block gives: |a - b| <= ATOL + RTOL * |b|
@@ -37,24 +40,36 @@ def _onnx() -> Any:
     return onnx
 
 
-def batch_variant(model: bytes) -> bytes | None:
-    """The block ``model`` (serialized ONNX) with a symbolic batch dimension, or None when it
-    has no leading 1 to batch along (one input and one output, both of rank >= 1)."""
+class NotBatchableError(Exception):
+    """The block has no batched form: why (for the log)."""
+
+
+def batch_variant(model: bytes) -> bytes:
+    """The block ``model`` (serialized ONNX) with a symbolic batch dimension. Raises
+    NotBatchableError when it has no leading 1 to batch along (one input and one output, both
+    of rank >= 1) or a node might mix the queries of a batch (``batch_safety``)."""
     onnx = _onnx()
     m = onnx.load_from_string(model)
     g = m.graph
     inits = {i.name for i in g.initializer}
     inputs = [v for v in g.input if v.name not in inits]
     if len(inputs) != 1 or len(g.output) != 1:
-        return None
-    for v in (inputs[0], g.output[0]):
+        raise NotBatchableError("not one input and one output")
+    ends = (inputs[0], g.output[0])
+    for v in ends:
         dims = v.type.tensor_type.shape.dim
         if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value != 1:
-            return None
-        dims[0].ClearField("dim_value")
-        dims[0].dim_param = BATCH_DIM
-    del g.value_info[:]  # shapes inferred for batch 1: ORT infers them again
+            raise NotBatchableError("no leading batch dimension of 1")
+    shapes = static_shapes(m)
     _free_reshapes(g, onnx)
+    why = batch_hazard(m, shapes)
+    if why is not None:
+        raise NotBatchableError(why)
+    for v in ends:
+        d = v.type.tensor_type.shape.dim[0]
+        d.ClearField("dim_value")
+        d.dim_param = BATCH_DIM
+    del g.value_info[:]  # shapes inferred for batch 1: ORT infers them again
     out: bytes = m.SerializeToString()
     return out
 

@@ -12,7 +12,13 @@ import numpy as np
 from iotoffload.model.errors import MissingDependencyError
 from iotoffload.model.package import ModelPackage
 from iotoffload.runtime.base import Array, BlockExecutor, BlockFile
-from iotoffload.runtime.batching import Verdict, batch_variant, batch_verdict, probe_stack
+from iotoffload.runtime.batching import (
+    NotBatchableError,
+    Verdict,
+    batch_variant,
+    batch_verdict,
+    probe_stack,
+)
 
 
 def _ort() -> Any:
@@ -103,18 +109,17 @@ class OnnxExecutor(BlockExecutor[_Session]):
         chosen: _Session | None = None
         try:
             variant = batch_variant(b.path.read_bytes())
-            if variant is None:
-                verdict = Verdict(False, "no leading batch dimension of 1")
-            else:
-                s = self._session(variant, f"{b.path} (batched)")
-                flat = sample.reshape((-1, *b.input.shape[1:]))
-                verdict = batch_verdict(
-                    lambda x: self._invoke(h, x),
-                    lambda x: self._invoke(s, x),
-                    probe_stack(flat),
-                    time.perf_counter,
-                )
-                chosen = s if verdict.ok else None
+            s = self._session(variant, f"{b.path} (batched)")
+            flat = sample.reshape((-1, *b.input.shape[1:]))
+            verdict = batch_verdict(
+                lambda x: self._invoke(h, x),
+                lambda x: self._invoke(s, x),
+                probe_stack(flat),
+                time.perf_counter,
+            )
+            chosen = s if verdict.ok else None
+        except NotBatchableError as e:
+            verdict = Verdict(False, str(e))
         except Exception as e:  # a variant ONNX Runtime will not make: one at a time
             verdict = Verdict(False, f"no batched session: {type(e).__name__}: {str(e)[:200]}")
         self._batched[index] = chosen
