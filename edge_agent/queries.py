@@ -74,10 +74,17 @@ class BatchLimits:
     """Dynamic batching: a worker that takes a query also takes up to ``max_batch - 1``
     queued ones for the same model and blocks (from any device, in the fair queue's turn),
     waiting up to ``max_delay_ms`` for them to arrive. 0 ms (the default) adds no wait: batches
-    form only from queries already queued, that is under load. ``max_batch`` 1: off."""
+    form only from queries already queued, that is under load. ``max_batch`` 1: off.
+    ``max_bytes`` caps a batch's inputs and outputs together (the worker holds them all in
+    its shared buffer at once): large tensors batch fewer at a time."""
 
     max_batch: int = 8
     max_delay_ms: float = 0.0
+    max_bytes: int = 64 << 20
+
+    def size_for(self, in_bytes: int, out_bytes: int) -> int:
+        """How many queries of these tensor sizes one batch may hold (at least 1)."""
+        return max(1, min(self.max_batch, self.max_bytes // max(1, in_bytes + out_bytes)))
 
 
 @dataclass(frozen=True)
@@ -324,10 +331,10 @@ class QueryQueue:
             if job is not None:
                 jobs = [job]
                 b = self.batching
-                if b.max_batch > 1 and job.chain.model_id not in self._unbatched:
-                    jobs += self._fair.take_matching(
-                        job.same_run, b.max_batch - 1, b.max_delay_ms / 1e3
-                    )
+                out_bytes = job.chain.files[job.header.end - 1].output.nbytes
+                n = b.size_for(len(job.body), out_bytes)
+                if n > 1 and job.chain.model_id not in self._unbatched:
+                    jobs += self._fair.take_matching(job.same_run, n - 1, b.max_delay_ms / 1e3)
                 if len(jobs) == 1:
                     self._run(w, job)  # answers every job, whatever happens
                 else:
@@ -394,8 +401,10 @@ class QueryQueue:
             block_ms=[t * 1e3 for t in times],
             batch=batch,
         )
-        frame = encode(header, out)
-        out.release()
+        try:
+            frame = encode(header, out)
+        finally:
+            out.release()  # a view of the worker's buffer: held, it would block its growth
         self._replies.publish(h.device, frame)
         self._done.put((h, queue_ms, exec_ms))
         self._observe(queue_ms, exec_ms, batch)
@@ -481,7 +490,11 @@ class QueryQueue:
                 timeout=lim.run_s,
                 total=total,
             )
-        except (BlockFaultError, BlockRunError, RunTimeoutError) as e:
+            if len(outs) != len(ready):
+                for o in outs:
+                    o.release()
+                raise _WorkerTroubleError(f"{len(outs)} outputs for {len(ready)} queries")
+        except Exception as e:  # any failure, expected or not: the queries run one by one
             if self._closing:
                 for job, _ in ready:
                     self._refuse(job, ErrorCode.INTERNAL, "the edge is stopping")

@@ -28,7 +28,6 @@ BATCH_DIM = "N"
 RTOL = 1e-4
 ATOL = 1e-5
 TIMING_S = 0.02  # each side of the comparison is timed for about this long
-PROBE_BATCH = 8  # the batch a block is timed at (batches run at 2 to the edge's maximum)
 # a batch is kept when it costs at most this share of the queries one by one (below 1: a
 # margin for timing noise)
 MIN_GAIN = 0.97
@@ -115,56 +114,58 @@ class Verdict:
     batched_ms: float = 0.0  # per query, in a batch
 
 
-def probe_stack(x: np.ndarray[Any, Any], batch: int = PROBE_BATCH) -> np.ndarray[Any, Any]:
-    """``batch`` inputs from the queries' own ``x`` (stacked along the first axis, repeated
-    as needed): a block is judged on the tensors it is asked to run, never on made-up ones
-    (a hostile block may hang on inputs no device sends)."""
-    reps = -(-batch // x.shape[0])
-    return np.concatenate([x] * reps)[:batch] if reps > 1 else x[:batch]
-
-
 def batch_verdict(
     single: Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]],
     batched: Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]],
     x: np.ndarray[Any, Any],
     clock: Callable[[], float],
-    repeat: int = 2,
-) -> Verdict:
-    """Compare ``batched`` on the batch ``x`` (inputs stacked along the first axis) with
+) -> tuple[Verdict, np.ndarray[Any, Any]]:
+    """Compare ``batched`` on the batch ``x`` (the first batch's own inputs, stacked along
+    the first axis: a block is judged on tensors devices sent, never on made-up ones) with
     ``single`` on each of them (``x[j:j+1]``): the same numbers item by item, and per query
-    at most ``MIN_GAIN`` of its time one by one (the best of at least ``repeat`` timings)."""
+    at most ``MIN_GAIN`` of its time one by one. Returns the verdict and the outputs of
+    ``single`` (the queries' answers, stacked), so that judging costs the batch that pays
+    for it about one extra run: the comparison's own runs are the first timings, and more
+    are taken only for a block too fast to time once (``TIMING_S``)."""
     batch = x.shape[0]
-    ref = [single(x[j : j + 1]) for j in range(batch)]
+
+    def run_singles() -> list[np.ndarray[Any, Any]]:
+        return [single(x[j : j + 1]) for j in range(batch)]
+
+    t0 = clock()
+    ref = run_singles()
+    one_times = [clock() - t0]
+    answers = np.concatenate(ref)
     try:
+        t0 = clock()
         got = batched(x)
+        many_times = [clock() - t0]
     except Exception as e:  # the variant does not run at this batch: not batchable
-        return Verdict(False, f"the batched block fails: {type(e).__name__}: {str(e)[:200]}")
+        why = f"the batched block fails: {type(e).__name__}: {str(e)[:200]}"
+        return Verdict(False, why), answers
     want = (batch, *ref[0].shape[1:])
     if tuple(got.shape) != want or got.dtype != ref[0].dtype:
-        return Verdict(False, f"batched output {got.dtype}{list(got.shape)}, wanted {want}")
+        return Verdict(
+            False, f"batched output {got.dtype}{list(got.shape)}, wanted {want}"
+        ), answers
     for j, r in enumerate(ref):
         a, b = got[j : j + 1].astype(np.float64), r.astype(np.float64)
         if not np.all(np.abs(a - b) <= ATOL + RTOL * np.abs(b)):
-            return Verdict(False, f"item {j} of a batch differs from the block run alone")
+            return Verdict(False, f"item {j} of a batch differs from the block run alone"), answers
 
-    def best(f: Callable[[], object]) -> float:
-        # the best of at least ``repeat`` timings and of about TIMING_S: a block of a tenth
-        # of a millisecond is timed a few dozen times, one of 50 ms twice
-        times: list[float] = []
-        while len(times) < repeat or (sum(times) < TIMING_S and len(times) < 50):
+    def best(times: list[float], f: Callable[[], object]) -> float:
+        # a block of a tenth of a millisecond is timed a few dozen times, one of 50 ms once
+        # (its first run, a new session's, is the slower: a margin against batching)
+        while sum(times) < TIMING_S and len(times) < 50:
             t0 = clock()
             f()
             times.append(clock() - t0)
         return min(times)
 
-    one = best(lambda: [single(x[j : j + 1]) for j in range(batch)]) / batch
-    many = best(lambda: batched(x)) / batch
+    one = best(one_times, run_singles) / batch
+    many = best(many_times, lambda: batched(x)) / batch
     ratio = many / one if one > 0 else 1.0  # a clock that did not move: no gain seen
     if ratio > MIN_GAIN:
-        return Verdict(
-            False,
-            f"a batch costs {ratio:.2f}x per query (kept at most {MIN_GAIN})",
-            one * 1e3,
-            many * 1e3,
-        )
-    return Verdict(True, f"a batch costs {ratio:.2f}x per query", one * 1e3, many * 1e3)
+        why = f"a batch costs {ratio:.2f}x per query (kept at most {MIN_GAIN})"
+        return Verdict(False, why, one * 1e3, many * 1e3), answers
+    return Verdict(True, f"a batch costs {ratio:.2f}x per query", one * 1e3, many * 1e3), answers

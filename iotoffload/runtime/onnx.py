@@ -17,7 +17,6 @@ from iotoffload.runtime.batching import (
     Verdict,
     batch_variant,
     batch_verdict,
-    probe_stack,
 )
 
 
@@ -97,26 +96,28 @@ class OnnxExecutor(BlockExecutor[_Session]):
         return out
 
     # batches --------------------------------------------------------------------------------
-    def load_batched(self, index: int, sample: Array) -> _Session | None:
+    def load_batched(self, index: int, sample: Array) -> tuple[_Session | None, Array | None]:
         """Block ``index``'s batched session when it gives the block's numbers and a batch
         costs less per query than one by one, judged on ``sample`` (the first batch's own
-        inputs, stacked: ``batching.batch_verdict``); None when the block runs one query at a
-        time. Decided once per block, on the first batch that reaches it."""
+        inputs, ``(k, *input.shape)``: ``batching.batch_verdict``); None when the block runs
+        one query at a time. Decided once per block, on the first batch that reaches it; the
+        second value is that batch's outputs when judging computed them (else None)."""
         if index in self._batched:
-            return self._batched[index]
+            return self._batched[index], None
         h = self.load(index)
         b = self._blocks[index]
         chosen: _Session | None = None
+        answers: Array | None = None
         try:
             variant = batch_variant(b.path.read_bytes())
             s = self._session(variant, f"{b.path} (batched)")
-            flat = sample.reshape((-1, *b.input.shape[1:]))
-            verdict = batch_verdict(
+            verdict, flat = batch_verdict(
                 lambda x: self._invoke(h, x),
                 lambda x: self._invoke(s, x),
-                probe_stack(flat),
+                sample.reshape((-1, *b.input.shape[1:])),
                 time.perf_counter,
             )
+            answers = flat.reshape((sample.shape[0], *b.output.shape))
             chosen = s if verdict.ok else None
         except NotBatchableError as e:
             verdict = Verdict(False, str(e))
@@ -124,14 +125,16 @@ class OnnxExecutor(BlockExecutor[_Session]):
             verdict = Verdict(False, f"no batched session: {type(e).__name__}: {str(e)[:200]}")
         self._batched[index] = chosen
         self.verdicts[index] = verdict
-        return chosen
+        return chosen, answers
 
     def run_batch_block(self, index: int, y: Array) -> Array:
         """Block ``index`` on a stack of inputs (``(k, *input.shape)``): one call of its
         batched session when it has one, else one call per query; the stacked outputs."""
         b = self._blocks[index]
         k = y.shape[0]
-        s = self.load_batched(index, y) if k > 1 else None
+        s, answers = self.load_batched(index, y) if k > 1 else (None, None)
+        if answers is not None:
+            return answers
         if s is not None:
             out = self._invoke(s, y.reshape((k * b.input.shape[0], *b.input.shape[1:])))
             return out.reshape((k, *b.output.shape))

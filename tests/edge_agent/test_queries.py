@@ -4,13 +4,15 @@ counted on the loop before it is sent."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
 
-from edge_agent.queries import COUNT_EVERY
+from edge_agent.queries import COUNT_EVERY, BatchLimits
 from edge_agent.stats import EdgeStats
+from edge_agent.workers import WorkerProcess
 from iotoffload.transport.frame import (
     Error,
     Query,
@@ -217,3 +219,56 @@ def test_batches_off_with_max_batch_1(harness: Harness) -> None:
     for k, d in enumerate(devs):
         h, _ = d.take(lambda h, k=k: isinstance(h, Result | Error) and h.request_id == f"o{k}")
         assert isinstance(h, Result) and h.batch == 1
+
+
+def test_a_batch_that_fails_unexpectedly_runs_one_by_one(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only a block's fault: any error out of a batched run (here a bug's ValueError) leaves
+    no query unanswered and the worker serving; the queries run one by one."""
+    model = tiny_model()
+    devs = _gathered(harness, model, 3, batch_delay_ms=300.0, max_batch=8)
+    calls: list[int] = []
+
+    def broken(
+        self: WorkerProcess, chain: Any, start: int, end: int, bodies: Any, **kw: Any
+    ) -> Any:
+        calls.append(len(bodies))
+        raise ValueError("a bug in the batch path")
+
+    monkeypatch.setattr(WorkerProcess, "run_batch", broken)
+    for k, d in enumerate(devs):
+        d.send(harness.topics.edge_query("edge1", d.device), d.query_frame(model, f"u{k}", X + k))
+    for k, d in enumerate(devs):
+        h, body = d.take(lambda h, k=k: isinstance(h, Result | Error) and h.request_id == f"u{k}")
+        assert isinstance(h, Result) and h.batch == 1, h
+        np.testing.assert_array_equal(tensor_of(h, memoryview(body)), model.expected(X + k, 0, 3))
+    assert calls == [3]  # tried once as a batch, then its model runs unbatched
+    d = devs[0]
+    d.send(harness.topics.edge_query("edge1", d.device), d.query_frame(model, "after", X))
+    h, _ = d.take(lambda h: isinstance(h, Result | Error) and h.request_id == "after")
+    assert isinstance(h, Result)  # the worker thread lives on
+
+
+def test_a_batch_holds_at_most_max_bytes_of_tensors(harness: Harness) -> None:
+    """With room for two queries' input and output, four queued queries run as two batches."""
+    model = tiny_model()
+    devs = _gathered(harness, model, 4, batch_delay_ms=300.0, max_batch=8)
+    edge = harness.edges[0]
+    edge.queries.batching = replace(edge.queries.batching, max_bytes=2 * 2 * X.nbytes)
+    for k, d in enumerate(devs):
+        d.send(harness.topics.edge_query("edge1", d.device), d.query_frame(model, f"m{k}", X + k))
+    sizes = []
+    for k, d in enumerate(devs):
+        h, _ = d.take(lambda h, k=k: isinstance(h, Result | Error) and h.request_id == f"m{k}")
+        assert isinstance(h, Result), h
+        sizes.append(h.batch)
+    assert max(sizes) == 2 and sorted(sizes) == [2, 2, 2, 2]
+
+
+def test_batch_size_for_tensor_sizes() -> None:
+    b = BatchLimits(max_batch=8, max_bytes=1000)
+    assert b.size_for(100, 100) == 5  # 1000 // 200
+    assert b.size_for(10, 10) == 8  # max_batch
+    assert b.size_for(600, 600) == 1  # one query always runs
+    assert BatchLimits(max_batch=1).size_for(1, 1) == 1

@@ -20,7 +20,6 @@ from iotoffload.runtime.batching import (
     NotBatchableError,
     batch_variant,
     batch_verdict,
-    probe_stack,
 )
 from iotoffload.runtime.onnx import OnnxExecutor
 
@@ -186,7 +185,7 @@ def test_the_verdict_keeps_a_batch_only_when_it_is_cheaper_per_query() -> None:
             clock.t += batch_cost  # the 8 together
             return v * 2
 
-        return batch_verdict(single, batched, x, clock)
+        return batch_verdict(single, batched, x, clock)[0]
 
     cheap = judge(4.0)  # 0.5 s per query
     assert cheap.ok and cheap.single_ms == 1000.0 and cheap.batched_ms == 500.0
@@ -198,15 +197,52 @@ def test_the_verdict_keeps_a_batch_only_when_it_is_cheaper_per_query() -> None:
 def test_the_verdict_refuses_other_numbers_or_shapes() -> None:
     x = np.ones((4, 1), np.float32)
     t = _Clock()
-    off = batch_verdict(lambda v: v * 2, lambda v: v * 2 + 1e-3, x, t)
+    off, _ = batch_verdict(lambda v: v * 2, lambda v: v * 2 + 1e-3, x, t)
     assert not off.ok and "item 0" in off.reason
-    short = batch_verdict(lambda v: v, lambda v: v[:2], x, t)
+    short, _ = batch_verdict(lambda v: v, lambda v: v[:2], x, t)
     assert not short.ok and "output" in short.reason
-    close = batch_verdict(lambda v: v * 2, lambda v: v * 2 * (1 + 1e-6), x, t)
+    close, _ = batch_verdict(lambda v: v * 2, lambda v: v * 2 * (1 + 1e-6), x, t)
     assert "costs" in close.reason  # equal within tolerance: time decides (a still clock: no)
 
 
-def test_probe_stack_uses_the_queries_inputs() -> None:
-    x = np.arange(3.0).reshape(3, 1)
-    assert probe_stack(x, 8)[:, 0].tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
-    assert probe_stack(x, 2)[:, 0].tolist() == [0, 1]
+def test_judging_costs_the_first_batch_about_one_extra_run() -> None:
+    """A slow block is judged on the batch's own runs: each query once alone (their answers)
+    and the batch once; no stacking to a bigger batch, no repeated timing."""
+    calls = {"single": 0, "batched": 0}
+    clock = _Clock()
+
+    def single(v: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        calls["single"] += 1
+        clock.t += 0.05  # 50 ms: longer than TIMING_S
+        return v * 2
+
+    def batched(v: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        calls["batched"] += 1
+        clock.t += 0.06
+        return v * 2
+
+    x = np.arange(3.0, dtype=np.float32).reshape(3, 1)
+    verdict, answers = batch_verdict(single, batched, x, clock)
+    assert verdict.ok and calls == {"single": 3, "batched": 1}
+    assert answers.tolist() == [[0.0], [2.0], [4.0]]  # the queries' own, from the block alone
+
+
+def test_a_fast_block_is_timed_for_about_timing_s() -> None:
+    calls = {"single": 0, "batched": 0}
+    clock = _Clock()
+
+    def single(v: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        calls["single"] += 1
+        clock.t += 1e-3
+        return v
+
+    def batched(v: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        calls["batched"] += 1
+        clock.t += 1e-3
+        return v
+
+    x = np.zeros((2, 1), np.float32)
+    verdict, _ = batch_verdict(single, batched, x, clock)
+    # singles: 2 ms a pass, timed to 20 ms: 10 passes; batched 1 ms a run: 20 runs
+    assert calls == {"single": 20, "batched": 20}
+    assert verdict.ok and verdict.batched_ms == 0.5 and verdict.single_ms == 1.0
