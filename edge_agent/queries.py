@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from edge_agent.fair import FairQueue, QueueLimits
+from edge_agent.payoff import BatchPayoff
 from edge_agent.replies import Replies
 from edge_agent.stats import EdgeStats
 from edge_agent.threads import EdgeThreads
@@ -81,6 +82,10 @@ class BatchLimits:
     max_batch: int = 8
     max_delay_ms: float = 0.0
     max_bytes: int = 64 << 20
+    # a block range keeps batching only while its batches cost at most this share per query
+    # of running the queries one by one (as its blocks were judged): a batch makes each of
+    # its queries wait for all of them, which a small saving does not pay for
+    min_gain: float = 0.95
 
     def size_for(self, in_bytes: int, out_bytes: int) -> int:
         """How many queries of these tensor sizes one batch may hold (at least 1)."""
@@ -96,6 +101,10 @@ class _QueryJob:
     arrived: float  # perf_counter() on the network thread
     chain: Chain
     deadline_ms: float  # the query's, cut to the edge's cap
+
+    @property
+    def run_key(self) -> tuple[str, int, int]:
+        return (self.chain.model_id, self.header.start, self.header.end)
 
     def same_run(self, other: _QueryJob) -> bool:
         """Whether ``other`` can run in one batch with this (same chain, blocks, size)."""
@@ -203,10 +212,12 @@ class QueryQueue:
         # queries per run lately: written by the worker threads (one float store), read for
         # the load factor and the retry hint
         self._batch_ewma = 1.0
-        # models whose batch failed once: they run one query at a time from then on, so a
-        # block that hangs or breaks only when batched costs one time limit, not one per batch
-        # (added by the worker threads; a set's add and membership test are atomic)
-        self._unbatched: set[str] = set()
+        # models whose batch failed once (so a block that hangs or breaks only when batched
+        # costs one time limit, not one per batch) and block ranges whose batches did not pay
+        # (``BatchLimits.min_gain``): they run one query at a time from then on (added by the
+        # worker threads; a set's add and membership test are atomic)
+        self._unbatched: set[object] = set()
+        self._payoff = BatchPayoff(self.batching.min_gain)
         self._workers: list[_Worker] = []
         self._closing = False
         # results sent, not counted yet: (query, queue ms, exec ms), put by the workers
@@ -333,7 +344,8 @@ class QueryQueue:
                 b = self.batching
                 out_bytes = job.chain.files[job.header.end - 1].output.nbytes
                 n = b.size_for(len(job.body), out_bytes)
-                if n > 1 and job.chain.model_id not in self._unbatched:
+                u = self._unbatched
+                if n > 1 and job.chain.model_id not in u and job.run_key not in u:
                     jobs += self._fair.take_matching(job.same_run, n - 1, b.max_delay_ms / 1e3)
                 if len(jobs) == 1:
                     self._run(w, job)  # answers every job, whatever happens
@@ -443,7 +455,9 @@ class QueryQueue:
             except BlockRunError as e:
                 self._refuse(job, ErrorCode.BAD_TENSOR, str(e))
                 return None
-            self._answer(job, out, times, queue_ms, (time.perf_counter() - t0) * 1e3, 1)
+            exec_ms = (time.perf_counter() - t0) * 1e3
+            self._answer(job, out, times, queue_ms, exec_ms, 1)
+            self._payoff.single(job.run_key, exec_ms)
             self._batch_ewma += EWMA_ALPHA * (1.0 - self._batch_ewma)
         except Exception as e:  # a bug here must not end the worker thread
             log.exception("query %s failed", h.request_id)
@@ -482,7 +496,7 @@ class QueryQueue:
         total = 2 * max(lim.run_s, min(j.deadline_ms for j, _ in ready) / 1e3)
         t0 = time.perf_counter()
         try:
-            outs, times = w.proc.run_batch(
+            outs, times, gain = w.proc.run_batch(
                 first.chain,
                 h.start,
                 h.end,
@@ -520,6 +534,19 @@ class QueryQueue:
             return
         exec_ms = (time.perf_counter() - t0) * 1e3
         self._batch_ewma += EWMA_ALPHA * (len(ready) - self._batch_ewma)
+        ratio = self._payoff.batched(first.run_key, len(ready), exec_ms, gain)
+        if ratio is not None:
+            self._unbatched.add(first.run_key)
+            log.info(
+                "%s: batches of blocks [%d, %d) of %s… cost %.2fx per query of one by one "
+                "(batched at most %.2fx): they run one query at a time from now on",
+                w.proc.name,
+                h.start,
+                h.end,
+                first.chain.model_id[:12],
+                ratio,
+                self.batching.min_gain,
+            )
         for (job, queue_ms), out in zip(ready, outs, strict=True):
             try:
                 self._answer(job, out, times, queue_ms, exec_ms, len(ready))

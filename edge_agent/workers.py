@@ -421,11 +421,13 @@ class WorkerProcess:
         *,
         timeout: float,
         total: float,
-    ) -> tuple[list[memoryview], list[float]]:
+    ) -> tuple[list[memoryview], list[float], float | None]:
         """``run`` for several queries of the same blocks at once (each ``xs[j]`` block
         ``start``'s input bytes): each query's output (views of the shared file, valid until
-        the next call) and each block's seconds for the whole batch. Every block gets
-        ``timeout`` of its own for all of them, the call ``total``."""
+        the next call), each block's seconds for the whole batch, and what the batch cost per
+        query over running them one by one (``OnnxExecutor.batch_gain``; None while its
+        blocks are being judged). Every block gets ``timeout`` of its own for all of them,
+        the call ``total``."""
         self._ready(chain, timeout)
         in_bytes = len(xs[0])
         if any(len(x) != in_bytes for x in xs):
@@ -450,12 +452,14 @@ class WorkerProcess:
         _, n = _worker_main.OK.unpack_from(raw)
         if n != out_bytes * k:
             raise BlockRunError("runtime", end - 1, f"the batch's output is {n} bytes")
-        times = array.array("d", raw[_worker_main.OK.size :]).tolist()
+        *times, gain = array.array("d", raw[_worker_main.OK.size :]).tolist()
+        if len(times) != end - start:
+            raise BlockRunError("runtime", end - 1, f"{len(times)} block times for a batch")
         view = memoryview(mm)
         outs = [
             view[out_offset + j * out_bytes : out_offset + (j + 1) * out_bytes] for j in range(k)
         ]
-        return outs, times
+        return outs, times, (None if gain < 0 else gain)
 
 
 def _alive(pid: int) -> bool:

@@ -127,12 +127,32 @@ class OnnxExecutor(BlockExecutor[_Session]):
         self.verdicts[index] = verdict
         return chosen, answers
 
-    def run_batch_block(self, index: int, y: Array) -> Array:
+    def batch_gain(self, start: int, end: int, k: int, times: Sequence[float]) -> float | None:
+        """What a batch of ``k`` queries that took ``times`` (seconds per block, for the whole
+        batch) cost per query over running them one by one, as judged: a block run batched
+        is counted alone at its verdict's time per query, one run one by one at its own
+        time. None while a block of the range is not yet judged."""
+        alone = 0.0
+        for i, t in zip(range(start, end), times, strict=True):
+            v = self.verdicts.get(i)
+            if not self.batch_judged(i) or v is None:
+                return None
+            alone += k * v.single_ms / 1e3 if v.ok else t
+        return sum(times) / alone if alone > 0 else 1.0
+
+    def batch_judged(self, index: int) -> bool:
+        """Whether block ``index``'s batched form has been decided (``load_batched``)."""
+        return index in self._batched
+
+    def run_batch_block(self, index: int, y: Array, judge: bool = True) -> Array:
         """Block ``index`` on a stack of inputs (``(k, *input.shape)``): one call of its
-        batched session when it has one, else one call per query; the stacked outputs."""
+        batched session when it has one, else one call per query; the stacked outputs.
+        ``judge`` False: a block not yet judged runs one by one and stays unjudged (a batch
+        judges a few blocks at a time, so that no query waits for a whole model's)."""
         b = self._blocks[index]
         k = y.shape[0]
-        s, answers = self.load_batched(index, y) if k > 1 else (None, None)
+        may = k > 1 and (judge or index in self._batched)
+        s, answers = self.load_batched(index, y) if may else (None, None)
         if answers is not None:
             return answers
         if s is not None:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from edge_agent.payoff import BatchPayoff
 from edge_agent.queries import COUNT_EVERY, BatchLimits
 from edge_agent.stats import EdgeStats
 from edge_agent.workers import WorkerProcess
@@ -272,3 +273,42 @@ def test_batch_size_for_tensor_sizes() -> None:
     assert b.size_for(10, 10) == 8  # max_batch
     assert b.size_for(600, 600) == 1  # one query always runs
     assert BatchLimits(max_batch=1).size_for(1, 1) == 1
+
+
+def test_a_block_range_whose_batches_do_not_pay_runs_one_by_one(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that cost 0.95x per query of one by one (above min_gain 0.9; the worker's
+    judged gain, as no query ran alone): its range runs one query at a time from then on, so
+    no query waits for others' compute for nothing."""
+    model = tiny_model()
+    devs = _gathered(harness, model, 3, batch_delay_ms=300.0, max_batch=8)
+    harness.edges[0].queries._payoff = BatchPayoff(0.9, settle=1)  # decide on one batch
+    real = WorkerProcess.run_batch
+    calls: list[int] = []
+
+    def no_gain(self: WorkerProcess, *a: Any, **kw: Any) -> Any:
+        outs, times, _ = real(self, *a, **kw)
+        calls.append(len(outs))
+        return outs, times, 0.95
+
+    monkeypatch.setattr(WorkerProcess, "run_batch", no_gain)
+
+    def round_(tag: str) -> list[int]:
+        for k, d in enumerate(devs):
+            q = d.query_frame(model, f"{tag}{k}", X + k)
+            d.send(harness.topics.edge_query("edge1", d.device), q)
+        sizes = []
+        for k, d in enumerate(devs):
+            h, body = d.take(
+                lambda h, k=k: isinstance(h, Result | Error) and h.request_id == f"{tag}{k}"
+            )
+            assert isinstance(h, Result), h
+            np.testing.assert_array_equal(
+                tensor_of(h, memoryview(body)), model.expected(X + k, 0, 3)
+            )
+            sizes.append(h.batch)
+        return sizes
+
+    assert round_("a") == [3, 3, 3]
+    assert round_("b") == [1, 1, 1] and calls == [3]

@@ -199,12 +199,22 @@ def test_a_batch_runs_in_one_call_and_each_query_gets_its_own_output(
 ) -> None:
     ch = _chain("m", _add(tmp_path / "a.onnx", 1.0), _add(tmp_path / "b.onnx", 2.0))
     xs = [(np.arange(4, dtype=np.float32) * (j + 1)).reshape(1, 4).tobytes() for j in range(5)]
-    outs, times = worker.run_batch(ch, 0, 2, xs, timeout=30, total=60)
+    outs, times, gain = worker.run_batch(ch, 0, 2, xs, timeout=30, total=60)
     assert len(outs) == 5 and len(times) == 2  # one time per block for the whole batch
     for j, out in enumerate(outs):
         want = np.arange(4, dtype=np.float32) * (j + 1) + 3
         assert np.frombuffer(out, np.float32).tolist() == want.tolist()
         out.release()
+    assert gain is None  # one block judged per batch: block 1 is left for the next one
+    gains = []
+    for _ in range(2):
+        outs, _, gain = worker.run_batch(ch, 0, 2, xs, timeout=30, total=60)
+        for out in outs:
+            out.release()
+        gains.append(gain)
+    # the batch that judged block 1 reports nothing (its time is the judging's); the next
+    # one what it cost per query
+    assert gains[0] is None and gains[1] is not None and gains[1] > 0
     # the same process runs single queries after it, and a batch whose inputs outgrow the
     # shared file (64 x 2 MiB) grows it
     out, _ = worker.run(ch, 1, 2, _x(), timeout=30)
@@ -214,7 +224,7 @@ def test_a_batch_runs_in_one_call_and_each_query_gets_its_own_output(
     p = _add(tmp_path / "big.onnx", 1.0, (1, 1 << 19))
     bch = Chain("big", (BlockFile(p, big, big),), ("big",))
     many = [np.full((1, 1 << 19), j, np.float32).tobytes() for j in range(64)]
-    outs, _ = worker.run_batch(bch, 0, 1, many, timeout=30, total=60)
+    outs, _, _ = worker.run_batch(bch, 0, 1, many, timeout=30, total=60)
     assert [float(np.frombuffer(o, np.float32)[7]) for o in outs] == [j + 1.0 for j in range(64)]
     for o in outs:
         o.release()

@@ -246,3 +246,32 @@ def test_a_fast_block_is_timed_for_about_timing_s() -> None:
     # singles: 2 ms a pass, timed to 20 ms: 10 passes; batched 1 ms a run: 20 runs
     assert calls == {"single": 20, "batched": 20}
     assert verdict.ok and verdict.batched_ms == 0.5 and verdict.single_ms == 1.0
+
+
+def test_a_block_left_unjudged_runs_one_by_one_until_a_batch_may_judge_it(
+    tmp_path: Path,
+) -> None:
+    ex = _executor(tmp_path, _gemm_after_flatten([1, -1]), [1, 2, 3], [1, 4])
+    xs = np.random.default_rng(5).uniform(-1, 1, (3, 1, 2, 3)).astype(np.float32)
+    got = ex.run_batch_block(0, xs, judge=False)
+    assert not ex.batch_judged(0) and 0 not in ex.verdicts
+    for j in range(3):
+        np.testing.assert_allclose(got[j], ex.run(0, 1, xs[j]), rtol=1e-6, atol=1e-6)
+    ex.run_batch_block(0, xs)
+    assert ex.batch_judged(0) and 0 in ex.verdicts
+    ex.run_batch_block(0, xs, judge=False)  # judged: its form is used whatever ``judge``
+    assert ex.batch_judged(0)
+
+
+def test_batch_gain_weighs_each_block_as_it_ran(tmp_path: Path) -> None:
+    """Block 0 batched (its verdict: 2 ms alone per query), block 1 one by one: a batch of 4
+    that took 4 ms and 8 ms cost (4 + 8) / (4 * 2 + 8) per query of one by one."""
+    from iotoffload.runtime.batching import Verdict
+
+    ex = _executor(tmp_path, _gemm_after_flatten([1, -1]), [1, 2, 3], [1, 4])
+    ex._blocks = [ex._blocks[0], ex._blocks[0]]
+    assert ex.batch_gain(0, 2, 4, [0.004, 0.008]) is None  # not judged yet
+    ex._batched[0], ex.verdicts[0] = None, Verdict(True, "", 2.0, 1.0)
+    assert ex.batch_gain(0, 2, 4, [0.004, 0.008]) is None  # block 1 still not
+    ex._batched[1], ex.verdicts[1] = None, Verdict(False, "")
+    assert ex.batch_gain(0, 2, 4, [0.004, 0.008]) == pytest.approx(12 / 16)
