@@ -85,7 +85,7 @@ class BatchLimits:
     # a block range keeps batching only while its batches cost at most this share per query
     # of running the queries one by one (as its blocks were judged): a batch makes each of
     # its queries wait for all of them, which a small saving does not pay for
-    min_gain: float = 0.95
+    min_gain: float = 0.9
 
     def size_for(self, in_bytes: int, out_bytes: int) -> int:
         """How many queries of these tensor sizes one batch may hold (at least 1)."""
