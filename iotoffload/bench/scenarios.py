@@ -171,8 +171,11 @@ def load(
     cpu_percent: int = 25,
 ) -> list[dict[str, Any]]:
     """LoADPart: background clients load the edge in steps; a load-aware and a load-oblivious
-    device measure mean and p95 latency at each step. The measuring thread runs under a CPU
-    quota (a cgroup-v1 group of its own, when the host allows) so the device really is slow."""
+    device measure mean and p95 latency at each step. Each background client is a device of
+    its own (the edge's fair queue serves devices in turn: one device's flood would never
+    slow another), offloading the whole model back to back. The measuring thread runs under
+    a CPU quota (a cgroup-v1 group of its own, when the host allows) so the device really is
+    slow."""
     x = np.zeros(pkg.manifest.input.shape, np.float32)
     rows: list[dict[str, Any]] = []
     with (
@@ -206,15 +209,21 @@ def load(
         t.start()
         t.join()
         devs = out["devs"]
-        noise_dev = _device(pkg, b, "bench-noise", split=0, deadline_ms=5000)
+        noise = [
+            _device(pkg, b, f"bench-noise-{i}", split=0, deadline_ms=5000)
+            for i in range(max(steps, default=0))
+        ]
         for n_bg in steps:
             stop = threading.Event()
 
-            def background(stop: threading.Event = stop) -> None:
+            def background(dev: DeviceAgent, stop: threading.Event = stop) -> None:
                 while not stop.is_set():
-                    noise_dev.query(x)
+                    dev.query(x)
 
-            threads = [threading.Thread(target=background, daemon=True) for _ in range(n_bg)]
+            threads = [
+                threading.Thread(target=background, args=(noise[i],), daemon=True)
+                for i in range(n_bg)
+            ]
             for th in threads:
                 th.start()
             time.sleep(0.3 if n_bg else 0)
@@ -239,7 +248,7 @@ def load(
             stop.set()
             for th in threads:
                 th.join(10)
-        for dev in (*devs.values(), noise_dev):
+        for dev in (*devs.values(), *noise):
             dev.close()
     return rows
 
