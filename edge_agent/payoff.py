@@ -13,6 +13,7 @@ all. Pure state, no I/O; one lock so that several worker threads may report.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Hashable
 from typing import Any
@@ -28,12 +29,21 @@ class BatchPayoff:
         self.settle = settle
         self._lock = threading.Lock()
         self._single: dict[Hashable, float] = {}  # ms per query run alone
+        self._seen: set[Hashable] = set()  # ranges whose first single run was left out
         self._batched: dict[Hashable, tuple[float, int]] = {}  # ms per query, batches seen
 
     def single(self, key: Hashable, ms: float) -> None:
-        """A query of range ``key`` ran alone in ``ms``."""
+        """A query of range ``key`` ran alone in ``ms``. A range's first single run is left
+        out: it may have made the sessions (a slow first value would decay only slowly and
+        make any batch look worth it)."""
+        if not math.isfinite(ms) or ms < 0:
+            return
         with self._lock:
-            old = self._single.get(key)
+            if key not in self._seen:
+                self._seen.add(key)
+                _bound(self._seen)
+                return
+            old = self._single.pop(key, None)  # re-inserted: the most recent, evicted last
             self._single[key] = ms if old is None else old + ALPHA * (ms - old)
             _bound(self._single)
 
@@ -42,11 +52,11 @@ class BatchPayoff:
         judged cost per query over one by one, None while it is judging the range's blocks.
         Returns the range's cost ratio when this batch decides that batching does not pay
         (the caller stops batching it), else None."""
-        if gain is None or k < 2:
+        if gain is None or k < 2 or not math.isfinite(ms):
             return None  # batches that judge blocks are slower: not counted
         per = ms / k
         with self._lock:
-            avg, n = self._batched.get(key, (per, 0))
+            avg, n = self._batched.pop(key, (per, 0))
             avg = per if n == 0 else avg + ALPHA * (per - avg)
             n += 1
             self._batched[key] = (avg, n)
@@ -55,9 +65,14 @@ class BatchPayoff:
                 return None
             alone = self._single.get(key)
         ratio = avg / alone if alone else gain
+        if not math.isfinite(ratio):
+            return 1.0  # no sensible figure: batching is not shown to pay
         return ratio if ratio > self.min_gain else None
 
 
-def _bound(d: dict[Hashable, Any]) -> None:
+def _bound(d: dict[Hashable, Any] | set[Hashable]) -> None:
     while len(d) > MAX_RANGES:
-        del d[next(iter(d))]
+        if isinstance(d, set):
+            d.pop()
+        else:
+            del d[next(iter(d))]  # the least recently updated

@@ -341,12 +341,10 @@ class QueryQueue:
                 log.exception("%s: warming sessions failed", w.proc.name)
             if job is not None:
                 jobs = [job]
-                b = self.batching
-                out_bytes = job.chain.files[job.header.end - 1].output.nbytes
-                n = b.size_for(len(job.body), out_bytes)
-                u = self._unbatched
-                if n > 1 and job.chain.model_id not in u and job.run_key not in u:
-                    jobs += self._fair.take_matching(job.same_run, n - 1, b.max_delay_ms / 1e3)
+                try:
+                    jobs += self._batch_for(job)
+                except Exception:  # the thread must outlive anything: run what it has
+                    log.exception("%s: forming a batch failed", w.proc.name)
                 if len(jobs) == 1:
                     self._run(w, job)  # answers every job, whatever happens
                 else:
@@ -354,6 +352,17 @@ class QueryQueue:
             elif self._closing:
                 self._warm(w)  # a warm-up put while closing is answered too
                 return
+
+    def _batch_for(self, job: _QueryJob) -> list[_QueryJob]:
+        """Queued queries to run in one batch with ``job`` (none when batching is off, its
+        model or range runs one by one, or its tensors fill a batch alone)."""
+        b = self.batching
+        out_bytes = job.chain.files[job.header.end - 1].output.nbytes
+        n = b.size_for(len(job.body), out_bytes)
+        u = self._unbatched
+        if n < 2 or job.chain.model_id in u or job.run_key in u:
+            return []
+        return self._fair.take_matching(job.same_run, n - 1, b.max_delay_ms / 1e3)
 
     def _warm(self, w: _Worker) -> None:
         while True:
@@ -456,9 +465,9 @@ class QueryQueue:
                 self._refuse(job, ErrorCode.BAD_TENSOR, str(e))
                 return None
             exec_ms = (time.perf_counter() - t0) * 1e3
+            self._payoff.single(job.run_key, exec_ms)  # before the answer: nothing after
+            self._batch_ewma += EWMA_ALPHA * (1.0 - self._batch_ewma)  # it may refuse
             self._answer(job, out, times, queue_ms, exec_ms, 1)
-            self._payoff.single(job.run_key, exec_ms)
-            self._batch_ewma += EWMA_ALPHA * (1.0 - self._batch_ewma)
         except Exception as e:  # a bug here must not end the worker thread
             log.exception("query %s failed", h.request_id)
             self._refuse(job, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")

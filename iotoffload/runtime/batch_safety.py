@@ -11,9 +11,9 @@ operands of one rank, so broadcasting cannot pair items), convolutions and pools
 constant), ``MatMul``/``Gemm`` with the data on the left and constant weights, and reshapes,
 transposes, softmaxes, reductions, concatenations, slices, pads and gathers whose axes leave
 the first one alone. Anything else (``Shape``, control flow, ``Resize``, an axis given by
-data, an operator not listed) makes the block run one query at a time. Axes are normalized
-with the ranks that ONNX shape inference gives the static block (screening has already
-required every tensor to have a static shape).
+data, an operator not listed, two versions of the default operator set) makes the block run
+one query at a time. Axes are normalized with the ranks that strict ONNX shape inference
+gives the static block from its input and weights (never the shapes it declares).
 """
 
 from __future__ import annotations
@@ -58,9 +58,21 @@ Shapes = dict[str, tuple[int, ...]]
 
 
 def static_shapes(model: Any) -> Shapes:
-    """Every tensor's shape in the static block (``onnx.ModelProto``), by ONNX shape
-    inference; a dimension it cannot tell is -1."""
-    g = _onnx().shape_inference.infer_shapes(model).graph
+    """Every tensor's shape in the static block (``onnx.ModelProto``), by strict ONNX shape
+    inference from its input and weights alone; a dimension it cannot tell is -1. The
+    shapes the uploader declared (``value_info``, output shapes) are dropped first: a lie
+    there would survive lenient inference and make a mixing graph look safe. Raises
+    ValueError when inference fails."""
+    onnx = _onnx()
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    for o in m.graph.output:
+        o.type.tensor_type.ClearField("shape")
+    try:
+        g = onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True).graph
+    except Exception as e:
+        raise ValueError(f"shape inference fails: {type(e).__name__}: {str(e)[:200]}") from e
     shapes: Shapes = {}
     for v in [*g.input, *g.output, *g.value_info]:
         t = v.type.tensor_type
@@ -86,7 +98,12 @@ def batch_hazard(model: Any, shapes: Shapes) -> str | None:
     from onnx import numpy_helper
 
     g = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    default = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if len(default) != 1:
+        # ONNX Runtime and this proof could read the operators (their default axes) by
+        # different versions
+        return f"{len(default)} versions of the default operator set"
+    opset = default[0]
     consts: dict[str, Any] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     data = {v.name for v in g.input if v.name not in consts}
     for n in g.node:
@@ -182,6 +199,8 @@ def _node_hazard(
     if op in PER_ITEM:
         if op == "BatchNormalization" and _attr(n, "training_mode", 0):
             return "in training mode it takes statistics across the batch"
+        if op == "MaxPool" and len([o for o in n.output if o]) > 1:
+            return "its indices count across the batch (an item's position in it)"
         return only_first_is_data()
     if op == "LayerNormalization":
         if x_rank is None:
@@ -240,8 +259,14 @@ def _node_hazard(
         # shared with other nodes) would fold the whole batch into one item
         if not shape or shape[0] not in (0, -1):
             return "its shape does not keep the batch on the first axis"
-        if shape[0] == 0 and _attr(n, "allowzero", 0):
-            return "allowzero"
+        if shape[0] == 0:
+            if _attr(n, "allowzero", 0):
+                return "allowzero"
+            # 0 copies the input's first dimension: the static block's output must have had
+            # that too, else the rows per item change (a freed [1, -1] on a [2, 3] input)
+            s_in, s_out = shapes.get(ins[0]), shapes.get(n.output[0])
+            if not s_in or not s_out or s_in[0] != s_out[0] or s_in[0] < 1:
+                return "its copied first dimension is not the static block's"
         return None
     if op == "Pad":
         pads = _attr(n, "pads") if opset < 11 else const_ints(1)

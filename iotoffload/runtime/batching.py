@@ -59,7 +59,10 @@ def batch_variant(model: bytes) -> bytes:
         dims = v.type.tensor_type.shape.dim
         if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value != 1:
             raise NotBatchableError("no leading batch dimension of 1")
-    shapes = static_shapes(m)
+    try:
+        shapes = static_shapes(m)
+    except ValueError as e:
+        raise NotBatchableError(str(e)) from e
     _free_reshapes(g, onnx)
     why = batch_hazard(m, shapes)
     if why is not None:

@@ -87,14 +87,16 @@ def _cnn_block() -> bytes:
 
 
 def test_the_ops_of_a_cnn_keep_the_batch_apart(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
     model = _cnn_block()
-    assert batch_variant(model)  # no NotBatchableError
+    sess = ort.InferenceSession(batch_variant(model), providers=["CPUExecutionProvider"])
     ex = _executor(tmp_path, model, [1, 2, 4, 4], [1, 3])
     xs = np.random.default_rng(3).uniform(-1, 1, (8, 1, 2, 4, 4)).astype(np.float32)
-    got = ex.run_batch_block(0, xs)
-    assert got.shape == (8, 1, 3)
+    got = sess.run(None, {"x": xs.reshape(8, 2, 4, 4)})[0]
+    assert got.shape == (8, 3)
     for j in range(8):
-        np.testing.assert_allclose(got[j], ex.run(0, 1, xs[j]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[j : j + 1], ex.run(0, 1, xs[j]), rtol=1e-5, atol=1e-6)
 
 
 def _triggered_leak() -> bytes:
@@ -343,3 +345,118 @@ def test_axes_away_from_the_batch_are_allowed() -> None:
         [1, W + 2],
     )
     assert _hazard(model) is None
+
+
+def _unchecked(
+    nodes: list[Any],
+    inits: list[Any],
+    x: list[int],
+    y: list[int],
+    opsets: list[tuple[str, int]],
+    value_info: list[Any] = (),  # type: ignore[assignment]
+) -> bytes:
+    """A block as a hostile uploader writes it: no checker run, shapes declared at will."""
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)],
+        inits,
+        value_info=list(value_info),
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
+    m.ir_version = 8
+    return bytes(m.SerializeToString())
+
+
+def test_declared_shapes_are_not_believed() -> None:
+    """x + Unsqueeze(x) declared [1, 4] (really [1, 1, 4]): with the lie believed, the Add's
+    operands look of one rank and the mean over axis 1 harmless; batched, [N, 4] + [N, 1, 4]
+    broadcasts to [N, N, 4] and the mean runs over the other items."""
+    model = _unchecked(
+        [
+            helper.make_node("Unsqueeze", ["x", "ax1"], ["u"]),
+            helper.make_node("Add", ["x", "u"], ["s"]),
+            helper.make_node("ReduceMean", ["s", "ax1"], ["y"], keepdims=1),
+        ],
+        [_const("ax1", [1], np.int64)],
+        [1, 4],
+        [1, 1, 4],
+        [("", 18)],
+        [helper.make_tensor_value_info("u", TensorProto.FLOAT, [1, 4])],
+    )
+    why = _hazard(model)
+    assert why is not None and "differ in rank" in why
+    with pytest.raises(NotBatchableError):
+        batch_variant(model)
+
+
+def test_a_negative_axis_is_read_with_the_true_rank() -> None:
+    """ReduceMean over axis -2 of a tensor declared [1, 1, 4] (really [1, 4]): believed, -2
+    is axis 1; in truth it is the batch axis."""
+    model = _unchecked(
+        [
+            helper.make_node("Identity", ["x"], ["i"]),
+            helper.make_node("ReduceMean", ["i"], ["r"], axes=[-2], keepdims=1),
+            helper.make_node("Add", ["x", "r"], ["y"]),
+        ],
+        [],
+        [1, 4],
+        [1, 4],
+        [("", 17)],
+        [
+            helper.make_tensor_value_info("i", TensorProto.FLOAT, [1, 1, 4]),
+            helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 4]),
+        ],
+    )
+    assert "include the batch" in str(_hazard(model))
+
+
+def test_two_versions_of_the_default_operator_set_are_refused() -> None:
+    """ai.onnx 12 and "" 13: Softmax's default axis is 1 in one and -1 in the other; after a
+    flatten to [4N] the runtime's -1 is the batch axis."""
+    model = _unchecked(
+        [
+            helper.make_node("Reshape", ["x", "flat"], ["f"]),
+            helper.make_node("Softmax", ["f"], ["s"]),
+            helper.make_node("Reshape", ["s", "back"], ["y"]),
+        ],
+        [_const("flat", [-1], np.int64), _const("back", [-1, 4], np.int64)],
+        [1, 4],
+        [1, 4],
+        [("ai.onnx", 12), ("", 13)],
+    )
+    assert "versions of the default operator set" in str(_hazard(model))
+
+
+def test_maxpool_indices_are_refused() -> None:
+    """MaxPool's indices count over the whole tensor: batched, item j's are offset by its
+    position, which tells a device how many others ran with it."""
+    model = _unchecked(
+        [
+            helper.make_node("MaxPool", ["x"], ["p", "idx"], kernel_shape=[2]),
+            helper.make_node("Cast", ["idx"], ["f"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["p", "f"], ["y"]),
+        ],
+        [],
+        [1, 1, 4],
+        [1, 1, 3],
+        [("", 17)],
+    )
+    assert "indices" in str(_hazard(model))
+
+
+def test_a_freed_reshape_must_copy_the_static_first_dimension() -> None:
+    """x [1, 6] -> Reshape [2, 3] -> Reshape [1, -1]: the last is freed to [0, -1], which on
+    the [2N, 3] batch keeps 2N rows where the static block had 1: refused."""
+    model = _model(
+        [
+            helper.make_node("Reshape", ["x", "s1"], ["r"]),
+            helper.make_node("Reshape", ["r", "s2"], ["y"]),
+        ],
+        [_const("s1", [-1, 3], np.int64), _const("s2", [1, -1], np.int64)],
+        [1, W],
+        [1, W],
+    )
+    with pytest.raises(NotBatchableError, match="copied first dimension"):
+        batch_variant(model)
