@@ -1,8 +1,9 @@
 """Bench helper for ``bench scale``: M devices, each its own MQTT connection, offloading back
 to back to one edge, in a process of their own (so that their Python does not share the
 edge's GIL). Each device sends the intermediate tensor of blocks ``[start, end)`` (computed
-once by the parent: the devices' front compute is not what this measures), waits for its
-answer and sends the next from paho's callback: no thread per device beyond paho's own.
+once by the parent: the devices' front compute is not what this measures), keeps
+``window`` queries in flight (1: waits for each answer; more: a device streaming frames) and
+sends the next from paho's callback: no thread per device beyond paho's own.
 
 Reads one JSON job on stdin, prints one JSON line: the latencies and answers per device.
 """
@@ -25,7 +26,7 @@ from iotoffload.transport.topics import Topics
 
 
 class _Device:
-    """One device's closed loop: a query out, its answer in, the next query out."""
+    """One device's closed loop: ``window`` queries out, each answer in lets the next out."""
 
     def __init__(self, job: dict[str, Any], who: str, x: np.ndarray[Any, Any], end_t: float):
         self.who, self.edge = who, job["edge"]
@@ -36,27 +37,31 @@ class _Device:
         self.errors: dict[str, int] = {}
         self.done = threading.Event()
         self._n = 0
-        self._sent = 0.0
+        self._sent: dict[str, float] = {}  # request id -> send time, of those in flight
+        self._lock = threading.Lock()  # start() on the main thread, _on on paho's
         sec = MqttSecurity.model_validate(job["security"].get(who, {}))
         self.link = MqttLink(job["url"], who, protocol=job["protocol"], security=sec)
         self.link.subscribe(self.topics.device_inbox(who, self.edge), self._on)
 
     def start(self) -> None:
-        self._send()
+        for _ in range(int(self.job.get("window", 1))):
+            self._send()
 
     def _send(self) -> None:
-        self._n += 1
+        with self._lock:
+            self._n += 1
+            rid = f"{self.who}-{self._n}"
+            self._sent[rid] = time.perf_counter()
         frame = encode_tensor_frame(
             Query,
             self.x,
-            request_id=f"{self.who}-{self._n}",
+            request_id=rid,
             device=self.who,
             model_id=self.job["model_id"],
             start=self.job["start"],
             end=self.job["end"],
             deadline_ms=10_000,
         )
-        self._sent = time.perf_counter()
         self.link.publish(self.topics.edge_query(self.edge, self.who), frame)
 
     def _on(self, m: Message) -> None:
@@ -64,17 +69,23 @@ class _Device:
             h, _ = decode(m.payload)
         except FrameError:
             return
-        if not isinstance(h, Result | Error) or h.request_id != f"{self.who}-{self._n}":
+        if not isinstance(h, Result | Error):
             return
+        rid = h.request_id or ""
+        with self._lock:
+            sent = self._sent.pop(rid, None)
+            left = len(self._sent)
+        if sent is None:
+            return  # not one of ours in flight (or answered twice: counted once)
         now = time.perf_counter()
         if isinstance(h, Result):
-            self.lat_ms.append((now - self._sent) * 1e3)
+            self.lat_ms.append((now - sent) * 1e3)
             self.batches.append(h.batch)
         else:
             self.errors[h.code.value] = self.errors.get(h.code.value, 0) + 1
         if now < self.end_t:
             self._send()
-        else:
+        elif not left:
             self.done.set()
 
 

@@ -315,12 +315,14 @@ def scale(
     split: int,
     kind: str = "mosquitto",
     max_batch: int = 8,
+    window: int = 1,
 ) -> dict[str, Any]:
     """M devices offload blocks ``[split, N)`` back to back against one edge, batching off
     (max_batch 1) and on: throughput, mean and p95 latency as M grows, against ONNX Runtime
     alone on the same blocks at batch 1 and batched (measured in the same run, before the
     edge starts). The devices run in a process of their own, each its own MQTT connection,
-    and send the intermediate tensor (computed once here): what is measured is the edge."""
+    and send the intermediate tensor (computed once here): what is measured is the edge.
+    Each device keeps ``window`` queries in flight (1: the next after each answer)."""
     from iotoffload.runtime.tflite import TFLiteExecutor
 
     if kind == "mosquitto-tls" and max(devices) > SCALE_DEVICES:
@@ -351,6 +353,7 @@ def scale(
             "end": pkg.num_blocks,
             "tensor": str(tensor),
             "seconds": seconds,
+            "window": window,
             "security": (
                 {w: b.security(w).model_dump(mode="json") for w in who} if b.secured else {}
             ),
@@ -381,6 +384,7 @@ def scale(
         "raw_batched_qps": raw_batched,
         "max_batch": max_batch,
         "workers": workers,
+        "window": window,
         "rows": rows,
     }
 

@@ -445,23 +445,32 @@ def scale(
     seconds: Annotated[float, typer.Option()] = 5.0,
     split: Annotated[int, typer.Option(help="The devices offload blocks [split, N).")] = 10,
     max_batch: Annotated[int, typer.Option(help="The edge's batch size when batching.")] = 8,
+    window: Annotated[
+        int,
+        typer.Option(
+            min=1, max=64, help="Queries each device keeps in flight (1: waits for each answer)."
+        ),
+    ] = 1,
     broker: BrokerOpt = "mosquitto",
     out: OutOpt = Path("bench-results"),
 ) -> None:
     """M devices against one edge, batching off and on: throughput, mean and p95 latency as
     M grows, against ONNX Runtime alone on the same blocks (batch 1 and batched; loopback).
-    The devices run in a process of their own and send the intermediate tensor."""
+    The devices run in a process of their own and send the intermediate tensor; each keeps
+    --window queries in flight (a device streaming frames: more than 1)."""
     from iotoffload.bench.scenarios import scale as run
 
     pkg = ModelCache.from_settings().resolve(model)
-    res = run(pkg, [int(m) for m in devices.split(",")], seconds, split, broker, max_batch)
+    counts_in = [int(m) for m in devices.split(",")]
+    res = run(pkg, counts_in, seconds, split, broker, max_batch, window)
     rows = res["rows"]
-    _save(out, "scale", {"scenario": "scale", "model": pkg.name, "split": split, **res})
+    name = "scale" if window == 1 else f"scale-window{window}"
+    _save(out, name, {"scenario": "scale", "model": pkg.name, "split": split, **res})
     counts = sorted({r["devices"] for r in rows})
     _bars(
         out,
-        "scale",
-        f"{pkg.name}: devices against one edge (queries/s)",
+        name,
+        f"{pkg.name}: devices against one edge, {window} in flight each (queries/s)",
         [str(m) for m in counts],
         {
             f"max_batch {b}": [
@@ -477,7 +486,7 @@ def scale(
     console.print(
         f"ONNX Runtime alone on blocks [{split}, {pkg.num_blocks}): {res['raw_qps']:.1f} "
         f"queries/s at batch 1, {res['raw_batched_qps']:.1f} in batches of {max_batch}; "
-        f"{res['workers']} edge worker(s)"
+        f"{res['workers']} edge worker(s); {window} queries in flight per device"
     )
     console.print(_table("scale scenario", rows))
 

@@ -119,11 +119,17 @@ def test_report_page_from_one_run(env: ModelPackage, tmp_path: Path) -> None:
     res = tmp_path / "res"
     _run(["energy", "--bandwidths", "20", "--out", str(res)])
     _run(["scale", "--devices", "1", "--seconds", "0.5", "--out", str(res)])
+    _run(["scale", "--devices", "1", "--seconds", "0.5", "--window", "3", "--out", str(res)])
+    w = json.loads((res / "scale-window3.json").read_text())
+    assert w["window"] == 3 and w["rows"][0]["queries"] > 0 and w["rows"][0]["unanswered"] == 0
     doc = tmp_path / "docs" / "benchmarks.md"
     _run(["report", "--results", str(res), "--doc", str(doc), "--command", "iotoffload bench x"])
     text = doc.read_text()
     assert "## Energy" in text and "## Scale" in text and "iotoffload bench x" in text
     assert "mean batch" in text and "raw ONNX Runtime batch 1" in text
+    assert "## Scale (devices against one edge), 3 queries in flight per device" in text
+    assert "scale, 3 queries in flight per device: one device" in text
+    assert "benchmarks/scale-window3.png" in text
     assert "## Headline ratios" in text and "cores" in text
     assert (doc.parent / "benchmarks" / "energy.png").is_file()
 
