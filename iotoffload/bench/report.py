@@ -270,7 +270,7 @@ def build_report(results: Path, doc: Path, command: str) -> list[str]:
         )
         heads += [f"overhead per query on {r['broker']}: {r['overhead_ms']:.2f} ms" for r in res]
         heads += _tls_cost(res)
-    for path in sorted(results.glob("scale*.json")):  # scale, then scale-window4, ...
+    for path in sorted(results.glob("scale*.json"), key=lambda p: (p.stem != "scale", p.stem)):
         text, h = _scale(load(path.stem), f"{path.stem}.png")
         heads += h
         parts.append(text)
