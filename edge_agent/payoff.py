@@ -28,8 +28,8 @@ class BatchPayoff:
         self.min_gain = min_gain
         self.settle = settle
         self._lock = threading.Lock()
-        self._single: dict[Hashable, float] = {}  # ms per query run alone
-        self._seen: set[Hashable] = set()  # ranges whose first single run was left out
+        # ms per query run alone; None: the range's first single run, left out
+        self._single: dict[Hashable, float | None] = {}
         self._batched: dict[Hashable, tuple[float, int]] = {}  # ms per query, batches seen
 
     def single(self, key: Hashable, ms: float) -> None:
@@ -39,12 +39,9 @@ class BatchPayoff:
         if not math.isfinite(ms) or ms < 0:
             return
         with self._lock:
-            if key not in self._seen:
-                self._seen.add(key)
-                _bound(self._seen)
-                return
+            first = key not in self._single
             old = self._single.pop(key, None)  # re-inserted: the most recent, evicted last
-            self._single[key] = ms if old is None else old + ALPHA * (ms - old)
+            self._single[key] = None if first else ms if old is None else old + ALPHA * (ms - old)
             _bound(self._single)
 
     def batched(self, key: Hashable, k: int, ms: float, gain: float | None) -> float | None:
@@ -70,9 +67,6 @@ class BatchPayoff:
         return ratio if ratio > self.min_gain else None
 
 
-def _bound(d: dict[Hashable, Any] | set[Hashable]) -> None:
+def _bound(d: dict[Hashable, Any]) -> None:
     while len(d) > MAX_RANGES:
-        if isinstance(d, set):
-            d.pop()
-        else:
-            del d[next(iter(d))]  # the least recently updated
+        del d[next(iter(d))]  # the least recently updated

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,97 +181,79 @@ def load(
         raise ValueError(f"on mosquitto-tls at most {LOAD_BACKGROUND} background clients")
     x = np.zeros(pkg.manifest.input.shape, np.float32)
     rows: list[dict[str, Any]] = []
-    opened: list[DeviceAgent] = []  # closed whatever happens, so no agent thread outlives us
     with (
         broker(kind) as b,
         edge_on(b.url, b.protocol, security=b.security("bench-edge")) as _edge,
         slow_thread(cpu_percent) as limit,
+        ExitStack() as opened,  # every device closed whatever happens: no thread outlives us
     ):
-        try:
-            _load_steps(pkg, b, steps, queries, x, rows, opened, limit)
-        finally:
-            for dev in opened:
-                dev.close()
-    return rows
+        out: dict[str, Any] = {}
 
-
-def _load_steps(
-    pkg: ModelPackage,
-    b: BenchBroker,
-    steps: list[int],
-    queries: int,
-    x: np.ndarray[Any, Any],
-    rows: list[dict[str, Any]],
-    opened: list[DeviceAgent],
-    limit: Any,
-) -> None:
-    """``load``'s measurement: every device it makes is put in ``opened``."""
-    out: dict[str, Any] = {}
-
-    def measure() -> None:
-        limit()  # this thread (TFLite runs in it, 1 thread) under the quota
-        d = measure_device_ms(pkg, TFLiteExecutor.from_package(pkg), cache=False)
-        devs: dict[str, DeviceAgent] = {}
-        for p in ("loadpart", "neurosurgeon"):
-            devs[p] = _device(
-                pkg,
-                b,
-                f"bench-{p}",
-                planner=p,
-                device_ms=d,
-                deadline_ms=5000,
-                estimates=Estimates(bandwidth_Bps=100e6, rtt_ms=1.0),
-            )
-            opened.append(devs[p])
-        devs["loadpart"].upload()
-        for dev in devs.values():
-            dev.probe()  # the other device learns what the edge now holds
-        out["devs"], out["local_ms"] = devs, sum(d)
-
-    t = threading.Thread(target=measure)
-    t.start()
-    t.join()
-    if "devs" not in out:
-        raise RuntimeError("the measuring devices did not start (see the log)")
-    devs = out["devs"]
-    noise: list[DeviceAgent] = []
-    for i in range(max(steps, default=0)):
-        noise.append(_device(pkg, b, f"bench-noise-{i}", split=0, deadline_ms=5000))
-        opened.append(noise[-1])
-    for n_bg in steps:
-        stop = threading.Event()
-
-        def background(dev: DeviceAgent, stop: threading.Event = stop) -> None:
-            while not stop.is_set():
-                dev.query(x)
-
-        threads = [
-            threading.Thread(target=background, args=(noise[i],), daemon=True) for i in range(n_bg)
-        ]
-        for th in threads:
-            th.start()
-        time.sleep(0.3 if n_bg else 0)
-
-        def step(n_bg: int = n_bg) -> None:
-            limit()
-            for name, dev in devs.items():
-                lat = [dev.query(x, i).latency_ms for i in range(queries)]
-                rows.append(
-                    {
-                        "background": n_bg,
-                        "planner": name,
-                        "mean_ms": statistics.mean(lat),
-                        "p95_ms": p95(lat),
-                        "split": dev.current_plan().split,
-                    }
+        def measure() -> None:
+            limit()  # this thread (TFLite runs in it, 1 thread) under the quota
+            d = measure_device_ms(pkg, TFLiteExecutor.from_package(pkg), cache=False)
+            devs: dict[str, DeviceAgent] = {}
+            for p in ("loadpart", "neurosurgeon"):
+                dev = _device(
+                    pkg,
+                    b,
+                    f"bench-{p}",
+                    planner=p,
+                    device_ms=d,
+                    deadline_ms=5000,
+                    estimates=Estimates(bandwidth_Bps=100e6, rtt_ms=1.0),
                 )
+                devs[p] = opened.enter_context(closing(dev))
+            devs["loadpart"].upload()
+            for dev in devs.values():
+                dev.probe()  # the other device learns what the edge now holds
+            out["devs"], out["local_ms"] = devs, sum(d)
 
-        th = threading.Thread(target=step)
-        th.start()
-        th.join()
-        stop.set()
-        for th in threads:
-            th.join(10)
+        t = threading.Thread(target=measure)
+        t.start()
+        t.join()
+        if "devs" not in out:
+            raise RuntimeError("the measuring devices did not start (see the log)")
+        devs = out["devs"]
+        noise: list[DeviceAgent] = []
+        for i in range(max(steps, default=0)):
+            dev = _device(pkg, b, f"bench-noise-{i}", split=0, deadline_ms=5000)
+            noise.append(opened.enter_context(closing(dev)))
+        for n_bg in steps:
+            stop = threading.Event()
+
+            def background(dev: DeviceAgent, stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    dev.query(x)
+
+            threads = [
+                threading.Thread(target=background, args=(d,), daemon=True) for d in noise[:n_bg]
+            ]
+            for th in threads:
+                th.start()
+            time.sleep(0.3 if n_bg else 0)
+
+            def step(n_bg: int = n_bg) -> None:
+                limit()
+                for name, dev in devs.items():
+                    lat = [dev.query(x, i).latency_ms for i in range(queries)]
+                    rows.append(
+                        {
+                            "background": n_bg,
+                            "planner": name,
+                            "mean_ms": statistics.mean(lat),
+                            "p95_ms": p95(lat),
+                            "split": dev.current_plan().split,
+                        }
+                    )
+
+            th = threading.Thread(target=step)
+            th.start()
+            th.join()
+            stop.set()
+            for th in threads:
+                th.join(10)
+    return rows
 
 
 @contextmanager

@@ -18,8 +18,13 @@ gives the static block from its input and weights (never the shapes it declares)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
+
+MAX_CONST_INTS = 1024  # the longest axes, shape or pads list a rule reads
 
 ELEMENTWISE = frozenset(
     {
@@ -95,7 +100,7 @@ def batch_hazard(model: Any, shapes: Shapes) -> str | None:
     holds the batch's items one after another, each as many rows as the static block has
     there, so an operator that never combines rows along that axis keeps the items apart."""
     onnx = _onnx()
-    from onnx import numpy_helper
+    from onnx import helper
 
     g = model.graph
     default = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
@@ -104,7 +109,9 @@ def batch_hazard(model: Any, shapes: Shapes) -> str | None:
         # different versions
         return f"{len(default)} versions of the default operator set"
     opset = default[0]
-    consts: dict[str, Any] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    # constants by name, as TensorProtos (initializers) or arrays (Constant nodes): only the
+    # few a rule reads (axes, shapes, pads) are ever converted, never the weights
+    consts: dict[str, Any] = {i.name: i for i in g.initializer}
     data = {v.name for v in g.input if v.name not in consts}
     for n in g.node:
         if any(
@@ -113,11 +120,8 @@ def batch_hazard(model: Any, shapes: Shapes) -> str | None:
             return f"{n.op_type} node {n.name!r} has a subgraph"
         ins = [i for i in n.input if i]
         if not any(i in data for i in ins):
-            if n.op_type == "Constant":
-                for out in n.output:
-                    value = _constant(n, numpy_helper)
-                    if value is not None:
-                        consts[out] = value
+            if n.op_type == "Constant" and n.output and n.attribute:
+                consts[n.output[0]] = helper.get_attribute_value(n.attribute[0])
             continue  # constant in, constant out: no query's data
         if n.domain not in ("", "ai.onnx"):
             return f"operator {n.domain}.{n.op_type} is not known to keep a batch apart"
@@ -128,23 +132,12 @@ def batch_hazard(model: Any, shapes: Shapes) -> str | None:
     return None
 
 
-def _constant(n: Any, numpy_helper: Any) -> Any:
-    for a in n.attribute:
-        if a.name == "value":
-            return numpy_helper.to_array(a.t)
-    return None
-
-
 def _attr(n: Any, name: str, default: Any = None) -> Any:
+    from onnx import helper
+
     for a in n.attribute:
         if a.name == name:
-            if a.type == a.INT:
-                return a.i
-            if a.type == a.INTS:
-                return list(a.ints)
-            if a.type == a.FLOAT:
-                return a.f
-            return a
+            return helper.get_attribute_value(a)
     return default
 
 
@@ -155,6 +148,9 @@ def _norm(axis: int, rank: int) -> int:
 def _node_hazard(
     n: Any, data: set[str], consts: dict[str, Any], shapes: Shapes, opset: int
 ) -> str | None:
+    onnx = _onnx()
+    from onnx import numpy_helper
+
     op = n.op_type
     ins = list(n.input)
 
@@ -166,7 +162,14 @@ def _node_hazard(
         if k >= len(ins) or not ins[k]:
             return None
         v = consts.get(ins[k])
-        return None if v is None else [int(x) for x in v.reshape(-1)]
+        if isinstance(v, onnx.TensorProto):
+            if math.prod(v.dims) > MAX_CONST_INTS:
+                return None  # no axes or shape list is that long: not one to read
+            v = numpy_helper.to_array(v)
+        try:  # a Constant's value may be a string or a sparse tensor: not ints
+            return None if v is None else [int(x) for x in np.asarray(v).reshape(-1)]
+        except (TypeError, ValueError):
+            return None
 
     def only_first_is_data() -> str | None:
         if any(i in data for i in ins[1:] if i):

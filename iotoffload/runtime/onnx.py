@@ -134,8 +134,8 @@ class OnnxExecutor(BlockExecutor[_Session]):
         time. None while a block of the range is not yet judged."""
         alone = 0.0
         for i, t in zip(range(start, end), times, strict=True):
-            v = self.verdicts.get(i)
-            if not self.batch_judged(i) or v is None:
+            v = self.verdicts.get(i)  # set with _batched[i], when the block is judged
+            if v is None:
                 return None
             alone += k * v.single_ms / 1e3 if v.ok else t
         return sum(times) / alone if alone > 0 else 1.0

@@ -29,17 +29,9 @@ def _const(name: str, value: Any, dtype: Any = np.float32) -> Any:
 def _model(
     nodes: list[Any], inits: list[Any], x: list[int], y: list[int], opset: int = 17
 ) -> bytes:
-    g = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)],
-        inits,
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    onnx.checker.check_model(m, full_check=True)  # a valid static block, as screening wants
-    return bytes(m.SerializeToString())
+    model = _unchecked(nodes, inits, x, y, [("", opset)])
+    onnx.checker.check_model(model, full_check=True)  # a valid static block, as screening wants
+    return model
 
 
 def _hazard(model: bytes) -> str | None:
@@ -460,3 +452,31 @@ def test_a_freed_reshape_must_copy_the_static_first_dimension() -> None:
     )
     with pytest.raises(NotBatchableError, match="copied first dimension"):
         batch_variant(model)
+
+
+def test_constant_nodes_give_axes_in_any_form_and_nonsense_is_refused() -> None:
+    """A Reshape shape from a Constant's value_ints is read like an initializer (a leading 1
+    there is not freed, so it would be refused); one whose value is a string is not a shape
+    (refused, not a crash)."""
+    ok = _model(
+        [
+            helper.make_node("Constant", [], ["s"], value_ints=[-1, W]),
+            helper.make_node("Reshape", ["x", "s"], ["y"]),
+        ],
+        [],
+        [1, 2, 3],
+        [1, W],
+    )
+    assert batch_variant(ok)
+    bad = _unchecked(
+        [
+            helper.make_node("Constant", [], ["s"], value_string=b"1,-1"),
+            helper.make_node("Reshape", ["x", "s"], ["y"]),
+        ],
+        [],
+        [1, W],
+        [1, W],
+        [("", 17)],
+    )
+    m = onnx.load_from_string(bad)
+    assert "not a constant" in str(batch_hazard(m, {"x": (1, W), "y": (1, W)}))
