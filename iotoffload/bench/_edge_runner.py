@@ -3,7 +3,10 @@ on one address, until stdin closes. mosquitto runs in its own process: the embed
 shares this process (and its GIL) with the edge, which starves it while a 100 MB model is
 stored and loaded (PUBACK timeouts, dropped acks). With ``--lab DIR`` the broker is the
 secured setup of ``iotoffload security init`` written to DIR for this address (TLS, a client
-certificate per bench agent, the ACL) and the edge connects as ``bench-edge``."""
+certificate per bench agent, the ACL) and the edge connects as ``bench-edge``. With
+``--broker URL`` the edge connects to a broker already running there (its credentials from
+``--lab DIR`` when that broker is secured) and starts none: a bench that runs its device in
+its own process then measures the two as deployed, each with an interpreter of its own."""
 
 from __future__ import annotations
 
@@ -47,20 +50,37 @@ def _broker(host: str, port: int, lab: Path | None) -> Iterator[tuple[str, MqttS
         yield url, None
 
 
+@contextmanager
+def _existing(url: str, lab: Path | None) -> Iterator[tuple[str, MqttSecurity | None]]:
+    """The broker at ``url``, already running (the bench's): the edge's credentials from
+    ``lab`` when it is secured."""
+    yield url, SecuredBroker(url, lab).security("bench-edge") if lab is not None else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--host", required=True)
-    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--host", help="where to start the broker (without --broker)")
+    ap.add_argument("--port", type=int)
     ap.add_argument("--store", type=Path, required=True)
     ap.add_argument("--id", default="bench-edge")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--lab", type=Path, default=None, help="secured: the setup's directory")
+    ap.add_argument("--broker", default=None, help="a running broker's URL: start none")
+    ap.add_argument("--protocol", type=int, default=311)
     a = ap.parse_args()
+    if a.broker is None and (a.host is None or a.port is None):
+        ap.error("--host and --port, or --broker")
     logging.basicConfig(level=logging.ERROR)
-    with _broker(a.host, a.port, a.lab) as (url, security):
+    started = _existing(a.broker, a.lab) if a.broker else _broker(a.host, a.port, a.lab)
+    with started as (url, security):
         edge = EdgeAgent(
             EdgeConfig(
-                id=a.id, broker=url, store=a.store, advertise=False, protocol=311, workers=a.workers
+                id=a.id,
+                broker=url,
+                store=a.store,
+                advertise=False,
+                protocol=a.protocol,
+                workers=a.workers,
             ),
             security,
         )

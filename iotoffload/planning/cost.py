@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from iotoffload.planning.model import Plan, PlanningInputs, Segment, Where
 
@@ -52,55 +53,103 @@ def _weight(p: PlanningInputs, ms: float, mj: float) -> float:
     return p.mix_weight * ms + (1 - p.mix_weight) * mj
 
 
+@dataclass(frozen=True)
+class Steps:
+    """The weight of every step of the walk for one set of inputs, computed once: a planner
+    that asks for many block sets (EMDL's upload order: hundreds) walks with these floats
+    instead of recomputing transfers and weights per call. Index b: boundary or block b."""
+
+    to_edge: tuple[float, ...]  # send the tensor at boundary b to the edge (INF: not allowed)
+    to_device: tuple[float, ...]  # bring it back at boundary b
+    device: tuple[float, ...]  # block b on the device
+    edge: tuple[float, ...]  # block b on the edge, when it holds it (INF: not allowed)
+
+
+def plan_steps(p: PlanningInputs, extra_edge_ms: dict[int, float] | None = None) -> Steps:
+    """The steps' weights for ``p``; ``extra_edge_ms`` adds a per-block penalty (IONN's upload
+    penalty) to running a block on the edge."""
+    pr, est, pw = p.profile, p.estimates, p.power
+    extra = extra_edge_ms or {}
+    n, q = pr.n, _queue(p)
+    to_edge, to_device = [INF] * (n + 1), [INF] * (n + 1)
+    for b in range(max(p.min_local, 0), n + 1):
+        t = est.transfer_ms(pr.boundary_bytes[b])
+        to_edge[b] = _weight(p, t + q, pw.transmit_w * t + pw.idle_w * q)
+        to_device[b] = _weight(p, t, pw.idle_w * t)
+    device, edge = [], []
+    for b in range(n):
+        d = pr.device_ms[b] * est.device_factor
+        device.append(_weight(p, d, pw.compute_w * d))
+        e = _edge_ms(p, b) + extra.get(b, 0.0)
+        edge.append(_weight(p, e, pw.idle_w * e) if b >= p.min_local else INF)
+    return Steps(tuple(to_edge), tuple(to_device), tuple(device), tuple(edge))
+
+
+def _walk(
+    s: Steps, available: set[int] | frozenset[int], back: list[list[tuple[int, int] | None]] | None
+) -> float:
+    """The shortest walk from (0, device) to (N, device) over edge blocks in ``available``:
+    its weight, and its back-pointers written into ``back`` when given."""
+    n = len(s.device)
+    dev = [INF] * (n + 1)  # best weight reaching boundary b on the device
+    edg = [INF] * (n + 1)  # ... on the edge
+    dev[0] = 0.0
+    for b in range(n + 1):
+        for _ in range(2):  # a switch at b may enable the other state at the same b
+            if dev[b] + s.to_edge[b] < edg[b]:
+                edg[b] = dev[b] + s.to_edge[b]
+                if back is not None:
+                    back[b][1] = (b, 0)
+            if edg[b] + s.to_device[b] < dev[b]:
+                dev[b] = edg[b] + s.to_device[b]
+                if back is not None:
+                    back[b][0] = (b, 1)
+        if b == n:
+            break
+        if dev[b] + s.device[b] < dev[b + 1]:
+            dev[b + 1] = dev[b] + s.device[b]
+            if back is not None:
+                back[b + 1][0] = (b, 0)
+        if b in available and edg[b] + s.edge[b] < edg[b + 1]:
+            edg[b + 1] = edg[b] + s.edge[b]
+            if back is not None:
+                back[b + 1][1] = (b, 1)
+    return dev[n]
+
+
+def best_weight(p: PlanningInputs, available: set[int] | frozenset[int], steps: Steps) -> float:
+    """``weight_of(p, best_plan(p, available))`` without building the plan (``steps`` from
+    ``plan_steps(p)``): weights add up along the walk, so the walk's weight is the plan's."""
+    return _walk(steps, available, None)
+
+
 def best_plan(
     p: PlanningInputs,
     available: set[int] | frozenset[int],
     *,
     single_split: bool = False,
     extra_edge_ms: dict[int, float] | None = None,
+    steps: Steps | None = None,
 ) -> Plan:
     """The cheapest plan using only ``available`` edge blocks (device → edge → device allowed,
     or one split when ``single_split``). ``extra_edge_ms`` adds a per-block penalty (IONN's
-    upload penalty) to running a block on the edge."""
+    upload penalty) to running a block on the edge; ``steps``: ``plan_steps(p, extra)`` made
+    already."""
     n = p.profile.n
     if single_split:
         return _best_single(p, available)
-    pr, est, pw = p.profile, p.estimates, p.power
-    extra = extra_edge_ms or {}
-    # cost[b][loc]: best weight reaching boundary b at loc (0 device, 1 edge); back-pointers
-    cost = [[INF, INF] for _ in range(n + 1)]
+    # back[b][loc]: where the best walk to boundary b at loc (0 device, 1 edge) came from
     back: list[list[tuple[int, int] | None]] = [[None, None] for _ in range(n + 1)]
-    cost[0][0] = 0.0
-
-    def relax(b: int, loc: int, nb: int, nloc: int, w: float) -> None:
-        if cost[b][loc] + w < cost[nb][nloc]:
-            cost[nb][nloc] = cost[b][loc] + w
-            back[nb][nloc] = (b, loc)
-
-    for b in range(n + 1):
-        for _ in range(2):  # a switch at b may enable the other state at the same b
-            if b >= p.min_local:
-                t = est.transfer_ms(pr.boundary_bytes[b])
-                relax(
-                    b, 0, b, 1, _weight(p, t + _queue(p), pw.transmit_w * t + pw.idle_w * _queue(p))
-                )
-                relax(b, 1, b, 0, _weight(p, t, pw.idle_w * t))
-        if b == n:
-            break
-        d = pr.device_ms[b] * est.device_factor
-        relax(b, 0, b + 1, 0, _weight(p, d, pw.compute_w * d))
-        if b in available and b >= p.min_local:
-            e = _edge_ms(p, b) + extra.get(b, 0.0)
-            relax(b, 1, b + 1, 1, _weight(p, e, pw.idle_w * e))
+    _walk(steps or plan_steps(p, extra_edge_ms), available, back)
     # walk back from (n, device)
-    steps: list[tuple[int, int]] = []
+    steps_taken: list[tuple[int, int]] = []
     node: tuple[int, int] | None = (n, 0)
     while node is not None:
-        steps.append(node)
+        steps_taken.append(node)
         node = back[node[0]][node[1]]
-    steps.reverse()
+    steps_taken.reverse()
     segments: list[Segment] = []
-    for (b0, l0), (b1, _l1) in itertools.pairwise(steps):
+    for (b0, l0), (b1, _l1) in itertools.pairwise(steps_taken):
         if b1 == b0 + 1:
             where: Where = "device" if l0 == 0 else "edge"
             if segments and segments[-1].where == where and segments[-1].end == b0:

@@ -10,12 +10,15 @@ from iotoffload.planning import (
     PLANNERS,
     ChainProfile,
     Estimates,
+    Plan,
     PlanningInputs,
+    Segment,
     best_plan,
     evaluate,
     make_planner,
     single_split_plan,
 )
+from iotoffload.planning.cost import best_weight, plan_steps, weight_of
 from iotoffload.planning.planners import IonnPlanner
 
 ALL3 = frozenset(range(3))
@@ -181,3 +184,39 @@ def test_energy_objective_never_uses_more_energy(p: PlanningInputs, data: st.Dat
     lat = best_plan(dataclasses.replace(p, objective="latency"), avail)
     en = best_plan(dataclasses.replace(p, objective="energy"), avail)
     assert en.energy_mj <= lat.energy_mj + 1e-9
+
+
+def _all_walks(n: int, min_local: int, avail: frozenset[int]) -> list[tuple[Segment, ...]]:
+    """Every plan: each block on the device or, when held and not private, on the edge."""
+    walks = []
+    for mask in range(1 << n):
+        where = ["edge" if mask >> i & 1 else "device" for i in range(n)]
+        if any(w == "edge" and (i not in avail or i < min_local) for i, w in enumerate(where)):
+            continue
+        segs: list[Segment] = []
+        for i, w in enumerate(where):
+            if segs and segs[-1].where == w:
+                segs[-1] = Segment(segs[-1].start, i + 1, segs[-1].where)
+            else:
+                segs.append(Segment(i, i + 1, w))  # type: ignore[arg-type]
+        walks.append(tuple(segs))
+    return walks
+
+
+@settings(max_examples=150, deadline=None)
+@given(inputs(), st.data())
+def test_best_weight_is_the_best_plans_weight_and_the_true_optimum(
+    p: PlanningInputs, data: st.DataObject
+) -> None:
+    objective = data.draw(st.sampled_from(["latency", "energy", "mix"]))
+    p = dataclasses.replace(p, objective=objective)
+    avail = data.draw(subsets(p.profile.n))
+    steps = plan_steps(p)
+    w = best_weight(p, avail, steps)
+    plan = best_plan(p, avail, steps=steps)
+    assert w == pytest.approx(weight_of(p, plan))
+    assert plan == best_plan(p, avail)  # the steps given or made: the same plan
+    brute = min(
+        weight_of(p, Plan(s, *evaluate(p, s))) for s in _all_walks(p.profile.n, p.min_local, avail)
+    )
+    assert w == pytest.approx(brute)
