@@ -118,6 +118,12 @@ def first_node(client_id: str, nodes: int) -> int:
     return zlib.crc32(client_id.encode()) % max(1, nodes)
 
 
+# The socket's send buffer, at least: a whole upload window (two 512 KB chunks and the link's
+# bandwidth-delay product) fits the kernel, so the publishing thread writes each chunk at once.
+# Linux's autotuned buffer took a 512 KB chunk in four writes on an 80 Mbit/s link, each one
+# waking paho's network thread on "writable" (429 wake-ups for 175 chunks; 41 with this). No
+# more is queued than before: the upload's window, not the buffer, bounds what is in flight.
+SEND_BUFFER_BYTES = 2 * 1024 * 1024
 MAX_ROUTES = 1024  # topics whose handlers are remembered (a wildcard may see many topics)
 MAX_ROUTE_TOPIC = 512  # longer topics (ours are far shorter) are matched, not remembered
 
@@ -136,6 +142,16 @@ def _queues_packets_as_expected() -> bool:
     return all(callable(getattr(mqtt.Client, m, None)) for m in methods) and hasattr(
         getattr(mqtt, "_ConnectionState", None), "MQTT_CS_CONNECTED"
     )
+
+
+def _widen_send_buffer(sock: socket.socket) -> None:
+    """At least SEND_BUFFER_BYTES of send buffer (never less than the system gave: Linux
+    reports twice what was set, and a larger system default is kept)."""
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 2 * SEND_BUFFER_BYTES:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+    except OSError as e:  # a platform that refuses it: the autotuned buffer works, slower
+        log.debug("send buffer not widened: %s", e)
 
 
 class _Client(mqtt.Client):
@@ -430,6 +446,7 @@ class MqttLink:
         # +40 ms on every query on loopback.
         if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _widen_send_buffer(sock)
 
     def _on_connect(
         self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None

@@ -5,6 +5,7 @@ other and the network thread's reads still deliver every packet whole and in ord
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from iotoffload.transport.mqtt import Message, MqttLink, MqttSecurity
+from iotoffload.transport.mqtt import SEND_BUFFER_BYTES, Message, MqttLink, MqttSecurity
 from tests.integration.conftest import Mosquitto
 from tests.integration.secure import SecureMosquitto
 
@@ -244,3 +245,39 @@ def test_publishers_across_broker_restarts_never_write_before_connect(tmp_path: 
             link.close()
     assert len(first) >= 2  # new sockets after the restarts were written to
     assert set(first) == {0x10}, first  # each began with CONNECT
+
+
+def test_an_upload_chunk_leaves_in_one_write(broker: tuple[str, MqttSecurity | None]) -> None:
+    """The send buffer holds a whole upload window, so a 512 KB chunk (the upload's largest)
+    goes to the kernel in one write from the publishing thread. (Loopback drains so fast that
+    the write is whole even with Linux's autotuned buffer; on a shaped link that buffer took a
+    chunk in pieces, each later one waking paho's network thread: the buffer's size is what
+    this checks first.)"""
+    url, sec = broker
+    if sec is not None:
+        pytest.skip("no direct writes over TLS")
+    got = threading.Event()
+    link = _link(url, sec, "chunk")
+    link.subscribe("t/chunk", lambda m: got.set() if len(m.payload) == 512 * 1024 else None)
+    link.connect(5)
+    c = link.client
+    assert c._sock is not None
+    assert c._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 2 * SEND_BUFFER_BYTES
+    writes: list[tuple[str, int]] = []
+    real_send = c._sock_send
+
+    def spy(buf: bytes | bytearray) -> int:
+        n = real_send(buf)
+        writes.append((threading.current_thread().name, n))
+        return n
+
+    c._sock_send = spy  # type: ignore[method-assign]
+    try:
+        time.sleep(0.2)
+        writes.clear()
+        link.publish("t/chunk", b"c" * (512 * 1024), qos=0)
+        assert got.wait(5), "the chunk did not come back"
+    finally:
+        link.close()
+    ours = [n for who, n in writes if who == threading.current_thread().name]
+    assert ours and ours[0] > 512 * 1024, writes  # the whole PUBLISH packet, header and all
