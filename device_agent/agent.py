@@ -57,7 +57,9 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_CHUNK", "DeviceAgent", "HandoffEvent", "QueryOutcome"]
 # the largest upload chunk (chunks are sized to the link below it): a frame of it stays under
 # EMQX's 1 MB and mosquitto 2.1's 2 MB packet caps
-DEFAULT_CHUNK = 512 * 1024
+# the largest upload chunk (link_chunk sizes them to the link below it): with its frame's
+# header it fits the 1 MiB packet cap of EMQX's default configuration
+DEFAULT_CHUNK = 960 * 1024
 T = TypeVar("T")
 
 

@@ -38,7 +38,13 @@ class DeviceConfig(BaseSettings):
         description="edge ÷ device speed, until the edge reports its own block times",
     )
     deadline_ms: float | None = Field(default=None, gt=0, description="per-query; auto if unset")
-    chunk_bytes: int = Field(default=512 * 1024, ge=1024, le=1024 * 1024)
+    chunk_bytes: int = Field(
+        default=960 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="the largest upload chunk (chunks are sized to the link below it; the "
+        "default and its frame header fit a 1 MiB broker packet cap)",
+    )
     upload_weights: str = Field(
         default="auto",
         pattern="^(auto|float32|float16|int8)$",

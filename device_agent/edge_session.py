@@ -46,10 +46,17 @@ Progress = Callable[[int, int], None]
 MISS_WINDOW_S = 30.0  # deadline misses older than this no longer count toward a move
 # Chunks are sized to the link: one holds it at most this long (at least half), which is what
 # a query's tensor not announced ahead waits behind (the window keeps about one chunk queued
-# ahead of the link; an announced one finds the link clear). Each chunk costs the device about
-# 0.4-0.6 ms of CPU whatever its size (its frame, two MQTT packets, its ack): at 40 ms the
-# upload took 4.75 ms of CPU per MB at 80 Mbit/s and 13.4 at 20, at 80 ms 3.36 and 8.7.
+# ahead of the link; an announced one finds the link clear). Each chunk costs a slowed device
+# about 1 ms of CPU whatever its size (its frame, two MQTT packets, its ack, and the wake-ups
+# of two threads, each with cold caches): at 40 ms the upload took 4.75 ms of CPU per MB at 80
+# Mbit/s and 13.4 at 20, at 80 ms 3.36 and 8.7.
 CHUNK_LINK_S = 0.08
+# With no query offloaded to the edge lately nothing waits behind a chunk: twice as long, half
+# the chunks. At 80 Mbit/s (1 MiB chunks, 960 KiB by default) the upload then took 2.24 ms of
+# CPU per MB against 3.2 (2026-12-03); with queries flowing the same chunks doubled what a
+# tensor waited behind the upload (p50 123 -> 226 ms), so those get CHUNK_LINK_S.
+IDLE_CHUNK_LINK_S = 0.16
+QUERY_QUIET_S = 5.0  # a query offloaded within this long: chunks for a link queries share
 MIN_CHUNK = 16 * 1024  # below this, per-chunk work (frames, acks) costs more than it saves
 # Time from a chunk's last byte reaching the edge to its ack reaching us, beyond the round
 # trip (the edge writes the chunk first): part of the bytes the window keeps in flight.
@@ -151,6 +158,7 @@ class EdgeSession:
         self._waiters: set[asyncio.Future[None]] = set()  # upload tasks waiting for room
         self._holds: dict[object, tuple[float, float]] = {}  # expected queries (expect_query)
         self._queries = 0  # queries in flight to this edge
+        self._last_query = -math.inf  # time.monotonic() of the last query offloaded here
         self._pace_until = 0.0
         self.misses: deque[float] = deque(maxlen=64)
         self.chunks_sent: dict[int, int] = {}
@@ -186,9 +194,12 @@ class EdgeSession:
 
     def link_chunk(self) -> int:
         """A chunk that holds the link at most CHUNK_LINK_S (at least half that) at the
-        measured bandwidth: a power of two within [MIN_CHUNK, chunk_size] (devices on similar
+        measured bandwidth, IDLE_CHUNK_LINK_S while no query was offloaded here for
+        QUERY_QUIET_S: a power of two within [MIN_CHUNK, chunk_size] (devices on similar
         links pick the same size, so their uploads of a shared block fill one partial)."""
-        want = max(1.0, self.inputs.estimates.bandwidth_Bps * CHUNK_LINK_S)
+        quiet = time.monotonic() - self._last_query > QUERY_QUIET_S
+        hold_s = IDLE_CHUNK_LINK_S if quiet and not self._holds else CHUNK_LINK_S
+        want = max(1.0, self.inputs.estimates.bandwidth_Bps * hold_s)
         size = 1 << math.floor(math.log2(want))
         return max(min(self.chunk_size, MIN_CHUNK), min(self.chunk_size, size))
 
@@ -630,6 +641,7 @@ class EdgeSession:
         the link (then its round trip measures the link). The upload goes on: the chunks sent
         after the tensor travel behind it. ``hold``: the query's expect_query token."""
         self._queries += 1
+        self._last_query = time.monotonic()
         self._ack_run.clear()  # the tensor's link time is no chunk's: restart the ack run
         self.release(hold)
         return not self._unacked

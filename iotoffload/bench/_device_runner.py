@@ -177,6 +177,8 @@ def _query(
             "tflite_cpu_ms": round((clock.cpu_s - tfl0) * 1e3, 3),
             "query_cpu_ms": round((time.thread_time() - c0) * 1e3, 3),
         }
+        if o.offloaded:  # the query's own bytes on the link the upload shares
+            rec["wire_bytes"] = o.wire_bytes
         if hasattr(o, "behind_upload_ms"):  # a device agent from before the field: no key
             b = o.behind_upload_ms
             rec["behind_upload_ms"] = None if b is None else round(b, 3)

@@ -260,6 +260,24 @@ class UploadRun:
         return cpu * 1e3 / (self.bytes_uploaded / MB)
 
     @property
+    def query_bytes_during_upload(self) -> int | None:
+        """The bytes the offloaded queries sent while the upload ran (their tensors share the
+        link with it). None when the device does not report them (a run from before)."""
+        rows = self._during_upload()
+        if not self.uploads or not any("wire_bytes" in r for r in self.records):
+            return None
+        return sum(int(r.get("wire_bytes") or 0) for r in rows)
+
+    @property
+    def upload_ceiling_vs_alone(self) -> float | None:
+        """The most ``upload_vs_alone`` could be with the queries' tensors on the same link:
+        the upload's share of the bytes sent while it ran."""
+        q = self.query_bytes_during_upload
+        if q is None or not self.bytes_uploaded:
+            return None
+        return self.bytes_uploaded / (self.bytes_uploaded + q)
+
+    @property
     def behind_upload_ms(self) -> list[float] | None:
         """The estimated wait of each tensor sent during the upload behind upload chunks
         already on the link (an offloaded query with nothing ahead: 0). None when the device
@@ -303,6 +321,8 @@ class UploadRun:
             upload_other_threads_cpu_ms_per_MB=self.upload_other_threads_cpu_ms_per_MB,
             behind_upload_p50_ms=self.behind_upload_p50_ms,
             behind_upload_p95_ms=self.behind_upload_p95_ms,
+            query_bytes_during_upload=self.query_bytes_during_upload,
+            upload_ceiling_vs_alone=self.upload_ceiling_vs_alone,
         )
         return d
 
@@ -457,9 +477,21 @@ def headline_lines(runs: Sequence[Summary]) -> list[str]:
             lines.append(f"{head}: {DEFAULT_PLANNER} offloaded no query in its run")
         if at["upload_vs_alone"]:
             each = ", ".join(f"{f.subject} {f.value:.2f}×" for f in at["upload_vs_alone"])
+            ceilings = [
+                f"{_label(r)} {c:.2f}×"
+                for r in runs
+                if r["rate_mbit"] == rate
+                and (c := r.get("upload_ceiling_vs_alone")) is not None
+                and c < 0.995  # a run whose queries sent next to nothing: no ceiling to note
+            ]
+            ceiling = (
+                f"; at most, with the queries' own tensors on the link: {', '.join(ceilings)}"
+                if ceilings
+                else ""
+            )
             lines.append(
                 f"{head}: upload throughput while queries flow vs alone: {each} "
-                f"({_worst(at['upload_vs_alone'])})"
+                f"({_worst(at['upload_vs_alone'])}){ceiling}"
             )
         for f in at["cpu_ms_per_MB"]:
             v = f" ({f.verdict(' ms')})" if f.target is not None else ""

@@ -102,6 +102,30 @@ def test_wait_behind_chunks_over_the_queries_sent_during_the_upload() -> None:
     assert before.behind_upload_p50_ms is None  # not reported: '-', not 0
 
 
+def test_the_queries_own_bytes_bound_the_upload_throughput_while_they_flow() -> None:
+    recs = [
+        _rec(0.5, 400, offloaded=False),  # ran locally: sent nothing
+        _rec(1.0, 200, offloaded=True, wire_bytes=1_000_000),
+        _rec(2.0, 200, offloaded=True, wire_bytes=1_000_000),
+        _rec(9.0, 150, offloaded=True, wire_bytes=1_000_000),  # after the upload
+    ]
+    run = UploadRun("auto", 80, 25, "netns", records=recs, upload_s=5.0, bytes_uploaded=8_000_000)
+    assert run.query_bytes_during_upload == 2_000_000
+    assert run.upload_ceiling_vs_alone == pytest.approx(0.8)  # 8 of the 10 MB on the link
+    old = [{k: v for k, v in r.items() if k != "wire_bytes"} for r in recs]
+    before = UploadRun("auto", 80, 25, "netns", records=old, upload_s=5.0, bytes_uploaded=8)
+    assert before.upload_ceiling_vs_alone is None  # not reported: no ceiling, not 1
+    runs = [
+        _s("upload-only", upload_MBps=10.0, horizon_s=30.0),
+        _s("auto", upload_MBps=7.5, horizon_s=30.0, upload_ceiling_vs_alone=0.8),
+        _s("edge:float32", upload_MBps=9.9, horizon_s=30.0, upload_ceiling_vs_alone=1.0),
+    ]
+    text = "\n".join(headline_lines(with_alone_ratios(runs)))
+    assert "auto 0.75×, edge:float32 0.99× (goal ≥ 0.9: missed by auto 0.15)" in text
+    assert "; at most, with the queries' own tensors on the link: auto 0.80×" in text
+    assert "edge:float32 1.00×" not in text  # sent nothing while uploading: no ceiling noted
+
+
 def _s(label: str, rate: float = 80, **kw: Any) -> dict[str, Any]:
     planner = "auto" if label.startswith("upload-only") else label.split(":")[0]
     kind = "upload-only" if label.startswith("upload-only") else "queries"

@@ -10,11 +10,14 @@ from typing import Any
 
 import pytest
 
+from device_agent.agent import DEFAULT_CHUNK
 from device_agent.edge_session import (
     ACK_SLACK_S,
     CHUNK_LINK_S,
     EDGE_MAX_CHUNKS,
+    IDLE_CHUNK_LINK_S,
     MIN_CHUNK,
+    QUERY_QUIET_S,
     EdgeSession,
 )
 from iotoffload.loop import AgentLoop
@@ -133,21 +136,36 @@ def test_chunk_acks_in_a_row_measure_the_link(mobilenet: ModelPackage) -> None:
     assert s.inputs.estimates.bandwidth_Bps < 0.9 * 10e6
 
 
+def _busy(s: EdgeSession) -> EdgeSession:
+    s.query_started()  # a query offloaded just now: chunks for a link queries share
+    return s
+
+
 def test_chunks_are_sized_to_the_link_within_bounds(mobilenet: ModelPackage) -> None:
-    assert CHUNK_LINK_S == 0.08  # the figures below
+    assert (CHUNK_LINK_S, IDLE_CHUNK_LINK_S) == (0.08, 0.16)  # the figures below
     link = FakeLink()
     big = 1 << 20
     # at most CHUNK_LINK_S of link time, a power of two: 800 kB at 10 MB/s -> 512 KiB,
     # 80 kB at 1 MB/s -> 64 KiB; similar links agree
-    assert _session(mobilenet, link, 10e6, big).link_chunk() == 512 * 1024
-    assert _session(mobilenet, link, 9.3e6, big).link_chunk() == 512 * 1024
-    assert _session(mobilenet, link, 7e6, big).link_chunk() == 512 * 1024
-    assert _session(mobilenet, link, 2.5e6, big).link_chunk() == 128 * 1024  # 20 Mbit/s
-    assert _session(mobilenet, link, 1e6, big).link_chunk() == 64 * 1024
-    assert _session(mobilenet, link, 14e6, big).link_chunk() == 1024 * 1024
-    assert _session(mobilenet, link, 1e3, big).link_chunk() == MIN_CHUNK  # a slow link
-    assert _session(mobilenet, link, 100e6, big).link_chunk() == big  # capped by chunk_size
-    assert _session(mobilenet, link, 1e3, 1024).link_chunk() == 1024  # a smaller cap wins
+    assert _busy(_session(mobilenet, link, 10e6, big)).link_chunk() == 512 * 1024
+    assert _busy(_session(mobilenet, link, 9.3e6, big)).link_chunk() == 512 * 1024
+    assert _busy(_session(mobilenet, link, 7e6, big)).link_chunk() == 512 * 1024
+    assert _busy(_session(mobilenet, link, 2.5e6, big)).link_chunk() == 128 * 1024  # 20 Mbit/s
+    assert _busy(_session(mobilenet, link, 1e6, big)).link_chunk() == 64 * 1024
+    assert _busy(_session(mobilenet, link, 14e6, big)).link_chunk() == 1024 * 1024
+    assert _busy(_session(mobilenet, link, 1e3, big)).link_chunk() == MIN_CHUNK  # a slow link
+    assert _busy(_session(mobilenet, link, 100e6, big)).link_chunk() == big  # capped
+    assert _busy(_session(mobilenet, link, 1e3, 1024)).link_chunk() == 1024  # a smaller cap wins
+    # no query offloaded lately, none announced: nothing waits behind a chunk, so twice the
+    # link time (half the chunks, each ~1 ms of a slowed device's CPU)
+    assert _session(mobilenet, link, 10e6, big).link_chunk() == 1024 * 1024
+    assert _session(mobilenet, link, 2.5e6, big).link_chunk() == 256 * 1024
+    assert _session(mobilenet, link, 10e6, DEFAULT_CHUNK).link_chunk() == DEFAULT_CHUNK
+    quiet = _busy(_session(mobilenet, link, 10e6, big))
+    quiet._last_query -= QUERY_QUIET_S + 1  # the last query long ago
+    assert quiet.link_chunk() == 1024 * 1024
+    quiet.expect_query(object(), time.perf_counter() + 1, time.perf_counter() + 2)
+    assert quiet.link_chunk() == 512 * 1024  # a query announced: small chunks again
 
 
 def test_a_resume_keeps_the_chunking_the_edge_holds_and_refuses_a_hostile_one(

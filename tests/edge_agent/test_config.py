@@ -19,7 +19,7 @@ def test_shipped_edge_config_loads_and_flags_win() -> None:
 
 def test_shipped_device_config_loads() -> None:
     cfg = DeviceConfig.load(CONFIGS / "device.toml", split="9")
-    assert cfg.model == "mobilenet" and cfg.split == "9" and cfg.chunk_bytes == 524288
+    assert cfg.model == "mobilenet" and cfg.split == "9" and cfg.chunk_bytes == 960 * 1024
 
 
 @pytest.mark.parametrize(
