@@ -195,8 +195,9 @@ class EdgeSession:
     def link_chunk(self) -> int:
         """A chunk that holds the link at most CHUNK_LINK_S (at least half that) at the
         measured bandwidth, IDLE_CHUNK_LINK_S while no query was offloaded here for
-        QUERY_QUIET_S: a power of two within [MIN_CHUNK, chunk_size] (devices on similar
-        links pick the same size, so their uploads of a shared block fill one partial)."""
+        QUERY_QUIET_S (and none announced): a power of two within [MIN_CHUNK, chunk_size],
+        or chunk_size itself where that caps it (devices alike on similar links pick the same
+        size, so their uploads of a shared block fill one partial)."""
         quiet = time.monotonic() - self._last_query > QUERY_QUIET_S
         hold_s = IDLE_CHUNK_LINK_S if quiet and not self._holds else CHUNK_LINK_S
         want = max(1.0, self.inputs.estimates.bandwidth_Bps * hold_s)
