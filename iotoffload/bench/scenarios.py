@@ -147,14 +147,20 @@ def edge_process(b: BenchBroker, workers: int = 1) -> Iterator[None]:
             raise RuntimeError("the bench edge did not start")
         yield
     finally:
-        assert proc.stdin is not None
-        proc.stdin.close()  # its signal to stop
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_helper(proc, 10)
         shutil.rmtree(store, ignore_errors=True)
+
+
+def stop_helper(proc: subprocess.Popen[str], timeout: float) -> None:
+    """Close a bench helper's stdin (its signal to stop); kill it if it does not within
+    ``timeout``."""
+    if proc.stdin:
+        proc.stdin.close()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def energy(

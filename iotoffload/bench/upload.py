@@ -30,6 +30,7 @@ import numpy as np
 
 from broker.embedded import free_port
 from iotoffload.bench.netns import Testbed
+from iotoffload.bench.scenarios import stop_helper
 from iotoffload.model.cache import ModelCache
 from iotoffload.model.errors import PackageError
 from iotoffload.model.package import ModelPackage
@@ -649,8 +650,8 @@ def run_once(
                 run.records.append(rec)
     finally:
         if proxy is not None:
-            _stop(proxy, 5)
-        _stop(edge, 10)
+            stop_helper(proxy, 5)
+        stop_helper(edge, 10)
         shutil.rmtree(store, ignore_errors=True)
         if lab is not None:
             shutil.rmtree(lab, ignore_errors=True)
@@ -666,17 +667,6 @@ def _take_summary(run: UploadRun, rec: Mapping[str, Any]) -> None:
     run.upload_tflite_cpu_s = rec.get("upload_tflite_cpu_s")
     run.upload_query_thread_cpu_s = rec.get("upload_query_thread_cpu_s")
     run.upload_error = rec.get("upload_error")
-
-
-def _stop(proc: subprocess.Popen[str], timeout: float) -> None:
-    """Close the helper's stdin (its signal to stop); kill it if it does not within timeout."""
-    if proc.stdin:
-        proc.stdin.close()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 # the plot --------------------------------------------------------------------------------------

@@ -129,18 +129,16 @@ def best_plan(
     *,
     single_split: bool = False,
     extra_edge_ms: dict[int, float] | None = None,
-    steps: Steps | None = None,
 ) -> Plan:
     """The cheapest plan using only ``available`` edge blocks (device → edge → device allowed,
     or one split when ``single_split``). ``extra_edge_ms`` adds a per-block penalty (IONN's
-    upload penalty) to running a block on the edge; ``steps``: ``plan_steps(p, extra)`` made
-    already."""
+    upload penalty) to running a block on the edge."""
     n = p.profile.n
     if single_split:
         return _best_single(p, available)
     # back[b][loc]: where the best walk to boundary b at loc (0 device, 1 edge) came from
     back: list[list[tuple[int, int] | None]] = [[None, None] for _ in range(n + 1)]
-    _walk(steps or plan_steps(p, extra_edge_ms), available, back)
+    _walk(plan_steps(p, extra_edge_ms), available, back)
     # walk back from (n, device)
     steps_taken: list[tuple[int, int]] = []
     node: tuple[int, int] | None = (n, 0)
