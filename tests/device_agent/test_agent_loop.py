@@ -242,3 +242,34 @@ def test_forged_status_and_hostile_inventory_are_refused(mobilenet: ModelPackage
         assert dev.loop.call(lambda: dict(dev.session._partial)) == {}
     finally:
         dev.close()
+
+
+def test_the_monitor_sleeps_while_the_device_has_one_edge(
+    mobilenet: ModelPackage, mosq: Mosquitto, mosq2: Mosquitto
+) -> None:
+    """Alone with its edge, the monitor runs a round per probe interval (2 s), not 4 a
+    second; an edge made known wakes it, and with another edge to weigh it ticks again."""
+    edge = ScriptedEdge(mosq.url, "ea", mobilenet)
+    other = ScriptedEdge(mosq2.url, "eb", mobilenet)
+    dev = _device(mobilenet, mosq.url, "ea", interface="127.0.0.1")
+    rounds: list[float] = []
+    try:
+        assert dev.connect() is not None
+        mon = dev.mobility
+        real = mon._maybe_move
+
+        async def counted(now: float) -> None:
+            rounds.append(now)
+            await real(now)
+
+        dev.loop.call(lambda: setattr(mon, "_maybe_move", counted))
+        time.sleep(1.5)
+        alone = len(rounds)
+        assert alone <= 2, rounds  # 4 Hz would be 6
+        dev.add_edge("eb", mosq2.url)
+        time.sleep(1.0)
+        assert len(rounds) - alone >= 3, rounds  # woken, then ticking with two edges
+    finally:
+        dev.close()
+        other.close()
+        edge.close()
