@@ -121,6 +121,9 @@ class EdgeSession:
         self.announced = False
         self.known = False  # the edge has my model's chain
         self.refused: str | None = None  # why the edge refused my announce (last one)
+        # the edge refused a pixel query (it predates them): block 0's input goes as float32.
+        # Set on the loop, read as a snapshot by the query threads.
+        self.pixels_refused = False
         self._edge_base: dict[int, float] = {}
         self.stored: frozenset[int] = frozenset()
         self._loaded: frozenset[int] = frozenset()
@@ -654,6 +657,13 @@ class EdgeSession:
 
     def query_done(self) -> None:
         self._queries -= 1
+
+    def refuse_pixels(self) -> None:
+        if not self.pixels_refused:
+            log.info(
+                "edge %s takes no pixel queries: sending block 0's float32 input", self.edge_id
+            )
+        self.pixels_refused = True
 
     def expect_query(self, hold: object, at: float, until: float) -> None:
         """A query (token ``hold``) is computing its device blocks and will publish its tensor

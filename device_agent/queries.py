@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -28,12 +29,14 @@ from device_agent.answers import Answers
 from device_agent.edge_session import EdgeSession
 from iotoffload.loop import AgentLoop, LoopClosedError
 from iotoffload.model.package import ModelPackage
-from iotoffload.planning import Estimates, Plan, Planner, single_split_plan
+from iotoffload.model.preprocess import normalize_pixels
+from iotoffload.planning import Estimates, Plan, Planner, PlanningInputs, single_split_plan
 from iotoffload.runtime.base import Array
 from iotoffload.runtime.tflite import TFLiteExecutor
 from iotoffload.transport.frame import (
     Error,
     ErrorCode,
+    Pixels,
     Query,
     Result,
     encode_tensor_frame,
@@ -42,6 +45,8 @@ from iotoffload.transport.frame import (
 from iotoffload.transport.topics import Topics
 
 log = logging.getLogger(__name__)
+# what an edge that cannot take a pixel query answers it with
+_NO_PIXELS = (f"edge error: {ErrorCode.INVALID_HEADER}", f"edge error: {ErrorCode.BAD_TENSOR}")
 
 SETTLE_WAIT_S = 0.5  # at most, for the loop to learn from the caller's last reply
 # what a pending query ends with: the edge's result, its error, or why neither came
@@ -255,11 +260,40 @@ class QueryRunner:
         self.last_query = 0.0
 
     # planning (pure reads of frozen snapshots, plus the loop-owned clocks) -----------------
-    def plan_for(self, s: EdgeSession) -> Plan:
-        """The plan for the next query on edge ``s``, over the blocks it holds now."""
+    def plan_for(self, s: EdgeSession, inputs: PlanningInputs | None = None) -> Plan:
+        """The plan for the next query on edge ``s``, over the blocks it holds now
+        (``inputs``: the session's, or those of a pixel query)."""
+        inputs = inputs or s.inputs
         if self.fixed_split is not None:  # missing blocks make it finish locally, saying so
-            return single_split_plan(s.inputs, max(self.fixed_split, s.inputs.min_local))
-        return self.planner.plan(s.inputs, s.stored)
+            return single_split_plan(inputs, max(self.fixed_split, inputs.min_local))
+        return self.planner.plan(inputs, s.stored)
+
+    def pixels_of(self, x: Array) -> Pixels | None:
+        """How the edge normalises ``x`` when it is the uint8 pixels of an image for this
+        float32 model (``preprocess.pil_pixels``); None when ``x`` is the input itself."""
+        m = self.pkg.manifest
+        prep = m.preprocessing
+        if x.dtype != np.uint8 or m.input.dtype != "float32":
+            return None
+        if prep is None or m.input.layout not in ("NHWC", "NCHW"):
+            raise ValueError(
+                f"model {m.name} records no image preprocessing: give its float32 input, "
+                "not uint8 pixels"
+            )
+        if tuple(x.shape) != tuple(m.input.shape):
+            raise ValueError(f"pixels of shape {list(x.shape)}; the model takes {m.input.shape}")
+        return Pixels(mean=list(prep.mean), std=list(prep.std), layout=m.input.layout)
+
+    @staticmethod
+    def pixel_inputs(s: EdgeSession, x: Array) -> PlanningInputs:
+        """The session's planning inputs for a query of pixels ``x``: block 0's input
+        crosses the link as its uint8 bytes, when the edge takes them."""
+        inputs = s.inputs
+        if s.pixels_refused:
+            return inputs
+        prof = inputs.profile
+        wire = (x.nbytes, *prof.boundary_bytes[1:])
+        return dataclasses.replace(inputs, profile=dataclasses.replace(prof, boundary_bytes=wire))
 
     def auto_deadline_ms(self, s: EdgeSession, start: int, predicted_ms: float = 0.0) -> float:
         """Wait for the edge about twice what finishing locally from ``start`` would take (or
@@ -288,9 +322,12 @@ class QueryRunner:
         self.last_reply = time.monotonic()  # one exploring query per period, answered or not
         return best
 
-    def _plan(self, s: EdgeSession, split: int | None) -> tuple[Plan, str]:
+    def _plan(
+        self, s: EdgeSession, split: int | None, inputs: PlanningInputs | None = None
+    ) -> tuple[Plan, str]:
         """(plan, reason) for one query, from frozen snapshots (any thread)."""
-        plan = single_split_plan(s.inputs, split) if split is not None else self.plan_for(s)
+        inputs = inputs or s.inputs
+        plan = single_split_plan(inputs, split) if split is not None else self.plan_for(s, inputs)
         return plan, "planned local" if not plan.offloads else "edge"
 
     def _explore(self, s: EdgeSession, plan: Plan) -> tuple[Plan, str] | None:
@@ -325,12 +362,17 @@ class QueryRunner:
     # one query (caller's thread) --------------------------------------------------------------
     def query(self, x: Array, index: int = 0, split: int | None = None) -> QueryOutcome:
         """Run one query by the current plan; an edge segment that fails (deadline, error,
-        edge offline) is finished on the device. Exactly one answer, always."""
+        edge offline) is finished on the device. Exactly one answer, always.
+
+        ``x`` is the model's input, or the uint8 pixels of an image (``pixels_of``): they
+        are normalised where block 0 runs, the edge's side included."""
         n = self.pkg.num_blocks
+        px = self.pixels_of(x)
         self.settle()
         s = self._current()  # a move during this query affects the next one
         loop = self._loop()
-        plan, reason = self._plan(s, split)  # snapshots: no hop into the loop for this
+        inputs = self.pixel_inputs(s, x) if px is not None else None
+        plan, reason = self._plan(s, split, inputs)  # snapshots: no hop into the loop
         if loop is not None and split is None and not plan.offloads:
             try:  # planned local: maybe explore (one hop; local work dwarfs it)
                 explored = loop.call(lambda: self._explore(s, plan))
@@ -342,13 +384,19 @@ class QueryRunner:
         t0 = time.perf_counter()
         hold = self._announce_tensor(loop, s, plan, t0) if loop is not None else None
         y = x
+
+        def floats(y: Array) -> Array:  # block 0's input, from pixels if that is what y is
+            if px is None or y is not x:
+                return y
+            return normalize_pixels(x, px.mean, px.std, px.layout)
+
         front_ms = 0.0
         offloaded = False
         info: dict[str, float] = {}
         ran_ms = profiled_ms = 0.0  # the device's own blocks: how fast it runs them now
         for seg in plan.segments:
             if seg.where == "device":
-                y, times = self.tfl.run_timed(seg.start, seg.end, y)
+                y, times = self.tfl.run_timed(seg.start, seg.end, floats(y))
                 ran_ms += sum(times) * 1e3
                 profiled_ms += sum(s.inputs.profile.device_ms[seg.start : seg.end])
                 if not offloaded:
@@ -357,11 +405,22 @@ class QueryRunner:
             why = self.why_not_remote(s, seg.start, seg.end) if loop else "broker unreachable"
             got: Array | str = why
             if not why and loop is not None:
-                got = self._run_remote(loop, s, seg.start, seg.end, y, plan.latency_ms, info, hold)
+                send = px if y is x and not s.pixels_refused else None
+                got = self._run_remote(
+                    loop,
+                    s,
+                    seg.start,
+                    seg.end,
+                    y if send else floats(y),
+                    plan.latency_ms,
+                    info,
+                    hold,
+                    send,
+                )
                 hold = None  # released once its tensor is published (or it failed)
             if isinstance(got, str):
                 reason = got
-                y = self.tfl.run(seg.start, n, y)  # finish on the device
+                y = self.tfl.run(seg.start, n, floats(y))  # finish on the device
                 break
             y, offloaded = got, True
         if loop is not None and hold is not None:  # no tensor came after all: stop holding
@@ -425,6 +484,7 @@ class QueryRunner:
         predicted_ms: float,
         info: dict[str, float],
         hold: object | None = None,
+        pixels: Pixels | None = None,
     ) -> Array | str:
         rid = f"{self.device_id}-{next(self._ids)}"  # count's next() is atomic
         deadline = self.deadline_ms or self.auto_deadline_ms(s, start, predicted_ms)
@@ -437,8 +497,14 @@ class QueryRunner:
             start=start,
             end=end,
             deadline_ms=deadline,
+            pixels=pixels,
         )
-        return self._remote(loop, s, start, end, rid, payload, deadline, info, hold)
+        reply = self._remote(loop, s, start, end, rid, payload, deadline, info, hold)
+        if pixels is not None and isinstance(reply, str) and reply in _NO_PIXELS:
+            # an edge that predates pixel queries refuses the header: float32 from now on
+            # (this query finishes on the device, as any refused one does)
+            loop.post(s.refuse_pixels)
+        return reply
 
     def _remote(
         self,

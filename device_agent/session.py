@@ -84,7 +84,9 @@ def edges_from_status(
 
 def iter_inputs(ref: str, pkg: ModelPackage, count: int) -> Iterator[tuple[str, Array]]:
     """``count`` inputs: synthetic (a new seed each), one file, the images of a folder, or
-    ``photos`` (scikit-image's sample photos)."""
+    ``photos`` (scikit-image's sample photos). Images come as their uint8 pixels: the agent
+    sends those to the edge (a quarter of the float32 input's bytes) when it offloads from
+    block 0."""
     if ref == "photos":
         ref = str(sample_photos(Path(tempfile.gettempdir()) / "iotoffload-photos"))
     path = Path(ref).expanduser()
@@ -94,9 +96,9 @@ def iter_inputs(ref: str, pkg: ModelPackage, count: int) -> Iterator[tuple[str, 
             raise ModelError(f"{path}: no images or .npy files in this folder")
         for i in range(count):
             f = files[i % len(files)]
-            yield f.name, load_input(str(f), pkg.manifest)
+            yield f.name, load_input(str(f), pkg.manifest, pixels=True)
         return
-    x = None if ref == "synthetic" else load_input(ref, pkg.manifest)
+    x = None if ref == "synthetic" else load_input(ref, pkg.manifest, pixels=True)
     for i in range(count):
         yield (ref, x) if x is not None else (f"synthetic#{i}", load_input(ref, pkg.manifest, i))
 

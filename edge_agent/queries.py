@@ -38,8 +38,11 @@ from edge_agent.workers import (
     BlockFaultError,
     BlockRunError,
     Chain,
+    PixelInput,
     RunTimeoutError,
+    WorkerInput,
     WorkerProcess,
+    input_nbytes,
 )
 from iotoffload.transport.frame import (
     ErrorCode,
@@ -106,6 +109,12 @@ class _QueryJob:
     def run_key(self) -> tuple[str, int, int]:
         return (self.chain.model_id, self.header.start, self.header.end)
 
+    @property
+    def input(self) -> WorkerInput:
+        """What the worker gets: the body, or pixels it normalises as it copies them in."""
+        p = self.header.pixels
+        return self.body if p is None else PixelInput(self.body, self.header.tensor.shape, p)
+
     def same_run(self, other: _QueryJob) -> bool:
         """Whether ``other`` can run in one batch with this (same chain, blocks, size)."""
         a, b = self.header, other.header
@@ -114,6 +123,7 @@ class _QueryJob:
             and a.end == b.end
             and other.chain is self.chain
             and len(other.body) == len(self.body)
+            and (other.header.pixels is None) == (a.pixels is None)
         )
 
 
@@ -358,7 +368,7 @@ class QueryQueue:
         model or range runs one by one, or its tensors fill a batch alone)."""
         b = self.batching
         out_bytes = job.chain.files[job.header.end - 1].output.nbytes
-        n = b.size_for(len(job.body), out_bytes)
+        n = b.size_for(input_nbytes(job.input), out_bytes)
         u = self._unbatched
         if n < 2 or job.chain.model_id in u or job.run_key in u:
             return []
@@ -509,7 +519,7 @@ class QueryQueue:
                 first.chain,
                 h.start,
                 h.end,
-                [j.body for j, _ in ready],
+                [j.input for j, _ in ready],
                 timeout=lim.run_s,
                 total=total,
             )
@@ -573,14 +583,14 @@ class QueryQueue:
         h = job.header
         run_s = self._worker_limits.run_s
         try:
-            return w.proc.run(job.chain, h.start, h.end, job.body, timeout=run_s, total=total)
+            return w.proc.run(job.chain, h.start, h.end, job.input, timeout=run_s, total=total)
         except BlockFaultError as f:
             if f.kind == "time" or self._closing:
                 raise  # a block over its own time limit (or the stop): no second try
             log.warning("%s: %s; running %s again in a fresh process", w.proc.name, f, h.request_id)
         w.proc.close()  # fresh, whatever the first failure left
         try:
-            return w.proc.run(job.chain, h.start, h.end, job.body, timeout=run_s, total=total)
+            return w.proc.run(job.chain, h.start, h.end, job.input, timeout=run_s, total=total)
         except BlockFaultError as f:
             if f.block is None:  # twice outside any block: the edge's trouble, not a block's
                 raise _WorkerTroubleError(f"the worker failed twice: {f}") from f

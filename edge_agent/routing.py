@@ -289,11 +289,13 @@ class InboundRouter:
                 f"max_tensor_bytes ({self._max_tensor_bytes})",
             )
         want = a.blocks[h.start].input
-        if h.tensor.dtype != want.dtype or h.tensor.shape != want.shape:
+        # pixels (uint8, normalised here) stand for a float32 input of the same shape
+        dtype = "float32" if h.pixels is not None else h.tensor.dtype
+        if dtype != want.dtype or h.tensor.shape != want.shape:
+            got = f"{h.tensor.dtype}{list(h.tensor.shape)}{' pixels' if h.pixels else ''}"
             return refuse(
                 ErrorCode.BAD_TENSOR,
-                f"block {h.start} expects {want.dtype}{list(want.shape)}, "
-                f"got {h.tensor.dtype}{list(h.tensor.shape)}",
+                f"block {h.start} expects {want.dtype}{list(want.shape)}, got {got}",
             )
         q = self._loader.quarantine
         bad = [i for i in range(h.start, h.end) if a.blocks[i].onnx_sha256 in q] if len(q) else []

@@ -32,9 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge_agent import _worker_main, _zygote
 from iotoffload.model.manifest import tensor_nbytes
+from iotoffload.model.preprocess import normalize_pixels
 from iotoffload.runtime.base import BlockFile
+from iotoffload.transport.frame import Pixels
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0
@@ -100,6 +104,38 @@ class _ForkServer:
 
 
 _server = _ForkServer()
+
+
+@dataclass(frozen=True)
+class PixelInput:
+    """A pixel query's uint8 body (``Query.pixels``): normalised into the worker's shared
+    buffer as it is copied in, so the float32 input costs no copy of its own."""
+
+    body: memoryview
+    shape: tuple[int, ...]
+    pixels: Pixels
+
+    @property
+    def nbytes(self) -> int:  # the float32 input's
+        return 4 * len(self.body)
+
+
+WorkerInput = bytes | memoryview | PixelInput
+
+
+def input_nbytes(x: WorkerInput) -> int:
+    return x.nbytes if isinstance(x, PixelInput) else len(x)
+
+
+def _write_input(mm: mmap.mmap, offset: int, x: WorkerInput) -> None:
+    if not isinstance(x, PixelInput):
+        mm[offset : offset + len(x)] = x
+        return
+    out = np.frombuffer(mm, np.float32, count=len(x.body), offset=offset).reshape(x.shape)
+    src = np.frombuffer(x.body, np.uint8).reshape(x.shape)
+    p = x.pixels
+    normalize_pixels(src, p.mean, p.std, p.layout, out=out)
+    del out  # the view pins the map: it must go before any remap
 
 
 @dataclass(frozen=True)
@@ -383,7 +419,7 @@ class WorkerProcess:
         chain: Chain,
         start: int,
         end: int,
-        x: bytes | memoryview,
+        x: WorkerInput,
         *,
         timeout: float,
         total: float | None = None,
@@ -396,7 +432,7 @@ class WorkerProcess:
         self._ready(chain, timeout)
         out_spec = chain.files[end - 1].output
         head = _worker_main.HEADER_BYTES
-        out_offset = head + -(-len(x) // 64) * 64
+        out_offset = head + -(-input_nbytes(x) // 64) * 64
         need = out_offset + tensor_nbytes(out_spec.dtype, out_spec.shape)
         mm = self._mm
         assert mm is not None
@@ -404,7 +440,7 @@ class WorkerProcess:
             self._map(max(need, 2 * len(mm)))
             mm = self._mm
             assert mm is not None
-        mm[head : head + len(x)] = x
+        _write_input(mm, head, x)
         number = self._defined[chain.model_id]
         msg = _worker_main.RUN.pack(b"R", number, start, end, out_offset)
         raw = self._ask(msg, timeout, total if total is not None else timeout * (end - start))
@@ -417,7 +453,7 @@ class WorkerProcess:
         chain: Chain,
         start: int,
         end: int,
-        xs: Sequence[bytes | memoryview],
+        xs: Sequence[WorkerInput],
         *,
         timeout: float,
         total: float,
@@ -429,8 +465,8 @@ class WorkerProcess:
         blocks are being judged). Every block gets ``timeout`` of its own for all of them,
         the call ``total``."""
         self._ready(chain, timeout)
-        in_bytes = len(xs[0])
-        if any(len(x) != in_bytes for x in xs):
+        in_bytes = input_nbytes(xs[0])
+        if any(input_nbytes(x) != in_bytes for x in xs):
             raise BlockRunError("input", start, "the batch's tensors differ in size")
         out_spec = chain.files[end - 1].output
         out_bytes = tensor_nbytes(out_spec.dtype, out_spec.shape)
@@ -445,7 +481,7 @@ class WorkerProcess:
             mm = self._mm
             assert mm is not None
         for j, x in enumerate(xs):
-            mm[head + j * in_bytes : head + (j + 1) * in_bytes] = x
+            _write_input(mm, head + j * in_bytes, x)
         number = self._defined[chain.model_id]
         msg = _worker_main.RUN_BATCH.pack(b"B", number, start, end, k, out_offset)
         raw = self._ask(msg, timeout, total)

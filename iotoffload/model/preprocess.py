@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,11 @@ from iotoffload.runtime.base import Array
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def preprocess_image(path: Path, prep: Preprocessing, layout: str = "NHWC") -> Array:
-    """Center-crop, resize and normalise an image file into a (1, H, W, 3) float32 tensor."""
+def preprocess_image(
+    path: Path, prep: Preprocessing, layout: str = "NHWC", *, pixels: bool = False
+) -> Array:
+    """Center-crop, resize and normalise an image file into a (1, H, W, 3) float32 tensor
+    (``pixels``: the uint8 pixels before normalising, ``pil_pixels``)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -23,11 +27,18 @@ def preprocess_image(path: Path, prep: Preprocessing, layout: str = "NHWC") -> A
             img = im.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise ModelError(f"{path}: not a readable image: {e}") from e
-    return preprocess_pil(img, prep, layout)
+    return pil_pixels(img, prep, layout) if pixels else preprocess_pil(img, prep, layout)
 
 
 def preprocess_pil(img: Any, prep: Preprocessing, layout: str = "NHWC") -> Array:
     """The same for a PIL RGB image in memory (the package build's sample inputs)."""
+    return normalize_pixels(pil_pixels(img, prep, layout), prep.mean, prep.std, layout)
+
+
+def pil_pixels(img: Any, prep: Preprocessing, layout: str = "NHWC") -> Array:
+    """The cropped, resized image as uint8 pixels in the model's input shape, not yet
+    normalised: what a device may send the edge for block 0 (a quarter of the float32
+    tensor's bytes), which normalises it exactly as ``normalize_pixels`` does here."""
     from PIL import Image
 
     resample = {
@@ -38,16 +49,40 @@ def preprocess_pil(img: Any, prep: Preprocessing, layout: str = "NHWC") -> Array
     w, h = img.size
     side = min(w, h) * prep.crop_fraction
     left, top = (w - side) / 2, (h - side) / 2
-    img = img.resize(
+    img = img.convert("RGB").resize(
         (prep.size[1], prep.size[0]), resample, box=(left, top, left + side, top + side)
     )
-    x = (np.asarray(img, dtype=np.float32) - np.asarray(prep.mean, np.float32)) / np.asarray(
-        prep.std, np.float32
-    )
-    x = x[None]
+    x = np.asarray(img, dtype=np.uint8)[None]
     if layout == "NCHW":
         x = x.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(x, dtype=np.float32)
+    return np.ascontiguousarray(x)
+
+
+def channel_axis(layout: str) -> int:
+    return 1 if layout == "NCHW" else 3
+
+
+def normalize_pixels(
+    pixels: Array,
+    mean: Sequence[float],
+    std: Sequence[float],
+    layout: str = "NHWC",
+    out: Array | None = None,
+) -> Array:
+    """uint8 pixels (1, H, W, C) or (1, C, H, W) to the model's float32 input: per channel
+    (x - mean) / std in float32. The device's preprocessing and the edge's handling of a
+    pixel query both call this: the same operations in the same order, so the same tensor
+    bit for bit wherever it is computed. ``out``: a float32 array of the pixels' shape to
+    write into (the edge's shared buffer)."""
+    shape = [1] * pixels.ndim
+    shape[channel_axis(layout)] = len(mean)
+    m = np.asarray(mean, np.float32).reshape(shape)
+    s = np.asarray(std, np.float32).reshape(shape)
+    if out is None:
+        out = np.empty(pixels.shape, np.float32)
+    np.subtract(pixels, m, out=out, dtype=np.float32)
+    np.divide(out, s, out=out)
+    return out
 
 
 def synthetic_input(manifest: Manifest, seed: int = 0) -> Array:
@@ -76,8 +111,10 @@ def sample_photos(folder: Path) -> Path:
     return folder
 
 
-def load_input(ref: str, manifest: Manifest, seed: int = 0) -> Array:
-    """``synthetic``, a ``.npy`` file of the exact input shape, or an image file."""
+def load_input(ref: str, manifest: Manifest, seed: int = 0, *, pixels: bool = False) -> Array:
+    """``synthetic``, a ``.npy`` file of the exact input shape, or an image file (with
+    ``pixels``, of a float32 model: its uint8 pixels, which the device agent normalises
+    where it runs block 0, and sends the edge as they are)."""
     if ref == "synthetic":
         return synthetic_input(manifest, seed)
     path = Path(ref).expanduser()
@@ -98,7 +135,8 @@ def load_input(ref: str, manifest: Manifest, seed: int = 0) -> Array:
             raise ModelError(
                 f"model {manifest.name} records no image preprocessing; give a .npy input"
             )
-        return preprocess_image(path, manifest.preprocessing, manifest.input.layout)
+        pixels = pixels and manifest.input.dtype == "float32"
+        return preprocess_image(path, manifest.preprocessing, manifest.input.layout, pixels=pixels)
     raise ModelError(f"{path}: unsupported input type (an image, a .npy file or 'synthetic')")
 
 

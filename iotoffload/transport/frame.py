@@ -253,6 +253,23 @@ class UploadAck(_H):
     edge: str | None = Field(default=None, pattern=_ID)
 
 
+_Norm = Annotated[float, Field(ge=-1e6, le=1e6)]
+
+
+class Pixels(_H):
+    """A query's body is uint8 pixels, not block ``start``'s float32 input: the edge makes
+    that input as the device's preprocessing does (``normalize_pixels``: per channel, in
+    float32, (x - mean) / std), so it is the same tensor, from a quarter of the bytes."""
+
+    mean: list[_Norm] = Field(min_length=1, max_length=64)
+    std: list[Annotated[float, Field(ge=1e-6, le=1e6)]] = Field(min_length=1, max_length=64)
+    layout: Literal["NHWC", "NCHW"] = "NHWC"
+
+    @property
+    def channel_axis(self) -> int:
+        return 1 if self.layout == "NCHW" else 3
+
+
 class Query(_H):
     type: Literal["query"] = "query"
     request_id: str = Field(min_length=1, max_length=128)
@@ -262,6 +279,21 @@ class Query(_H):
     end: int = Field(ge=1, le=MAX_BLOCKS)
     deadline_ms: float = Field(gt=0, le=600_000)
     tensor: WireTensor
+    pixels: Pixels | None = None  # left out: the body is block ``start``'s own input
+
+    @model_validator(mode="after")
+    def _pixels_fit(self) -> Query:
+        p, t = self.pixels, self.tensor
+        if p is None:
+            return self
+        if t.dtype != "uint8" or len(t.shape) != 4:
+            raise ValueError(f"pixels are a uint8 tensor of rank 4, not {t.dtype}{list(t.shape)}")
+        if not len(p.mean) == len(p.std) == t.shape[p.channel_axis]:
+            raise ValueError(
+                f"pixels: {len(p.mean)} means and {len(p.std)} stds for "
+                f"{t.shape[p.channel_axis]} channels ({p.layout})"
+            )
+        return self
 
 
 class Result(_H):
@@ -382,6 +414,7 @@ _LATE_FIELDS: dict[type[_H], tuple[str, ...]] = {
     Inventory: ("partial_chunk_size", "partial_encoding"),
     UploadChunk: ("encoding", "stream_bytes"),
     Result: ("batch",),
+    Query: ("pixels",),
 }
 
 

@@ -18,6 +18,7 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
 from iotoffload.model import ModelPackage
 from iotoffload.model.manifest import TensorSpec, compute_model_id
+from iotoffload.model.preprocess import normalize_pixels
 from iotoffload.runtime import TFLiteExecutor
 from iotoffload.transport.frame import (
     MAGIC,
@@ -381,4 +382,58 @@ def test_an_upload_file_the_edge_cannot_decode_is_sent_again_unencoded(
         out = dev.query(np.zeros((1, 224, 224, 3), np.float32))
         assert out.offloaded, out.reason
     finally:
+        dev.close()
+
+
+def test_pixel_queries_run_the_same_tensor_from_a_quarter_of_the_bytes(
+    mobilenet: ModelPackage, edge: EdgeAgent, broker: BrokerUnderTest
+) -> None:
+    """An image's uint8 pixels go to the edge as they are and are normalised there: the
+    edge's answer is the float32 query's bit for bit; offloaded later, the device
+    normalises them itself. A stranger's pixel queries that do not fit are refused."""
+    dev = _device(mobilenet, broker, split=0)
+    spy = Stranger(broker)
+    try:
+        dev.upload()
+        prep = mobilenet.manifest.preprocessing
+        assert prep is not None
+        rng = np.random.default_rng(3)
+        px = rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+        xf = normalize_pixels(px, prep.mean, prep.std)
+        for k in (0, 5):
+            by_px, by_f = dev.query(px, split=k), dev.query(xf, split=k)
+            assert by_px.offloaded and by_f.offloaded, (by_px.reason, by_f.reason)
+            assert np.array_equal(by_px.output, by_f.output)  # the same tensor ran
+            if k == 0:
+                assert by_px.wire_bytes < by_f.wire_bytes / 3.9  # uint8, not float32
+            else:
+                assert by_px.wire_bytes == by_f.wire_bytes  # block 5's float32 input
+        local = dev.query(px, split=18)  # local all the way: normalised on the device
+        assert not local.offloaded and np.array_equal(local.output, dev.tfl.run(0, 18, xf))
+        # what no edge may accept: pixels of the wrong kind, or of a block's wrong shape
+        t, mid, me = edge.topics, mobilenet.manifest.model_id, spy.who
+        q = t.edge_query("edge1", me)
+
+        def raw(rid: str, tensor: np.ndarray, start: int, pixels: dict[str, object]) -> bytes:
+            wt = {"dtype": str(tensor.dtype), "shape": list(tensor.shape)}
+            hdr = {
+                "type": "query", "request_id": rid, "device": me, "model_id": mid,
+                "start": start, "end": 18, "deadline_ms": 1000, "tensor": wt, "pixels": pixels,
+            }  # fmt: skip
+            hb = json.dumps(hdr).encode()
+            return MAGIC + struct.pack(">BI", 2, len(hb)) + hb + tensor.tobytes()
+
+        ok = {"mean": [1, 2, 3], "std": [1, 1, 1]}
+        spy.link.publish(q, raw("floats", xf, 0, ok))  # float32 body called pixels
+        spy.link.publish(q, raw("channels", px, 0, {"mean": [1, 2], "std": [1, 1]}))
+        spy.link.publish(q, raw("zero-std", px, 0, {"mean": [1, 2, 3], "std": [0, 1, 1]}))
+        spy.link.publish(q, raw("nan", px, 0, {"mean": [1, 2, 3], "std": [1, 1, "NaN"]}))
+        spy.link.publish(q, raw("block5", px, 5, ok))  # block 0's shape, for block 5
+        want = ["bad_tensor", *["invalid_header"] * 4]
+        assert spy.wait_codes(want) == want
+        by_id = {e.request_id: e.code for e in spy.errors}
+        assert by_id["block5"] == "bad_tensor" and by_id["floats"] == "invalid_header"
+        assert dev.query(px, split=0).offloaded  # still serving
+    finally:
+        spy.link.close()
         dev.close()
