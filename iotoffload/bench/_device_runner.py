@@ -53,6 +53,15 @@ class TFLiteClock:
         tfl.run_timed = run_timed  # type: ignore[method-assign]
 
 
+def bench_input(pkg: ModelPackage, form: str) -> Array:
+    """The bench's query input: a frame of uint8 pixels (random, fixed), as a camera gives
+    it, for a model with image preprocessing; else (or ``float32``) the float32 input."""
+    shape = pkg.manifest.input.shape
+    if form == "pixels" and pkg.manifest.preprocessing is not None:
+        return np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    return np.zeros(shape, np.float32)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--broker", required=True)
@@ -66,6 +75,13 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=0.2)
     ap.add_argument("--edge-speed", type=float, default=1.0)
     ap.add_argument("--no-queries", action="store_true", help="upload only")
+    ap.add_argument(
+        "--input",
+        choices=["pixels", "float32"],
+        default="pixels",
+        help="queries of a camera's uint8 frame (the model's preprocessing normalises it "
+        "where block 0 runs) or of the float32 input itself",
+    )
     ap.add_argument("--lab", type=Path, default=None, help="secured: the setup's directory")
     a = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -89,8 +105,8 @@ def main() -> None:
         device_id="bench-device" if a.lab else None,
         security=SecuredBroker(a.broker, a.lab).security("bench-device") if a.lab else None,
     )
-    x = np.zeros(pkg.manifest.input.shape, np.float32)
-    dev.tfl.run(0, pkg.num_blocks, x)  # warm
+    x = bench_input(pkg, a.input)
+    dev.tfl.run(0, pkg.num_blocks, np.zeros(pkg.manifest.input.shape, np.float32))  # warm
     clock = TFLiteClock(dev.tfl)
     main_ident = threading.main_thread().ident
     assert main_ident is not None

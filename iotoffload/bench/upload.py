@@ -541,6 +541,7 @@ def run_once(
     label: str = "",
     weights: str = DEFAULT_FORM,
     queries: bool = True,
+    query_input: str = "pixels",
 ) -> UploadRun:
     """One fresh edge, one device: the device uploads while querying; returns its records.
     The run lasts ``max(horizon, upload end + after_upload)`` seconds from first contact,
@@ -607,6 +608,8 @@ def run_once(
         "--edge-speed",
         str(100 / cpu_percent),
         *([] if queries else ["--no-queries"]),
+        "--input",
+        query_input,
         *lab_args,
     ]
     edge = subprocess.Popen(

@@ -104,6 +104,15 @@ def upload(
             "certificate per agent, the ACL); the device and the edge connect as themselves."
         ),
     ] = False,
+    query_input: Annotated[
+        str,
+        typer.Option(
+            "--input",
+            help="What each query starts from: a camera's uint8 frame (`pixels`: a device "
+            "offloading from block 0 sends it as it is, a quarter of the float32 tensor's "
+            "bytes, and the edge normalises it) or the model's float32 input, as IONN sends.",
+        ),
+    ] = "pixels",
     out: Annotated[Path, typer.Option(help="Directory for JSON and PNG.")] = Path("bench-results"),
 ) -> None:
     """IONN's experiment: latency over time from the first contact with a fresh edge while the
@@ -112,6 +121,8 @@ def upload(
     tbf-shaped link, device CPU quota; loopback when the host cannot build that)."""
     specs = parse_planners(planners)
     alone_forms = parse_forms(upload_alone)
+    if query_input not in ("pixels", "float32"):
+        raise ValueError(f"--input {query_input!r}: pixels or float32")
     if duration < horizon:
         raise ValueError(f"--duration ({duration:g} s) must be at least --horizon ({horizon:g} s)")
     rates = _rates(bandwidths)
@@ -153,6 +164,7 @@ def upload(
                 label=label,
                 weights=form,
                 queries=queries,
+                query_input=query_input,
             )
             root = packages[form].root
             if use_netns:
@@ -171,6 +183,7 @@ def upload(
         "seconds": time.perf_counter() - t0,
         "rtt_ms": rtt_ms,
         "secured": secured,
+        "query_input": query_input,
         "horizon_s": horizon,
         "first_window_s": min(FIRST_WINDOW_S, horizon),
         "duration_s": duration,
