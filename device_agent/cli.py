@@ -77,7 +77,11 @@ def main_command(
     ] = None,
     input: Annotated[
         str,
-        typer.Option("--input", help="synthetic | an image or .npy file | a folder of them"),
+        typer.Option(
+            "--input",
+            help="synthetic | an image or .npy file | a folder of them (an image offloaded "
+            "from block 0 goes to the edge as its uint8 pixels)",
+        ),
     ] = "synthetic",
     count: Annotated[int, typer.Option(min=1, max=100000, help="Queries to run.")] = 10,
     interval: Annotated[float, typer.Option(min=0, help="Seconds between queries.")] = 0.0,

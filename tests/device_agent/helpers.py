@@ -10,6 +10,8 @@ from device_agent.agent import DeviceAgent
 from iotoffload.model import ModelPackage
 from iotoffload.transport.frame import (
     Announce,
+    Error,
+    ErrorCode,
     Header,
     Hello,
     Inventory,
@@ -65,10 +67,13 @@ class ScriptedEdge:
         delay_s: float = 0.0,
         protocol: int = 5,
         prefix: str = DEFAULT_PREFIX,
+        refuse_pixels: bool = False,
     ) -> None:
         self.edge_id, self.pkg, self.delay_s = edge_id, pkg, delay_s
         self.topics = Topics(prefix)
         self.queries = 0
+        self.refuse_pixels = refuse_pixels  # as an edge older than pixel queries does
+        self.dtypes: list[str] = []  # of each query's tensor
         self._timers: list[threading.Timer] = []
         self.link = MqttLink(url, f"scripted-{edge_id}", protocol=protocol)
         self.link.subscribe(self.topics.edge_control(edge_id, "+"), self._on_control)
@@ -93,6 +98,16 @@ class ScriptedEdge:
         h, _ = decode(m.payload)
         assert isinstance(h, Query)
         self.queries += 1
+        self.dtypes.append(h.tensor.dtype)
+        if self.refuse_pixels and h.pixels is not None:
+            err = Error(
+                request_id=h.request_id,
+                code=ErrorCode.INVALID_HEADER,
+                message="query: pixels: Extra inputs are not permitted",
+                edge=self.edge_id,
+            )
+            self.link.publish(self._inbox(h.device), encode(err))
+            return
         out = self.pkg.blocks[h.end - 1].output
         y = np.zeros(out.shape, out.dtype)
         frame = encode_tensor_frame(Result, y, request_id=h.request_id, queue_ms=0.0, exec_ms=0.1)

@@ -16,6 +16,7 @@ import pytest
 from device_agent.agent import DeviceAgent
 from device_agent.queries import PendingReplies
 from iotoffload.model import ModelPackage
+from iotoffload.model.preprocess import normalize_pixels
 from iotoffload.transport.frame import Inventory, Result, WireTensor
 from iotoffload.transport.status import EdgeStatus
 from tests.device_agent.helpers import ScriptedEdge, inject, inject_message
@@ -273,3 +274,28 @@ def test_the_monitor_sleeps_while_the_device_has_one_edge(
         dev.close()
         other.close()
         edge.close()
+
+
+def test_an_edge_that_refuses_pixels_gets_float32_from_then_on(
+    mobilenet: ModelPackage, mosq: Mosquitto
+) -> None:
+    """A pixel query refused as an older edge refuses it (invalid_header) finishes on the
+    device; the next one to that edge sends block 0's float32 input."""
+    edge = ScriptedEdge(mosq.url, "ea", mobilenet, refuse_pixels=True)
+    dev = _device(mobilenet, mosq.url, "ea", split=0, deadline_ms=5000)
+    try:
+        assert dev.connect() is not None
+        px = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+        first = dev.query(px)
+        assert not first.offloaded and first.reason == "edge error: invalid_header"
+        prep = mobilenet.manifest.preprocessing
+        assert prep is not None
+        want = dev.tfl.run(0, 18, normalize_pixels(px, prep.mean, prep.std))
+        assert np.array_equal(first.output, want)  # finished locally, from the pixels
+        dev.loop.call(lambda: None)  # the refusal reached the session (posted before)
+        second = dev.query(px)
+        assert second.offloaded, second.reason
+    finally:
+        dev.close()
+        edge.close()
+    assert edge.dtypes == ["uint8", "float32"]

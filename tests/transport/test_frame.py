@@ -454,3 +454,54 @@ def test_a_result_run_alone_leaves_the_batch_size_out() -> None:
     hb = alone.model_dump_json().encode().replace(b'"batch":1', b'"batch":0')
     with pytest.raises(FrameError, match="batch"):
         decode(_frame(hb, body))
+
+
+def _pixel_query(x: np.ndarray, pixels: dict[str, object] | None) -> bytes:
+    hdr = {
+        "type": "query", "request_id": "r1", "device": "dev1", "model_id": MID, "start": 0,
+        "end": 18, "deadline_ms": 50, "tensor": {"dtype": str(x.dtype), "shape": list(x.shape)},
+    }  # fmt: skip
+    if pixels is not None:
+        hdr["pixels"] = pixels
+    return _frame(json.dumps(hdr).encode(), x.tobytes())
+
+
+def test_a_pixel_query_round_trips_and_a_plain_one_leaves_the_field_out() -> None:
+    from iotoffload.transport.frame import Pixels
+
+    px = np.zeros((1, 4, 4, 3), np.uint8)
+    p = Pixels(mean=[1.0, 2.0, 3.0], std=[4.0, 5.0, 6.0])
+    frame = encode_tensor_frame(
+        Query, px, request_id="r", device="d", model_id=MID, start=0, end=2, deadline_ms=9,
+        pixels=p,
+    )  # fmt: skip
+    h, body = decode(frame)
+    assert isinstance(h, Query) and h.pixels == p and h.pixels.channel_axis == 3
+    assert bytes(body) == px.tobytes()
+    nchw = Pixels(mean=[0.0] * 3, std=[1.0] * 3, layout="NCHW")
+    h, _ = decode(_pixel_query(np.zeros((1, 3, 4, 5), np.uint8), nchw.model_dump()))
+    assert isinstance(h, Query) and h.pixels is not None and h.pixels.channel_axis == 1
+    assert b'"pixels"' not in _query(np.zeros((1, 2), np.float32))  # older edges refuse it
+
+
+@pytest.mark.parametrize(
+    ("x", "pixels", "why"),
+    [
+        (np.zeros((1, 4, 4, 3), np.float32), {"mean": [0] * 3, "std": [1] * 3}, "uint8"),
+        (np.zeros((4, 4, 3), np.uint8), {"mean": [0] * 3, "std": [1] * 3}, "rank 4"),
+        (np.zeros((1, 4, 4, 3), np.uint8), {"mean": [0] * 2, "std": [1] * 2}, "3 channels"),
+        (np.zeros((1, 3, 4, 4), np.uint8), {"mean": [0] * 3, "std": [1] * 3}, "4 channels"),
+        (np.zeros((1, 4, 4, 3), np.uint8), {"mean": [0] * 3, "std": [1] * 2}, "2 stds"),
+        (np.zeros((1, 4, 4, 3), np.uint8), {"mean": [0] * 3, "std": [0, 1, 1]}, "std"),
+        (np.zeros((1, 4, 4, 3), np.uint8), {"mean": [1e9, 0, 0], "std": [1] * 3}, "mean"),
+        (np.zeros((1, 4, 4, 3), np.uint8), {"mean": [0] * 3, "std": [1] * 3, "x": 1}, "x"),
+        (np.zeros((1, 4, 4, 3), np.uint8), {"mean": [0] * 3}, "std"),
+        (np.zeros((1, 4, 4, 3), np.uint8), {"mean": [], "std": []}, "mean"),
+    ],
+)
+def test_pixels_that_do_not_fit_their_tensor_are_invalid_headers(
+    x: np.ndarray, pixels: dict[str, object], why: str
+) -> None:
+    with pytest.raises(FrameError, match=why) as e:
+        decode(_pixel_query(x, pixels))
+    assert e.value.code == ErrorCode.INVALID_HEADER and e.value.request_id == "r1"
