@@ -39,6 +39,7 @@ from iotoffload.transport.frame import (
     Inventory,
     ListModels,
     ModelList,
+    Pixels,
     Query,
     Result,
     decode,
@@ -196,13 +197,16 @@ class AppClient:
         *,
         timeout: float = 10.0,
         inventory: Inventory | None = None,
+        pixels: Pixels | None = None,
     ) -> Array:
         """Run the whole model on ``edge``: its output. Raises QueryError (the edge refused:
-        ``blocks_missing`` while it is not uploaded, ``bad_tensor``...), TimeoutError."""
+        ``blocks_missing`` while it is not uploaded, ``bad_tensor``...), TimeoutError.
+        ``pixels``: ``x`` is an image's uint8 pixels, which the edge normalises with this
+        mean and std (the model's preprocessing) into its float32 input."""
         inv = inventory or self.inventory(edge, model_id, timeout)
         if not inv.known or inv.blocks is None or inv.input is None or inv.output is None:
             raise QueryError("unknown_model", f"edge {edge} does not know model {model_id[:12]}…")
-        x = np.ascontiguousarray(x, dtype=np.dtype(inv.input.dtype))
+        x = np.ascontiguousarray(x, dtype=np.uint8 if pixels else np.dtype(inv.input.dtype))
         if tuple(x.shape) != tuple(inv.input.shape):
             raise ValueError(f"input shape {x.shape}; the model takes {inv.input.shape}")
         rid = f"{self.id}-{next(self._ids)}"
@@ -219,6 +223,7 @@ class AppClient:
             start=0,
             end=inv.blocks,
             deadline_ms=timeout * 1e3,
+            pixels=pixels,
         )
         self.link.publish(self.topics.edge_query(edge, self.id), frame, expiry_s=timeout)
         try:

@@ -24,12 +24,14 @@ from device_agent.agent import DeviceAgent
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeConfig
 from iotoffload.model import ModelPackage
+from iotoffload.model.preprocess import normalize_pixels
 from iotoffload.runtime import TFLiteExecutor
 from iotoffload.transport.frame import (
     Error,
     Hello,
     Inventory,
     PeerFetch,
+    Pixels,
     Query,
     Result,
     decode,
@@ -475,6 +477,14 @@ def test_the_app_client_finds_the_edge_learns_the_model_and_queries_it(
         want = TFLiteExecutor.from_package(mobilenet).run(0, mobilenet.num_blocks, X)
         y = app.query("e1", mid, X, inventory=inv)
         np.testing.assert_allclose(y, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
+        # an image's pixels, normalised by the edge: the float32 query's answer exactly
+        prep = mobilenet.manifest.preprocessing
+        assert prep is not None
+        px = np.random.default_rng(5).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+        p = Pixels(mean=list(prep.mean), std=list(prep.std))
+        by_px = app.query("e1", mid, px, inventory=inv, pixels=p)
+        xf = normalize_pixels(px, prep.mean, prep.std)
+        assert np.array_equal(by_px, app.query("e1", mid, xf, inventory=inv))
         with pytest.raises(QueryError) as e:
             app.query("e1", "0" * 64, X, inventory=inv)
         assert e.value.code == "unknown_model"
