@@ -87,6 +87,13 @@ def _upload(d: dict[str, Any], png: str = "upload.png") -> tuple[str, list[str]]
         setup += f", RTT +{d['rtt_ms']:g} ms"
     if horizon:
         setup += f", horizon {h} s from first contact"
+    if d.get("query_input") == "pixels":
+        setup += (
+            ". Every run's queries start from a camera's uint8 frame: offloaded from block 0, "
+            "it goes to the edge as its pixels (a quarter of the float32 input's bytes)"
+        )
+    elif d.get("query_input"):
+        setup += ". Every run's queries start from the float32 input"
     text = (
         setup
         + ".\n\n"
