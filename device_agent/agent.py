@@ -481,5 +481,7 @@ class DeviceAgent:
     # queries --------------------------------------------------------------------------------
     def query(self, x: Array, index: int = 0, split: int | None = None) -> QueryOutcome:
         """Run one query by the current plan; an edge segment that fails (deadline, error,
-        edge offline) is finished on the device. Exactly one answer, always."""
+        edge offline) is finished on the device. Exactly one answer, always. ``x``: the
+        model's input, or an image's uint8 pixels (``preprocess.pil_pixels``), normalised
+        where block 0 runs and sent to the edge as they are (``QueryRunner.query``)."""
         return self.queries.query(x, index, split)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import ValidationError
 
 from device_agent.answers import Answers
 from device_agent.edge_session import EdgeSession
@@ -282,7 +283,11 @@ class QueryRunner:
             )
         if tuple(x.shape) != tuple(m.input.shape):
             raise ValueError(f"pixels of shape {list(x.shape)}; the model takes {m.input.shape}")
-        return Pixels(mean=list(prep.mean), std=list(prep.std), layout=m.input.layout)
+        try:
+            return Pixels(mean=list(prep.mean), std=list(prep.std), layout=m.input.layout)
+        except ValidationError as e:  # a package's mean/std no frame may carry (std 0, say)
+            msg = f"model {m.name}: its preprocessing cannot normalise pixels: {e}"
+            raise ValueError(msg) from e
 
     @staticmethod
     def pixel_inputs(s: EdgeSession, x: Array) -> PlanningInputs:
@@ -301,19 +306,22 @@ class QueryRunner:
         local = sum(s.inputs.profile.device_ms[start:])
         return max(100.0, 2.0 * max(local, predicted_ms) + 50.0)
 
-    def exploration(self, s: EdgeSession, local: Plan) -> Plan | None:
+    def exploration(
+        self, s: EdgeSession, local: Plan, inputs: PlanningInputs | None = None
+    ) -> Plan | None:
         """The best single-split offloading plan over the blocks ``s`` holds, when no reply
         refreshed the estimates for ``explore_s`` and it is predicted close to ``local``."""
         if self.explore_s is None or self.fixed_split is not None or self.planner.name == "local":
             return None
-        if s.inputs.objective != "latency":  # the comparison below is in milliseconds
+        inputs = inputs or s.inputs
+        if inputs.objective != "latency":  # the comparison below is in milliseconds
             return None
         if time.monotonic() - self.last_reply < self.explore_s or not s.online:
             return None
         n, stored = self.pkg.num_blocks, s.stored
         options = [
-            single_split_plan(s.inputs, k)
-            for k in range(s.inputs.min_local, n)
+            single_split_plan(inputs, k)
+            for k in range(inputs.min_local, n)
             if all(i in stored for i in range(k, n))
         ]
         best = min(options, key=lambda p: p.latency_ms, default=None)
@@ -330,10 +338,12 @@ class QueryRunner:
         plan = single_split_plan(inputs, split) if split is not None else self.plan_for(s, inputs)
         return plan, "planned local" if not plan.offloads else "edge"
 
-    def _explore(self, s: EdgeSession, plan: Plan) -> tuple[Plan, str] | None:
+    def _explore(
+        self, s: EdgeSession, plan: Plan, inputs: PlanningInputs | None = None
+    ) -> tuple[Plan, str] | None:
         """On the loop (it owns the clocks): mark the query; an exploring plan, if due."""
         self.last_query = time.monotonic()
-        explore = self.exploration(s, plan)
+        explore = self.exploration(s, plan, inputs)
         return None if explore is None else (explore, "explore")
 
     def _register(
@@ -375,7 +385,7 @@ class QueryRunner:
         plan, reason = self._plan(s, split, inputs)  # snapshots: no hop into the loop
         if loop is not None and split is None and not plan.offloads:
             try:  # planned local: maybe explore (one hop; local work dwarfs it)
-                explored = loop.call(lambda: self._explore(s, plan))
+                explored = loop.call(lambda: self._explore(s, plan, inputs))
             except LoopClosedError:
                 explored, loop = None, None
             if explored is not None:

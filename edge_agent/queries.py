@@ -42,7 +42,6 @@ from edge_agent.workers import (
     RunTimeoutError,
     WorkerInput,
     WorkerProcess,
-    input_nbytes,
 )
 from iotoffload.transport.frame import (
     ErrorCode,
@@ -110,6 +109,11 @@ class _QueryJob:
         return (self.chain.model_id, self.header.start, self.header.end)
 
     @property
+    def in_bytes(self) -> int:
+        """The bytes of block ``start``'s input in the worker (pixels become float32)."""
+        return len(self.body) * (4 if self.header.pixels is not None else 1)
+
+    @property
     def input(self) -> WorkerInput:
         """What the worker gets: the body, or pixels it normalises as it copies them in."""
         p = self.header.pixels
@@ -122,8 +126,7 @@ class _QueryJob:
             a.start == b.start
             and a.end == b.end
             and other.chain is self.chain
-            and len(other.body) == len(self.body)
-            and (other.header.pixels is None) == (a.pixels is None)
+            and other.in_bytes == self.in_bytes  # pixels and floats alike: one input each
         )
 
 
@@ -368,7 +371,7 @@ class QueryQueue:
         model or range runs one by one, or its tensors fill a batch alone)."""
         b = self.batching
         out_bytes = job.chain.files[job.header.end - 1].output.nbytes
-        n = b.size_for(input_nbytes(job.input), out_bytes)
+        n = b.size_for(job.in_bytes, out_bytes)
         u = self._unbatched
         if n < 2 or job.chain.model_id in u or job.run_key in u:
             return []

@@ -132,10 +132,12 @@ def _write_input(mm: mmap.mmap, offset: int, x: WorkerInput) -> None:
         mm[offset : offset + len(x)] = x
         return
     out = np.frombuffer(mm, np.float32, count=len(x.body), offset=offset).reshape(x.shape)
-    src = np.frombuffer(x.body, np.uint8).reshape(x.shape)
-    p = x.pixels
-    normalize_pixels(src, p.mean, p.std, p.layout, out=out)
-    del out  # the view pins the map: it must go before any remap
+    try:
+        src = np.frombuffer(x.body, np.uint8).reshape(x.shape)
+        p = x.pixels
+        normalize_pixels(src, p.mean, p.std, p.layout, out=out)
+    finally:
+        del out  # the view pins the map: it must go before any remap, whatever happened
 
 
 @dataclass(frozen=True)

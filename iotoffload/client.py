@@ -206,6 +206,10 @@ class AppClient:
         inv = inventory or self.inventory(edge, model_id, timeout)
         if not inv.known or inv.blocks is None or inv.input is None or inv.output is None:
             raise QueryError("unknown_model", f"edge {edge} does not know model {model_id[:12]}…")
+        if pixels is not None and (x.dtype != np.uint8 or inv.input.dtype != "float32"):
+            raise ValueError(
+                f"pixels are uint8 for a float32 model: got {x.dtype} for {inv.input.dtype}"
+            )
         x = np.ascontiguousarray(x, dtype=np.uint8 if pixels else np.dtype(inv.input.dtype))
         if tuple(x.shape) != tuple(inv.input.shape):
             raise ValueError(f"input shape {x.shape}; the model takes {inv.input.shape}")

@@ -148,6 +148,7 @@ def main() -> None:
                 "upload_start_s": up.get("start_s"),
                 "upload_s": up.get("end_s"),
                 "upload_error": up.get("error"),
+                "query_input": "pixels" if x.dtype == np.uint8 else "float32",
                 "bytes_uploaded": dev.bytes_uploaded,
                 "upload_cpu_s": up.get("cpu_s"),
                 "upload_tflite_cpu_s": up.get("tflite_cpu_s"),

@@ -87,13 +87,19 @@ def _upload(d: dict[str, Any], png: str = "upload.png") -> tuple[str, list[str]]
         setup += f", RTT +{d['rtt_ms']:g} ms"
     if horizon:
         setup += f", horizon {h} s from first contact"
-    if d.get("query_input") == "pixels":
+    # each run's own (a model without preprocessing falls back to float32), else the asked
+    forms = {
+        r.get("query_input") or d.get("query_input") for r in runs if r.get("kind") != "upload-only"
+    }
+    if forms == {"pixels"}:
         setup += (
             ". Every run's queries start from a camera's uint8 frame: offloaded from block 0, "
             "it goes to the edge as its pixels (a quarter of the float32 input's bytes)"
         )
-    elif d.get("query_input"):
+    elif forms == {"float32"}:
         setup += ". Every run's queries start from the float32 input"
+    elif len(forms - {None}) > 1:
+        setup += ". The runs' queries start from different inputs (pixels, float32): see the JSON"
     text = (
         setup
         + ".\n\n"

@@ -184,6 +184,7 @@ class UploadRun:
     upload_tflite_cpu_s: float | None = None
     upload_query_thread_cpu_s: float | None = None
     upload_error: str | None = None
+    query_input: str | None = None  # what its queries started from: "pixels" or "float32"
 
     def __post_init__(self) -> None:
         self.label = self.label or self.planner
@@ -670,6 +671,7 @@ def _take_summary(run: UploadRun, rec: Mapping[str, Any]) -> None:
     run.upload_tflite_cpu_s = rec.get("upload_tflite_cpu_s")
     run.upload_query_thread_cpu_s = rec.get("upload_query_thread_cpu_s")
     run.upload_error = rec.get("upload_error")
+    run.query_input = rec.get("query_input")
 
 
 # the plot --------------------------------------------------------------------------------------

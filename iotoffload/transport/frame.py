@@ -38,6 +38,7 @@ from pydantic_core import PydanticSerializationError
 from iotoffload.ids import ID_PATTERN
 from iotoffload.model.block_codec import Encoding
 from iotoffload.model.manifest import DType, TensorSpec, tensor_nbytes
+from iotoffload.model.preprocess import channel_axis
 from iotoffload.runtime.base import Array
 
 MAGIC = b"IOTO"
@@ -267,7 +268,7 @@ class Pixels(_H):
 
     @property
     def channel_axis(self) -> int:
-        return 1 if self.layout == "NCHW" else 3
+        return channel_axis(self.layout)
 
 
 class Query(_H):

@@ -17,9 +17,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_agent._worker_main import memory_limit
-from edge_agent.workers import BlockFaultError, BlockRunError, Chain, WorkerProcess
+from edge_agent.workers import (
+    BlockFaultError,
+    BlockRunError,
+    Chain,
+    PixelInput,
+    WorkerProcess,
+)
 from iotoffload.model.manifest import TensorSpec
 from iotoffload.runtime.base import BlockFile
+from iotoffload.transport.frame import Pixels
 from tests.edge_agent.attack_blocks import expand_bomb, slow_block
 
 X4 = TensorSpec(name="x", shape=(1, 4))
@@ -246,3 +253,31 @@ def test_a_batch_past_the_time_limit_names_the_block(tmp_path: Path, worker: Wor
         worker.run_batch(ch, 0, 2, [_x(), _x()], timeout=1.0, total=30)
     assert e.value.kind == "time" and e.value.block == 1
     assert time.monotonic() - t0 < 10
+
+
+def test_pixels_are_normalised_into_the_worker_alone_and_in_a_batch_with_floats(
+    tmp_path: Path, worker: WorkerProcess
+) -> None:
+    """A pixel query's float32 input is made in the shared buffer: alone, and in a batch
+    next to a float32 query of the same blocks (each at its own offset)."""
+    shape = (1, 1, 2, 2)  # NHWC, two channels
+    spec = TensorSpec(name="x", shape=shape)
+    p = _add(tmp_path / "px.onnx", 1.0, shape)
+    ch = Chain("px", (BlockFile(p, spec, spec),), ("px",))
+    px = Pixels(mean=[10.0, 20.0], std=[2.0, 4.0])
+    a = np.array([[[[10, 20], [14, 28]]]], np.uint8)  # normalised: 0, 0, 2, 2
+    b = np.array([[[[0, 0], [255, 255]]]], np.uint8)  # -5, -5, 122.5, 58.75
+    out, _ = worker.run(ch, 0, 1, PixelInput(memoryview(a.tobytes()), shape, px), timeout=30)
+    assert np.frombuffer(out, np.float32).tolist() == [1.0, 1.0, 3.0, 3.0]
+    out.release()
+    floats = np.full(shape, 7.0, np.float32).tobytes()
+    xs = [
+        PixelInput(memoryview(a.tobytes()), shape, px),
+        floats,
+        PixelInput(memoryview(b.tobytes()), shape, px),
+    ]
+    outs, _, _ = worker.run_batch(ch, 0, 1, xs, timeout=30, total=60)
+    got = [np.frombuffer(o, np.float32).tolist() for o in outs]
+    assert got == [[1.0, 1.0, 3.0, 3.0], [8.0] * 4, [-4.0, -4.0, 123.5, 59.75]]
+    for o in outs:
+        o.release()
