@@ -74,14 +74,23 @@ def normalize_pixels(
     pixel query both call this: the same operations in the same order, so the same tensor
     bit for bit wherever it is computed. ``out``: a float32 array of the pixels' shape to
     write into (the edge's shared buffer)."""
-    shape = [1] * pixels.ndim
-    shape[channel_axis(layout)] = len(mean)
-    m = np.asarray(mean, np.float32).reshape(shape)
-    s = np.asarray(std, np.float32).reshape(shape)
+    # A pixel has 256 values: each channel's (v - mean) / std is computed once per value, in
+    # float32 as an elementwise pass would (the same result, bit for bit), and looked up: half
+    # the CPU of subtracting and dividing 150,528 floats, which a slowed device pays per query.
+    m = np.asarray(mean, np.float32)
+    s = np.asarray(std, np.float32)
+    axis = channel_axis(layout)
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or not pixels.shape[axis] == len(m) == len(s):
+        raise ValueError(
+            f"pixels {pixels.dtype}{list(pixels.shape)} ({layout}) for {len(m)} means and "
+            f"{len(s)} stds: uint8 with one mean and std per channel"
+        )
+    table = (np.arange(256, dtype=np.float32)[None, :] - m[:, None]) / s[:, None]
     if out is None:
         out = np.empty(pixels.shape, np.float32)
-    np.subtract(pixels, m, out=out, dtype=np.float32)
-    np.divide(out, s, out=out)
+    for c in range(len(m)):
+        at = (slice(None),) * axis + (c,)
+        np.take(table[c], pixels[at], out=out[at], mode="wrap")  # uint8 indices: all valid
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from edge_agent.workers import PixelInput, _write_input, input_nbytes
@@ -63,3 +64,13 @@ def test_the_edge_writes_normalised_pixels_into_the_shared_buffer() -> None:
         assert mm[:2] == b"\x01\x02"
     finally:
         mm.close()  # no view of it is left (a view would make this raise)
+
+
+def test_pixels_that_do_not_fit_the_normalisation_are_refused() -> None:
+    px = np.zeros((1, 2, 2, 3), np.uint8)
+    with pytest.raises(ValueError, match="one mean and std per channel"):
+        normalize_pixels(px, [0.0, 0.0], [1.0, 1.0])  # 3 channels, 2 means
+    with pytest.raises(ValueError, match="one mean and std per channel"):
+        normalize_pixels(px.astype(np.int16), [0.0] * 3, [1.0] * 3)  # not uint8
+    with pytest.raises(ValueError, match="one mean and std per channel"):
+        normalize_pixels(px, [0.0] * 3, [1.0] * 2)  # 3 means, 2 stds
