@@ -398,7 +398,12 @@ class QueryRunner:
         def floats(y: Array) -> Array:  # block 0's input, from pixels if that is what y is
             if px is None or y is not x:
                 return y
-            return normalize_pixels(x, px.mean, px.std, px.layout)
+            # into this thread's buffer: a fresh 600 KB array per query cost the slowed
+            # device page faults; TFLite and the encoder copy it, nothing keeps it
+            buf: Array | None = getattr(self._caller, "pixel_floats", None)
+            if buf is None or buf.shape != x.shape:
+                buf = self._caller.pixel_floats = np.empty(x.shape, np.float32)
+            return normalize_pixels(x, px.mean, px.std, px.layout, out=buf)
 
         front_ms = 0.0
         offloaded = False
