@@ -47,7 +47,7 @@ from iotoffload.transport.topics import Topics
 
 log = logging.getLogger(__name__)
 # what an edge that cannot take a pixel query answers it with
-_NO_PIXELS = (f"edge error: {ErrorCode.INVALID_HEADER}", f"edge error: {ErrorCode.BAD_TENSOR}")
+_NO_PIXELS = frozenset({ErrorCode.INVALID_HEADER, ErrorCode.BAD_TENSOR})
 
 SETTLE_WAIT_S = 0.5  # at most, for the loop to learn from the caller's last reply
 # what a pending query ends with: the edge's result, its error, or why neither came
@@ -257,6 +257,7 @@ class QueryRunner:
         self.pending = PendingReplies(Answers(), on_miss, self._learn)
         self._ids = itertools.count()
         self._caller = threading.local()  # per caller thread: its last query's ``settled``
+        self._pixels = self._pixel_spec(pkg)  # set once, here: read by any caller thread
         self.last_reply = time.monotonic()
         self.last_query = 0.0
 
@@ -273,21 +274,31 @@ class QueryRunner:
         """How the edge normalises ``x`` when it is the uint8 pixels of an image for this
         float32 model (``preprocess.pil_pixels``); None when ``x`` is the input itself."""
         m = self.pkg.manifest
-        prep = m.preprocessing
         if x.dtype != np.uint8 or m.input.dtype != "float32":
             return None
-        if prep is None or m.input.layout not in ("NHWC", "NCHW"):
+        if self._pixels is None:
             raise ValueError(
                 f"model {m.name} records no image preprocessing: give its float32 input, "
                 "not uint8 pixels"
             )
         if tuple(x.shape) != tuple(m.input.shape):
             raise ValueError(f"pixels of shape {list(x.shape)}; the model takes {m.input.shape}")
+        if isinstance(self._pixels, str):
+            raise ValueError(self._pixels)
+        return self._pixels
+
+    @staticmethod
+    def _pixel_spec(pkg: ModelPackage) -> Pixels | str | None:
+        """The package's Pixels (validated once, not per query), why it has none (a mean or
+        std no frame may carry, std 0 say), or None without image preprocessing."""
+        m = pkg.manifest
+        if m.preprocessing is None or m.input.layout not in ("NHWC", "NCHW"):
+            return None
+        prep = m.preprocessing
         try:
             return Pixels(mean=list(prep.mean), std=list(prep.std), layout=m.input.layout)
-        except ValidationError as e:  # a package's mean/std no frame may carry (std 0, say)
-            msg = f"model {m.name}: its preprocessing cannot normalise pixels: {e}"
-            raise ValueError(msg) from e
+        except ValidationError as e:
+            return f"model {m.name}: its preprocessing cannot normalise pixels: {e}"
 
     @staticmethod
     def pixel_inputs(s: EdgeSession, x: Array) -> PlanningInputs:
@@ -426,7 +437,7 @@ class QueryRunner:
                     s,
                     seg.start,
                     seg.end,
-                    y if send else floats(y),
+                    y if send is not None else floats(y),
                     plan.latency_ms,
                     info,
                     hold,
@@ -514,12 +525,9 @@ class QueryRunner:
             deadline_ms=deadline,
             pixels=pixels,
         )
-        reply = self._remote(loop, s, start, end, rid, payload, deadline, info, hold)
-        if pixels is not None and isinstance(reply, str) and reply in _NO_PIXELS:
-            # an edge that predates pixel queries refuses the header: float32 from now on
-            # (this query finishes on the device, as any refused one does)
-            loop.post(s.refuse_pixels)
-        return reply
+        return self._remote(
+            loop, s, start, end, rid, payload, deadline, info, hold, pixels is not None
+        )
 
     def _remote(
         self,
@@ -532,8 +540,10 @@ class QueryRunner:
         deadline: float,
         info: dict[str, float],
         hold: object | None = None,
+        pixels: bool = False,
     ) -> Array | str:
-        """Run [start, end) on edge ``s`` (caller's thread): the output, or why not.
+        """Run [start, end) on edge ``s`` (caller's thread): the output, or why not
+        (``pixels``: the payload is a pixel query).
 
         The query's slot in ``answers`` is opened *before* the publish, so it is in place when
         the reply comes; its deadline is registered on the loop (a post) right after. The
@@ -565,6 +575,10 @@ class QueryRunner:
         except concurrent.futures.TimeoutError:
             reply = "agent closed" if answers.answer(rid, "agent closed") else fut.result(0)
         if isinstance(reply, Error):
+            if pixels and reply.code in _NO_PIXELS:
+                # an edge that predates pixel queries refuses the header: float32 from now
+                # on (this query finishes on the device, as any refused one does)
+                loop.post(s.refuse_pixels)
             return f"edge error: {reply.code}"
         if isinstance(reply, str):
             return reply

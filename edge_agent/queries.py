@@ -42,6 +42,7 @@ from edge_agent.workers import (
     RunTimeoutError,
     WorkerInput,
     WorkerProcess,
+    input_nbytes,
 )
 from iotoffload.transport.frame import (
     ErrorCode,
@@ -111,7 +112,7 @@ class _QueryJob:
     @property
     def in_bytes(self) -> int:
         """The bytes of block ``start``'s input in the worker (pixels become float32)."""
-        return len(self.body) * (4 if self.header.pixels is not None else 1)
+        return input_nbytes(self.input)
 
     @property
     def input(self) -> WorkerInput:
