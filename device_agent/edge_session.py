@@ -504,6 +504,8 @@ class EdgeSession:
                 order, outstanding, progress, active, rate_Bps, block_timeout, retries, window
             )
         finally:  # what the upload cost the device is over: plans must not keep paying it
+            # (the overhead around the blocks is a ratio to their time: contention from the
+            # upload stretches both alike, so it stays learned)
             self.observe(
                 lambda e: dataclasses.replace(e, device_factor=min(e.device_factor, factor))
             )
@@ -816,4 +818,5 @@ def fresh_estimates(like: Estimates) -> Estimates:
         rtt_ms=like.rtt_ms,
         alpha=like.alpha,
         device_factor=like.device_factor,  # the device's own speed goes with it
+        device_overhead=like.device_overhead,
     )

@@ -451,12 +451,16 @@ class QueryRunner:
             y, offloaded = got, True
         if loop is not None and hold is not None:  # no tensor came after all: stop holding
             loop.post(s.release, hold)
+        latency_ms = (time.perf_counter() - t0) * 1e3
         if loop is not None and profiled_ms > 0:  # the loop owns the estimates
             loop.post(s.observe, lambda e: e.observe_device(ran_ms, profiled_ms))
+            if not plan.offloads:  # all of its latency was the device's: what runs around
+                outside = latency_ms - ran_ms  # the blocks is part of a local plan's cost
+                loop.post(s.observe, lambda e: e.observe_overhead(outside, ran_ms))
         out = QueryOutcome(
             index,
             y,
-            (time.perf_counter() - t0) * 1e3,
+            latency_ms,
             plan.split,
             offloaded,
             reason,
@@ -482,7 +486,7 @@ class QueryRunner:
         if first is None or self.why_not_remote(s, first.start, first.end):
             return None
         front_s = sum(s.inputs.profile.device_ms[: first.start])
-        front_s *= s.inputs.estimates.device_factor / 1e3
+        front_s *= s.inputs.estimates.device_scale / 1e3
         if front_s <= 0:
             return None
         hold = object()

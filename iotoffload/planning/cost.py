@@ -31,7 +31,7 @@ def evaluate(p: PlanningInputs, segments: Iterable[Segment]) -> tuple[float, flo
     lat = energy = 0.0
     for s in segments:
         if s.where == "device":
-            t = sum(pr.device_ms[s.start : s.end]) * est.device_factor
+            t = sum(pr.device_ms[s.start : s.end]) * est.device_scale
             lat += t
             energy += pw.compute_w * t
         else:
@@ -78,7 +78,7 @@ def plan_steps(p: PlanningInputs, extra_edge_ms: dict[int, float] | None = None)
         to_device[b] = _weight(p, t, pw.idle_w * t)
     device, edge = [], []
     for b in range(n):
-        d = pr.device_ms[b] * est.device_factor
+        d = pr.device_ms[b] * est.device_scale
         device.append(_weight(p, d, pw.compute_w * d))
         e = _edge_ms(p, b) + extra.get(b, 0.0)
         edge.append(_weight(p, e, pw.idle_w * e) if b >= p.min_local else INF)

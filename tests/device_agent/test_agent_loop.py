@@ -301,3 +301,32 @@ def test_an_edge_that_refuses_pixels_gets_float32_from_then_on(
         dev.close()
         edge.close()
     assert edge.dtypes == ["uint8", "float32"]
+
+
+def test_a_local_query_teaches_the_plans_what_runs_around_its_blocks(
+    mobilenet: ModelPackage, mosq: Mosquitto
+) -> None:
+    """The time a local query spends outside TFLite (normalising its pixels, Python) is part
+    of what a local plan costs: the next plans predict it; an offloaded query teaches none."""
+    edge = ScriptedEdge(mosq.url, "ea", mobilenet)
+    dev = _device(mobilenet, mosq.url, "ea", split=18, deadline_ms=5000)
+    try:
+        assert dev.connect() is not None
+        assert dev.inputs.estimates.device_overhead == 0.0
+        px = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+        first = dev.query(px)
+        assert not first.offloaded
+        dev.loop.call(lambda: None)  # its observations (posted before) are in
+        est = dev.inputs.estimates
+        assert 0.0 < est.device_overhead <= 1.0
+        second = dev.query(px)
+        assert second.predicted_ms > first.predicted_ms * est.device_factor
+        assert second.predicted_ms == pytest.approx(5.0 * 18 * est.device_scale)
+        dev.loop.call(lambda: None)
+        learned = dev.inputs.estimates.device_overhead
+        assert dev.query(px, split=0).offloaded
+        dev.loop.call(lambda: None)
+        assert dev.inputs.estimates.device_overhead == learned
+    finally:
+        dev.close()
+        edge.close()

@@ -72,3 +72,18 @@ def test_the_device_factor_learns_slow_runs_weighted_by_their_length() -> None:
     assert e.observe_device(ms=1e6, profiled_ms=100.0).device_factor == pytest.approx(1.9)
     assert e.observe_device(ms=float("nan"), profiled_ms=100.0) is e  # no poisoned sample
     assert e.observe_device(ms=5.0, profiled_ms=0.1) is e  # too short to time
+
+
+def test_the_overhead_around_local_blocks_is_learned_as_a_ratio_to_their_time() -> None:
+    from iotoffload.planning import Estimates
+
+    e = Estimates(device_factor=2.0)  # alpha 0.3
+    slow = e.observe_overhead(outside_ms=20.0, blocks_ms=100.0)  # 0.2, a 100 ms run: full weight
+    assert slow.device_overhead == pytest.approx(0.3 * 0.2)
+    assert slow.device_scale == pytest.approx(2.0 * (1 + 0.06))
+    assert e.observe_overhead(outside_ms=1e6, blocks_ms=100.0).device_overhead == 0.3  # <= 1
+    assert e.observe_overhead(outside_ms=-5.0, blocks_ms=100.0).device_overhead == 0.0
+    short = e.observe_overhead(outside_ms=5.0, blocks_ms=5.0)  # 1.0 but 5 ms: weight 0.03
+    assert short.device_overhead == pytest.approx(0.03)
+    assert e.observe_overhead(outside_ms=float("nan"), blocks_ms=100.0) is e
+    assert e.observe_overhead(outside_ms=5.0, blocks_ms=0.1) is e  # too short to time

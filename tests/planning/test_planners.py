@@ -46,6 +46,19 @@ def test_hand_checked_plans() -> None:
     assert make_planner("neurosurgeon").plan(p, frozenset({1})).describe() == "D[0,3)"
 
 
+def test_the_overhead_around_device_blocks_can_make_offloading_pay() -> None:
+    # the edge at 11 ms a block: E[0,3) costs 1 + 33 + 0.01 ms against 30 locally; with 20 %
+    # of the blocks' time spent around them on the device, local costs 36
+    p = three(load_factor=11.0)
+    assert best_plan(p, ALL3).describe() == "D[0,3)"
+    around = three(load_factor=11.0, device_overhead=0.2)
+    assert single_split_plan(around, 3).latency_ms == pytest.approx(36.0)
+    plan = best_plan(around, ALL3)
+    assert plan.describe() == "E[0,3)" and plan.latency_ms == pytest.approx(34.01)
+    steps = plan_steps(around)
+    assert steps.device == pytest.approx((12.0, 12.0, 12.0))  # the upload order sees it too
+
+
 def test_privacy_keeps_the_first_blocks_on_the_device() -> None:
     p = dataclasses.replace(three(), min_local=2)
     plan = best_plan(p, ALL3)
