@@ -8,7 +8,10 @@ memory file both sides map (``map``), so a query's tensor costs one copy in and 
 
     ("map", path, size)                       -> ("ok",)
     ("define", key, [(path, in, out), ...])   -> ("ok",)      in/out: (dtype, shape)
-    ("load", key, [index, ...], profile)      -> ("ok", ms | None)
+    ("load", key, [index, ...], profile)      -> ("ok", ms | None, [provider, ...])
+                                                 (the providers ONNX Runtime gave the
+                                                 sessions: a GPU one it could not start
+                                                 is missing)
     any of them may answer ("error", kind, message, block): kind "memory" (the cap was hit),
     "input" (a tensor the block does not take) or "runtime" (ONNX Runtime refused it).
 
@@ -131,11 +134,13 @@ class _Worker:
         if op == "load":
             _, key, indices, profile = m
             ex = self.chains[key]
+            used: list[str] = []
             for i in indices:
                 self.set_block(i)
-                ex.load(i)
+                h = ex.load(i)
                 self.set_block(-1)  # what follows is the chain's word, not the block's doing
                 self.check_spec(ex, i)
+                used += [p for p in h.session.get_providers() if p not in used]
             ms = None
             if profile:
                 i = indices[0]
@@ -145,7 +150,7 @@ class _Worker:
                 times = [ex.run_timed(i, i + 1, x)[1][0] for _ in range(3)]
                 ms = float(np.median(times)) * 1e3
             self.set_block(-1)
-            return ("ok", ms)
+            return ("ok", ms, used)
         raise ValueError(f"unknown worker message {op!r}")
 
     def run_batch(self, number: int, start: int, end: int, k: int, out_offset: int) -> bytes:

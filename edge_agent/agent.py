@@ -146,6 +146,7 @@ class EdgeAgent:
             on_fault=self.loader.fault,
             observe=self.metrics.observe,
             batching=BatchLimits(config.max_batch, config.batch_delay_ms),
+            on_providers=self._used_providers,
         )
         self.loader.settle = self.queries.count
         self.loader.warm = self.queries.warm
@@ -194,6 +195,14 @@ class EdgeAgent:
             max_tensor_bytes=config.max_tensor_bytes,
             saw=self.devices_seen.saw,
         )
+
+    def _used_providers(self, worker: str, used: tuple[str, ...]) -> None:
+        """(On the loop.) A query worker's sessions run on ``used``: a change is published
+        (an operator's view of a GPU edge that fell back to its CPU)."""
+        before = self._stats.providers_in_use()
+        self._stats.used_providers(worker, used)
+        if self._stats.providers_in_use() != before:
+            self.status.publish()
 
     def _metrics_snapshot(self) -> EdgeSnapshot | None:
         """On a scrape's thread: the loop's figures, taken there (None once it is gone)."""

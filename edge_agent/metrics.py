@@ -150,6 +150,7 @@ def _info(st: EdgeStatus) -> InfoMetricFamily:
             "broker": st.broker,
             "protocol": str(st.protocol),
             "providers": ",".join(st.providers),
+            "providers_in_use": ",".join(st.providers_in_use),
         },
     )
     return info

@@ -206,8 +206,11 @@ class QueryQueue:
         on_fault: Callable[[Chain, BlockFaultError], None] = lambda c, f: None,
         observe: Callable[[float, float, int], None] = lambda queue_ms, exec_ms, batch: None,
         batching: BatchLimits | None = None,
+        on_providers: Callable[[str, tuple[str, ...]], None] | None = None,
     ) -> None:
         self.workers = workers
+        # on the loop: a worker's sessions were made on these providers
+        self._on_providers = on_providers or stats.used_providers
         self.batching = batching or BatchLimits()
         # on the worker threads: (queue ms, exec ms, batch size) of each result
         self._observe = observe
@@ -233,6 +236,7 @@ class QueryQueue:
         self._unbatched: set[object] = set()
         self._payoff = BatchPayoff(self.batching.min_gain)
         self._workers: list[_Worker] = []
+        self._warned: dict[str, tuple[str, ...]] = {}  # worker -> providers warned about
         self._closing = False
         # results sent, not counted yet: (query, queue ms, exec ms), put by the workers
         self._done: queue.SimpleQueue[tuple[Query, float, float]] = queue.SimpleQueue()
@@ -387,12 +391,27 @@ class QueryQueue:
             try:
                 if not self._closing:
                     w.proc.load(chain, indices, profile=False, timeout=self._worker_limits.load_s)
+                    self._providers(w.proc.name, w.proc.providers_in_use)
             except (BlockFaultError, BlockRunError, RunTimeoutError) as e:
                 # the probe passed it alone: here other models' sessions share the process,
                 # so nothing is blamed; a query's run decides (in a fresh process)
                 log.warning("%s: sessions of %s… not created: %s", w.proc.name, chain.model_id, e)
             finally:
                 done.tick()
+
+    def _providers(self, worker: str, used: tuple[str, ...]) -> None:
+        """(A worker's thread.) Its sessions' providers, to the loop's stats; a configured
+        provider ONNX Runtime did not give them is said once per worker and set."""
+        missing = [p for p in self._worker_limits.providers if p not in used]
+        if missing and self._warned.get(worker) != used:
+            self._warned[worker] = used
+            log.warning(
+                "%s: ONNX Runtime runs its sessions on %s, not on the configured %s",
+                worker,
+                ", ".join(used) or "nothing",
+                ", ".join(missing),
+            )
+        self._threads.post(self._on_providers, worker, used)
 
     def _refuse(self, job: _QueryJob, code: ErrorCode, message: str) -> None:
         h = job.header

@@ -19,6 +19,25 @@ class EdgeStats:
     exec_ms_ewma: float = 0.0
     in_flight: int = 0  # queries running now: filled in by ``copy`` (the workers' gauge)
     error_codes: dict[str, int] = field(default_factory=dict)
+    # query worker -> the providers ONNX Runtime gave its sessions at its last load
+    providers_by_worker: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def copy(self, **now: int) -> EdgeStats:
-        return replace(self, error_codes=dict(self.error_codes), **now)
+        return replace(
+            self,
+            error_codes=dict(self.error_codes),
+            providers_by_worker=dict(self.providers_by_worker),
+            **now,
+        )
+
+    def providers_in_use(self) -> list[str]:
+        """Every provider some worker's sessions run on, in the order first seen (empty
+        before any block was loaded)."""
+        seen: list[str] = []
+        for used in self.providers_by_worker.values():
+            seen += [p for p in used if p not in seen]
+        return seen
+
+    def used_providers(self, worker: str, used: tuple[str, ...]) -> None:
+        """(On the loop.) A worker's sessions were made on ``used``."""
+        self.providers_by_worker[worker] = used

@@ -96,6 +96,7 @@ class StatusReporter:
                 quarantined=self.quarantined(),
             ),
             providers=list(self.config.providers),
+            providers_in_use=s.providers_in_use(),
             devices=self.devices(),
             transfer=TransferCounts(
                 blocks_pushed=self._peers.blocks_pushed, blocks_from_peers=s.blocks_from_peers

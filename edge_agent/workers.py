@@ -197,6 +197,9 @@ class WorkerProcess:
         self.memory_bytes = memory_bytes
         self.threads = threads
         self.providers = providers
+        # the providers ONNX Runtime gave the sessions of the last load (its owner's thread):
+        # a configured GPU provider it could not start is missing here, CPU taking its place
+        self.providers_in_use: tuple[str, ...] = ()
         self.restarts = 0  # processes started after the first
         self._pid: int | None = None
         # our end of the worker's connection: a plain socket (``_send``/``_recv`` speak
@@ -408,6 +411,7 @@ class WorkerProcess:
         total = timeout * (len(indices) + (3 if profile else 0))
         reply = self._ask(("load", chain.model_id, list(indices), profile), timeout, total)
         ms = reply[1]
+        self.providers_in_use = tuple(str(p) for p in reply[2])
         return float(ms) if ms is not None else None
 
     def forget(self, model_id: str) -> None:

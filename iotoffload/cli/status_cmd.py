@@ -36,12 +36,24 @@ def _age(t: float, now: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
 
 
+def _providers(s: EdgeStatus) -> str:
+    """The configured providers, each one the sessions do not run on struck out (none are
+    before a block is loaded, or from an edge older than ``providers_in_use``)."""
+    out = []
+    for p in s.providers:
+        name = escape(p.removesuffix("ExecutionProvider"))
+        idle = s.providers_in_use and p not in s.providers_in_use
+        out.append(f"[strike red]{name}[/]" if idle else name)
+    return ",".join(out)
+
+
 def table(edges: list[EdgeStatus], now: float) -> Table:
     """Compact enough for 80 columns; ``--json`` has every field."""
     t = Table(
         title=f"{len(edges)} edge{'s' * (len(edges) != 1)}",
         caption="load: queued+running; ms: mean wait/run; dev: devices in the last minute; "
-        "quar: quarantined blocks; prov: execution providers",
+        "quar: quarantined blocks; prov: execution providers (configured; one ONNX Runtime "
+        "did not start for the sessions struck out)",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         collapse_padding=True,
@@ -63,7 +75,7 @@ def table(edges: list[EdgeStatus], now: float) -> Table:
             f"{s.load.queue_ms:.1f}/{s.load.exec_ms:.1f}",
             str(s.devices),
             str(s.store.quarantined),
-            escape(",".join(p.removesuffix("ExecutionProvider") for p in s.providers)),
+            _providers(s),
             _age(s.time, now),
         )
     return t

@@ -53,7 +53,10 @@ class EdgeStatus(_S):
     blocks: int = Field(default=0, ge=0)
     store: StoreCounts = StoreCounts()
     transfer: TransferCounts = TransferCounts()
-    providers: list[str] = ["CPUExecutionProvider"]
+    providers: list[str] = ["CPUExecutionProvider"]  # configured, in order
+    # what ONNX Runtime gave the workers' sessions (empty before a block is loaded, and from
+    # edges older than the field): a configured provider missing here is not running
+    providers_in_use: list[str] = Field(default=[], max_length=16)
     devices: int = Field(default=0, ge=0)  # devices heard from in the last minute
     time: float = 0.0
 

@@ -67,6 +67,7 @@ def test_status_lists_online_and_offline_edges(harness: Harness) -> None:
     assert by["edge1"]["state"] == "online" and by["edge2"]["state"] == "offline"
     assert by["edge1"]["models"] == [model.model_id] and by["edge1"]["blocks"] == 3
     assert by["edge1"]["devices"] == 1 and by["edge1"]["providers"] == ["CPUExecutionProvider"]
+    assert by["edge1"]["providers_in_use"] == ["CPUExecutionProvider"]  # blocks loaded
     r = runner.invoke(app, ["status", "--broker", harness.url])
     assert r.exit_code == 0 and "edge1" in r.output and "offline" in r.output
 
@@ -83,3 +84,16 @@ def test_a_strangers_status_text_is_shown_not_interpreted() -> None:
     console = Console(width=80, record=True)
     console.print(table([st], now=0.0))
     assert "[/],[bold red]x" in console.export_text()
+
+
+def test_a_configured_provider_the_sessions_do_not_run_on_is_struck_out() -> None:
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    fell_back = EdgeStatus(
+        state="online", edge="e3", providers=gpu, providers_in_use=["CPUExecutionProvider"]
+    )
+    unloaded = EdgeStatus(state="online", edge="e4", providers=gpu)  # no block loaded yet
+    console = Console(width=100, record=True)
+    console.print(table([fell_back, unloaded], now=0.0))
+    assert console.export_text(clear=False).count("CUDA,CPU") == 2
+    styles = console.export_html(inline_styles=True)
+    assert styles.count("line-through") == 1  # CUDA on e3 only

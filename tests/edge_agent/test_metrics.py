@@ -86,6 +86,7 @@ def test_metrics_count_what_the_edge_did(harness: Harness) -> None:
     assert m["iotoffload_edge_quarantined_blocks"][()] == 0
     (info,) = m["iotoffload_edge_info"]
     assert dict(info)["edge"] == "edge1" and dict(info)["providers"] == "CPUExecutionProvider"
+    assert dict(info)["providers_in_use"] == "CPUExecutionProvider"  # the workers' sessions
     # the Grafana dashboard queries only what the edge exposes
     dashboard = (Path(__file__).parents[2] / "docs" / "grafana-edge-dashboard.json").read_text()
     queried = set(re.findall(r"iotoffload_edge_[a-z_]+", dashboard))

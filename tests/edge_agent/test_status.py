@@ -26,8 +26,8 @@ def test_status_is_an_edge_status(harness: Harness) -> None:
         st = EdgeStatus.parse(m.payload)
         assert st is not None
         got.append(st)
-        if st.state == "online" and st.blocks == 3:
-            seen.set()
+        if st.state == "online" and st.blocks == 3 and st.providers_in_use:
+            seen.set()  # its workers' sessions were made (the status says on what)
 
     dev.link.subscribe(harness.topics.edge_status("edge1"), on_status)
     dev.control(model.announce(dev.device))
@@ -37,7 +37,8 @@ def test_status_is_an_edge_status(harness: Harness) -> None:
     st = got[-1]
     assert st.edge == "edge1" and st.models == [model.model_id] and st.broker == edge.broker_url
     assert st.load.in_flight == 0 and st.transfer.blocks_pushed == 0
-    assert st.providers == ["CPUExecutionProvider"]  # what its workers run on
+    assert st.providers == ["CPUExecutionProvider"]  # what its workers are given
+    assert st.providers_in_use == ["CPUExecutionProvider"]  # what their sessions run on
     edge.stop()
     wait_until(lambda: got[-1].state == "offline", 5, "the offline status")
 
@@ -97,3 +98,18 @@ def test_list_models_claiming_another_device_or_past_the_end(harness: Harness) -
     dev.control(ListModels(device="dev1", offset=1 << 31))
     page, _ = dev.take(lambda h: isinstance(h, ModelList), 10)
     assert isinstance(page, ModelList) and page.models == [] and page.total == 1
+
+
+def test_providers_in_use_merge_every_workers_last_load() -> None:
+    from edge_agent.stats import EdgeStats
+
+    st = EdgeStats()
+    assert st.providers_in_use() == []  # nothing loaded yet
+    st.used_providers("w0", ("CUDAExecutionProvider", "CPUExecutionProvider"))
+    st.used_providers("w1", ("CPUExecutionProvider",))  # its GPU session could not start
+    assert st.providers_in_use() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    st.used_providers("w0", ("CPUExecutionProvider",))  # the last load is what counts
+    assert st.providers_in_use() == ["CPUExecutionProvider"]
+    copy = st.copy()
+    copy.used_providers("w2", ("X",))
+    assert st.providers_in_use() == ["CPUExecutionProvider"]  # copies share nothing

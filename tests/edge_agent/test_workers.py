@@ -84,7 +84,9 @@ def _x() -> bytes:
 
 def test_runs_a_chain_through_shared_memory(tmp_path: Path, worker: WorkerProcess) -> None:
     ch = _chain("m", _add(tmp_path / "a.onnx", 1.0), _add(tmp_path / "b.onnx", 2.0))
+    assert worker.providers_in_use == ()
     assert worker.load(ch, [0, 1], profile=True, timeout=30) is not None
+    assert worker.providers_in_use == ("CPUExecutionProvider",)  # what the sessions run on
     out, times = worker.run(ch, 0, 2, _x(), timeout=30)
     assert np.frombuffer(out, np.float32).tolist() == [3.0, 4.0, 5.0, 6.0]
     assert len(times) == 2
