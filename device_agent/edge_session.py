@@ -497,17 +497,21 @@ class EdgeSession:
         screens and loads the previous one.
         """
         outstanding: list[tuple[int, memoryview]] = []
-        factor = self.inputs.estimates.device_factor  # what the device ran at before
+        before = self.inputs.estimates  # what the device ran at before
         self._rate_Bps = rate_Bps
         try:
             return await self._upload(
                 order, outstanding, progress, active, rate_Bps, block_timeout, retries, window
             )
         finally:  # what the upload cost the device is over: plans must not keep paying it
-            # (the overhead around the blocks is a ratio to their time: contention from the
-            # upload stretches both alike, so it stays learned)
+            # (the Python around a query's blocks competes with the upload's for the
+            # interpreter lock, which TFLite releases: its overhead is reset alike)
             self.observe(
-                lambda e: dataclasses.replace(e, device_factor=min(e.device_factor, factor))
+                lambda e: dataclasses.replace(
+                    e,
+                    device_factor=min(e.device_factor, before.device_factor),
+                    device_overhead=min(e.device_overhead, before.device_overhead),
+                )
             )
 
     async def _upload(

@@ -314,7 +314,7 @@ class QueryRunner:
     def auto_deadline_ms(self, s: EdgeSession, start: int, predicted_ms: float = 0.0) -> float:
         """Wait for the edge about twice what finishing locally from ``start`` would take (or
         the plan's prediction, whichever is larger)."""
-        local = sum(s.inputs.profile.device_ms[start:])
+        local = sum(s.inputs.profile.device_ms[start:]) * s.inputs.estimates.device_scale
         return max(100.0, 2.0 * max(local, predicted_ms) + 50.0)
 
     def exploration(
@@ -420,6 +420,7 @@ class QueryRunner:
         offloaded = False
         info: dict[str, float] = {}
         ran_ms = profiled_ms = 0.0  # the device's own blocks: how fast it runs them now
+        sessions = self.tfl.num_loaded  # a block's first run makes its interpreter first
         for seg in plan.segments:
             if seg.where == "device":
                 y, times = self.tfl.run_timed(seg.start, seg.end, floats(y))
@@ -454,8 +455,10 @@ class QueryRunner:
         latency_ms = (time.perf_counter() - t0) * 1e3
         if loop is not None and profiled_ms > 0:  # the loop owns the estimates
             loop.post(s.observe, lambda e: e.observe_device(ran_ms, profiled_ms))
-            if not plan.offloads:  # all of its latency was the device's: what runs around
-                outside = latency_ms - ran_ms  # the blocks is part of a local plan's cost
+            # all of a local plan's latency is the device's: what runs around its blocks is
+            # part of its cost (not an interpreter made on a block's first run, though)
+            if not plan.offloads and self.tfl.num_loaded == sessions:
+                outside = latency_ms - ran_ms
                 loop.post(s.observe, lambda e: e.observe_overhead(outside, ran_ms))
         out = QueryOutcome(
             index,

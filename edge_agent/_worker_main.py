@@ -9,9 +9,10 @@ memory file both sides map (``map``), so a query's tensor costs one copy in and 
     ("map", path, size)                       -> ("ok",)
     ("define", key, [(path, in, out), ...])   -> ("ok",)      in/out: (dtype, shape)
     ("load", key, [index, ...], profile)      -> ("ok", ms | None, [provider, ...])
-                                                 (the providers ONNX Runtime gave the
-                                                 sessions: a GPU one it could not start
-                                                 is missing)
+                                                 (the providers ONNX Runtime registered
+                                                 for the sessions: a GPU one it could not
+                                                 start is missing)
+    ("providers",)                            -> ("ok", [provider, ...]) (every session's)
     any of them may answer ("error", kind, message, block): kind "memory" (the cap was hit),
     "input" (a tensor the block does not take) or "runtime" (ONNX Runtime refused it).
 
@@ -39,6 +40,7 @@ import resource
 import signal
 import struct
 import time
+from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,14 @@ def _kind(e: BaseException) -> str:
     if isinstance(e, MemoryError) or "alloc" in msg or "out of memory" in msg:
         return "memory"
     return "runtime"
+
+
+def _registered(sessions: Iterable[Any]) -> list[str]:
+    """The providers ONNX Runtime registered for ``sessions``, in the order first seen."""
+    used: list[str] = []
+    for s in sessions:
+        used += [p for p in s.get_providers() if p not in used]
+    return used
 
 
 class _Worker:
@@ -127,6 +137,9 @@ class _Worker:
             if len(m) > 3:
                 self.numbered[int(m[3])] = ex
             return ("ok",)
+        if op == "providers":  # what the sessions made so far run on (lazily made ones too)
+            made = [ex.load(i) for ex in self.chains.values() for i in ex.loaded]
+            return ("ok", _registered(h.session for h in made))
         if op == "forget":  # the probe: its sessions are not needed once a block passed
             gone = self.chains.pop(m[1], None)
             self.numbered = {k: v for k, v in self.numbered.items() if v is not gone}
@@ -134,13 +147,12 @@ class _Worker:
         if op == "load":
             _, key, indices, profile = m
             ex = self.chains[key]
-            used: list[str] = []
             for i in indices:
                 self.set_block(i)
-                h = ex.load(i)
+                ex.load(i)
                 self.set_block(-1)  # what follows is the chain's word, not the block's doing
                 self.check_spec(ex, i)
-                used += [p for p in h.session.get_providers() if p not in used]
+            used = _registered(ex.load(i).session for i in indices)
             ms = None
             if profile:
                 i = indices[0]

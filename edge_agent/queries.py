@@ -35,6 +35,7 @@ from edge_agent.replies import Replies
 from edge_agent.stats import EdgeStats
 from edge_agent.threads import EdgeThreads
 from edge_agent.workers import (
+    START_TIMEOUT_S,
     BlockFaultError,
     BlockRunError,
     Chain,
@@ -183,6 +184,8 @@ class _Worker:
         # (chain, blocks, done): ``done`` is set once the sessions exist or could not be made
         self.control: queue.SimpleQueue[tuple[Chain, list[int], _Countdown]] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
+        self.warned: tuple[str, ...] | None = None  # the providers last warned about
+        self.asked: int | None = None  # the process last asked for its providers
 
 
 class QueryQueue:
@@ -236,7 +239,6 @@ class QueryQueue:
         self._unbatched: set[object] = set()
         self._payoff = BatchPayoff(self.batching.min_gain)
         self._workers: list[_Worker] = []
-        self._warned: dict[str, tuple[str, ...]] = {}  # worker -> providers warned about
         self._closing = False
         # results sent, not counted yet: (query, queue ms, exec ms), put by the workers
         self._done: queue.SimpleQueue[tuple[Query, float, float]] = queue.SimpleQueue()
@@ -367,6 +369,10 @@ class QueryQueue:
                     self._run(w, job)  # answers every job, whatever happens
                 else:
                     self._run_batch(w, jobs)  # as do these
+                try:  # after the answers: once per process
+                    self._ask_providers(w)
+                except Exception:  # the thread must outlive anything
+                    log.exception("%s: asking its sessions' providers failed", w.proc.name)
             elif self._closing:
                 self._warm(w)  # a warm-up put while closing is answered too
                 return
@@ -391,7 +397,7 @@ class QueryQueue:
             try:
                 if not self._closing:
                     w.proc.load(chain, indices, profile=False, timeout=self._worker_limits.load_s)
-                    self._providers(w.proc.name, w.proc.providers_in_use)
+                    self._providers(w)
             except (BlockFaultError, BlockRunError, RunTimeoutError) as e:
                 # the probe passed it alone: here other models' sessions share the process,
                 # so nothing is blamed; a query's run decides (in a fresh process)
@@ -399,19 +405,36 @@ class QueryQueue:
             finally:
                 done.tick()
 
-    def _providers(self, worker: str, used: tuple[str, ...]) -> None:
-        """(A worker's thread.) Its sessions' providers, to the loop's stats; a configured
-        provider ONNX Runtime did not give them is said once per worker and set."""
+    def _providers(self, w: _Worker) -> None:
+        """(Its thread.) The worker's sessions' providers, to the loop's stats; a configured
+        provider ONNX Runtime did not register for them is said once per worker and set."""
+        used = w.proc.providers_in_use
         missing = [p for p in self._worker_limits.providers if p not in used]
-        if missing and self._warned.get(worker) != used:
-            self._warned[worker] = used
+        if missing and w.warned != used:
+            w.warned = used
             log.warning(
                 "%s: ONNX Runtime runs its sessions on %s, not on the configured %s",
-                worker,
+                w.proc.name,
                 ", ".join(used) or "nothing",
                 ", ".join(missing),
             )
-        self._threads.post(self._on_providers, worker, used)
+        self._threads.post(self._on_providers, w.proc.name, used)
+
+    def _ask_providers(self, w: _Worker) -> None:
+        """(Its thread, after a run.) A process whose sessions were made by queries (an edge
+        restarted on a full store, a worker restarted after a fault) has not said what they
+        run on: asked once per process."""
+        pid = w.proc.pid
+        if w.proc.providers_in_use or pid is None or pid == w.asked or not w.proc.has_chains:
+            return
+        w.asked = pid  # once per process, whatever it answers
+        try:
+            w.proc.ask_providers(START_TIMEOUT_S)
+        except (BlockFaultError, BlockRunError, RunTimeoutError) as e:
+            log.warning("%s: its sessions' providers not known: %s", w.proc.name, e)
+            return
+        if w.proc.providers_in_use:
+            self._providers(w)
 
     def _refuse(self, job: _QueryJob, code: ErrorCode, message: str) -> None:
         h = job.header

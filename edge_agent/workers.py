@@ -197,8 +197,9 @@ class WorkerProcess:
         self.memory_bytes = memory_bytes
         self.threads = threads
         self.providers = providers
-        # the providers ONNX Runtime gave the sessions of the last load (its owner's thread):
-        # a configured GPU provider it could not start is missing here, CPU taking its place
+        # the providers ONNX Runtime registered for the sessions of the last load or ask (its
+        # owner's thread; empty in a new process): a configured GPU provider it could not
+        # start is missing here, the next one taking its place
         self.providers_in_use: tuple[str, ...] = ()
         self.restarts = 0  # processes started after the first
         self._pid: int | None = None
@@ -225,6 +226,7 @@ class WorkerProcess:
         conn = ours
         self._pid, self._conn = pid, conn
         self._defined = {}
+        self.providers_in_use = ()  # a new process: none of its sessions exist yet
         if self._started:
             self.restarts += 1
         self._started += 1
@@ -413,6 +415,20 @@ class WorkerProcess:
         ms = reply[1]
         self.providers_in_use = tuple(str(p) for p in reply[2])
         return float(ms) if ms is not None else None
+
+    @property
+    def has_chains(self) -> bool:
+        """Whether the running process was given a chain (a query or a load ran there)."""
+        return bool(self._defined)
+
+    def ask_providers(self, timeout: float) -> tuple[str, ...]:
+        """The providers the running process's sessions were registered on (sessions a
+        query made on first use included), kept in ``providers_in_use``."""
+        if self._conn is None:
+            return ()
+        reply = self._ask(("providers",), timeout)
+        self.providers_in_use = tuple(str(p) for p in reply[1])
+        return self.providers_in_use
 
     def forget(self, model_id: str) -> None:
         """Drop a chain's sessions in the process (the probe, after a block passed)."""

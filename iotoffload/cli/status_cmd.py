@@ -12,6 +12,7 @@ from rich import box
 from rich.filesize import decimal
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from iotoffload.cli._console import console, err_console
 from iotoffload.cli._security import (
@@ -36,15 +37,15 @@ def _age(t: float, now: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
 
 
-def _providers(s: EdgeStatus) -> str:
+def _providers(s: EdgeStatus) -> Text:
     """The configured providers, each one the sessions do not run on struck out (none are
-    before a block is loaded, or from an edge older than ``providers_in_use``)."""
-    out = []
+    before a block is loaded, or from an edge older than ``providers_in_use``). Built as
+    Text, never parsed as markup: a status is a stranger's until proven otherwise."""
+    names = []
     for p in s.providers:
-        name = escape(p.removesuffix("ExecutionProvider"))
-        idle = s.providers_in_use and p not in s.providers_in_use
-        out.append(f"[strike red]{name}[/]" if idle else name)
-    return ",".join(out)
+        idle = bool(s.providers_in_use) and p not in s.providers_in_use
+        names.append(Text(p.removesuffix("ExecutionProvider"), style="strike red" if idle else ""))
+    return Text(",").join(names)
 
 
 def table(edges: list[EdgeStatus], now: float) -> Table:

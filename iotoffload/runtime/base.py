@@ -74,6 +74,11 @@ class BlockExecutor(ABC, Generic[H]):
         """Blocks whose session exists."""
         return sorted(self._handles)
 
+    @property
+    def num_loaded(self) -> int:
+        """How many blocks' sessions exist (a run that made one took longer than its blocks)."""
+        return len(self._handles)
+
     def check_range(self, start: int, end: int) -> None:
         if not (0 <= start <= end <= self.num_blocks):
             raise BlockRangeError(

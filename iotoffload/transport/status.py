@@ -7,7 +7,7 @@ refuse a status whose known fields are malformed.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -41,6 +41,11 @@ class StoreCounts(_S):
     quarantined: int = Field(default=0, ge=0)  # blocks that broke a limit: refused for good
 
 
+# what an edge's config accepts (EdgeConfig.providers); a status naming anything else is not
+# an edge's: refused whole, so no reader ever shows a stranger's text as a provider
+ProviderName = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9]{0,63}ExecutionProvider$")]
+
+
 class EdgeStatus(_S):
     state: Literal["online", "offline"]
     edge: str = Field(pattern=ID_PATTERN)
@@ -53,10 +58,10 @@ class EdgeStatus(_S):
     blocks: int = Field(default=0, ge=0)
     store: StoreCounts = StoreCounts()
     transfer: TransferCounts = TransferCounts()
-    providers: list[str] = ["CPUExecutionProvider"]  # configured, in order
-    # what ONNX Runtime gave the workers' sessions (empty before a block is loaded, and from
-    # edges older than the field): a configured provider missing here is not running
-    providers_in_use: list[str] = Field(default=[], max_length=16)
+    providers: list[ProviderName] = Field(default=["CPUExecutionProvider"], max_length=16)
+    # what ONNX Runtime registered for the workers' sessions (empty before a block is loaded,
+    # and from edges older than the field): a configured provider missing here is not running
+    providers_in_use: list[ProviderName] = Field(default=[], max_length=16)
     devices: int = Field(default=0, ge=0)  # devices heard from in the last minute
     time: float = 0.0
 

@@ -78,12 +78,23 @@ def test_status_without_a_broker_is_one_line_and_exit_code_2() -> None:
     assert "error" in r.output and "Traceback" not in r.output
 
 
-def test_a_strangers_status_text_is_shown_not_interpreted() -> None:
-    # anyone may publish a retained status on an open broker: rich markup in it is text
-    st = EdgeStatus(state="online", edge="e2", providers=["[/]", "[bold red]x"])
-    console = Console(width=80, record=True)
-    console.print(table([st], now=0.0))
-    assert "[/],[bold red]x" in console.export_text()
+def test_a_strangers_status_text_is_refused_or_shown_not_interpreted() -> None:
+    # anyone may publish a retained status on an open broker: a provider that is no
+    # provider's name makes the whole status not an edge's
+    for bad in (["[/]", "[bold red]x"], ["a[/b", "]"], ["x" * 200 + "ExecutionProvider"]):
+        doc = {"state": "online", "edge": "e2", "providers": bad}
+        assert EdgeStatus.parse(json.dumps(doc)) is None, bad
+        doc = {"state": "online", "edge": "e2", "providers_in_use": bad}
+        assert EdgeStatus.parse(json.dumps(doc)) is None, bad
+    # and the table parses none of a status's text as markup, even split across names
+    # (escaping each name and joining them would let "a[/b" + "," + "]" close a tag)
+    for names in (["[/]", "[bold red]x"], ["a[/b", "]"], ["x[link=https://e/", "]click"]):
+        # (past validation, as a reader older than the bounds would hold it)
+        st = EdgeStatus(state="online", edge="e2").model_copy(update={"providers": names})
+        console = Console(width=100, record=True)
+        console.print(table([st], now=0.0))
+        assert ",".join(names) in console.export_text(clear=False), names
+        assert "href" not in console.export_html()  # no link made of it
 
 
 def test_a_configured_provider_the_sessions_do_not_run_on_is_struck_out() -> None:

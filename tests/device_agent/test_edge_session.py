@@ -322,13 +322,16 @@ def test_what_the_upload_cost_the_device_is_forgotten_when_it_ends(
     t = loop.spawn(s.upload([last]))
     _settle(lambda: len(link.chunks) > 0)
     # the upload slows the device: its block times run 2× their profile meanwhile
-    loop.call(lambda: s.observe(lambda e: dataclasses.replace(e, device_factor=2.0)))
+    loop.call(
+        lambda: s.observe(lambda e: dataclasses.replace(e, device_factor=2.0, device_overhead=0.5))
+    )
     n = link.chunks[0].chunks
     _settle(lambda: len(link.chunks) == n)
     done = UploadAck(model_id=mid, block=last, chunk=n - 1, block_done=True, loaded=True)
     loop.call(lambda: s.on_ack(done))
     assert t.result(10) is True
     assert s.inputs.estimates.device_factor == 1.0  # plans after the upload do not pay for it
+    assert s.inputs.estimates.device_overhead == 0.0  # nor for its Python beside theirs
 
 
 def test_a_chunk_lost_on_the_way_is_asked_for_and_resent_before_the_block_timeout(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 from iotoffload.client import AppClient
@@ -113,3 +114,29 @@ def test_providers_in_use_merge_every_workers_last_load() -> None:
     copy = st.copy()
     copy.used_providers("w2", ("X",))
     assert st.providers_in_use() == ["CPUExecutionProvider"]  # copies share nothing
+
+
+def test_an_edge_restarted_on_its_store_reports_what_its_queries_sessions_run_on(
+    harness: Harness,
+) -> None:
+    """Blocks already stored are not warmed: the sessions a query makes on the way are asked
+    for their providers once (else the status would never say, on the GPU edge it is for)."""
+    model = tiny_model()
+    first = harness.edge()
+    dev = harness.client()
+    dev.control(model.announce(dev.device))
+    dev.inventory()
+    dev.upload(model)
+    first.stop()
+    edge = harness.edge()  # the same store
+    dev.control(model.announce(dev.device))
+    assert dev.inventory().stored == [0, 1, 2]
+
+    def in_use() -> list[str]:
+        return edge.threads.call(lambda: edge.status.status("online").providers_in_use)
+
+    assert in_use() == []  # no session made yet
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    dev.send(harness.topics.edge_query("edge1", dev.device), dev.query_frame(model, "q", x))
+    assert dev.result("q").tolist() == (x + 6).tolist()
+    wait_until(lambda: in_use() == ["CPUExecutionProvider"], 5, "the providers asked")
