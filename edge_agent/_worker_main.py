@@ -71,10 +71,7 @@ def _kind(e: BaseException) -> str:
 
 def _registered(sessions: Iterable[Any]) -> list[str]:
     """The providers ONNX Runtime registered for ``sessions``, in the order first seen."""
-    used: list[str] = []
-    for s in sessions:
-        used += [p for p in s.get_providers() if p not in used]
-    return used
+    return list(dict.fromkeys(p for s in sessions for p in s.get_providers()))
 
 
 class _Worker:

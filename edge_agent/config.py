@@ -12,7 +12,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from iotoffload.config import settings_from_toml
-from iotoffload.ids import ID_PATTERN, is_id
+from iotoffload.ids import ID_PATTERN, PROVIDER_PATTERN, is_id
 from iotoffload.transport.topics import DEFAULT_PREFIX
 
 
@@ -154,7 +154,7 @@ class EdgeConfig(BaseSettings):
     def _provider_names(cls, v: list[str]) -> list[str]:
         # availability needs ONNX Runtime: checked when the edge starts (check_providers)
         for p in v:
-            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,63}ExecutionProvider", p):
+            if not re.fullmatch(PROVIDER_PATTERN, p):
                 raise ValueError(f"{p!r} is not an ONNX Runtime provider name (…ExecutionProvider)")
         if len(set(v)) != len(v):
             raise ValueError(f"providers named twice: {v}")

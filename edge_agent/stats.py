@@ -33,10 +33,7 @@ class EdgeStats:
     def providers_in_use(self) -> list[str]:
         """Every provider some worker's sessions run on, in the order first seen (empty
         before any block was loaded)."""
-        seen: list[str] = []
-        for used in self.providers_by_worker.values():
-            seen += [p for p in used if p not in seen]
-        return seen
+        return list(dict.fromkeys(p for used in self.providers_by_worker.values() for p in used))
 
     def used_providers(self, worker: str, used: tuple[str, ...]) -> None:
         """(On the loop.) A worker's sessions were made on ``used``."""

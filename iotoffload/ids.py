@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# an ONNX Runtime execution provider's name, as an edge's config and its status carry it
+PROVIDER_PATTERN = r"^[A-Za-z][A-Za-z0-9]{0,63}ExecutionProvider$"
 _ID_RE = re.compile(ID_PATTERN)
 
 

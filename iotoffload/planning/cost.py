@@ -28,10 +28,11 @@ def _queue(p: PlanningInputs) -> float:
 def evaluate(p: PlanningInputs, segments: Iterable[Segment]) -> tuple[float, float]:
     """(latency ms, device energy mJ) of a plan given as segments covering [0, N)."""
     pr, est, pw = p.profile, p.estimates, p.power
+    scale = est.device_scale
     lat = energy = 0.0
     for s in segments:
         if s.where == "device":
-            t = sum(pr.device_ms[s.start : s.end]) * est.device_scale
+            t = sum(pr.device_ms[s.start : s.end]) * scale
             lat += t
             energy += pw.compute_w * t
         else:
@@ -77,8 +78,9 @@ def plan_steps(p: PlanningInputs, extra_edge_ms: dict[int, float] | None = None)
         to_edge[b] = _weight(p, t + q, pw.transmit_w * t + pw.idle_w * q)
         to_device[b] = _weight(p, t, pw.idle_w * t)
     device, edge = [], []
+    scale = est.device_scale
     for b in range(n):
-        d = pr.device_ms[b] * est.device_scale
+        d = pr.device_ms[b] * scale
         device.append(_weight(p, d, pw.compute_w * d))
         e = _edge_ms(p, b) + extra.get(b, 0.0)
         edge.append(_weight(p, e, pw.idle_w * e) if b >= p.min_local else INF)

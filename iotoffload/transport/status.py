@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from iotoffload.ids import ID_PATTERN
+from iotoffload.ids import ID_PATTERN, PROVIDER_PATTERN
 
 MAX_STATUS_BYTES = 64 * 1024
 
@@ -43,7 +43,7 @@ class StoreCounts(_S):
 
 # what an edge's config accepts (EdgeConfig.providers); a status naming anything else is not
 # an edge's: refused whole, so no reader ever shows a stranger's text as a provider
-ProviderName = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9]{0,63}ExecutionProvider$")]
+ProviderName = Annotated[str, Field(pattern=PROVIDER_PATTERN)]
 
 
 class EdgeStatus(_S):

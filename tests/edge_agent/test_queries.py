@@ -112,7 +112,7 @@ def test_stats_hammered_from_many_threads_lose_nothing(harness: Harness) -> None
     total = n_threads * (good + bad)
     wait_until(lambda: (s := edge.stats).queries + s.errors == total, 60, "every query answered")
     s = edge.stats
-    assert s.queries == n_threads * good
+    assert s.queries == n_threads * good, s.error_codes
     assert s.error_codes == {"unknown_model": n_threads * bad}
     wait_until(lambda: edge.load_factor() == 0, 5, "no query outstanding")
     assert edge.stats.in_flight == 0
