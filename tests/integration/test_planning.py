@@ -47,6 +47,10 @@ def test_high_edge_load_moves_the_split_toward_the_device(
                 # the noisy device's burst must queue (the default bound answers it busy)
                 queue_per_device=1000,
                 queue_total=1000,
+                # the periodic status carries the queue too: one landing between the burst and
+                # the loaded query taught the device the load first, so it planned local and
+                # never saw the reply path under test (CI, once on a slow machine)
+                status_interval=3600,
             )
         )
         edge.start()
